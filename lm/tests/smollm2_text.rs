@@ -1,0 +1,114 @@
+//! The tokenizer and chat template built from the real SmolLM2 GGUF against references
+//! made in Python (tests/fixtures/make_fixtures.py). Runs when `just setup` has fetched
+//! the GGUF; says so and passes vacuously otherwise.
+
+use basin_lm::chat::Conversation;
+use basin_lm::fsutil::locate_asset;
+use basin_lm::source::{ModelText, TemplateChoice};
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn smollm2() -> Option<ModelText> {
+    match locate_asset(&root(), "model/SmolLM2-135M-Instruct.Q4_1.gguf") {
+        Some(p) => Some(ModelText::open(&p).expect("GGUF opens")),
+        None => {
+            eprintln!("SKIPPED: SmolLM2 GGUF not fetched (run `just setup`)");
+            None
+        }
+    }
+}
+
+fn fixture(name: &str) -> serde_json::Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn gguf_tokenizer_matches_reference_ids() {
+    let Some(model) = smollm2() else { return };
+    let cases = fixture("smollm2_token_ids.json");
+    let cases = cases["cases"].as_array().unwrap();
+    assert!(cases.len() >= 300);
+    let mut mismatches = Vec::new();
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(c["ids"].clone()).unwrap();
+        let got = model.tokenizer.encode(text).unwrap();
+        if got != want {
+            mismatches.push(format!("{text:?}: got {got:?}, want {want:?}"));
+        }
+        // Byte-level BPE is lossless: decoding gives the text back.
+        assert_eq!(model.tokenizer.decode(&got, false).unwrap(), text);
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} differ:\n{}",
+        mismatches.len(),
+        cases.len(),
+        mismatches.join("\n")
+    );
+}
+
+#[test]
+fn gguf_special_tokens() {
+    let Some(model) = smollm2() else { return };
+    assert_eq!(model.tokenizer.bos_token.as_deref(), Some("<|im_start|>"));
+    assert_eq!(model.tokenizer.eos_token.as_deref(), Some("<|im_end|>"));
+    assert_eq!(model.tokenizer.eos_id(), Some(2));
+    assert_eq!(model.tokenizer.inner.get_vocab_size(true), 49152);
+}
+
+#[test]
+fn gguf_chat_template_matches_jinja2() {
+    let Some(model) = smollm2() else { return };
+    let template = model.template(&TemplateChoice::Model, None).unwrap();
+    let fx = fixture("smollm2_chat_template.json");
+    assert_eq!(
+        basin_lm::fsutil::sha256_bytes(template.source.as_bytes()),
+        fx["template_sha256"].as_str().unwrap(),
+        "the GGUF's template changed"
+    );
+    for c in fx["cases"].as_array().unwrap() {
+        let conv: Conversation = serde_json::from_value(c.clone()).unwrap();
+        let want = c["rendered"].as_str().unwrap();
+        let got = if conv.assistant.is_some() {
+            let (p, r) = template.render_split(&conv).unwrap();
+            p + &r
+        } else {
+            template.render_prompt(&conv).unwrap()
+        };
+        assert_eq!(got, want, "conversation {conv:?}");
+    }
+}
+
+/// Wider than the fixture: every text of two data sets through both tokenizers (the
+/// mirror's reference tokenizer.json and ours from the GGUF).
+#[test]
+fn gguf_tokenizer_matches_reference_tokenizer_on_data() {
+    let Some(model) = smollm2() else { return };
+    let (Some(reference), Some(dolly)) = (
+        locate_asset(&root(), "reference/smollm2_tokenizer_from_gguf.json"),
+        locate_asset(&root(), "instruct/dolly15k_sample.jsonl"),
+    ) else {
+        eprintln!("SKIPPED: reference tokenizer or Dolly not in the cache or DATA_MIRROR");
+        return;
+    };
+    let reference = tokenizers::Tokenizer::from_file(reference).unwrap();
+    let text = std::fs::read_to_string(dolly).unwrap();
+    let mut n = 0;
+    for line in text.lines().take(400) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for field in ["instruction", "context", "response"] {
+            let s = v[field].as_str().unwrap();
+            let want = reference.encode_fast(s, false).unwrap().get_ids().to_vec();
+            assert_eq!(model.tokenizer.encode(s).unwrap(), want, "{s:?}");
+            n += 1;
+        }
+    }
+    assert!(n >= 1000);
+}

