@@ -327,7 +327,14 @@ fn download(url: &str, dest: &Path) -> Result<()> {
     if !out.status.success() {
         // curl repeats its error once per retry: the last line says it all.
         let stderr = String::from_utf8_lossy(&out.stderr);
-        bail!("{}", stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("curl failed"));
+        bail!(
+            "{}",
+            stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("curl failed")
+        );
     }
     Ok(())
 }
