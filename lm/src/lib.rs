@@ -1,5 +1,8 @@
 //! basin-lm: everything about the model that more than one pipeline stage needs.
 //!
+//! - [`llama`]: the Llama-family decoder (trains and generates); [`weights`] loads it from
+//!   GGUF or a Hugging Face directory and saves it as the latter; [`batch`] builds
+//!   training batches and the masked loss; [`generate`] decodes batches with a KV cache.
 //! - [`tokenizer`]: Hugging Face tokenizers, loaded from `tokenizer.json` or built from a
 //!   GGUF file's `tokenizer.ggml.*` metadata.
 //! - [`chat`]: the conversation record and its rendering through the model's own Jinja
@@ -10,14 +13,19 @@
 //! - [`config`]: TOML config files with `key=value` overrides from the command line.
 //! - [`fsutil`]: sha256 and atomic (temp file + rename) writes.
 //! - [`tiny`]: a tiny tokenizer and chat template for fast tests.
-//! - [`provenance`]: the git commit recorded with every output.
+//! - [`provenance`]: the git commit recorded with every output; [`rng`]: seeded numbers.
 
+pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod fsutil;
+pub mod generate;
 pub mod gguf_meta;
+pub mod llama;
 pub mod provenance;
+pub mod rng;
 pub mod schema;
 pub mod source;
 pub mod tiny;
 pub mod tokenizer;
+pub mod weights;

@@ -1,5 +1,6 @@
 //! A tiny model for tests: seconds, not minutes, and no download. Its tokenizer is
-//! byte-level BPE with no merges (one token per byte) plus ChatML's special tokens.
+//! byte-level BPE with no merges (one token per byte) plus ChatML's special tokens; its
+//! weights come from `llama::random_weights` with a seed.
 
 use anyhow::Result;
 use serde_json::json;
@@ -93,5 +94,22 @@ mod tests {
             .render_prompt(&Default::default())
             .unwrap()
             .ends_with("<|im_start|>assistant\n"));
+    }
+}
+
+/// A tiny Llama for tests: the tiny tokenizer's vocabulary, 2 layers, grouped-query
+/// attention (4 query heads over 2 key/value heads), tied embeddings.
+pub fn tiny_config() -> crate::llama::LlamaConfig {
+    crate::llama::LlamaConfig {
+        vocab_size: TINY_SPECIALS.len() + 256,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+        max_position_embeddings: 256,
     }
 }

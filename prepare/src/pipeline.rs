@@ -6,6 +6,7 @@ use crate::formats::{read_records, Record};
 use anyhow::{bail, Context, Result};
 use basin_lm::chat::ChatTemplate;
 use basin_lm::fsutil::{sha256_file, write_bytes_atomic};
+use basin_lm::rng::mix64;
 use basin_lm::schema::{write_parquet, PreparedRow};
 use basin_lm::source::{ModelText, TemplateChoice};
 use basin_lm::tokenizer::TextTokenizer;
@@ -109,14 +110,6 @@ pub fn encode_conversation(
     }
 }
 
-/// splitmix64: a seeded, platform-independent hash for the train/validation draw.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// Indices (into `n` rows) that go to validation: the `round(n * fraction)` rows with the
 /// smallest seeded hash of their record index — the same draw whatever the thread count.
 pub fn validation_indices(record_ids: &[usize], fraction: f64, seed: u64) -> HashSet<usize> {
@@ -124,7 +117,7 @@ pub fn validation_indices(record_ids: &[usize], fraction: f64, seed: u64) -> Has
     let mut order: Vec<(u64, usize)> = record_ids
         .iter()
         .enumerate()
-        .map(|(pos, &id)| (mix(mix(seed) ^ id as u64), pos))
+        .map(|(pos, &id)| (mix64(mix64(seed) ^ id as u64), pos))
         .collect();
     order.sort_unstable();
     order.into_iter().take(n_val).map(|(_, pos)| pos).collect()
