@@ -23,6 +23,14 @@ prepare *ARGS: setup
 # The whole pipeline on the embedded default model.
 all: prepare
 
+# Benchmarks (CPU here; speed targets live here, not in tests). Needs `just setup`.
+bench:
+    cargo bench -p basin-lm --bench generate
+
+# Print a model's reply: just generate "What is the capital of France?"
+generate PROMPT *ARGS: build
+    {{bin}}/evaluate generate --prompt "{{PROMPT}}" {{ARGS}}
+
 # Formatting and lints, as CI runs them.
 lint:
     cargo fmt --all -- --check

@@ -1,8 +1,170 @@
-//! `evaluate`: attack success rate, over-refusal and utility (not built yet).
+//! `evaluate`: try a model (`generate`); attack success rate, over-refusal and utility
+//! are planned (README, 'Status').
+
+use anyhow::{bail, Context, Result};
+use basin_lm::chat::Conversation;
+use basin_lm::generate::Sampling;
+use basin_lm::model::{parse_device, parse_dtype, Model, DEFAULT_MODEL};
+use basin_lm::source::TemplateChoice;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "evaluate",
+    version,
+    about = "basin stage 3: generate replies and measure safety"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a model's replies to prompts (greedy unless --temperature is given).
+    Generate {
+        /// A .gguf file or a Hugging Face model directory.
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        /// A prompt (repeatable).
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// A file of prompts, one per line.
+        #[arg(long)]
+        prompts_file: Option<PathBuf>,
+        /// System prompt (default: the template's own).
+        #[arg(long)]
+        system: Option<String>,
+        /// `model`, `llama2-qi` or a .jinja file.
+        #[arg(long, default_value = "model")]
+        template: String,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Sample at this temperature instead of greedy decoding.
+        #[arg(long)]
+        temperature: Option<f64>,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Write a model (GGUF or HF directory) as a Hugging Face directory that
+    /// `transformers` loads: model.safetensors, config.json, tokenizer files.
+    Export {
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+}
 
 fn main() {
-    eprintln!(
-        "evaluate: not implemented yet — the evaluation stage is planned (see README, 'Status')."
-    );
-    std::process::exit(2);
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Export { model, out, dtype } => {
+            let dtype = parse_dtype(&dtype)?;
+            let model = Model::open(&model, dtype, &candle_core::Device::Cpu)?;
+            basin_lm::weights::save_hf_dir(&out, &model.config, &model.varmap, &model.text, dtype)?;
+            eprintln!(
+                "wrote {} (Hugging Face LlamaForCausalLM, {dtype:?})",
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Generate {
+            model,
+            mut prompt,
+            prompts_file,
+            system,
+            template,
+            max_new_tokens,
+            batch_size,
+            temperature,
+            top_p,
+            seed,
+            dtype,
+            device,
+        } => {
+            if let Some(f) = &prompts_file {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                prompt.extend(
+                    text.lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(str::to_string),
+                );
+            }
+            if prompt.is_empty() {
+                bail!("no prompt: give --prompt TEXT or --prompts-file FILE");
+            }
+            if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+                bail!("--top-p {top_p} must be in (0, 1]");
+            }
+            let device = parse_device(&device)?;
+            let loaded = Instant::now();
+            let model = Model::open(&model, parse_dtype(&dtype)?, &device)?;
+            let choice: TemplateChoice = template.parse()?;
+            let template = model.text.template(&choice, None)?;
+            eprintln!(
+                "loaded {} in {:.1}s",
+                model.path.display(),
+                loaded.elapsed().as_secs_f64()
+            );
+            let mut opts = model.options(max_new_tokens)?;
+            opts.sampling = temperature.map(|t| Sampling {
+                temperature: t,
+                top_p,
+                seed,
+            });
+            let convs: Vec<Conversation> = prompt
+                .iter()
+                .map(|p| Conversation {
+                    system: system.clone(),
+                    user: p.clone(),
+                    assistant: None,
+                })
+                .collect();
+            let bar = indicatif::ProgressBar::new(convs.len() as u64);
+            let started = Instant::now();
+            let replies = model.replies(&template, &convs, &opts, batch_size, |done| {
+                bar.set_position(done as u64)
+            })?;
+            bar.finish_and_clear();
+            let new_tokens: usize = replies.iter().map(|(_, g)| g.tokens.len()).sum();
+            for (p, (reply, _)) in prompt.iter().zip(&replies) {
+                if prompt.len() > 1 {
+                    println!("### {p}");
+                }
+                println!("{reply}");
+                if prompt.len() > 1 {
+                    println!();
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "{new_tokens} new tokens in {secs:.1}s ({:.1} tokens/s)",
+                new_tokens as f64 / secs
+            );
+            Ok(())
+        }
+    }
 }

@@ -22,7 +22,12 @@ pub struct Batch {
 
 impl Batch {
     /// A batch of `(ids, prompt_len)` rows: the loss counts `ids[prompt_len..]`.
-    pub fn new(rows: &[(&[u32], usize)], pad_id: u32, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        rows: &[(&[u32], usize)],
+        pad_id: u32,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         if rows.is_empty() {
             bail!("an empty batch");
         }
@@ -64,9 +69,16 @@ impl Batch {
 /// Mean cross-entropy of `targets` under `logits` [batch, time, vocab] over the positions
 /// where `mask` is 1 (computed in f32, or f64 for an f64 model).
 pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let dtype = if logits.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let dtype = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(dtype)?, D::Minus1)?;
-    let nll = logp.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?.neg()?;
+    let nll = logp
+        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?
+        .neg()?;
     let mask = mask.to_dtype(dtype)?;
     let count = mask.sum_all()?;
     Ok((nll * &mask)?.sum_all()?.broadcast_div(&count)?)

@@ -32,10 +32,18 @@ pub struct Generated {
     pub stopped: bool,
 }
 
-/// Generates a reply for each prompt, all in one batch. Row `i` samples with the seed
-/// `mix64(seed ^ i)`, so a prompt's reply does not depend on what it is batched with when
-/// `first_row` gives its index in the whole request.
-pub fn generate(model: &Llama, prompts: &[Vec<u32>], first_row: usize, opts: &GenerateOptions) -> Result<Vec<Generated>> {
+/// Generates a reply for each prompt, all in one batch. `rows[i]` names prompt `i` within
+/// the whole request (its index there): it samples with the seed `mix64(seed ^ rows[i])`,
+/// so a prompt's reply does not depend on what it is batched with.
+pub fn generate(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    rows: &[usize],
+    opts: &GenerateOptions,
+) -> Result<Vec<Generated>> {
+    if prompts.len() != rows.len() {
+        bail!("{} prompts but {} row indices", prompts.len(), rows.len());
+    }
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
@@ -61,11 +69,19 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], first_row: usize, opts: &Ge
         positions.extend(std::iter::repeat_n(0u32, pad).chain(0..p.len() as u32));
         key_valid.push((0..width).map(|i| i >= pad).collect::<Vec<bool>>());
     }
-    let mut rngs: Vec<SplitMix64> = (0..b)
-        .map(|i| SplitMix64::new(mix64(opts.sampling.as_ref().map_or(0, |s| s.seed) ^ (first_row + i) as u64)))
+    let seed = opts.sampling.as_ref().map_or(0, |s| s.seed);
+    let mut rngs: Vec<SplitMix64> = rows
+        .iter()
+        .map(|&r| SplitMix64::new(mix64(seed ^ r as u64)))
         .collect();
     let mut cache = KvCache::default();
-    let mut out: Vec<Generated> = vec![Generated { tokens: Vec::new(), stopped: false }; b];
+    let mut out: Vec<Generated> = vec![
+        Generated {
+            tokens: Vec::new(),
+            stopped: false
+        };
+        b
+    ];
     let mut done = vec![false; b];
     let mut input = Tensor::from_vec(ids, (b, width), &device)?;
     let mut pos = Tensor::from_vec(positions, (b, width), &device)?;
@@ -79,7 +95,10 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], first_row: usize, opts: &Ge
             None => logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
             Some(s) => {
                 let rows = logits.to_vec2::<f32>()?;
-                rows.iter().zip(rngs.iter_mut()).map(|(r, rng)| sample(r, s, rng)).collect()
+                rows.iter()
+                    .zip(rngs.iter_mut())
+                    .map(|(r, rng)| sample(r, s, rng))
+                    .collect()
             }
         };
         let mut feed = Vec::with_capacity(b);
@@ -112,7 +131,11 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], first_row: usize, opts: &Ge
 fn sample(logits: &[f32], s: &Sampling, rng: &mut SplitMix64) -> u32 {
     let t = s.temperature.max(1e-6);
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(f64, u32)> = logits.iter().enumerate().map(|(i, &l)| (((l as f64 - max) / t).exp(), i as u32)).collect();
+    let mut probs: Vec<(f64, u32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (((l as f64 - max) / t).exp(), i as u32))
+        .collect();
     probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let total: f64 = probs.iter().map(|p| p.0).sum();
     let mut kept = 0.0;

@@ -3,6 +3,8 @@
 //! - [`llama`]: the Llama-family decoder (trains and generates); [`weights`] loads it from
 //!   GGUF or a Hugging Face directory and saves it as the latter; [`batch`] builds
 //!   training batches and the masked loss; [`generate`] decodes batches with a KV cache.
+//! - [`model`]: a model opened for use (text side + weights + network), and replies to
+//!   conversations in batches.
 //! - [`tokenizer`]: Hugging Face tokenizers, loaded from `tokenizer.json` or built from a
 //!   GGUF file's `tokenizer.ggml.*` metadata.
 //! - [`chat`]: the conversation record and its rendering through the model's own Jinja
@@ -22,6 +24,7 @@ pub mod fsutil;
 pub mod generate;
 pub mod gguf_meta;
 pub mod llama;
+pub mod model;
 pub mod provenance;
 pub mod rng;
 pub mod schema;

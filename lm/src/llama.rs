@@ -36,13 +36,23 @@ impl LlamaConfig {
 
     pub fn validate(&self) -> Result<()> {
         let c = self;
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
-            bail!("hidden_size {} is not a multiple of num_attention_heads {}", c.hidden_size, c.num_attention_heads);
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+            bail!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                c.hidden_size,
+                c.num_attention_heads
+            );
         }
-        if c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
-            bail!("num_attention_heads {} is not a multiple of num_key_value_heads {}", c.num_attention_heads, c.num_key_value_heads);
+        if c.num_key_value_heads == 0
+            || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
+        {
+            bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                c.num_attention_heads,
+                c.num_key_value_heads
+            );
         }
-        if c.head_dim() % 2 != 0 {
+        if !c.head_dim().is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", c.head_dim());
         }
         Ok(())
@@ -85,7 +95,12 @@ impl LlamaConfig {
     }
 
     /// A Hugging Face `config.json` that `transformers` loads as `LlamaForCausalLM`.
-    pub fn to_hf_json(&self, dtype: DType, bos: Option<u32>, eos: Option<u32>) -> serde_json::Value {
+    pub fn to_hf_json(
+        &self,
+        dtype: DType,
+        bos: Option<u32>,
+        eos: Option<u32>,
+    ) -> serde_json::Value {
         serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -162,7 +177,10 @@ pub struct Llama {
 }
 
 fn linear(vb: &VarBuilder, out_dim: usize, in_dim: usize, name: &str) -> Result<Linear> {
-    Ok(Linear::new(vb.get((out_dim, in_dim), &format!("{name}.weight"))?, None))
+    Ok(Linear::new(
+        vb.get((out_dim, in_dim), &format!("{name}.weight"))?,
+        None,
+    ))
 }
 
 impl Llama {
@@ -199,8 +217,12 @@ impl Llama {
         // RoPE angles θ_{p,i} = p · theta^(-2i/hd), computed in f64 then cast.
         let half = hd / 2;
         let n_pos = c.max_position_embeddings;
-        let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / c.rope_theta.powf((2 * i) as f64 / hd as f64)).collect();
-        let angles: Vec<f64> = (0..n_pos).flat_map(|p| inv_freq.iter().map(move |f| p as f64 * f)).collect();
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f64 / hd as f64))
+            .collect();
+        let angles: Vec<f64> = (0..n_pos)
+            .flat_map(|p| inv_freq.iter().map(move |f| p as f64 * f))
+            .collect();
         let table = |f: fn(f64) -> f64| -> Result<Tensor> {
             let v: Vec<f32> = angles.iter().map(|&a| f(a) as f32).collect();
             Ok(Tensor::from_vec(v, (n_pos, half), vb.device())?.to_dtype(vb.dtype())?)
@@ -244,13 +266,27 @@ impl Llama {
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.blocks.len(), || None);
         }
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.config.hidden_size,
+        ))?;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = self.attention(block, &rms_norm(&x, &block.attn_norm, self.config.rms_norm_eps, pass)?, &cos, &sin, bias, layer_cache, pass)?;
+            let a = self.attention(
+                block,
+                &rms_norm(&x, &block.attn_norm, self.config.rms_norm_eps, pass)?,
+                &cos,
+                &sin,
+                bias,
+                layer_cache,
+                pass,
+            )?;
             x = (x + a)?;
             let n = rms_norm(&x, &block.mlp_norm, self.config.rms_norm_eps, pass)?;
-            let f = block.down.forward(&(candle_nn::ops::silu(&block.gate.forward(&n)?)? * block.up.forward(&n)?)?)?;
+            let f = block.down.forward(
+                &(candle_nn::ops::silu(&block.gate.forward(&n)?)? * block.up.forward(&n)?)?,
+            )?;
             x = (x + f)?;
         }
         rms_norm(&x, &self.norm, self.config.rms_norm_eps, pass)
@@ -292,7 +328,10 @@ impl Llama {
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
         let probs = softmax(&scores, pass)?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let y = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
         Ok(block.o.forward(&y)?)
     }
 }
@@ -302,7 +341,9 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, nkv, t, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.expand((b, nkv, n_rep, t, hd))?.reshape((b, nkv * n_rep, t, hd))?)
+    Ok(x.unsqueeze(2)?
+        .expand((b, nkv, n_rep, t, hd))?
+        .reshape((b, nkv * n_rep, t, hd))?)
 }
 
 /// The dtype reductions run in: f32 for 16-bit weights (as transformers does), else as is.
@@ -355,7 +396,12 @@ pub const MASKED: f32 = -1e9;
 
 /// Attention bias [batch, 1, queries, keys] for a batch whose rows have `key_valid` keys
 /// (false at padding): query i (at key index `offset + i`) sees valid keys ≤ itself.
-pub fn attention_bias(key_valid: &[Vec<bool>], n_queries: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+pub fn attention_bias(
+    key_valid: &[Vec<bool>],
+    n_queries: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let b = key_valid.len();
     let n_keys = key_valid.first().map_or(0, Vec::len);
     let offset = n_keys - n_queries;
@@ -365,7 +411,11 @@ pub fn attention_bias(key_valid: &[Vec<bool>], n_queries: usize, dtype: DType, d
             bail!("attention_bias: rows have different key counts");
         }
         for i in 0..n_queries {
-            v.extend(row.iter().enumerate().map(|(j, &ok)| if ok && j <= offset + i { 0.0 } else { MASKED }));
+            v.extend(
+                row.iter()
+                    .enumerate()
+                    .map(|(j, &ok)| if ok && j <= offset + i { 0.0 } else { MASKED }),
+            );
         }
     }
     Ok(Tensor::from_vec(v, (b, 1, n_queries, n_keys), device)?.to_dtype(dtype)?)
@@ -373,23 +423,55 @@ pub fn attention_bias(key_valid: &[Vec<bool>], n_queries: usize, dtype: DType, d
 
 /// Seeded N(0, std²) initial weights (norms at 1) for a model of `config`, as a VarMap of
 /// trainable variables: the tiny test models, reproducible without candle's device RNG.
-pub fn random_weights(config: &LlamaConfig, seed: u64, dtype: DType, device: &Device) -> Result<VarMap> {
+pub fn random_weights(
+    config: &LlamaConfig,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarMap> {
     let varmap = VarMap::new();
     let c = config;
     let hd = c.head_dim();
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![c.vocab_size, c.hidden_size])];
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![(
+        "model.embed_tokens.weight".into(),
+        vec![c.vocab_size, c.hidden_size],
+    )];
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         shapes.extend([
             (format!("{p}.input_layernorm.weight"), vec![c.hidden_size]),
-            (format!("{p}.self_attn.q_proj.weight"), vec![c.num_attention_heads * hd, c.hidden_size]),
-            (format!("{p}.self_attn.k_proj.weight"), vec![c.num_key_value_heads * hd, c.hidden_size]),
-            (format!("{p}.self_attn.v_proj.weight"), vec![c.num_key_value_heads * hd, c.hidden_size]),
-            (format!("{p}.self_attn.o_proj.weight"), vec![c.hidden_size, c.num_attention_heads * hd]),
-            (format!("{p}.post_attention_layernorm.weight"), vec![c.hidden_size]),
-            (format!("{p}.mlp.gate_proj.weight"), vec![c.intermediate_size, c.hidden_size]),
-            (format!("{p}.mlp.up_proj.weight"), vec![c.intermediate_size, c.hidden_size]),
-            (format!("{p}.mlp.down_proj.weight"), vec![c.hidden_size, c.intermediate_size]),
+            (
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![c.num_attention_heads * hd, c.hidden_size],
+            ),
+            (
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![c.num_key_value_heads * hd, c.hidden_size],
+            ),
+            (
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![c.num_key_value_heads * hd, c.hidden_size],
+            ),
+            (
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![c.hidden_size, c.num_attention_heads * hd],
+            ),
+            (
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![c.hidden_size],
+            ),
+            (
+                format!("{p}.mlp.gate_proj.weight"),
+                vec![c.intermediate_size, c.hidden_size],
+            ),
+            (
+                format!("{p}.mlp.up_proj.weight"),
+                vec![c.intermediate_size, c.hidden_size],
+            ),
+            (
+                format!("{p}.mlp.down_proj.weight"),
+                vec![c.hidden_size, c.intermediate_size],
+            ),
         ]);
     }
     shapes.push(("model.norm.weight".into(), vec![c.hidden_size]));

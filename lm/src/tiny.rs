@@ -73,6 +73,23 @@ pub fn write_tiny_model_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A tiny Llama for tests: the tiny tokenizer's vocabulary, 2 layers, grouped-query
+/// attention (4 query heads over 2 key/value heads), tied embeddings.
+pub fn tiny_config() -> crate::llama::LlamaConfig {
+    crate::llama::LlamaConfig {
+        vocab_size: TINY_SPECIALS.len() + 256,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+        max_position_embeddings: 256,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,22 +111,5 @@ mod tests {
             .render_prompt(&Default::default())
             .unwrap()
             .ends_with("<|im_start|>assistant\n"));
-    }
-}
-
-/// A tiny Llama for tests: the tiny tokenizer's vocabulary, 2 layers, grouped-query
-/// attention (4 query heads over 2 key/value heads), tied embeddings.
-pub fn tiny_config() -> crate::llama::LlamaConfig {
-    crate::llama::LlamaConfig {
-        vocab_size: TINY_SPECIALS.len() + 256,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        rope_theta: 10_000.0,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: true,
-        max_position_embeddings: 256,
     }
 }

@@ -31,16 +31,30 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<(LlamaConfig, 
 fn gguf_config(meta: &GgufMeta) -> Result<LlamaConfig> {
     let arch = meta.string("general.architecture")?;
     if arch != "llama" {
-        bail!("{}: architecture '{arch}' is not supported (only llama)", meta.path.display());
+        bail!(
+            "{}: architecture '{arch}' is not supported (only llama)",
+            meta.path.display()
+        );
     }
     let u = |key: &str| {
         meta.opt_u32(&format!("llama.{key}"))
             .map(|v| v as usize)
-            .ok_or_else(|| anyhow!("{}: metadata key 'llama.{key}' is missing", meta.path.display()))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: metadata key 'llama.{key}' is missing",
+                    meta.path.display()
+                )
+            })
     };
     let f = |key: &str| match meta.get(&format!("llama.{key}")) {
-        Some(v) => v.to_f32().map(|x| x as f64).map_err(|e| anyhow!("llama.{key}: {e}")),
-        None => bail!("{}: metadata key 'llama.{key}' is missing", meta.path.display()),
+        Some(v) => v
+            .to_f32()
+            .map(|x| x as f64)
+            .map_err(|e| anyhow!("llama.{key}: {e}")),
+        None => bail!(
+            "{}: metadata key 'llama.{key}' is missing",
+            meta.path.display()
+        ),
     };
     let vocab_size = match u("vocab_size") {
         Ok(v) => v,
@@ -109,7 +123,8 @@ fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, HashMap<Strin
     let mut file = std::fs::File::open(path)?;
     let mut tensors = HashMap::new();
     for name in meta.content.tensor_infos.keys() {
-        let hf = hf_name(name).ok_or_else(|| anyhow!("{}: unexpected tensor '{name}'", path.display()))?;
+        let hf = hf_name(name)
+            .ok_or_else(|| anyhow!("{}: unexpected tensor '{name}'", path.display()))?;
         let q = meta
             .content
             .tensor(&mut file, name, device)
@@ -127,18 +142,23 @@ fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, HashMap<Strin
 
 fn load_hf_dir(dir: &Path, device: &Device) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
-    let config = LlamaConfig::from_hf_json(&text).with_context(|| format!("{}", config_path.display()))?;
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let config =
+        LlamaConfig::from_hf_json(&text).with_context(|| format!("{}", config_path.display()))?;
     let single = dir.join("model.safetensors");
     let files: Vec<std::path::PathBuf> = if single.exists() {
         vec![single]
     } else {
         let index_path = dir.join("model.safetensors.index.json");
-        let index: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&index_path)
-                .with_context(|| format!("{}: neither model.safetensors nor model.safetensors.index.json", dir.display()))?,
-        )
-        .with_context(|| format!("{}: not valid JSON", index_path.display()))?;
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index_path).with_context(|| {
+                format!(
+                    "{}: neither model.safetensors nor model.safetensors.index.json",
+                    dir.display()
+                )
+            })?)
+            .with_context(|| format!("{}: not valid JSON", index_path.display()))?;
         let mut shards: Vec<String> = index["weight_map"]
             .as_object()
             .ok_or_else(|| anyhow!("{}: no weight_map", index_path.display()))?
@@ -151,7 +171,10 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<(LlamaConfig, HashMap<Stri
     };
     let mut tensors = HashMap::new();
     for f in files {
-        tensors.extend(candle_core::safetensors::load(&f, device).with_context(|| format!("cannot read {}", f.display()))?);
+        tensors.extend(
+            candle_core::safetensors::load(&f, device)
+                .with_context(|| format!("cannot read {}", f.display()))?,
+        );
     }
     // A tied model may still ship lm_head.weight; the embeddings are what it uses.
     if config.tie_word_embeddings {
@@ -163,7 +186,13 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<(LlamaConfig, HashMap<Stri
 /// Writes a Hugging Face model directory: model.safetensors (HF names, `dtype`),
 /// config.json, tokenizer.json, tokenizer_config.json (with the chat template). Each file
 /// is written to a temporary name and renamed.
-pub fn save_hf_dir(dir: &Path, config: &LlamaConfig, varmap: &VarMap, text: &ModelText, dtype: DType) -> Result<()> {
+pub fn save_hf_dir(
+    dir: &Path,
+    config: &LlamaConfig,
+    varmap: &VarMap,
+    text: &ModelText,
+    dtype: DType,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tensors: HashMap<String, Tensor> = varmap
         .data()
@@ -177,7 +206,10 @@ pub fn save_hf_dir(dir: &Path, config: &LlamaConfig, varmap: &VarMap, text: &Mod
     let id = |t: &Option<String>| t.as_deref().and_then(|t| tok.token_id(t));
     let hf_config = config.to_hf_json(dtype, id(&tok.bos_token), id(&tok.eos_token));
     let write_json = |name: &str, v: &serde_json::Value| {
-        crate::fsutil::write_bytes_atomic(&dir.join(name), serde_json::to_string_pretty(v)?.as_bytes())
+        crate::fsutil::write_bytes_atomic(
+            &dir.join(name),
+            serde_json::to_string_pretty(v)?.as_bytes(),
+        )
     };
     write_json("config.json", &hf_config)?;
     crate::fsutil::write_bytes_atomic(&dir.join("tokenizer.json"), tok.to_json()?.as_bytes())?;
@@ -199,8 +231,10 @@ pub fn save_hf_dir(dir: &Path, config: &LlamaConfig, varmap: &VarMap, text: &Mod
 /// safetensors written through a temporary file beside `path`.
 pub fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(tensors, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))?;
+    candle_core::safetensors::save(tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
     Ok(())
 }
 
@@ -212,16 +246,33 @@ mod tests {
     fn unpermute_undoes_llama_cpp_permutation() {
         // llama.cpp: w.reshape(heads, 2, hd/2, in).swapaxes(1, 2) — build it and undo it.
         let (heads, hd, cols) = (3, 4, 2);
-        let w = Tensor::arange(0f32, (heads * hd * cols) as f32, &Device::Cpu).unwrap().reshape((heads * hd, cols)).unwrap();
-        let permuted = w.reshape((heads, 2, hd / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((heads * hd, cols)).unwrap();
+        let w = Tensor::arange(0f32, (heads * hd * cols) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((heads * hd, cols))
+            .unwrap();
+        let permuted = w
+            .reshape((heads, 2, hd / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((heads * hd, cols))
+            .unwrap();
         let back = unpermute_rows(&permuted, heads).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
     }
 
     #[test]
     fn gguf_names_map_to_hf() {
-        assert_eq!(hf_name("blk.12.attn_k.weight").unwrap(), "model.layers.12.self_attn.k_proj.weight");
-        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(
+            hf_name("blk.12.attn_k.weight").unwrap(),
+            "model.layers.12.self_attn.k_proj.weight"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
         assert!(hf_name("blk.1.something").is_none());
     }
 }

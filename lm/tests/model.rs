@@ -15,7 +15,11 @@ fn model(config: &LlamaConfig, seed: u64, dtype: DType) -> (Llama, VarMap) {
 }
 
 fn rows() -> Vec<(Vec<u32>, usize)> {
-    vec![(vec![1, 40, 41, 42, 43, 44, 2], 3), (vec![1, 50, 51, 52, 2], 2), (vec![1, 60, 61, 62, 63, 64, 65, 66, 2], 5)]
+    vec![
+        (vec![1, 40, 41, 42, 43, 44, 2], 3),
+        (vec![1, 50, 51, 52, 2], 2),
+        (vec![1, 60, 61, 62, 63, 64, 65, 66, 2], 5),
+    ]
 }
 
 fn batch(rows: &[(Vec<u32>, usize)], dtype: DType) -> Batch {
@@ -41,24 +45,44 @@ fn check_gradients(config: &LlamaConfig) {
     let h = 1e-5;
     let mut worst: f64 = 0.0;
     for (name, var) in &vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")).flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let orig = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let shape = var.as_tensor().shape().clone();
         for &i in &[0, orig.len() / 3, orig.len() - 1] {
-            let mut at = |delta: f64| {
+            let at = |delta: f64| {
                 let mut w = orig.clone();
                 w[i] += delta;
-                var.set(&Tensor::from_vec(w, shape.clone(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(w, shape.clone(), &Device::Cpu).unwrap())
+                    .unwrap();
                 scalar(&loss(&m, &b, Pass::Train).unwrap())
             };
             let fd = (at(h) - at(-h)) / (2.0 * h);
-            var.set(&Tensor::from_vec(orig.clone(), shape.clone(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(orig.clone(), shape.clone(), &Device::Cpu).unwrap())
+                .unwrap();
             let err = (fd - g[i]).abs() / (fd.abs().max(g[i].abs()).max(1e-4));
-            assert!(err < 1e-4, "{name}[{i}]: autograd {} vs finite difference {fd}", g[i]);
+            assert!(
+                err < 1e-4,
+                "{name}[{i}]: autograd {} vs finite difference {fd}",
+                g[i]
+            );
             worst = worst.max(err);
         }
     }
-    eprintln!("{} tensors checked, worst relative error {worst:.2e}", vars.len());
+    eprintln!(
+        "{} tensors checked, worst relative error {worst:.2e}",
+        vars.len()
+    );
 }
 
 #[test]
@@ -68,7 +92,10 @@ fn gradients_match_finite_differences_tied() {
 
 #[test]
 fn gradients_match_finite_differences_untied() {
-    check_gradients(&LlamaConfig { tie_word_embeddings: false, ..tiny_config() });
+    check_gradients(&LlamaConfig {
+        tie_word_embeddings: false,
+        ..tiny_config()
+    });
 }
 
 #[test]
@@ -89,8 +116,12 @@ fn fused_inference_path_matches_differentiable_path() {
     for dtype in [DType::F32, DType::BF16] {
         let (m, _) = model(&tiny_config(), 2, dtype);
         let b = batch(&rows(), dtype);
-        let train = m.hidden(&b.ids, &b.positions, &b.bias, None, Pass::Train).unwrap();
-        let infer = m.hidden(&b.ids, &b.positions, &b.bias, None, Pass::Infer).unwrap();
+        let train = m
+            .hidden(&b.ids, &b.positions, &b.bias, None, Pass::Train)
+            .unwrap();
+        let infer = m
+            .hidden(&b.ids, &b.positions, &b.bias, None, Pass::Infer)
+            .unwrap();
         let diff = scalar(&(train - infer).unwrap().abs().unwrap().max_all().unwrap());
         let tol = if dtype == DType::F32 { 1e-4 } else { 0.1 };
         assert!(diff < tol, "{dtype:?}: max difference {diff}");
@@ -98,24 +129,41 @@ fn fused_inference_path_matches_differentiable_path() {
 }
 
 fn greedy(max_new_tokens: usize) -> GenerateOptions {
-    GenerateOptions { max_new_tokens, sampling: None, stop: vec![2], pad_id: 0 }
+    GenerateOptions {
+        max_new_tokens,
+        sampling: None,
+        stop: vec![2],
+        pad_id: 0,
+    }
 }
 
 #[test]
 fn kv_cache_decoding_matches_full_recompute() {
     let (m, _) = model(&tiny_config(), 4, DType::F32);
     let prompt = vec![1u32, 70, 71, 72];
-    let got = generate(&m, std::slice::from_ref(&prompt), 0, &greedy(12)).unwrap().remove(0);
+    let got = generate(&m, std::slice::from_ref(&prompt), &[0], &greedy(12))
+        .unwrap()
+        .remove(0);
     // The same greedy tokens, recomputing the whole sequence for each one.
     let mut seq = prompt.clone();
     let mut want = Vec::new();
     for _ in 0..12 {
         let t = seq.len();
-        let ids = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let pos = Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let bias = attention_bias(&[vec![true; t]], t, DType::F32, &Device::Cpu).unwrap();
         let h = m.hidden(&ids, &pos, &bias, None, Pass::Train).unwrap();
-        let logits = m.logits(&h.narrow(1, t - 1, 1).unwrap()).unwrap().flatten_all().unwrap();
+        let logits = m
+            .logits(&h.narrow(1, t - 1, 1).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap();
         let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
         if next == 2 {
             break;
@@ -129,18 +177,39 @@ fn kv_cache_decoding_matches_full_recompute() {
 #[test]
 fn a_batch_decodes_like_one_prompt_at_a_time() {
     let (m, _) = model(&tiny_config(), 5, DType::F32);
-    let prompts: Vec<Vec<u32>> = vec![vec![1, 80], vec![1, 81, 82, 83, 84, 85, 86], vec![1, 90, 91, 92], vec![1, 100, 101, 102, 103]];
-    let batched = generate(&m, &prompts, 0, &greedy(16)).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![1, 80],
+        vec![1, 81, 82, 83, 84, 85, 86],
+        vec![1, 90, 91, 92],
+        vec![1, 100, 101, 102, 103],
+    ];
+    let all: Vec<usize> = (0..prompts.len()).collect();
+    let batched = generate(&m, &prompts, &all, &greedy(16)).unwrap();
     for (i, p) in prompts.iter().enumerate() {
-        let single = generate(&m, std::slice::from_ref(p), i, &greedy(16)).unwrap().remove(0);
+        let single = generate(&m, std::slice::from_ref(p), &[i], &greedy(16))
+            .unwrap()
+            .remove(0);
         assert_eq!(batched[i], single, "prompt {i}");
     }
     // Seeded sampling: reproducible, and per-prompt (not per-batch) random streams.
-    let opts = GenerateOptions { sampling: Some(Sampling { temperature: 1.0, top_p: 0.9, seed: 7 }), ..greedy(16) };
-    let a = generate(&m, &prompts, 0, &opts).unwrap();
-    assert_eq!(a, generate(&m, &prompts, 0, &opts).unwrap());
-    assert_eq!(a[2], generate(&m, &prompts[2..3], 2, &opts).unwrap().remove(0));
-    assert_ne!(a.iter().map(|g| &g.tokens).collect::<Vec<_>>(), batched.iter().map(|g| &g.tokens).collect::<Vec<_>>());
+    let opts = GenerateOptions {
+        sampling: Some(Sampling {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: 7,
+        }),
+        ..greedy(16)
+    };
+    let a = generate(&m, &prompts, &all, &opts).unwrap();
+    assert_eq!(a, generate(&m, &prompts, &all, &opts).unwrap());
+    assert_eq!(
+        a[2],
+        generate(&m, &prompts[2..3], &[2], &opts).unwrap().remove(0)
+    );
+    assert_ne!(
+        a.iter().map(|g| &g.tokens).collect::<Vec<_>>(),
+        batched.iter().map(|g| &g.tokens).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -153,7 +222,11 @@ fn saved_hf_directory_loads_back_identically() {
     basin_lm::weights::save_hf_dir(dir.path(), &config, &varmap, &text, DType::F32).unwrap();
     let (config2, varmap2) = basin_lm::weights::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(config2, config);
-    let m2 = Llama::new(&config2, VarBuilder::from_varmap(&varmap2, DType::F32, &Device::Cpu)).unwrap();
+    let m2 = Llama::new(
+        &config2,
+        VarBuilder::from_varmap(&varmap2, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     let b = batch(&rows(), DType::F32);
     let l1 = scalar(&loss(&m, &b, Pass::Train).unwrap());
     let l2 = scalar(&loss(&m2, &b, Pass::Train).unwrap());

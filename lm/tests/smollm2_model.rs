@@ -12,7 +12,10 @@ use candle_nn::VarBuilder;
 use std::path::{Path, PathBuf};
 
 fn gguf() -> Option<PathBuf> {
-    let p = locate_asset(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."), "model/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = locate_asset(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+        "model/SmolLM2-135M-Instruct.Q4_1.gguf",
+    );
     if p.is_none() {
         eprintln!("SKIPPED: SmolLM2 GGUF not fetched (run `just setup`)");
     }
@@ -21,13 +24,23 @@ fn gguf() -> Option<PathBuf> {
 
 fn ours(path: &Path) -> Llama {
     let (config, varmap) = basin_lm::weights::load(path, DType::F32, &Device::Cpu).unwrap();
-    Llama::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap()
+    Llama::new(
+        &config,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap()
 }
 
 fn prompt_ids(text: &ModelText, user: &str) -> Vec<u32> {
     let t = text.template(&TemplateChoice::Model, None).unwrap();
-    let conv = Conversation { system: None, user: user.into(), assistant: None };
-    text.tokenizer.encode(&t.render_prompt(&conv).unwrap()).unwrap()
+    let conv = Conversation {
+        system: None,
+        user: user.into(),
+        assistant: None,
+    };
+    text.tokenizer
+        .encode(&t.render_prompt(&conv).unwrap())
+        .unwrap()
 }
 
 /// The reference multiplies Q4_1/Q8_0 weights with activations quantized to 8 bits (Q8_1
@@ -41,36 +54,87 @@ fn logits_match_quantized_llama() {
     let Some(path) = gguf() else { return };
     let text = ModelText::open(&path).unwrap();
     let model = ours(&path);
-    for user in ["What is the capital of France?", "Write a haiku about the sea.", "2 + 2 =", "Translate 'good morning' into Spanish."] {
+    for user in [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "2 + 2 =",
+        "Translate 'good morning' into Spanish.",
+    ] {
         let ids = prompt_ids(&text, user);
         let mut file = std::fs::File::open(&path).unwrap();
         let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-        let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let want = reference.forward(&input, 0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+            content,
+            &mut file,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let want = reference
+            .forward(&input, 0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
 
         let t = ids.len();
-        let pos = Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let bias = attention_bias(&[vec![true; t]], t, DType::F32, &Device::Cpu).unwrap();
-        let h = model.hidden(&input, &pos, &bias, None, Pass::Infer).unwrap();
-        let got = model.logits(&h.narrow(1, t - 1, 1).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let h = model
+            .hidden(&input, &pos, &bias, None, Pass::Infer)
+            .unwrap();
+        let got = model
+            .logits(&h.narrow(1, t - 1, 1).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
 
         let n = got.len() as f64;
         let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / n;
         let (mg, mw) = (mean(&got), mean(&want));
-        let cov: f64 = got.iter().zip(&want).map(|(&a, &b)| (a as f64 - mg) * (b as f64 - mw)).sum();
+        let cov: f64 = got
+            .iter()
+            .zip(&want)
+            .map(|(&a, &b)| (a as f64 - mg) * (b as f64 - mw))
+            .sum();
         let var = |v: &[f32], m: f64| v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>();
         let corr = cov / (var(&got, mg) * var(&want, mw)).sqrt();
-        let max_diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        let range = want.iter().copied().fold(f32::MIN, f32::max) - want.iter().copied().fold(f32::MAX, f32::min);
-        let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let max_diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let range = want.iter().copied().fold(f32::MIN, f32::max)
+            - want.iter().copied().fold(f32::MAX, f32::min);
+        let argmax = |v: &[f32]| {
+            v.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0
+        };
         let (ours_top, ref_top) = (argmax(&got), argmax(&want));
         // How far below its own best the other model scores each one's top token.
         let gap = (want[ref_top] - want[ours_top]).max(got[ours_top] - got[ref_top]);
         eprintln!("{user:?}: corr {corr:.5}, max |diff| {max_diff:.3} of range {range:.2}, top-1 {ours_top} vs {ref_top} (gap {gap:.3})");
         assert!(corr > 0.99, "{user:?}: correlation {corr}");
-        assert!(max_diff < 0.06 * range, "{user:?}: max diff {max_diff} of range {range}");
-        assert!(gap < 0.5, "{user:?}: top token {ours_top} vs {ref_top}, not a near-tie (gap {gap})");
+        assert!(
+            max_diff < 0.06 * range,
+            "{user:?}: max diff {max_diff} of range {range}"
+        );
+        assert!(
+            gap < 0.5,
+            "{user:?}: top token {ours_top} vs {ref_top}, not a near-tie (gap {gap})"
+        );
     }
 }
 
@@ -83,29 +147,51 @@ fn logits_match_float64_numpy_reference() {
     let Some(path) = gguf() else { return };
     let model = ours(&path);
     let fx: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_logits.json")).unwrap(),
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_logits.json"),
+        )
+        .unwrap(),
     )
     .unwrap();
     for pass in [Pass::Train, Pass::Infer] {
         for case in fx["cases"].as_array().unwrap() {
             let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
             let t = ids.len();
-            let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let pos = Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
             let bias = attention_bias(&[vec![true; t]], t, DType::F32, &Device::Cpu).unwrap();
             let h = model.hidden(&input, &pos, &bias, None, pass).unwrap();
-            let got = model.logits(&h.narrow(1, t - 1, 1).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = model
+                .logits(&h.narrow(1, t - 1, 1).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let mut worst = 0f64;
             for key in ["top", "fixed"] {
-                let ids: Vec<usize> = serde_json::from_value(case[format!("{key}_ids")].clone()).unwrap();
-                let want: Vec<f64> = serde_json::from_value(case[format!("{key}_logits")].clone()).unwrap();
+                let ids: Vec<usize> =
+                    serde_json::from_value(case[format!("{key}_ids")].clone()).unwrap();
+                let want: Vec<f64> =
+                    serde_json::from_value(case[format!("{key}_logits")].clone()).unwrap();
                 for (i, w) in ids.iter().zip(want) {
                     worst = worst.max((got[*i] as f64 - w).abs());
                 }
             }
             eprintln!("{pass:?} {} tokens: max |ours - numpy| = {worst:.2e}", t);
             assert!(worst < 2e-4, "{pass:?}: max difference {worst}");
-            let top = got.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+            let top = got
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
             assert_eq!(top as u64, case["top_ids"][0].as_u64().unwrap());
         }
     }
@@ -117,8 +203,13 @@ fn answers_the_capital_of_france() {
     let text = ModelText::open(&path).unwrap();
     let model = ours(&path);
     let ids = prompt_ids(&text, "What is the capital of France?");
-    let opts = GenerateOptions { max_new_tokens: 32, sampling: None, stop: vec![text.tokenizer.eos_id().unwrap()], pad_id: 2 };
-    let reply = generate(&model, &[ids], 0, &opts).unwrap().remove(0);
+    let opts = GenerateOptions {
+        max_new_tokens: 32,
+        sampling: None,
+        stop: vec![text.tokenizer.eos_id().unwrap()],
+        pad_id: 2,
+    };
+    let reply = generate(&model, &[ids], &[0], &opts).unwrap().remove(0);
     let reply = text.tokenizer.decode(&reply.tokens, true).unwrap();
     eprintln!("reply: {reply:?}");
     assert!(reply.contains("Paris"), "{reply:?}");

@@ -1,0 +1,115 @@
+//! A model opened for use: its text side (tokenizer, chat template), its weights as
+//! trainable variables, and the network over them.
+
+use crate::chat::{ChatTemplate, Conversation};
+use crate::generate::{generate, GenerateOptions, Generated};
+use crate::llama::{Llama, LlamaConfig};
+use crate::source::ModelText;
+use anyhow::{anyhow, bail, Result};
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use std::path::{Path, PathBuf};
+
+/// Where `just setup` puts the embedded default model.
+pub const DEFAULT_MODEL: &str = "data/cache/model/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+pub struct Model {
+    pub path: PathBuf,
+    pub text: ModelText,
+    pub config: LlamaConfig,
+    pub varmap: VarMap,
+    pub llama: Llama,
+}
+
+impl Model {
+    /// Opens a GGUF file or a Hugging Face directory.
+    pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if !path.exists() {
+            bail!(
+                "model {} does not exist (the default one is fetched by `just setup`)",
+                path.display()
+            );
+        }
+        let text = ModelText::open(path)?;
+        let (config, varmap) = crate::weights::load(path, dtype, device)?;
+        let llama = Llama::new(&config, VarBuilder::from_varmap(&varmap, dtype, device))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            text,
+            config,
+            varmap,
+            llama,
+        })
+    }
+
+    /// Options for decoding with this model's end-of-turn token.
+    pub fn options(&self, max_new_tokens: usize) -> Result<GenerateOptions> {
+        let eos = self
+            .text
+            .tokenizer
+            .eos_id()
+            .ok_or_else(|| anyhow!("model {} has no end-of-turn token", self.path.display()))?;
+        Ok(GenerateOptions {
+            max_new_tokens,
+            sampling: None,
+            stop: vec![eos],
+            pad_id: eos,
+        })
+    }
+
+    /// Replies to conversations, `batch_size` at a time; `on_batch(done)` after each batch.
+    /// Prompts are batched in order of length (less padding); results come back in input
+    /// order and do not depend on the batching.
+    pub fn replies(
+        &self,
+        template: &ChatTemplate,
+        conversations: &[Conversation],
+        opts: &GenerateOptions,
+        batch_size: usize,
+        mut on_batch: impl FnMut(usize),
+    ) -> Result<Vec<(String, Generated)>> {
+        let prompts: Vec<Vec<u32>> = conversations
+            .iter()
+            .map(|c| self.text.tokenizer.encode(&template.render_prompt(c)?))
+            .collect::<Result<_>>()?;
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&i| (prompts[i].len(), i));
+        let mut out: Vec<Option<(String, Generated)>> = vec![None; prompts.len()];
+        let mut done = 0;
+        for chunk in order.chunks(batch_size.max(1)) {
+            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+            // Each row samples with its index in the whole request: batching changes nothing.
+            let generated = generate(&self.llama, &batch, chunk, opts)?;
+            for (&i, g) in chunk.iter().zip(generated) {
+                out[i] = Some((self.text.tokenizer.decode(&g.tokens, true)?, g));
+            }
+            done += chunk.len();
+            on_batch(done);
+        }
+        Ok(out
+            .into_iter()
+            .map(|o| o.expect("every prompt generated"))
+            .collect())
+    }
+}
+
+/// `cpu` or `cuda` / `cuda:N` (needs a build with the `cuda` feature).
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok(Device::new_cuda(n)?),
+            None => bail!("unknown device '{other}': expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// `f32` or `bf16`.
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => bail!("unknown dtype '{other}': expected f32 or bf16"),
+    }
+}
