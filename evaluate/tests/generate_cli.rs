@@ -93,3 +93,30 @@ fn clear_errors_for_bad_arguments() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// The acceptance check, as a user runs it: the real model answers on CPU.
+#[test]
+fn real_model_knows_the_capital_of_france() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let Some(gguf) = basin_lm::fsutil::locate_asset(&root, "model/SmolLM2-135M-Instruct.Q4_1.gguf")
+    else {
+        eprintln!("SKIPPED: SmolLM2 GGUF not fetched (run `just setup`)");
+        return;
+    };
+    let out = evaluate(&[
+        "generate",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "32",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(reply.contains("Paris"), "{reply}");
+}
