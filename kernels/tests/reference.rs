@@ -8,7 +8,7 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
-        .map(|i| ((i as f32 * 0.731 + seed as f32 * 1.37).sin() * 0.5))
+        .map(|i| (i as f32 * 0.731 + seed as f32 * 1.37).sin() * 0.5)
         .collect()
 }
 
