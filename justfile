@@ -20,6 +20,10 @@ setup: build
 prepare *ARGS: setup
     {{bin}}/prepare run --config configs/prepare.toml {{ARGS}}
 
+# Fine-tune (configs/smoke.toml: a short CPU run on Dolly); e.g. just train --set lr=1e-5
+train *ARGS: prepare
+    {{bin}}/train --config configs/smoke.toml {{ARGS}}
+
 # The whole pipeline on the embedded default model.
 all: prepare
 

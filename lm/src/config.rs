@@ -7,7 +7,8 @@ use std::path::Path;
 use toml::{Table, Value};
 
 /// Parses one override: `a.b=3` sets key `b` of table `a` to the integer 3. The value is
-/// read as TOML (numbers, booleans, arrays, quoted strings) and otherwise kept as a string.
+/// read as TOML (numbers, booleans, arrays, quoted strings) and otherwise kept as a string;
+/// the bare words `nan` and `inf` stay strings (run names), `+inf`/`-inf` are numbers.
 pub fn apply_override(table: &mut Table, assignment: &str) -> Result<()> {
     let (key, raw) = assignment
         .split_once('=')
@@ -16,9 +17,10 @@ pub fn apply_override(table: &mut Table, assignment: &str) -> Result<()> {
     if key.is_empty() {
         bail!("override '{assignment}' has an empty key");
     }
+    let bare_word = matches!(raw.trim(), "nan" | "inf");
     let value = match format!("v = {raw}").parse::<Table>() {
-        Ok(mut t) => t.remove("v").expect("parsed key"),
-        Err(_) => Value::String(raw.to_string()),
+        Ok(mut t) if !bare_word => t.remove("v").expect("parsed key"),
+        _ => Value::String(raw.to_string()),
     };
     let mut parts: Vec<&str> = key.split('.').collect();
     let last = parts.pop().expect("split yields one part");

@@ -1,0 +1,294 @@
+//! The training stage: full fine-tuning with AdamW and the parameter-space EMA.
+//!
+//! - [`config`]: the run as plain data (TOML + overrides);
+//! - [`data`]: training rows in a seeded order per epoch;
+//! - [`state`]: master weights, AdamW moments, the EMA, checkpoints;
+//! - [`run`]: the loop — batch, forward, backward, clip, step, EMA, log, checkpoint.
+
+pub mod config;
+pub mod data;
+pub mod state;
+
+use anyhow::{bail, Context, Result};
+use basin_lm::batch::{loss, Batch};
+use basin_lm::fsutil::{sha256_file, write_bytes_atomic};
+use basin_lm::llama::Pass;
+use basin_lm::model::{parse_device, parse_dtype, Model};
+use basin_lm::schema::PreparedRow;
+use config::TrainConfig;
+use data::{next_rows, DataPosition, Dataset};
+use serde::{Deserialize, Serialize};
+use state::TrainState;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What a checkpoint holds besides the tensors.
+#[derive(Debug, Serialize, Deserialize)]
+struct Progress {
+    step: usize,
+    position: DataPosition,
+    config: TrainConfig,
+}
+
+pub struct Options {
+    pub resume: bool,
+    pub progress: bool,
+    /// Abort the process (as `kill -9` would) right after this step: for the resume test.
+    pub crash_after: Option<usize>,
+}
+
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub steps: usize,
+    pub final_val_loss: Option<f64>,
+    pub first_val_loss: Option<f64>,
+}
+
+/// Token-weighted mean loss over micro-batches of `rows` (no gradient).
+fn mean_loss(model: &Model, rows: &[&PreparedRow], micro: usize, pad: u32) -> Result<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in rows.chunks(micro) {
+        let b = batch_of(chunk, pad, model)?;
+        if b.n_loss_tokens > 0 {
+            sum += scalar(&loss(&model.llama, &b, Pass::Infer)?)? * b.n_loss_tokens as f64;
+            n += b.n_loss_tokens;
+        }
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+fn batch_of(rows: &[&PreparedRow], pad: u32, model: &Model) -> Result<Batch> {
+    let r: Vec<(&[u32], usize)> = rows
+        .iter()
+        .map(|r| (r.input_ids.as_slice(), r.prompt_len as usize))
+        .collect();
+    Batch::new(&r, pad, model.llama.dtype(), model.llama.device())
+}
+
+fn scalar(t: &candle_core::Tensor) -> Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Runs (or resumes) training as `config` says; writes everything under the run directory.
+pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
+    config.validate()?;
+    let run_dir = config.out_dir.join(&config.name);
+    let ckpt_dir = run_dir.join("checkpoint");
+    let device = parse_device(&config.device)?;
+    let model = Model::open(&config.model, parse_dtype(&config.dtype)?, &device)?;
+    let pad = model.text.tokenizer.eos_id().unwrap_or(0);
+    let data = Dataset::load(&config.data)?;
+    let val: Vec<&PreparedRow> = data
+        .val
+        .iter()
+        .take(config.val_batches * config.micro_batch)
+        .collect();
+    let total = if config.steps > 0 {
+        config.steps
+    } else {
+        ((config.epochs * data.train.len() as f64) / config.batch_size as f64).ceil() as usize
+    };
+    let mut state = TrainState::new(&model.varmap, config.ema.enabled)?;
+
+    let (mut step, mut pos) = (0, DataPosition::default());
+    if opts.resume {
+        let text = std::fs::read_to_string(ckpt_dir.join("progress.json"))
+            .with_context(|| format!("no checkpoint to resume in {}", ckpt_dir.display()))?;
+        let saved: Progress = serde_json::from_str(&text)?;
+        if &saved.config != config {
+            bail!(
+                "{}: the checkpoint was made with a different config; resume with the same one",
+                ckpt_dir.display()
+            );
+        }
+        state.restore(&ckpt_dir.join("state.safetensors"))?;
+        (step, pos) = (saved.step, saved.position);
+    } else {
+        std::fs::create_dir_all(&run_dir)?;
+        write_provenance(config, &run_dir)?;
+    }
+    // The metrics of steps after the checkpoint are replayed: drop them.
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let kept: String = std::fs::read_to_string(&metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_bytes_atomic(&metrics_path, kept.as_bytes())?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)?;
+
+    let first_val = if val.is_empty() {
+        None
+    } else {
+        Some(mean_loss(&model, &val, config.micro_batch, pad)?)
+    };
+    if step == 0 {
+        if let Some(v) = first_val {
+            writeln!(metrics, "{}", serde_json::json!({"step": 0, "val_loss": v}))?;
+        }
+    }
+    let bar = if opts.progress {
+        indicatif::ProgressBar::new(total as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("train [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(step as u64);
+    let mut last_val = first_val;
+    while step < total {
+        let started = Instant::now();
+        let rows = next_rows(&data.train, &mut pos, config.batch_size, config.seed);
+        let batches: Vec<Batch> = rows
+            .chunks(config.micro_batch)
+            .map(|c| batch_of(c, pad, &model))
+            .collect::<Result<_>>()?;
+        let tokens: usize = batches.iter().map(|b| b.n_loss_tokens).sum();
+        let mut loss_sum = 0.0;
+        for b in batches.iter().filter(|b| b.n_loss_tokens > 0) {
+            let l = loss(&model.llama, b, Pass::Train)?;
+            // Each micro-batch weighs by its share of reply tokens: the sum is the batch mean.
+            let grads = l
+                .affine(b.n_loss_tokens as f64 / tokens.max(1) as f64, 0.0)?
+                .backward()?;
+            state.accumulate(&grads)?;
+            loss_sum += scalar(&l)? * b.n_loss_tokens as f64;
+        }
+        let train_loss = loss_sum / tokens.max(1) as f64;
+        let grad_norm = state.grad_norm();
+        if !train_loss.is_finite() || !grad_norm.is_finite() {
+            bail!(
+                "step {}: non-finite loss ({train_loss}) or gradient norm ({grad_norm}); stopping. The last good checkpoint stays in {}",
+                step + 1,
+                ckpt_dir.display()
+            );
+        }
+        step += 1;
+        let lr = config.lr_at(step, total);
+        state.step(config, lr, step, grad_norm)?;
+        let secs = started.elapsed().as_secs_f64();
+        let mut record = serde_json::json!({
+            "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": tokens, "tokens_per_s": rows.iter().map(|r| r.input_ids.len()).sum::<usize>() as f64 / secs,
+            "dist_theta": state.distance_from_start(|p| Some(&p.theta)),
+            "dist_ema": state.distance_from_start(|p| p.ema.as_ref()),
+        });
+        if !val.is_empty()
+            && ((config.eval_every > 0 && step % config.eval_every == 0) || step == total)
+        {
+            let v = mean_loss(&model, &val, config.micro_batch, pad)?;
+            record["val_loss"] = v.into();
+            if config.ema.enabled {
+                state.load_into_model(|p| p.ema.as_ref().expect("ema enabled"))?;
+                record["val_loss_ema"] = mean_loss(&model, &val, config.micro_batch, pad)?.into();
+                state.load_into_model(|p| &p.theta)?;
+            }
+            last_val = Some(v);
+        }
+        writeln!(metrics, "{record}")?;
+        metrics.flush()?;
+        bar.set_message(format!("loss {train_loss:.4}"));
+        bar.inc(1);
+        if config.checkpoint_every > 0 && step % config.checkpoint_every == 0 && step < total {
+            save_checkpoint(
+                &ckpt_dir,
+                &state,
+                &Progress {
+                    step,
+                    position: pos,
+                    config: config.clone(),
+                },
+            )?;
+        }
+        if opts.crash_after == Some(step) {
+            std::process::abort();
+        }
+    }
+    bar.finish_and_clear();
+    save_weights(&run_dir.join("model"), &state, &model, |p| &p.theta)?;
+    if config.ema.enabled {
+        save_weights(&run_dir.join("ema"), &state, &model, |p| {
+            p.ema.as_ref().expect("ema enabled")
+        })?;
+        state.load_into_model(|p| &p.theta)?;
+    }
+    Ok(Summary {
+        run_dir,
+        steps: step,
+        final_val_loss: last_val,
+        first_val_loss: first_val,
+    })
+}
+
+/// The checkpoint directory is replaced whole: written beside, then renamed into place.
+fn save_checkpoint(dir: &Path, state: &TrainState, progress: &Progress) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let old = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    state.save(&tmp.join("state.safetensors"))?;
+    write_bytes_atomic(
+        &tmp.join("progress.json"),
+        serde_json::to_string_pretty(progress)?.as_bytes(),
+    )?;
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old)?;
+    }
+    std::fs::rename(&tmp, dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// A Hugging Face directory of the weights `pick` selects (θ or θ̄).
+fn save_weights(
+    dir: &Path,
+    state: &TrainState,
+    model: &Model,
+    pick: impl Fn(&state::Param) -> &Vec<f32>,
+) -> Result<()> {
+    state.load_into_model(pick)?;
+    basin_lm::weights::save_hf_dir(
+        dir,
+        &model.config,
+        &model.varmap,
+        &model.text,
+        model.llama.dtype(),
+    )
+}
+
+/// config.toml (resolved) and run.json (git commit, input hashes) next to the outputs.
+fn write_provenance(config: &TrainConfig, run_dir: &Path) -> Result<()> {
+    write_bytes_atomic(
+        &run_dir.join("config.toml"),
+        basin_lm::config::to_toml(config)?.as_bytes(),
+    )?;
+    let hash = |p: &Path| -> Result<String> {
+        if p.is_dir() {
+            sha256_file(&p.join("model.safetensors"))
+        } else {
+            sha256_file(p)
+        }
+    };
+    let inputs: serde_json::Map<String, serde_json::Value> = std::iter::once(&config.model)
+        .chain(&config.data)
+        .map(|p| Ok((p.display().to_string(), hash(p)?.into())))
+        .collect::<Result<_>>()?;
+    let run = serde_json::json!({"git_commit": basin_lm::provenance::git_commit(), "inputs_sha256": inputs});
+    write_bytes_atomic(
+        &run_dir.join("run.json"),
+        serde_json::to_string_pretty(&run)?.as_bytes(),
+    )
+}

@@ -1,0 +1,200 @@
+//! The training stage as a user runs it, on the tiny model: it learns, the EMA keeps its
+//! anchor, `--resume` after an abort gives bitwise the same weights, and a divergence
+//! stops the run with the last checkpoint kept.
+
+use basin_lm::schema::{write_parquet, PreparedRow};
+use basin_lm::tiny::{tiny_config, write_tiny_model_dir};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// A tiny random model as a HF directory and a prepared file of byte-token rows.
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        write_tiny_model_dir(&model).unwrap();
+        let text = basin_lm::source::ModelText::open(&model).unwrap();
+        let varmap =
+            basin_lm::llama::random_weights(&tiny_config(), 21, DType::F32, &Device::Cpu).unwrap();
+        basin_lm::weights::save_hf_dir(&model, &tiny_config(), &varmap, &text, DType::F32).unwrap();
+        let rows: Vec<PreparedRow> = (0..40)
+            .map(|i| {
+                let prompt = format!(
+                    "<|im_start|>user\nsay {}<|im_end|>\n<|im_start|>assistant\n",
+                    i % 5
+                );
+                let reply = format!("the answer is {}{}<|im_end|>", i % 5, "!".repeat(i % 3));
+                let mut ids = text.tokenizer.encode(&prompt).unwrap();
+                let prompt_len = ids.len() as u32;
+                ids.extend(text.tokenizer.encode(&reply).unwrap());
+                PreparedRow {
+                    id: format!("t-{i}"),
+                    source: "t".into(),
+                    split: if i % 8 == 0 { "val" } else { "train" }.into(),
+                    system: None,
+                    user: prompt,
+                    assistant: Some(reply),
+                    label: None,
+                    input_ids: ids,
+                    prompt_len,
+                    truncated: false,
+                }
+            })
+            .collect();
+        write_parquet(&dir.path().join("data.parquet"), &rows).unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn train(&self, name: &str, extra: &[&str]) -> Output {
+        self.train_with(&[], name, extra)
+    }
+
+    /// `train --quiet FLAGS` with the setup's paths, a small batch, and `extra` overrides.
+    fn train_with(&self, flags: &[&str], name: &str, extra: &[&str]) -> Output {
+        let q = |p: PathBuf| format!("{:?}", p.display().to_string());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
+        cmd.arg("--quiet")
+            .args(flags)
+            .args(["--set", &format!("name={name}")])
+            .args(["--set", &format!("out_dir={}", q(self.path("runs")))])
+            .args(["--set", &format!("model={}", q(self.path("model")))])
+            .args(["--set", &format!("data=[{}]", q(self.path("data.parquet")))])
+            .args([
+                "--set",
+                "batch_size=4",
+                "--set",
+                "micro_batch=2",
+                "--set",
+                "lr=3e-3",
+                "--set",
+                "steps=8",
+            ]);
+        for e in extra {
+            cmd.args(["--set", e]);
+        }
+        cmd.output().unwrap()
+    }
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "train failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn learns_and_writes_its_outputs() {
+    let s = Setup::new();
+    ok(&s.train("a", &["ema.enabled=true", "ema.beta=0.9", "eval_every=4"]));
+    let run = s.path("runs/a");
+    for f in [
+        "config.toml",
+        "run.json",
+        "metrics.jsonl",
+        "model/model.safetensors",
+        "model/config.json",
+        "ema/model.safetensors",
+        "ema/tokenizer.json",
+    ] {
+        assert!(run.join(f).exists(), "missing {f}");
+    }
+    let m = metrics(&run);
+    let first = m[0]["val_loss"].as_f64().unwrap();
+    let last = m.last().unwrap()["val_loss"].as_f64().unwrap();
+    assert!(last < first, "validation loss {first} -> {last}");
+    let last = m.last().unwrap();
+    assert_eq!(last["step"], 8);
+    let (dt, de) = (
+        last["dist_theta"].as_f64().unwrap(),
+        last["dist_ema"].as_f64().unwrap(),
+    );
+    assert!(
+        de > 0.0 && de < dt,
+        "the EMA moves less than the weights: {de} vs {dt}"
+    );
+    assert!(last["val_loss_ema"].is_number());
+    let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(cfg.contains("lr = 0.003") && cfg.contains("[ema]"), "{cfg}");
+}
+
+#[test]
+fn ema_with_beta_one_stays_at_the_pretrained_weights() {
+    let s = Setup::new();
+    ok(&s.train("anchor", &["ema.enabled=true", "ema.beta=1.0", "steps=3"]));
+    let ema =
+        candle_core::safetensors::load(s.path("runs/anchor/ema/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let start =
+        candle_core::safetensors::load(s.path("model/model.safetensors"), &Device::Cpu).unwrap();
+    let raw =
+        candle_core::safetensors::load(s.path("runs/anchor/model/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let v = |m: &std::collections::HashMap<String, candle_core::Tensor>| {
+        m[name].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    assert_eq!(v(&ema), v(&start));
+    assert_ne!(v(&raw), v(&start));
+}
+
+#[test]
+fn resume_after_abort_gives_bitwise_the_same_weights() {
+    let s = Setup::new();
+    let common = ["checkpoint_every=3", "ema.enabled=true", "ema.beta=0.8"];
+    ok(&s.train("whole", &common));
+    // Abort after step 5: the checkpoint of step 3 is the last one on disk.
+    let crashed = s.train_with(&["--crash-after-step", "5"], "broken", &common);
+    assert!(!crashed.status.success(), "the run should have aborted");
+    assert!(!s.path("runs/broken/model").exists());
+    ok(&s.train_with(&["--resume"], "broken", &common));
+    for f in ["model/model.safetensors", "ema/model.safetensors"] {
+        let a = std::fs::read(s.path("runs/whole").join(f)).unwrap();
+        let b = std::fs::read(s.path("runs/broken").join(f)).unwrap();
+        assert!(a == b, "{f} differs after resume");
+    }
+    let steps: Vec<u64> = metrics(&s.path("runs/broken"))
+        .iter()
+        .filter_map(|m| m["step"].as_u64())
+        .collect();
+    assert_eq!(
+        steps,
+        (0..=8).collect::<Vec<_>>(),
+        "metrics replayed once each"
+    );
+}
+
+#[test]
+fn divergence_stops_with_a_clear_message_and_keeps_the_checkpoint() {
+    let s = Setup::new();
+    let out = s.train(
+        "nan",
+        &["lr=1e30", "grad_clip=0.0", "checkpoint_every=1", "steps=6"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("non-finite loss") && err.contains("last good checkpoint"),
+        "{err}"
+    );
+    assert!(s.path("runs/nan/checkpoint/state.safetensors").exists());
+    assert!(!s.path("runs/nan/model").exists());
+}
