@@ -292,6 +292,24 @@ impl Llama {
         rms_norm(&x, &self.norm, self.config.rms_norm_eps, pass)
     }
 
+    /// Next-token logits [vocab] (f32) after one whole sequence, without a cache.
+    pub fn next_token_logits(&self, ids: &[u32], pass: Pass) -> Result<Vec<f32>> {
+        let t = ids.len();
+        if t == 0 {
+            bail!("next_token_logits: empty sequence");
+        }
+        let device = self.device();
+        let input = Tensor::new(ids, device)?.unsqueeze(0)?;
+        let positions = Tensor::arange(0u32, t as u32, device)?.unsqueeze(0)?;
+        let bias = attention_bias(&[vec![true; t]], t, self.dtype(), device)?;
+        let hidden = self.hidden(&input, &positions, &bias, None, pass)?;
+        let logits = self.logits(&hidden.narrow(1, t - 1, 1)?)?;
+        Ok(logits
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?)
+    }
+
     /// Logits [.., vocab] of hidden states [.., hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?)

@@ -5,7 +5,7 @@
 use basin_lm::chat::Conversation;
 use basin_lm::fsutil::locate_asset;
 use basin_lm::generate::{generate, GenerateOptions};
-use basin_lm::llama::{attention_bias, Llama, Pass};
+use basin_lm::llama::{Llama, Pass};
 use basin_lm::source::{ModelText, TemplateChoice};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -81,22 +81,7 @@ fn logits_match_quantized_llama() {
             .to_vec1::<f32>()
             .unwrap();
 
-        let t = ids.len();
-        let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let bias = attention_bias(&[vec![true; t]], t, DType::F32, &Device::Cpu).unwrap();
-        let h = model
-            .hidden(&input, &pos, &bias, None, Pass::Infer)
-            .unwrap();
-        let got = model
-            .logits(&h.narrow(1, t - 1, 1).unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let got = model.next_token_logits(&ids, Pass::Infer).unwrap();
 
         let n = got.len() as f64;
         let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / n;
@@ -157,23 +142,7 @@ fn logits_match_float64_numpy_reference() {
         for case in fx["cases"].as_array().unwrap() {
             let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
             let t = ids.len();
-            let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let bias = attention_bias(&[vec![true; t]], t, DType::F32, &Device::Cpu).unwrap();
-            let h = model.hidden(&input, &pos, &bias, None, pass).unwrap();
-            let got = model
-                .logits(&h.narrow(1, t - 1, 1).unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let got = model.next_token_logits(&ids, pass).unwrap();
             let mut worst = 0f64;
             for key in ["top", "fixed"] {
                 let ids: Vec<usize> =

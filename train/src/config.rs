@@ -114,7 +114,9 @@ impl TrainConfig {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         use anyhow::bail;
-        if self.batch_size == 0 || self.micro_batch == 0 || !self.batch_size.is_multiple_of(self.micro_batch)
+        if self.batch_size == 0
+            || self.micro_batch == 0
+            || !self.batch_size.is_multiple_of(self.micro_batch)
         {
             bail!(
                 "batch_size {} must be a positive multiple of micro_batch {}",
