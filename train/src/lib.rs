@@ -108,34 +108,39 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         std::fs::create_dir_all(&run_dir)?;
         write_provenance(config, &run_dir)?;
     }
-    // The metrics of steps after the checkpoint are replayed: drop them.
+    // A fresh run starts anew (outputs of an earlier run of the same name go); a resumed
+    // one drops the metrics of the steps after the checkpoint, which it replays.
     let metrics_path = run_dir.join("metrics.jsonl");
-    let kept: String = std::fs::read_to_string(&metrics_path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    write_bytes_atomic(&metrics_path, kept.as_bytes())?;
+    let kept: Vec<serde_json::Value> = if opts.resume {
+        std::fs::read_to_string(&metrics_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["step"].as_u64().is_some_and(|s| s as usize <= step))
+            .collect()
+    } else {
+        for stale in ["checkpoint", "model", "ema"] {
+            let _ = std::fs::remove_dir_all(run_dir.join(stale));
+        }
+        Vec::new()
+    };
+    let kept_text: String = kept.iter().map(|v| format!("{v}\n")).collect();
+    write_bytes_atomic(&metrics_path, kept_text.as_bytes())?;
     let mut metrics = std::fs::OpenOptions::new()
         .append(true)
         .open(&metrics_path)?;
 
-    let first_val = if val.is_empty() {
-        None
-    } else {
-        Some(mean_loss(&model, &val, config.micro_batch, pad)?)
-    };
-    if step == 0 {
-        if let Some(v) = first_val {
+    let first_val = if step == 0 {
+        let v = (!val.is_empty())
+            .then(|| mean_loss(&model, &val, config.micro_batch, pad))
+            .transpose()?;
+        if let Some(v) = v {
             writeln!(metrics, "{}", serde_json::json!({"step": 0, "val_loss": v}))?;
         }
-    }
+        v
+    } else {
+        kept.first().and_then(|v| v["val_loss"].as_f64())
+    };
     let bar = if opts.progress {
         indicatif::ProgressBar::new(total as u64)
     } else {

@@ -134,6 +134,14 @@ fn learns_and_writes_its_outputs() {
     assert!(last["val_loss_ema"].is_number());
     let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(cfg.contains("lr = 0.003") && cfg.contains("[ema]"), "{cfg}");
+    // Running the same name again starts the run anew.
+    ok(&s.train("a", &["steps=2"]));
+    let steps: Vec<u64> = metrics(&run)
+        .iter()
+        .filter_map(|m| m["step"].as_u64())
+        .collect();
+    assert_eq!(steps, [0, 1, 2]);
+    assert!(!run.join("ema").exists(), "the earlier run's EMA is gone");
 }
 
 #[test]
