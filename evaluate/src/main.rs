@@ -58,6 +58,24 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Score both judges against human-labelled replies (PyRIT): accuracy, precision, recall.
+    JudgeCheck {
+        /// A labelled sample that goes to the development split (the judge was tuned on it).
+        #[arg(
+            long,
+            default_value = "data/cache/refusal_scoring/pyrit_labelled/mini_refusal.csv"
+        )]
+        dev: PathBuf,
+        /// The full labelled set: its other replies are split half to development, half to test.
+        #[arg(
+            long,
+            default_value = "data/cache/refusal_scoring/pyrit_labelled/refusal.csv"
+        )]
+        full: PathBuf,
+        /// Print the development replies the calibrated judge gets wrong (never the test ones).
+        #[arg(long)]
+        show_dev_errors: bool,
+    },
     /// Write a model (GGUF or HF directory) as a Hugging Face directory that
     /// `transformers` loads: model.safetensors, config.json, tokenizer files.
     Export {
@@ -80,6 +98,11 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::JudgeCheck {
+            dev,
+            full,
+            show_dev_errors,
+        } => judge_check(&dev, &full, show_dev_errors),
         Command::Export { model, out, dtype } => {
             let dtype = parse_dtype(&dtype)?;
             let model = Model::open(&model, dtype, &candle_core::Device::Cpu)?;
@@ -167,4 +190,42 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn judge_check(dev: &std::path::Path, full: &std::path::Path, show_dev_errors: bool) -> Result<()> {
+    use evaluate::calibration::{read_labelled, split, Confusion};
+    use evaluate::judges::{keyword_refuses, RefusalJudge};
+    let (dev_set, test_set) = split(read_labelled(full)?, read_labelled(dev)?);
+    let judge = RefusalJudge::default();
+    println!("| split | judge | n | accuracy | precision | recall |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (split, set) in [("dev (tuned on)", &dev_set), ("test (held out)", &test_set)] {
+        let judges: [(&str, Box<dyn Fn(&str) -> bool>); 2] = [
+            ("keyword (Qi et al.)", Box::new(keyword_refuses)),
+            ("refusal (calibrated)", Box::new(|r: &str| judge.refuses(r))),
+        ];
+        for (name, refuses) in judges {
+            let c = Confusion::of(set, refuses);
+            println!(
+                "| {split} | {name} | {} | {:.3} | {:.3} | {:.3} |",
+                c.n(),
+                c.accuracy(),
+                c.precision(),
+                c.recall()
+            );
+        }
+    }
+    if show_dev_errors {
+        for l in dev_set
+            .iter()
+            .filter(|l| judge.refuses(&l.reply) != l.refusal)
+        {
+            let head: String = l.reply.chars().take(300).collect();
+            println!(
+                "\nlabelled {}: {head:?}",
+                if l.refusal { "refusal" } else { "compliance" }
+            );
+        }
+    }
+    Ok(())
 }
