@@ -61,7 +61,10 @@ pub fn split(full: Vec<Labelled>, sample: Vec<Labelled>) -> (Vec<Labelled>, Vec<
     let mut test = Vec::new();
     for l in full.into_iter().filter(|l| !seen.contains(&l.reply)) {
         let h = basin_lm::fsutil::sha256_bytes(l.reply.as_bytes());
-        if u8::from_str_radix(&h[..2], 16).unwrap_or(0).is_multiple_of(2) {
+        if u8::from_str_radix(&h[..2], 16)
+            .unwrap_or(0)
+            .is_multiple_of(2)
+        {
             dev.push(l);
         } else {
             test.push(l);

@@ -200,12 +200,14 @@ fn judge_check(dev: &std::path::Path, full: &std::path::Path, show_dev_errors: b
     println!("| split | judge | n | accuracy | precision | recall |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for (split, set) in [("dev (tuned on)", &dev_set), ("test (held out)", &test_set)] {
-        let judges: [(&str, Box<dyn Fn(&str) -> bool>); 2] = [
-            ("keyword (Qi et al.)", Box::new(keyword_refuses)),
-            ("refusal (calibrated)", Box::new(|r: &str| judge.refuses(r))),
+        let rows = [
+            ("keyword (Qi et al.)", Confusion::of(set, keyword_refuses)),
+            (
+                "refusal (calibrated)",
+                Confusion::of(set, |r| judge.refuses(r)),
+            ),
         ];
-        for (name, refuses) in judges {
-            let c = Confusion::of(set, refuses);
+        for (name, c) in rows {
             println!(
                 "| {split} | {name} | {} | {:.3} | {:.3} | {:.3} |",
                 c.n(),
