@@ -58,6 +58,33 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Attack success rate on harmful prompt sets and refusal rate on XSTest's safe prompts,
+    /// by both judges. Given a run directory, evaluates its model/ and ema/ in one go.
+    Safety {
+        /// A run directory (runs/<name>), a .gguf file or a Hugging Face directory.
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Where prepare wrote the sets (and manifest.json).
+        #[arg(long, default_value = "data/prepared")]
+        prepared: PathBuf,
+        /// Prepared sets to evaluate (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "advbench,xstest")]
+        sets: Vec<String>,
+        /// Only the first N prompts of each set.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Output directory (default: <run>/eval/<model|ema>, or runs/eval-<model name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Score both judges against human-labelled replies (PyRIT): accuracy, precision, recall.
     JudgeCheck {
         /// A labelled sample that goes to the development split (the judge was tuned on it).
@@ -98,6 +125,52 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Safety {
+            model,
+            prepared,
+            sets,
+            limit,
+            max_new_tokens,
+            batch_size,
+            out,
+            dtype,
+            device,
+        } => {
+            let targets: Vec<(PathBuf, PathBuf)> = if model.join("model").is_dir() {
+                ["model", "ema"]
+                    .iter()
+                    .filter(|w| model.join(w).is_dir())
+                    .map(|w| {
+                        (
+                            model.join(w),
+                            out.clone().unwrap_or_else(|| model.join("eval")).join(w),
+                        )
+                    })
+                    .collect()
+            } else {
+                let stem = model
+                    .file_stem()
+                    .map_or("model".into(), |s| s.to_string_lossy().to_string());
+                vec![(
+                    model.clone(),
+                    out.clone()
+                        .unwrap_or_else(|| PathBuf::from("runs").join(format!("eval-{stem}"))),
+                )]
+            };
+            let spec = SafetySpec {
+                prepared,
+                sets,
+                limit,
+                max_new_tokens,
+                batch_size,
+                dtype: parse_dtype(&dtype)?,
+                device: parse_device(&device)?,
+            };
+            for (model, out) in targets {
+                safety(&model, &out, &spec)?;
+            }
+            Ok(())
+        }
         Command::JudgeCheck {
             dev,
             full,
@@ -229,5 +302,103 @@ fn judge_check(dev: &std::path::Path, full: &std::path::Path, show_dev_errors: b
             );
         }
     }
+    Ok(())
+}
+
+struct SafetySpec {
+    prepared: PathBuf,
+    sets: Vec<String>,
+    limit: Option<usize>,
+    max_new_tokens: usize,
+    batch_size: usize,
+    dtype: candle_core::DType,
+    device: candle_core::Device,
+}
+
+fn safety(model_path: &std::path::Path, out: &std::path::Path, spec: &SafetySpec) -> Result<()> {
+    use basin_lm::fsutil::{sha256_file, write_bytes_atomic};
+    use evaluate::judges::RefusalJudge;
+    use evaluate::safety::{score, verdicts};
+    let manifest_path = spec.prepared.join("manifest.json");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).with_context(|| {
+            format!(
+                "cannot read {} (run `just prepare`)",
+                manifest_path.display()
+            )
+        })?)
+        .with_context(|| format!("{}: not valid JSON", manifest_path.display()))?;
+    let model = Model::open(model_path, spec.dtype, &spec.device)?;
+    let judge = RefusalJudge::default();
+    let opts = model.options(spec.max_new_tokens)?;
+    let mut generations = String::new();
+    let mut scores = serde_json::Map::new();
+    let mut inputs = serde_json::Map::new();
+    for set in &spec.sets {
+        let kind = match manifest["sets"][set]["role"].as_str() {
+            Some("harmful") => "harmful",
+            Some("overrefusal") => "overrefusal",
+            Some(role) => bail!(
+                "set '{set}' has role {role}: only harmful and overrefusal sets are scored here"
+            ),
+            None => bail!(
+                "set '{set}' is not in {}: prepare it first (prepare run --only {set})",
+                manifest_path.display()
+            ),
+        };
+        let file = spec.prepared.join(format!("{set}.parquet"));
+        inputs.insert(set.clone(), sha256_file(&file)?.into());
+        let mut rows = basin_lm::schema::read_parquet(&file)?;
+        // Over-refusal is measured on the prompts that are safe to answer (XSTest: label safe/...).
+        if kind == "overrefusal" {
+            rows.retain(|r| r.label.as_deref().is_none_or(|l| l.starts_with("safe")));
+        }
+        rows.truncate(spec.limit.unwrap_or(usize::MAX));
+        let prompts: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|r| r.input_ids[..r.prompt_len as usize].to_vec())
+            .collect();
+        let bar = indicatif::ProgressBar::new(prompts.len() as u64);
+        bar.set_message(set.clone());
+        let replies = model.replies_to_ids(&prompts, &opts, spec.batch_size, |d| {
+            bar.set_position(d as u64)
+        })?;
+        bar.finish_and_clear();
+        let mut vs = Vec::with_capacity(rows.len());
+        for (row, (reply, g)) in rows.iter().zip(&replies) {
+            let v = verdicts(&judge, reply);
+            let line = serde_json::json!({"set": set, "id": row.id, "prompt": row.user, "reply": reply,
+                                          "stopped": g.stopped, "new_tokens": g.tokens.len(),
+                                          "keyword_refusal": v.keyword_refusal, "refusal": v.refusal});
+            generations.push_str(&format!("{line}\n"));
+            vs.push(v);
+        }
+        let s = score(kind, &vs);
+        let what = if kind == "harmful" {
+            "attack success"
+        } else {
+            "refusal rate"
+        };
+        eprintln!(
+            "{set}: {what} keyword {:.1}% [{:.1}, {:.1}], calibrated {:.1}% [{:.1}, {:.1}] (n = {})",
+            100.0 * s.keyword.rate, 100.0 * s.keyword.ci95.0, 100.0 * s.keyword.ci95.1,
+            100.0 * s.refusal.rate, 100.0 * s.refusal.ci95.0, 100.0 * s.refusal.ci95.1, s.n
+        );
+        scores.insert(set.clone(), serde_json::to_value(s)?);
+    }
+    let report = serde_json::json!({
+        "model": model_path.display().to_string(),
+        "git_commit": basin_lm::provenance::git_commit(),
+        "decoding": {"greedy": true, "max_new_tokens": spec.max_new_tokens},
+        "limit": spec.limit,
+        "prepared_sha256": inputs,
+        "sets": scores,
+    });
+    write_bytes_atomic(&out.join("generations.jsonl"), generations.as_bytes())?;
+    write_bytes_atomic(
+        &out.join("scores.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    eprintln!("wrote {}", out.display());
     Ok(())
 }

@@ -120,3 +120,117 @@ fn real_model_knows_the_capital_of_france() {
     let reply = String::from_utf8_lossy(&out.stdout);
     assert!(reply.contains("Paris"), "{reply}");
 }
+
+/// `evaluate safety` on prepared sets written here: scores and generations for each set,
+/// XSTest-style unsafe prompts left out of over-refusal, and clear errors.
+#[test]
+fn safety_scores_prepared_sets() {
+    use basin_lm::schema::{write_parquet, PreparedRow};
+    let model = tiny_model_dir();
+    let text = basin_lm::source::ModelText::open(model.path()).unwrap();
+    let template = text
+        .template(&basin_lm::source::TemplateChoice::Model, None)
+        .unwrap();
+    let prepared = tempfile::tempdir().unwrap();
+    let row = |set: &str, i: usize, label: Option<&str>| {
+        let conv = basin_lm::chat::Conversation {
+            system: None,
+            user: format!("prompt {i}"),
+            assistant: None,
+        };
+        let ids = text
+            .tokenizer
+            .encode(&template.render_prompt(&conv).unwrap())
+            .unwrap();
+        PreparedRow {
+            id: format!("{set}-{i}"),
+            source: set.into(),
+            split: "eval".into(),
+            system: None,
+            user: conv.user,
+            assistant: None,
+            label: label.map(str::to_string),
+            prompt_len: ids.len() as u32,
+            input_ids: ids,
+            truncated: false,
+        }
+    };
+    write_parquet(
+        &prepared.path().join("harm.parquet"),
+        &(0..5).map(|i| row("harm", i, None)).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let x: Vec<PreparedRow> = (0..6)
+        .map(|i| {
+            row(
+                "x",
+                i,
+                Some(if i % 2 == 0 {
+                    "safe/homonyms"
+                } else {
+                    "unsafe/contrast"
+                }),
+            )
+        })
+        .collect();
+    write_parquet(&prepared.path().join("x.parquet"), &x).unwrap();
+    std::fs::write(
+        prepared.path().join("manifest.json"),
+        r#"{"sets": {"harm": {"role": "harmful"}, "x": {"role": "overrefusal"}, "u": {"role": "utility"}}}"#,
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (m, p, o) = (
+        model.path().to_str().unwrap(),
+        prepared.path().to_str().unwrap(),
+        out.path().to_str().unwrap(),
+    );
+    let run = evaluate(&[
+        "safety",
+        "--model",
+        m,
+        "--prepared",
+        p,
+        "--sets",
+        "harm,x",
+        "--out",
+        o,
+        "--max-new-tokens",
+        "4",
+        "--limit",
+        "4",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let scores: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("scores.json")).unwrap())
+            .unwrap();
+    assert_eq!(scores["sets"]["harm"]["n"], 4, "--limit");
+    assert_eq!(scores["sets"]["x"]["n"], 3, "only the safe prompts");
+    assert_eq!(scores["sets"]["harm"]["kind"], "harmful");
+    let rate = scores["sets"]["harm"]["keyword"]["rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rate));
+    let lines = std::fs::read_to_string(out.path().join("generations.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 7);
+    for (sets, want) in [
+        ("u", "only harmful and overrefusal"),
+        ("nope", "prepare it first"),
+    ] {
+        let bad = evaluate(&[
+            "safety",
+            "--model",
+            m,
+            "--prepared",
+            p,
+            "--sets",
+            sets,
+            "--out",
+            o,
+        ]);
+        assert_eq!(bad.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&bad.stderr).contains(want));
+    }
+}

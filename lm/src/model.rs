@@ -58,20 +58,31 @@ impl Model {
     }
 
     /// Replies to conversations, `batch_size` at a time; `on_batch(done)` after each batch.
-    /// Prompts are batched in order of length (less padding); results come back in input
-    /// order and do not depend on the batching.
     pub fn replies(
         &self,
         template: &ChatTemplate,
         conversations: &[Conversation],
         opts: &GenerateOptions,
         batch_size: usize,
-        mut on_batch: impl FnMut(usize),
+        on_batch: impl FnMut(usize),
     ) -> Result<Vec<(String, Generated)>> {
         let prompts: Vec<Vec<u32>> = conversations
             .iter()
             .map(|c| self.text.tokenizer.encode(&template.render_prompt(c)?))
             .collect::<Result<_>>()?;
+        self.replies_to_ids(&prompts, opts, batch_size, on_batch)
+    }
+
+    /// Replies (decoded, and as tokens) to prompts already tokenized. Prompts are batched in
+    /// order of length (less padding); results come back in input order and do not depend
+    /// on the batching.
+    pub fn replies_to_ids(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        batch_size: usize,
+        mut on_batch: impl FnMut(usize),
+    ) -> Result<Vec<(String, Generated)>> {
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by_key(|&i| (prompts[i].len(), i));
         let mut out: Vec<Option<(String, Generated)>> = vec![None; prompts.len()];
