@@ -38,6 +38,10 @@ bench:
 generate PROMPT *ARGS: build
     {{bin}}/evaluate generate --prompt "{{PROMPT}}" {{ARGS}}
 
+# CUDA binaries (feature `cuda`): the system nvcc, or CUDA 13 from PyPI wheels when there is none.
+build-cuda:
+    scripts/build-cuda.sh
+
 # Formatting and lints, as CI runs them.
 lint:
     cargo fmt --all -- --check

@@ -229,6 +229,8 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         })?;
         state.load_into_model(|p| &p.theta)?;
     }
+    // Finished: the checkpoint (θ, m, v, θ̄: four model copies) has nothing left to resume.
+    let _ = std::fs::remove_dir_all(&ckpt_dir);
     Ok(Summary {
         run_dir,
         steps: step,

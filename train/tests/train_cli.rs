@@ -179,6 +179,10 @@ fn resume_after_abort_gives_bitwise_the_same_weights() {
         let b = std::fs::read(s.path("runs/broken").join(f)).unwrap();
         assert!(a == b, "{f} differs after resume");
     }
+    assert!(
+        !s.path("runs/broken/checkpoint").exists(),
+        "a finished run drops its checkpoint"
+    );
     let steps: Vec<u64> = metrics(&s.path("runs/broken"))
         .iter()
         .filter_map(|m| m["step"].as_u64())
