@@ -85,6 +85,27 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Utility: loss and perplexity of the model on the held-out (val) rows of prepared
+    /// training sets. Given a run directory, evaluates its model/ and ema/.
+    Utility {
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long, default_value = "data/prepared")]
+        prepared: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "dolly")]
+        sets: Vec<String>,
+        /// Only the first N validation rows of each set.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 4)]
+        micro_batch: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Score both judges against human-labelled replies (PyRIT): accuracy, precision, recall.
     JudgeCheck {
         /// A labelled sample that goes to the development split (the judge was tuned on it).
@@ -125,6 +146,48 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Utility {
+            model,
+            prepared,
+            sets,
+            limit,
+            micro_batch,
+            out,
+            dtype,
+            device,
+        } => {
+            let (dtype, device) = (parse_dtype(&dtype)?, parse_device(&device)?);
+            for (model_path, out) in targets(&model, out.as_deref()) {
+                let model = Model::open(&model_path, dtype, &device)?;
+                let pad = model.text.tokenizer.eos_id().unwrap_or(0);
+                let mut report = serde_json::Map::new();
+                for set in &sets {
+                    let file = prepared.join(format!("{set}.parquet"));
+                    let mut rows = basin_lm::schema::read_parquet(&file)?;
+                    rows.retain(|r| r.split == "val");
+                    rows.truncate(limit.unwrap_or(usize::MAX));
+                    if rows.is_empty() {
+                        bail!("{}: no validation rows (split = val)", file.display());
+                    }
+                    let r: Vec<(&[u32], usize)> = rows
+                        .iter()
+                        .map(|r| (r.input_ids.as_slice(), r.prompt_len as usize))
+                        .collect();
+                    let (loss, tokens) =
+                        basin_lm::batch::mean_loss(&model.llama, &r, micro_batch, pad)?;
+                    eprintln!("{set}: validation loss {loss:.4} (perplexity {:.2}) over {tokens} reply tokens of {} rows", loss.exp(), rows.len());
+                    report.insert(set.clone(), serde_json::json!({"val_loss": loss, "perplexity": loss.exp(), "rows": rows.len(), "reply_tokens": tokens,
+                                                                  "prepared_sha256": basin_lm::fsutil::sha256_file(&file)?}));
+                }
+                let doc = serde_json::json!({"model": model_path.display().to_string(), "git_commit": basin_lm::provenance::git_commit(), "sets": report});
+                basin_lm::fsutil::write_bytes_atomic(
+                    &out.join("utility.json"),
+                    serde_json::to_string_pretty(&doc)?.as_bytes(),
+                )?;
+                eprintln!("wrote {}", out.join("utility.json").display());
+            }
+            Ok(())
+        }
         Command::Safety {
             model,
             prepared,
@@ -136,27 +199,7 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
             device,
         } => {
-            let targets: Vec<(PathBuf, PathBuf)> = if model.join("model").is_dir() {
-                ["model", "ema"]
-                    .iter()
-                    .filter(|w| model.join(w).is_dir())
-                    .map(|w| {
-                        (
-                            model.join(w),
-                            out.clone().unwrap_or_else(|| model.join("eval")).join(w),
-                        )
-                    })
-                    .collect()
-            } else {
-                let stem = model
-                    .file_stem()
-                    .map_or("model".into(), |s| s.to_string_lossy().to_string());
-                vec![(
-                    model.clone(),
-                    out.clone()
-                        .unwrap_or_else(|| PathBuf::from("runs").join(format!("eval-{stem}"))),
-                )]
-            };
+            let targets = targets(&model, out.as_deref());
             let spec = SafetySpec {
                 prepared,
                 sets,
@@ -401,4 +444,28 @@ fn safety(model_path: &std::path::Path, out: &std::path::Path, spec: &SafetySpec
     )?;
     eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+/// What to evaluate and where its results go: a run directory's model/ and ema/ (into
+/// <run>/eval/<which>, or <out>/<which>), or one model (into <out>, or runs/eval-<name>).
+fn targets(model: &std::path::Path, out: Option<&std::path::Path>) -> Vec<(PathBuf, PathBuf)> {
+    if model.join("model").is_dir() {
+        let base = out.map_or_else(|| model.join("eval"), PathBuf::from);
+        ["model", "ema"]
+            .iter()
+            .filter(|w| model.join(w).is_dir())
+            .map(|w| (model.join(w), base.join(w)))
+            .collect()
+    } else {
+        let stem = model
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().to_string());
+        vec![(
+            model.to_path_buf(),
+            out.map_or_else(
+                || PathBuf::from("runs").join(format!("eval-{stem}")),
+                PathBuf::from,
+            ),
+        )]
+    }
 }

@@ -234,3 +234,64 @@ fn safety_scores_prepared_sets() {
         assert!(String::from_utf8_lossy(&bad.stderr).contains(want));
     }
 }
+
+/// `evaluate utility`: validation loss and perplexity of the val rows, for a run's model/ and ema/.
+#[test]
+fn utility_reports_validation_loss_for_a_run() {
+    use basin_lm::schema::{write_parquet, PreparedRow};
+    let run = tempfile::tempdir().unwrap();
+    for which in ["model", "ema"] {
+        let dir = run.path().join(which);
+        write_tiny_model_dir(&dir).unwrap();
+        let text = basin_lm::source::ModelText::open(&dir).unwrap();
+        let seed = if which == "model" { 1 } else { 2 };
+        let varmap =
+            basin_lm::llama::random_weights(&tiny_config(), seed, DType::F32, &Device::Cpu)
+                .unwrap();
+        basin_lm::weights::save_hf_dir(&dir, &tiny_config(), &varmap, &text, DType::F32).unwrap();
+    }
+    let prepared = tempfile::tempdir().unwrap();
+    let rows: Vec<PreparedRow> = (0..6)
+        .map(|i| PreparedRow {
+            id: format!("d-{i}"),
+            source: "d".into(),
+            split: if i < 4 { "val" } else { "train" }.into(),
+            system: None,
+            user: "q".into(),
+            assistant: Some("a".into()),
+            label: None,
+            input_ids: vec![1, 40 + i as u32, 41, 42, 2],
+            prompt_len: 2,
+            truncated: false,
+        })
+        .collect();
+    write_parquet(&prepared.path().join("d.parquet"), &rows).unwrap();
+    let (r, p) = (
+        run.path().to_str().unwrap(),
+        prepared.path().to_str().unwrap(),
+    );
+    let out = evaluate(&["utility", "--model", r, "--prepared", p, "--sets", "d"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |w: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(run.path().join("eval").join(w).join("utility.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let (m, e) = (read("model"), read("ema"));
+    let loss = m["sets"]["d"]["val_loss"].as_f64().unwrap();
+    assert_eq!(m["sets"]["d"]["rows"], 4);
+    assert_eq!(m["sets"]["d"]["reply_tokens"], 12);
+    assert!((m["sets"]["d"]["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
+    // Random weights over 259 tokens: close to ln 259 ≈ 5.56.
+    assert!((loss - 259f64.ln()).abs() < 0.5, "{loss}");
+    assert_ne!(
+        loss,
+        e["sets"]["d"]["val_loss"].as_f64().unwrap(),
+        "model/ and ema/ are different weights"
+    );
+}

@@ -92,3 +92,28 @@ pub fn loss(model: &Llama, batch: &Batch, pass: Pass) -> Result<Tensor> {
     let hidden = model.hidden(&batch.ids, &batch.positions, &batch.bias, None, pass)?;
     masked_cross_entropy(&model.logits(&hidden)?, &batch.targets, &batch.loss_mask)
 }
+
+/// Token-weighted mean loss of `model` over `rows` of `(ids, prompt_len)`, `micro_batch`
+/// rows per forward, without gradients; and the number of reply tokens it averaged.
+pub fn mean_loss(
+    model: &Llama,
+    rows: &[(&[u32], usize)],
+    micro_batch: usize,
+    pad_id: u32,
+) -> Result<(f64, usize)> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in rows.chunks(micro_batch.max(1)) {
+        let b = Batch::new(chunk, pad_id, model.dtype(), model.device())?;
+        if b.n_loss_tokens > 0 {
+            let l = loss(model, &b, Pass::Infer)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            sum += l * b.n_loss_tokens as f64;
+            n += b.n_loss_tokens;
+        }
+    }
+    if n == 0 {
+        bail!("no reply tokens to compute a loss on");
+    }
+    Ok((sum / n as f64, n))
+}

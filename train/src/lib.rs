@@ -45,17 +45,13 @@ pub struct Summary {
     pub first_val_loss: Option<f64>,
 }
 
-/// Token-weighted mean loss over micro-batches of `rows` (no gradient).
+/// Validation loss: the token-weighted mean over micro-batches of `rows`.
 fn mean_loss(model: &Model, rows: &[&PreparedRow], micro: usize, pad: u32) -> Result<f64> {
-    let (mut sum, mut n) = (0.0, 0usize);
-    for chunk in rows.chunks(micro) {
-        let b = batch_of(chunk, pad, model)?;
-        if b.n_loss_tokens > 0 {
-            sum += scalar(&loss(&model.llama, &b, Pass::Infer)?)? * b.n_loss_tokens as f64;
-            n += b.n_loss_tokens;
-        }
-    }
-    Ok(sum / n.max(1) as f64)
+    let r: Vec<(&[u32], usize)> = rows
+        .iter()
+        .map(|r| (r.input_ids.as_slice(), r.prompt_len as usize))
+        .collect();
+    Ok(basin_lm::batch::mean_loss(&model.llama, &r, micro, pad)?.0)
 }
 
 fn batch_of(rows: &[&PreparedRow], pad: u32, model: &Model) -> Result<Batch> {
