@@ -24,8 +24,10 @@ prepare *ARGS: setup
     {{bin}}/prepare run --config configs/prepare.toml {{ARGS}}
 
 # Fine-tune (configs/smoke.toml: a short CPU run on Dolly); e.g. just train --set lr=1e-5
+# The malloc settings keep glibc from returning every freed tensor to the kernel: measured
+# on 3 CPU steps, 130 s -> 87 s wall (page-fault time 91 s -> 32 s).
 train *ARGS: prepare
-    {{bin}}/train --config configs/smoke.toml {{ARGS}}
+    MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 {{bin}}/train --config configs/smoke.toml {{ARGS}}
 
 # The whole pipeline on the embedded default model.
 all: prepare
