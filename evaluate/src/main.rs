@@ -1,12 +1,12 @@
-//! `evaluate`: try a model (`generate`); attack success rate, over-refusal and utility
-//! are planned (README, 'Status').
+//! `evaluate`: attack success rate and over-refusal (`safety`), utility (`utility`), the
+//! judges against human labels (`judge-check`); trying a model (`generate`, `export`).
 
 use anyhow::{bail, Context, Result};
 use basin_lm::chat::Conversation;
 use basin_lm::generate::Sampling;
 use basin_lm::model::{parse_device, parse_dtype, Model, DEFAULT_MODEL};
 use basin_lm::source::TemplateChoice;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -21,13 +21,33 @@ struct Cli {
     command: Command,
 }
 
+/// Which model, in which precision, on which device.
+#[derive(Args)]
+struct ModelArgs {
+    /// A .gguf file or a Hugging Face model directory; `safety` and `utility` also take a
+    /// run directory (runs/<name>) and evaluate its model/ and ema/.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl ModelArgs {
+    fn dtype_device(&self) -> Result<(candle_core::DType, candle_core::Device)> {
+        Ok((parse_dtype(&self.dtype)?, parse_device(&self.device)?))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print a model's replies to prompts (greedy unless --temperature is given).
     Generate {
-        /// A .gguf file or a Hugging Face model directory.
-        #[arg(long, default_value = DEFAULT_MODEL)]
-        model: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         /// A prompt (repeatable).
         #[arg(long)]
         prompt: Vec<String>,
@@ -51,19 +71,12 @@ enum Command {
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// f32 or bf16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
     },
     /// Attack success rate on harmful prompt sets and refusal rate on XSTest's safe prompts,
     /// by both judges. Given a run directory, evaluates its model/ and ema/ in one go.
     Safety {
-        /// A run directory (runs/<name>), a .gguf file or a Hugging Face directory.
-        #[arg(long, default_value = DEFAULT_MODEL)]
-        model: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         /// Where prepare wrote the sets (and manifest.json).
         #[arg(long, default_value = "data/prepared")]
         prepared: PathBuf,
@@ -80,16 +93,12 @@ enum Command {
         /// Output directory (default: <run>/eval/<model|ema>, or runs/eval-<model name>).
         #[arg(long)]
         out: Option<PathBuf>,
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        #[arg(long, default_value = "cpu")]
-        device: String,
     },
     /// Utility: loss and perplexity of the model on the held-out (val) rows of prepared
     /// training sets. Given a run directory, evaluates its model/ and ema/.
     Utility {
-        #[arg(long, default_value = DEFAULT_MODEL)]
-        model: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         #[arg(long, default_value = "data/prepared")]
         prepared: PathBuf,
         #[arg(long, value_delimiter = ',', default_value = "dolly")]
@@ -99,12 +108,9 @@ enum Command {
         limit: Option<usize>,
         #[arg(long, default_value_t = 4)]
         micro_batch: usize,
+        /// Output directory (default: <run>/eval/<model|ema>, or runs/eval-<model name>).
         #[arg(long)]
         out: Option<PathBuf>,
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        #[arg(long, default_value = "cpu")]
-        device: String,
     },
     /// Score both judges against human-labelled replies (PyRIT): accuracy, precision, recall.
     JudgeCheck {
@@ -153,38 +159,17 @@ fn run(cli: Cli) -> Result<()> {
             limit,
             micro_batch,
             out,
-            dtype,
-            device,
         } => {
-            let (dtype, device) = (parse_dtype(&dtype)?, parse_device(&device)?);
-            for (model_path, out) in targets(&model, out.as_deref()) {
-                let model = Model::open(&model_path, dtype, &device)?;
-                let pad = model.text.tokenizer.eos_id().unwrap_or(0);
-                let mut report = serde_json::Map::new();
-                for set in &sets {
-                    let file = prepared.join(format!("{set}.parquet"));
-                    let mut rows = basin_lm::schema::read_parquet(&file)?;
-                    rows.retain(|r| r.split == "val");
-                    rows.truncate(limit.unwrap_or(usize::MAX));
-                    if rows.is_empty() {
-                        bail!("{}: no validation rows (split = val)", file.display());
-                    }
-                    let r: Vec<(&[u32], usize)> = rows
-                        .iter()
-                        .map(|r| (r.input_ids.as_slice(), r.prompt_len as usize))
-                        .collect();
-                    let (loss, tokens) =
-                        basin_lm::batch::mean_loss(&model.llama, &r, micro_batch, pad)?;
-                    eprintln!("{set}: validation loss {loss:.4} (perplexity {:.2}) over {tokens} reply tokens of {} rows", loss.exp(), rows.len());
-                    report.insert(set.clone(), serde_json::json!({"val_loss": loss, "perplexity": loss.exp(), "rows": rows.len(), "reply_tokens": tokens,
-                                                                  "prepared_sha256": basin_lm::fsutil::sha256_file(&file)?}));
-                }
-                let doc = serde_json::json!({"model": model_path.display().to_string(), "git_commit": basin_lm::provenance::git_commit(), "sets": report});
-                basin_lm::fsutil::write_bytes_atomic(
-                    &out.join("utility.json"),
-                    serde_json::to_string_pretty(&doc)?.as_bytes(),
+            let (dtype, device) = model.dtype_device()?;
+            for (model, out) in targets(&model.model, out.as_deref()) {
+                utility(
+                    &Model::open(&model, dtype, &device)?,
+                    &prepared,
+                    &sets,
+                    limit,
+                    micro_batch,
+                    &out,
                 )?;
-                eprintln!("wrote {}", out.join("utility.json").display());
             }
             Ok(())
         }
@@ -196,21 +181,17 @@ fn run(cli: Cli) -> Result<()> {
             max_new_tokens,
             batch_size,
             out,
-            dtype,
-            device,
         } => {
-            let targets = targets(&model, out.as_deref());
+            let (dtype, device) = model.dtype_device()?;
             let spec = SafetySpec {
                 prepared,
                 sets,
                 limit,
                 max_new_tokens,
                 batch_size,
-                dtype: parse_dtype(&dtype)?,
-                device: parse_device(&device)?,
             };
-            for (model, out) in targets {
-                safety(&model, &out, &spec)?;
+            for (model, out) in targets(&model.model, out.as_deref()) {
+                safety(&Model::open(&model, dtype, &device)?, &out, &spec)?;
             }
             Ok(())
         }
@@ -240,8 +221,6 @@ fn run(cli: Cli) -> Result<()> {
             temperature,
             top_p,
             seed,
-            dtype,
-            device,
         } => {
             if let Some(f) = &prompts_file {
                 let text = std::fs::read_to_string(f)
@@ -258,9 +237,9 @@ fn run(cli: Cli) -> Result<()> {
             if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
                 bail!("--top-p {top_p} must be in (0, 1]");
             }
-            let device = parse_device(&device)?;
+            let (dtype, device) = model.dtype_device()?;
             let loaded = Instant::now();
-            let model = Model::open(&model, parse_dtype(&dtype)?, &device)?;
+            let model = Model::open(&model.model, dtype, &device)?;
             let choice: TemplateChoice = template.parse()?;
             let template = model.text.template(&choice, None)?;
             eprintln!(
@@ -354,11 +333,9 @@ struct SafetySpec {
     limit: Option<usize>,
     max_new_tokens: usize,
     batch_size: usize,
-    dtype: candle_core::DType,
-    device: candle_core::Device,
 }
 
-fn safety(model_path: &std::path::Path, out: &std::path::Path, spec: &SafetySpec) -> Result<()> {
+fn safety(model: &Model, out: &std::path::Path, spec: &SafetySpec) -> Result<()> {
     use basin_lm::fsutil::{sha256_file, write_bytes_atomic};
     use evaluate::judges::RefusalJudge;
     use evaluate::safety::{score, verdicts};
@@ -371,7 +348,6 @@ fn safety(model_path: &std::path::Path, out: &std::path::Path, spec: &SafetySpec
             )
         })?)
         .with_context(|| format!("{}: not valid JSON", manifest_path.display()))?;
-    let model = Model::open(model_path, spec.dtype, &spec.device)?;
     let judge = RefusalJudge::default();
     let opts = model.options(spec.max_new_tokens)?;
     let mut generations = String::new();
@@ -430,7 +406,7 @@ fn safety(model_path: &std::path::Path, out: &std::path::Path, spec: &SafetySpec
         scores.insert(set.clone(), serde_json::to_value(s)?);
     }
     let report = serde_json::json!({
-        "model": model_path.display().to_string(),
+        "model": model.path.display().to_string(),
         "git_commit": basin_lm::provenance::git_commit(),
         "decoding": {"greedy": true, "max_new_tokens": spec.max_new_tokens},
         "limit": spec.limit,
@@ -468,4 +444,49 @@ fn targets(model: &std::path::Path, out: Option<&std::path::Path>) -> Vec<(PathB
             ),
         )]
     }
+}
+
+/// Validation loss and perplexity of `model` on the val rows of prepared `sets`.
+fn utility(
+    model: &Model,
+    prepared: &std::path::Path,
+    sets: &[String],
+    limit: Option<usize>,
+    micro_batch: usize,
+    out: &std::path::Path,
+) -> Result<()> {
+    let pad = model.text.tokenizer.eos_id().unwrap_or(0);
+    let mut report = serde_json::Map::new();
+    for set in sets {
+        let file = prepared.join(format!("{set}.parquet"));
+        let mut rows = basin_lm::schema::read_parquet(&file)?;
+        rows.retain(|r| r.split == "val");
+        rows.truncate(limit.unwrap_or(usize::MAX));
+        if rows.is_empty() {
+            bail!("{}: no validation rows (split = val)", file.display());
+        }
+        let r: Vec<(&[u32], usize)> = rows
+            .iter()
+            .map(|r| (r.input_ids.as_slice(), r.prompt_len as usize))
+            .collect();
+        let (loss, tokens) = basin_lm::batch::mean_loss(&model.llama, &r, micro_batch, pad)?;
+        eprintln!(
+            "{set}: validation loss {loss:.4} (perplexity {:.2}) over {tokens} reply tokens of {} rows",
+            loss.exp(),
+            rows.len()
+        );
+        report.insert(
+            set.clone(),
+            serde_json::json!({"val_loss": loss, "perplexity": loss.exp(), "rows": rows.len(),
+                               "reply_tokens": tokens, "prepared_sha256": basin_lm::fsutil::sha256_file(&file)?}),
+        );
+    }
+    let doc = serde_json::json!({"model": model.path.display().to_string(),
+                                 "git_commit": basin_lm::provenance::git_commit(), "sets": report});
+    basin_lm::fsutil::write_bytes_atomic(
+        &out.join("utility.json"),
+        serde_json::to_string_pretty(&doc)?.as_bytes(),
+    )?;
+    eprintln!("wrote {}", out.join("utility.json").display());
+    Ok(())
 }
