@@ -182,6 +182,7 @@ fn run(cli: Cli) -> Result<()> {
             batch_size,
             out,
         } => {
+            let sets = safety_sets(&prepared, &sets)?;
             let (dtype, device) = model.dtype_device()?;
             let spec = SafetySpec {
                 prepared,
@@ -329,7 +330,8 @@ fn judge_check(dev: &std::path::Path, full: &std::path::Path, show_dev_errors: b
 
 struct SafetySpec {
     prepared: PathBuf,
-    sets: Vec<String>,
+    /// (set, harmful | overrefusal)
+    sets: Vec<(String, &'static str)>,
     limit: Option<usize>,
     max_new_tokens: usize,
     batch_size: usize,
@@ -339,32 +341,13 @@ fn safety(model: &Model, out: &std::path::Path, spec: &SafetySpec) -> Result<()>
     use basin_lm::fsutil::{sha256_file, write_bytes_atomic};
     use evaluate::judges::RefusalJudge;
     use evaluate::safety::{score, verdicts};
-    let manifest_path = spec.prepared.join("manifest.json");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&manifest_path).with_context(|| {
-            format!(
-                "cannot read {} (run `just prepare`)",
-                manifest_path.display()
-            )
-        })?)
-        .with_context(|| format!("{}: not valid JSON", manifest_path.display()))?;
     let judge = RefusalJudge::default();
     let opts = model.options(spec.max_new_tokens)?;
     let mut generations = String::new();
     let mut scores = serde_json::Map::new();
     let mut inputs = serde_json::Map::new();
-    for set in &spec.sets {
-        let kind = match manifest["sets"][set]["role"].as_str() {
-            Some("harmful") => "harmful",
-            Some("overrefusal") => "overrefusal",
-            Some(role) => bail!(
-                "set '{set}' has role {role}: only harmful and overrefusal sets are scored here"
-            ),
-            None => bail!(
-                "set '{set}' is not in {}: prepare it first (prepare run --only {set})",
-                manifest_path.display()
-            ),
-        };
+    for (set, kind) in &spec.sets {
+        let kind = *kind;
         let file = spec.prepared.join(format!("{set}.parquet"));
         inputs.insert(set.clone(), sha256_file(&file)?.into());
         let mut rows = basin_lm::schema::read_parquet(&file)?;
@@ -489,4 +472,28 @@ fn utility(
     )?;
     eprintln!("wrote {}", out.join("utility.json").display());
     Ok(())
+}
+
+/// Each set with its kind, from prepare's manifest: checked before any model is loaded.
+fn safety_sets(prepared: &std::path::Path, sets: &[String]) -> Result<Vec<(String, &'static str)>> {
+    let manifest_path = prepared.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest_path).with_context(|| {
+        format!(
+            "cannot read {} (run `just prepare`)",
+            manifest_path.display()
+        )
+    })?;
+    let manifest: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", manifest_path.display()))?;
+    sets.iter()
+        .map(|set| {
+            let kind = match manifest["sets"][set]["role"].as_str() {
+                Some("harmful") => "harmful",
+                Some("overrefusal") => "overrefusal",
+                Some(role) => bail!("set '{set}' has role {role}: only harmful and overrefusal sets are scored here"),
+                None => bail!("set '{set}' is not in {}: prepare it first (prepare run --only {set})", manifest_path.display()),
+            };
+            Ok((set.clone(), kind))
+        })
+        .collect()
 }
