@@ -108,6 +108,14 @@ enum Command {
         limit: Option<usize>,
         #[arg(long, default_value_t = 4)]
         micro_batch: usize,
+        /// Prepared prompt sets to answer and save (e.g. mt-bench,alpaca-eval): replies go to
+        /// utility_generations.jsonl, with the share of non-empty replies that end with EOS.
+        #[arg(long, value_delimiter = ',')]
+        reply_sets: Vec<String>,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
         /// Output directory (default: <run>/eval/<model|ema>, or runs/eval-<model name>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -158,18 +166,28 @@ fn run(cli: Cli) -> Result<()> {
             sets,
             limit,
             micro_batch,
+            reply_sets,
+            max_new_tokens,
+            batch_size,
             out,
         } => {
+            // `--sets ""` skips the validation loss.
+            let (sets, reply_sets) = (
+                sets.into_iter().filter(|s| !s.is_empty()).collect(),
+                reply_sets.into_iter().filter(|s| !s.is_empty()).collect(),
+            );
             let (dtype, device) = model.dtype_device()?;
+            let spec = UtilitySpec {
+                prepared,
+                sets,
+                reply_sets,
+                limit,
+                micro_batch,
+                max_new_tokens,
+                batch_size,
+            };
             for (model, out) in targets(&model.model, out.as_deref()) {
-                utility(
-                    &Model::open(&model, dtype, &device)?,
-                    &prepared,
-                    &sets,
-                    limit,
-                    micro_batch,
-                    &out,
-                )?;
+                utility(&Model::open(&model, dtype, &device)?, &spec, &out)?;
             }
             Ok(())
         }
@@ -429,22 +447,30 @@ fn targets(model: &std::path::Path, out: Option<&std::path::Path>) -> Vec<(PathB
     }
 }
 
-/// Validation loss and perplexity of `model` on the val rows of prepared `sets`.
-fn utility(
-    model: &Model,
-    prepared: &std::path::Path,
-    sets: &[String],
+struct UtilitySpec {
+    prepared: PathBuf,
+    sets: Vec<String>,
+    reply_sets: Vec<String>,
     limit: Option<usize>,
     micro_batch: usize,
-    out: &std::path::Path,
-) -> Result<()> {
+    max_new_tokens: usize,
+    batch_size: usize,
+}
+
+/// Validation loss and perplexity of `model` on the val rows of prepared `sets`, and its
+/// replies to the prompts of `reply_sets`.
+fn utility(model: &Model, spec: &UtilitySpec, out: &std::path::Path) -> Result<()> {
     let pad = model.text.tokenizer.eos_id().unwrap_or(0);
+    let read = |set: &String| -> Result<(PathBuf, Vec<basin_lm::schema::PreparedRow>)> {
+        let file = spec.prepared.join(format!("{set}.parquet"));
+        let rows = basin_lm::schema::read_parquet(&file)?;
+        Ok((file, rows))
+    };
     let mut report = serde_json::Map::new();
-    for set in sets {
-        let file = prepared.join(format!("{set}.parquet"));
-        let mut rows = basin_lm::schema::read_parquet(&file)?;
+    for set in &spec.sets {
+        let (file, mut rows) = read(set)?;
         rows.retain(|r| r.split == "val");
-        rows.truncate(limit.unwrap_or(usize::MAX));
+        rows.truncate(spec.limit.unwrap_or(usize::MAX));
         if rows.is_empty() {
             bail!("{}: no validation rows (split = val)", file.display());
         }
@@ -452,7 +478,7 @@ fn utility(
             .iter()
             .map(|r| (r.input_ids.as_slice(), r.prompt_len as usize))
             .collect();
-        let (loss, tokens) = basin_lm::batch::mean_loss(&model.llama, &r, micro_batch, pad)?;
+        let (loss, tokens) = basin_lm::batch::mean_loss(&model.llama, &r, spec.micro_batch, pad)?;
         eprintln!(
             "{set}: validation loss {loss:.4} (perplexity {:.2}) over {tokens} reply tokens of {} rows",
             loss.exp(),
@@ -463,6 +489,48 @@ fn utility(
             serde_json::json!({"val_loss": loss, "perplexity": loss.exp(), "rows": rows.len(),
                                "reply_tokens": tokens, "prepared_sha256": basin_lm::fsutil::sha256_file(&file)?}),
         );
+    }
+    let opts = model.options(spec.max_new_tokens)?;
+    let mut generations = String::new();
+    for set in &spec.reply_sets {
+        let (file, mut rows) = read(set)?;
+        rows.truncate(spec.limit.unwrap_or(usize::MAX));
+        let prompts: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|r| r.input_ids[..r.prompt_len as usize].to_vec())
+            .collect();
+        let bar = indicatif::ProgressBar::new(prompts.len() as u64);
+        let replies = model.replies_to_ids(&prompts, &opts, spec.batch_size, |d| {
+            bar.set_position(d as u64)
+        })?;
+        bar.finish_and_clear();
+        for (row, (reply, g)) in rows.iter().zip(&replies) {
+            let line = serde_json::json!({"set": set, "id": row.id, "prompt": row.user, "reply": reply,
+                                          "stopped": g.stopped, "new_tokens": g.tokens.len()});
+            generations.push_str(&format!("{line}\n"));
+        }
+        // The share of replies that say something and then end their turn (not cut by the budget).
+        let non_empty = replies.iter().filter(|(_, g)| !g.tokens.is_empty()).count();
+        let ended = replies
+            .iter()
+            .filter(|(_, g)| !g.tokens.is_empty() && g.stopped)
+            .count();
+        let eos_share = ended as f64 / non_empty.max(1) as f64;
+        let mean_tokens = replies.iter().map(|(_, g)| g.tokens.len()).sum::<usize>() as f64
+            / replies.len().max(1) as f64;
+        eprintln!("{set}: {} replies, {:.1}% of the non-empty ones end with EOS, {mean_tokens:.1} new tokens on average", replies.len(), 100.0 * eos_share);
+        report.insert(
+            set.clone(),
+            serde_json::json!({"replies": replies.len(), "non_empty": non_empty, "eos_share": eos_share,
+                               "mean_new_tokens": mean_tokens, "max_new_tokens": spec.max_new_tokens,
+                               "prepared_sha256": basin_lm::fsutil::sha256_file(&file)?}),
+        );
+    }
+    if !spec.reply_sets.is_empty() {
+        basin_lm::fsutil::write_bytes_atomic(
+            &out.join("utility_generations.jsonl"),
+            generations.as_bytes(),
+        )?;
     }
     let doc = serde_json::json!({"model": model.path.display().to_string(),
                                  "git_commit": basin_lm::provenance::git_commit(), "sets": report});

@@ -295,3 +295,74 @@ fn utility_reports_validation_loss_for_a_run() {
         "model/ and ema/ are different weights"
     );
 }
+
+/// `evaluate utility --reply-sets`: replies saved, with the share that end with EOS.
+#[test]
+fn utility_saves_replies_and_the_eos_share() {
+    use basin_lm::schema::{write_parquet, PreparedRow};
+    let model = tiny_model_dir();
+    let prepared = tempfile::tempdir().unwrap();
+    let rows: Vec<PreparedRow> = (0..3)
+        .map(|i| PreparedRow {
+            id: format!("q-{i}"),
+            source: "q".into(),
+            split: "eval".into(),
+            system: None,
+            user: format!("question {i}"),
+            assistant: None,
+            label: None,
+            input_ids: vec![1, 50 + i as u32, 2, 1],
+            prompt_len: 4,
+            truncated: false,
+        })
+        .collect();
+    write_parquet(&prepared.path().join("q.parquet"), &rows).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (m, p, o) = (
+        model.path().to_str().unwrap(),
+        prepared.path().to_str().unwrap(),
+        out.path().to_str().unwrap(),
+    );
+    let run = evaluate(&[
+        "utility",
+        "--model",
+        m,
+        "--prepared",
+        p,
+        "--sets",
+        "",
+        "--reply-sets",
+        "q",
+        "--max-new-tokens",
+        "5",
+        "--out",
+        o,
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("utility.json")).unwrap())
+            .unwrap();
+    let q = &doc["sets"]["q"];
+    assert_eq!(q["replies"], 3);
+    let share = q["eos_share"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&share));
+    let gens = std::fs::read_to_string(out.path().join("utility_generations.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = gens
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let ended = lines
+        .iter()
+        .filter(|l| l["stopped"] == true && l["new_tokens"].as_u64().unwrap() > 0)
+        .count();
+    let non_empty = lines
+        .iter()
+        .filter(|l| l["new_tokens"].as_u64().unwrap() > 0)
+        .count();
+    assert_eq!(share, ended as f64 / non_empty.max(1) as f64);
+}
