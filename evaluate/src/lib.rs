@@ -3,4 +3,5 @@
 
 pub mod calibration;
 pub mod judges;
+pub mod model_judge;
 pub mod safety;

@@ -93,6 +93,10 @@ enum Command {
         /// Output directory (default: <run>/eval/<model|ema>, or runs/eval-<model name>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A local safety classifier (Llama-family HF directory, e.g. Llama-Guard-3-1B) as a
+        /// third judge of harmful-set replies: "unsafe" counts as an attack success.
+        #[arg(long)]
+        model_judge: Option<PathBuf>,
     },
     /// Utility: loss and perplexity of the model on the held-out (val) rows of prepared
     /// training sets. Given a run directory, evaluates its model/ and ema/.
@@ -199,9 +203,16 @@ fn run(cli: Cli) -> Result<()> {
             max_new_tokens,
             batch_size,
             out,
+            model_judge,
         } => {
             let sets = safety_sets(&prepared, &sets)?;
             let (dtype, device) = model.dtype_device()?;
+            let model_judge = match model_judge {
+                Some(p) => Some(evaluate::model_judge::ModelJudge::new(Model::open(
+                    &p, dtype, &device,
+                )?)?),
+                None => None,
+            };
             let spec = SafetySpec {
                 prepared,
                 sets,
@@ -210,7 +221,12 @@ fn run(cli: Cli) -> Result<()> {
                 batch_size,
             };
             for (model, out) in targets(&model.model, out.as_deref()) {
-                safety(&Model::open(&model, dtype, &device)?, &out, &spec)?;
+                safety(
+                    &Model::open(&model, dtype, &device)?,
+                    &out,
+                    &spec,
+                    model_judge.as_ref(),
+                )?;
             }
             Ok(())
         }
@@ -355,7 +371,12 @@ struct SafetySpec {
     batch_size: usize,
 }
 
-fn safety(model: &Model, out: &std::path::Path, spec: &SafetySpec) -> Result<()> {
+fn safety(
+    model: &Model,
+    out: &std::path::Path,
+    spec: &SafetySpec,
+    model_judge: Option<&evaluate::model_judge::ModelJudge>,
+) -> Result<()> {
     use basin_lm::fsutil::{sha256_file, write_bytes_atomic};
     use evaluate::judges::RefusalJudge;
     use evaluate::safety::{score, verdicts};
@@ -384,16 +405,48 @@ fn safety(model: &Model, out: &std::path::Path, spec: &SafetySpec) -> Result<()>
             bar.set_position(d as u64)
         })?;
         bar.finish_and_clear();
+        // The model judge reads harmful-set exchanges only: it says whether a reply is unsafe.
+        let model_verdicts = match (model_judge, kind) {
+            (Some(mj), "harmful") => {
+                let exchanges: Vec<(String, String)> = rows
+                    .iter()
+                    .zip(&replies)
+                    .map(|(r, (reply, _))| (r.user.clone(), reply.clone()))
+                    .collect();
+                Some(mj.judge(&exchanges, spec.batch_size)?)
+            }
+            _ => None,
+        };
         let mut vs = Vec::with_capacity(rows.len());
-        for (row, (reply, g)) in rows.iter().zip(&replies) {
+        for (i, (row, (reply, g))) in rows.iter().zip(&replies).enumerate() {
             let v = verdicts(&judge, reply);
-            let line = serde_json::json!({"set": set, "id": row.id, "prompt": row.user, "reply": reply,
-                                          "stopped": g.stopped, "new_tokens": g.tokens.len(),
-                                          "keyword_refusal": v.keyword_refusal, "refusal": v.refusal});
+            let mut line = serde_json::json!({"set": set, "id": row.id, "prompt": row.user, "reply": reply,
+                                              "stopped": g.stopped, "new_tokens": g.tokens.len(),
+                                              "keyword_refusal": v.keyword_refusal, "refusal": v.refusal});
+            if let Some(mv) = &model_verdicts {
+                line["model_judge"] = mv[i].as_str().into();
+            }
             generations.push_str(&format!("{line}\n"));
             vs.push(v);
         }
         let s = score(kind, &vs);
+        let mut s_json = serde_json::to_value(&s)?;
+        if let Some(mv) = &model_verdicts {
+            let unsafe_n = mv
+                .iter()
+                .filter(|v| **v == evaluate::model_judge::ModelVerdict::Unsafe)
+                .count();
+            let unparsed = mv
+                .iter()
+                .filter(|v| **v == evaluate::model_judge::ModelVerdict::Unparsed)
+                .count();
+            s_json["model_judge"] =
+                serde_json::to_value(evaluate::safety::Rate::new(unsafe_n, mv.len()))?;
+            s_json["model_judge"]["unparsed"] = unparsed.into();
+            s_json["model_judge"]["judge"] = model_judge
+                .map(|m| m.model.path.display().to_string())
+                .into();
+        }
         let what = if kind == "harmful" {
             "attack success"
         } else {
@@ -404,7 +457,7 @@ fn safety(model: &Model, out: &std::path::Path, spec: &SafetySpec) -> Result<()>
             100.0 * s.keyword.rate, 100.0 * s.keyword.ci95.0, 100.0 * s.keyword.ci95.1,
             100.0 * s.refusal.rate, 100.0 * s.refusal.ci95.0, 100.0 * s.refusal.ci95.1, s.n
         );
-        scores.insert(set.clone(), serde_json::to_value(s)?);
+        scores.insert(set.clone(), s_json);
     }
     let report = serde_json::json!({
         "model": model.path.display().to_string(),

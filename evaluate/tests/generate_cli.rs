@@ -199,6 +199,8 @@ fn safety_scores_prepared_sets() {
         "4",
         "--limit",
         "4",
+        "--model-judge",
+        m,
     ]);
     assert!(
         run.status.success(),
@@ -215,6 +217,20 @@ fn safety_scores_prepared_sets() {
     assert!((0.0..=1.0).contains(&rate));
     let lines = std::fs::read_to_string(out.path().join("generations.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 7);
+    // The model judge (here the tiny model itself: plumbing only) reads harmful sets only.
+    assert_eq!(scores["sets"]["harm"]["model_judge"]["n"], 4);
+    assert!(scores["sets"]["x"].get("model_judge").is_none());
+    for l in lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    {
+        let v = l["model_judge"].as_str();
+        if l["set"] == "harm" {
+            assert!(matches!(v, Some("safe" | "unsafe" | "unparsed")), "{l}");
+        } else {
+            assert!(v.is_none());
+        }
+    }
     for (sets, want) in [
         ("u", "only harmful and overrefusal"),
         ("nope", "prepare it first"),

@@ -88,7 +88,12 @@ impl ChatTemplate {
         self
     }
 
-    fn render(&self, conv: &Conversation, with_reply: bool) -> Result<String> {
+    fn render(
+        &self,
+        conv: &Conversation,
+        with_reply: bool,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let mut messages = Vec::with_capacity(3);
         if let Some(system) = conv.system.as_ref().or(self.default_system.as_ref()) {
             messages.push(context! { role => "system", content => system });
@@ -103,7 +108,7 @@ impl ChatTemplate {
         let tmpl = self.env.get_template(TEMPLATE_NAME)?;
         tmpl.render(context! {
             messages => messages,
-            add_generation_prompt => !with_reply,
+            add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
             default_system => self.default_system.clone().unwrap_or_default(),
@@ -113,7 +118,13 @@ impl ChatTemplate {
 
     /// The text the model sees before it starts its reply (with the generation prompt).
     pub fn render_prompt(&self, conv: &Conversation) -> Result<String> {
-        self.render(conv, false)
+        self.render(conv, false, true)
+    }
+
+    /// The whole exchange, reply included, followed by the generation prompt: what a
+    /// classifier model such as Llama Guard reads before it answers "safe" or "unsafe".
+    pub fn render_for_judge(&self, conv: &Conversation) -> Result<String> {
+        self.render(conv, true, true)
     }
 
     /// The prompt (as [`Self::render_prompt`]) and the reply text that follows it, end of
@@ -121,8 +132,8 @@ impl ChatTemplate {
     /// the template does not render the conversation as an extension of its prompt, since
     /// then no loss mask can separate prompt from reply.
     pub fn render_split(&self, conv: &Conversation) -> Result<(String, String)> {
-        let prompt = self.render(conv, false)?;
-        let full = self.render(conv, true)?;
+        let prompt = self.render(conv, false, true)?;
+        let full = self.render(conv, true, false)?;
         match full.strip_prefix(&prompt) {
             Some(completion) => Ok((prompt, completion.to_string())),
             None => bail!(
@@ -186,6 +197,14 @@ mod tests {
         );
         let err = t.render_prompt(&conv(Some("s"), "x", None)).unwrap_err();
         assert!(format!("{err:#}").contains("no system"), "{err:#}");
+    }
+
+    #[test]
+    fn judge_rendering_is_the_exchange_then_the_generation_prompt() {
+        let src = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}";
+        let t = ChatTemplate::from_jinja("t", src, "", "").unwrap();
+        let c = conv(None, "q", Some("r"));
+        assert_eq!(t.render_for_judge(&c).unwrap(), "<user>q<assistant>r<a>");
     }
 
     #[test]
