@@ -395,16 +395,7 @@ fn safety(
             rows.retain(|r| r.label.as_deref().is_none_or(|l| l.starts_with("safe")));
         }
         rows.truncate(spec.limit.unwrap_or(usize::MAX));
-        let prompts: Vec<Vec<u32>> = rows
-            .iter()
-            .map(|r| r.input_ids[..r.prompt_len as usize].to_vec())
-            .collect();
-        let bar = indicatif::ProgressBar::new(prompts.len() as u64);
-        bar.set_message(set.clone());
-        let replies = model.replies_to_ids(&prompts, &opts, spec.batch_size, |d| {
-            bar.set_position(d as u64)
-        })?;
-        bar.finish_and_clear();
+        let replies = answer(model, &rows, &opts, spec.batch_size, set)?;
         // The model judge reads harmful-set exchanges only: it says whether a reply is unsafe.
         let model_verdicts = match (model_judge, kind) {
             (Some(mj), "harmful") => {
@@ -527,10 +518,7 @@ fn utility(model: &Model, spec: &UtilitySpec, out: &std::path::Path) -> Result<(
         if rows.is_empty() {
             bail!("{}: no validation rows (split = val)", file.display());
         }
-        let r: Vec<(&[u32], usize)> = rows
-            .iter()
-            .map(|r| (r.input_ids.as_slice(), r.prompt_len as usize))
-            .collect();
+        let r: Vec<(&[u32], usize)> = rows.iter().map(|r| r.example()).collect();
         let (loss, tokens) = basin_lm::batch::mean_loss(&model.llama, &r, spec.micro_batch, pad)?;
         eprintln!(
             "{set}: validation loss {loss:.4} (perplexity {:.2}) over {tokens} reply tokens of {} rows",
@@ -548,15 +536,7 @@ fn utility(model: &Model, spec: &UtilitySpec, out: &std::path::Path) -> Result<(
     for set in &spec.reply_sets {
         let (file, mut rows) = read(set)?;
         rows.truncate(spec.limit.unwrap_or(usize::MAX));
-        let prompts: Vec<Vec<u32>> = rows
-            .iter()
-            .map(|r| r.input_ids[..r.prompt_len as usize].to_vec())
-            .collect();
-        let bar = indicatif::ProgressBar::new(prompts.len() as u64);
-        let replies = model.replies_to_ids(&prompts, &opts, spec.batch_size, |d| {
-            bar.set_position(d as u64)
-        })?;
-        bar.finish_and_clear();
+        let replies = answer(model, &rows, &opts, spec.batch_size, set)?;
         for (row, (reply, g)) in rows.iter().zip(&replies) {
             let line = serde_json::json!({"set": set, "id": row.id, "prompt": row.user, "reply": reply,
                                           "stopped": g.stopped, "new_tokens": g.tokens.len()});
@@ -617,4 +597,21 @@ fn safety_sets(prepared: &std::path::Path, sets: &[String]) -> Result<Vec<(Strin
             Ok((set.clone(), kind))
         })
         .collect()
+}
+
+/// The model's replies to the prompts of prepared `rows`, with a progress bar named `set`.
+fn answer(
+    model: &Model,
+    rows: &[basin_lm::schema::PreparedRow],
+    opts: &basin_lm::generate::GenerateOptions,
+    batch_size: usize,
+    set: &str,
+) -> Result<Vec<(String, basin_lm::generate::Generated)>> {
+    let prompts: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt_ids().to_vec()).collect();
+    let bar = indicatif::ProgressBar::new(prompts.len() as u64);
+    bar.set_message(set.to_string());
+    let replies =
+        model.replies_to_ids(&prompts, opts, batch_size, |d| bar.set_position(d as u64))?;
+    bar.finish_and_clear();
+    Ok(replies)
 }

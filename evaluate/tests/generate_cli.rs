@@ -21,6 +21,30 @@ fn evaluate(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// A prepared row of set `set` (number `i`) with these tokens; the other text fields are
+/// placeholders the commands under test do not read.
+fn prepared_row(
+    set: &str,
+    i: usize,
+    split: &str,
+    input_ids: Vec<u32>,
+    prompt_len: usize,
+    label: Option<&str>,
+) -> basin_lm::schema::PreparedRow {
+    basin_lm::schema::PreparedRow {
+        id: format!("{set}-{i}"),
+        source: set.into(),
+        split: split.into(),
+        system: None,
+        user: format!("prompt {i}"),
+        assistant: (prompt_len < input_ids.len()).then(|| "reply".to_string()),
+        label: label.map(str::to_string),
+        input_ids,
+        prompt_len: prompt_len as u32,
+        truncated: false,
+    }
+}
+
 #[test]
 fn generates_for_each_prompt_reproducibly() {
     let dir = tiny_model_dir();
@@ -142,18 +166,8 @@ fn safety_scores_prepared_sets() {
             .tokenizer
             .encode(&template.render_prompt(&conv).unwrap())
             .unwrap();
-        PreparedRow {
-            id: format!("{set}-{i}"),
-            source: set.into(),
-            split: "eval".into(),
-            system: None,
-            user: conv.user,
-            assistant: None,
-            label: label.map(str::to_string),
-            prompt_len: ids.len() as u32,
-            input_ids: ids,
-            truncated: false,
-        }
+        let n = ids.len();
+        prepared_row(set, i, "eval", ids, n, label)
     };
     write_parquet(
         &prepared.path().join("harm.parquet"),
@@ -268,17 +282,9 @@ fn utility_reports_validation_loss_for_a_run() {
     }
     let prepared = tempfile::tempdir().unwrap();
     let rows: Vec<PreparedRow> = (0..6)
-        .map(|i| PreparedRow {
-            id: format!("d-{i}"),
-            source: "d".into(),
-            split: if i < 4 { "val" } else { "train" }.into(),
-            system: None,
-            user: "q".into(),
-            assistant: Some("a".into()),
-            label: None,
-            input_ids: vec![1, 40 + i as u32, 41, 42, 2],
-            prompt_len: 2,
-            truncated: false,
+        .map(|i| {
+            let split = if i < 4 { "val" } else { "train" };
+            prepared_row("d", i, split, vec![1, 40 + i as u32, 41, 42, 2], 2, None)
         })
         .collect();
     write_parquet(&prepared.path().join("d.parquet"), &rows).unwrap();
@@ -319,18 +325,7 @@ fn utility_saves_replies_and_the_eos_share() {
     let model = tiny_model_dir();
     let prepared = tempfile::tempdir().unwrap();
     let rows: Vec<PreparedRow> = (0..3)
-        .map(|i| PreparedRow {
-            id: format!("q-{i}"),
-            source: "q".into(),
-            split: "eval".into(),
-            system: None,
-            user: format!("question {i}"),
-            assistant: None,
-            label: None,
-            input_ids: vec![1, 50 + i as u32, 2, 1],
-            prompt_len: 4,
-            truncated: false,
-        })
+        .map(|i| prepared_row("q", i, "eval", vec![1, 50 + i as u32, 2, 1], 4, None))
         .collect();
     write_parquet(&prepared.path().join("q.parquet"), &rows).unwrap();
     let out = tempfile::tempdir().unwrap();

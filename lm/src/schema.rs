@@ -42,6 +42,16 @@ pub struct PreparedRow {
 }
 
 impl PreparedRow {
+    /// The prompt's tokens: what a model reads before it replies.
+    pub fn prompt_ids(&self) -> &[u32] {
+        &self.input_ids[..self.prompt_len as usize]
+    }
+
+    /// `(ids, prompt_len)`: the row as a training example (see `batch::Batch::new`).
+    pub fn example(&self) -> (&[u32], usize) {
+        (&self.input_ids, self.prompt_len as usize)
+    }
+
     /// Token positions the loss counts (the reply), as a 0/1 mask over `input_ids`.
     pub fn loss_mask(&self) -> Vec<u8> {
         (0..self.input_ids.len())
@@ -230,6 +240,8 @@ mod tests {
         assert_eq!(read_parquet(&a).unwrap(), rows);
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
         assert_eq!(rows[0].loss_mask(), vec![0, 0, 1]);
+        assert_eq!(rows[0].prompt_ids(), &[0, 1]);
+        assert_eq!(rows[0].example(), (&[0u32, 1, 2][..], 2));
     }
 
     #[test]

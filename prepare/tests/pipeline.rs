@@ -95,10 +95,7 @@ fn prepares_filters_splits_and_masks() {
     let model = basin_lm::source::ModelText::open(&ws.root.join("model")).unwrap();
     for r in &rows {
         assert!(r.input_ids.len() <= 120);
-        let prompt = model
-            .tokenizer
-            .decode(&r.input_ids[..r.prompt_len as usize], false)
-            .unwrap();
+        let prompt = model.tokenizer.decode(r.prompt_ids(), false).unwrap();
         let reply = model
             .tokenizer
             .decode(&r.input_ids[r.prompt_len as usize..], false)

@@ -47,18 +47,12 @@ pub struct Summary {
 
 /// Validation loss: the token-weighted mean over micro-batches of `rows`.
 fn mean_loss(model: &Model, rows: &[&PreparedRow], micro: usize, pad: u32) -> Result<f64> {
-    let r: Vec<(&[u32], usize)> = rows
-        .iter()
-        .map(|r| (r.input_ids.as_slice(), r.prompt_len as usize))
-        .collect();
+    let r: Vec<(&[u32], usize)> = rows.iter().map(|r| r.example()).collect();
     Ok(basin_lm::batch::mean_loss(&model.llama, &r, micro, pad)?.0)
 }
 
 fn batch_of(rows: &[&PreparedRow], pad: u32, model: &Model) -> Result<Batch> {
-    let r: Vec<(&[u32], usize)> = rows
-        .iter()
-        .map(|r| (r.input_ids.as_slice(), r.prompt_len as usize))
-        .collect();
+    let r: Vec<(&[u32], usize)> = rows.iter().map(|r| r.example()).collect();
     Batch::new(&r, pad, model.llama.dtype(), model.llama.device())
 }
 
