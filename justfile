@@ -32,9 +32,17 @@ train *ARGS: prepare
 # The whole pipeline on the embedded default model.
 all: prepare
 
-# Benchmarks (CPU here; speed targets live here, not in tests). Needs `just setup`.
-bench:
+# Benchmarks (CPU here; speed targets live here, not in tests): generation with the real
+# GGUF (needs `just setup`), then a training step and generation on the SmolLM2 shape.
+bench *ARGS:
     cargo bench -p basin-lm --bench generate
+    cargo bench -p train --bench step {{ARGS}}
+
+# The optimizer kernels on SmolLM2-135M shapes: device vs CPU reference (max relative error),
+# ms and GB/s against the copy bandwidth. On a GPU box: just bench-kernels --features cuda
+# (add `-- --torch torch.json` for PyTorch's figures beside ours; `-- --layers 4` is quicker).
+bench-kernels *ARGS:
+    cargo bench -p basin-kernels --bench kernels {{ARGS}}
 
 # Print a model's reply: just generate "What is the capital of France?"
 generate PROMPT *ARGS: build

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds basin's CUDA binaries (cargo feature `cuda`) into $CARGO_TARGET_DIR/release.
+# Builds basin's CUDA binaries (cargo feature `cuda`) into $CARGO_TARGET_DIR/release:
+# train, evaluate and the benchmarks.
 #
 # With nvcc on PATH, that toolkit is used. Without one (developer and CI machines have no
 # CUDA), CUDA 13.0 comes from NVIDIA's PyPI wheels in a venv; the linker gets unversioned
@@ -42,4 +43,6 @@ PY
   export CUDA_HOME="$cuda" PATH="$cuda/bin:$PATH" LIBRARY_PATH="$cuda/lib:${LIBRARY_PATH:-}"
 fi
 nvcc --version | tail -1
-cargo build --release -p train -p evaluate --features train/cuda,evaluate/cuda "$@"
+# The stage binaries and the benchmarks (target/release/deps/{kernels,step}-*).
+cargo build --release -p train -p evaluate -p basin-kernels \
+  --features train/cuda,evaluate/cuda,basin-kernels/cuda --bins --bench kernels --bench step "$@"

@@ -312,7 +312,8 @@ impl Llama {
 
     /// Logits [.., vocab] of hidden states [.., hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?)
+        // contiguous(): CUDA matmul needs it, and the last position of a batch is a strided view.
+        Ok(hidden.contiguous()?.broadcast_matmul(&self.lm_head.t()?)?)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -18,7 +18,7 @@ use basin_lm::schema::PreparedRow;
 use config::TrainConfig;
 use data::{next_rows, DataPosition, Dataset};
 use serde::{Deserialize, Serialize};
-use state::TrainState;
+use state::{TrainState, Weights};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -162,7 +162,7 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
             loss_sum += scalar(&l)? * b.n_loss_tokens as f64;
         }
         let train_loss = loss_sum / tokens.max(1) as f64;
-        let grad_norm = state.grad_norm();
+        let grad_norm = state.grad_norm()?;
         if !train_loss.is_finite() || !grad_norm.is_finite() {
             bail!(
                 "step {}: non-finite loss ({train_loss}) or gradient norm ({grad_norm}); stopping. The last good checkpoint stays in {}",
@@ -177,8 +177,8 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         let mut record = serde_json::json!({
             "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": tokens, "tokens_per_s": rows.iter().map(|r| r.input_ids.len()).sum::<usize>() as f64 / secs,
-            "dist_theta": state.distance_from_start(|p| Some(&p.theta)),
-            "dist_ema": state.distance_from_start(|p| p.ema.as_ref()),
+            "dist_theta": state.distance_from_start(Weights::Theta)?,
+            "dist_ema": state.distance_from_start(Weights::Ema)?,
         });
         if !val.is_empty()
             && ((config.eval_every > 0 && step % config.eval_every == 0) || step == total)
@@ -186,9 +186,9 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
             let v = mean_loss(&model, &val, config.micro_batch, pad)?;
             record["val_loss"] = v.into();
             if config.ema.enabled {
-                state.load_into_model(|p| p.ema.as_ref().expect("ema enabled"))?;
+                state.load_into_model(Weights::Ema)?;
                 record["val_loss_ema"] = mean_loss(&model, &val, config.micro_batch, pad)?.into();
-                state.load_into_model(|p| &p.theta)?;
+                state.load_into_model(Weights::Theta)?;
             }
             last_val = Some(v);
         }
@@ -212,12 +212,10 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         }
     }
     bar.finish_and_clear();
-    save_weights(&run_dir.join("model"), &state, &model, |p| &p.theta)?;
+    save_weights(&run_dir.join("model"), &mut state, &model, Weights::Theta)?;
     if config.ema.enabled {
-        save_weights(&run_dir.join("ema"), &state, &model, |p| {
-            p.ema.as_ref().expect("ema enabled")
-        })?;
-        state.load_into_model(|p| &p.theta)?;
+        save_weights(&run_dir.join("ema"), &mut state, &model, Weights::Ema)?;
+        state.load_into_model(Weights::Theta)?;
     }
     // Finished: the checkpoint (θ, m, v, θ̄: four model copies) has nothing left to resume.
     let _ = std::fs::remove_dir_all(&ckpt_dir);
@@ -249,14 +247,9 @@ fn save_checkpoint(dir: &Path, state: &TrainState, progress: &Progress) -> Resul
     Ok(())
 }
 
-/// A Hugging Face directory of the weights `pick` selects (θ or θ̄).
-fn save_weights(
-    dir: &Path,
-    state: &TrainState,
-    model: &Model,
-    pick: impl Fn(&state::Param) -> &Vec<f32>,
-) -> Result<()> {
-    state.load_into_model(pick)?;
+/// A Hugging Face directory of θ or θ̄.
+fn save_weights(dir: &Path, state: &mut TrainState, model: &Model, w: Weights) -> Result<()> {
+    state.load_into_model(w)?;
     basin_lm::weights::save_hf_dir(
         dir,
         &model.config,

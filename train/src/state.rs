@@ -1,33 +1,93 @@
-//! Everything a run carries from step to step, on the host: f32 master weights θ, AdamW's
-//! moments m and v, the EMA θ̄, the pre-trained θ₀ (for ‖θ−θ₀‖), and the gradient
-//! accumulator. The model's variables get θ after every step.
+//! Everything a run carries from step to step, as tensors on the model's device: the f32
+//! master weights θ, AdamW's moments m and v, the EMA θ̄, the pre-trained θ₀ (for ‖θ−θ₀‖),
+//! and the gradient accumulator. One multi-tensor call updates them all
+//! ([`basin_kernels::multi`]: one CUDA launch on a GPU, the CPU references otherwise).
+//!
+//! When the model computes in f32, θ *is* the model's variable; in bf16, θ is a separate
+//! f32 tensor and the step rewrites the model's bf16 copy from it.
 
 use crate::config::TrainConfig;
 use anyhow::{anyhow, bail, Context, Result};
-use basin_kernels::adamw::{adamw_ema_step, adamw_step, StepScalars};
-use candle_core::{backprop::GradStore, DType, Device, Shape, Tensor, Var};
+use basin_kernels::adamw::StepScalars;
+use basin_kernels::multi::{AdamWTensors, MultiTensor, StepOptions};
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Which weights: the trained θ or the EMA θ̄.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weights {
+    Theta,
+    Ema,
+}
+
 pub struct Param {
     pub name: String,
+    /// The model's variable (f32 or bf16).
     pub var: Var,
-    pub theta: Vec<f32>,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
-    pub ema: Option<Vec<f32>>,
-    pub theta0: Vec<f32>,
-    pub grad: Vec<f32>,
+    /// f32 master weights when the model is not f32; else θ is `var`.
+    master: Option<Var>,
+    m: Var,
+    v: Var,
+    ema: Option<Var>,
+    theta0: Tensor,
+    /// The sum of the micro-batches' gradients since the last step.
+    grad: Option<Tensor>,
+    /// θ, kept aside while the model holds θ̄ (only where θ is the model's variable).
+    stash: Option<Tensor>,
+}
+
+impl Param {
+    fn theta(&self) -> &Var {
+        self.master.as_ref().unwrap_or(&self.var)
+    }
+
+    /// θ, wherever it is at the moment.
+    fn theta_now(&self) -> &Tensor {
+        self.stash.as_ref().unwrap_or(self.theta().as_tensor())
+    }
+
+    fn pick(&self, w: Weights) -> Option<&Tensor> {
+        match w {
+            Weights::Theta => Some(self.theta_now()),
+            Weights::Ema => self.ema.as_ref().map(|e| e.as_tensor()),
+        }
+    }
 }
 
 pub struct TrainState {
     /// Sorted by name: the same order on every run.
     pub params: Vec<Param>,
+    kernels: MultiTensor,
+    /// What the model's variables hold now.
+    in_model: Weights,
 }
 
-fn host(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+fn zeros_like(t: &Tensor) -> Result<Var> {
+    Ok(Var::zeros(t.shape(), DType::F32, t.device())?)
+}
+
+fn f32_copy(t: &Tensor) -> Result<Tensor> {
+    // to_dtype is a no-op on an f32 tensor: copy() makes the buffer our own.
+    Ok(t.to_dtype(DType::F32)?.copy()?)
+}
+
+/// Σ over pairs of ‖a − b‖² (b = 0 when absent), in f64.
+fn sum_sq<'a>(pairs: impl Iterator<Item = (&'a Tensor, Option<&'a Tensor>)>) -> Result<f64> {
+    let mut parts = Vec::new();
+    for (a, b) in pairs {
+        let a = a.to_dtype(DType::F64)?;
+        let d = match b {
+            Some(b) => (a - b.to_dtype(DType::F64)?)?,
+            None => a,
+        };
+        parts.push(d.sqr()?.sum_all()?);
+    }
+    if parts.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>()?)
 }
 
 impl TrainState {
@@ -43,53 +103,66 @@ impl TrainState {
             .into_iter()
             .map(|name| {
                 let var = data[name].clone();
-                let theta = host(var.as_tensor())?;
-                let n = theta.len();
+                let t = var.as_tensor();
+                let master = match t.dtype() {
+                    DType::F32 => None,
+                    DType::BF16 => Some(Var::from_tensor(&f32_copy(t)?)?),
+                    d => bail!("{name}: training supports f32 and bf16 weights, not {d:?}"),
+                };
+                let theta0 = f32_copy(t)?;
                 Ok(Param {
                     name: name.clone(),
-                    ema: ema.then(|| theta.clone()),
-                    theta0: theta.clone(),
-                    m: vec![0.0; n],
-                    v: vec![0.0; n],
-                    grad: vec![0.0; n],
-                    theta,
+                    master,
+                    m: zeros_like(t)?,
+                    v: zeros_like(t)?,
+                    ema: ema.then(|| Var::from_tensor(&theta0.copy()?)).transpose()?,
+                    theta0,
+                    grad: None,
+                    stash: None,
                     var,
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { params })
+        Ok(Self {
+            params,
+            kernels: MultiTensor::new(),
+            in_model: Weights::Theta,
+        })
     }
 
     pub fn n_params(&self) -> usize {
-        self.params.iter().map(|p| p.theta.len()).sum()
+        self.params.iter().map(|p| p.var.elem_count()).sum()
     }
 
-    /// Adds one micro-batch's gradients to the accumulator.
+    /// Adds one micro-batch's gradients to the accumulator (in f32 once there are two).
     pub fn accumulate(&mut self, grads: &GradStore) -> Result<()> {
         for p in &mut self.params {
             let g = grads
                 .get(p.var.as_tensor())
-                .ok_or_else(|| anyhow!("no gradient for {}", p.name))?;
-            for (acc, x) in p.grad.iter_mut().zip(host(g)?) {
-                *acc += x;
-            }
+                .ok_or_else(|| anyhow!("no gradient for {}", p.name))?
+                .detach()
+                .contiguous()?;
+            p.grad = Some(match p.grad.take() {
+                None => g,
+                Some(acc) => (acc.to_dtype(DType::F32)? + g.to_dtype(DType::F32)?)?,
+            });
         }
         Ok(())
     }
 
     /// ‖g‖ over every parameter (f64 sum of squares).
-    pub fn grad_norm(&self) -> f64 {
-        self.params
-            .iter()
-            .flat_map(|p| &p.grad)
-            .map(|&g| (g as f64) * (g as f64))
-            .sum::<f64>()
-            .sqrt()
+    pub fn grad_norm(&self) -> Result<f64> {
+        let grads: Vec<&Tensor> = self.params.iter().filter_map(|p| p.grad.as_ref()).collect();
+        if grads.len() != self.params.len() {
+            bail!("grad_norm: no gradient accumulated since the last step");
+        }
+        Ok(sum_sq(grads.into_iter().map(|g| (g, None)))?.sqrt())
     }
 
     /// One optimizer step `t` (1-based) at learning rate `lr`: clip, AdamW, then (when due)
-    /// the EMA blend and the feedback of θ̄ into θ; θ goes back into the model.
+    /// the EMA blend and the feedback of θ̄ into θ. The model holds the new θ afterwards.
     pub fn step(&mut self, config: &TrainConfig, lr: f64, t: usize, grad_norm: f64) -> Result<()> {
+        self.load_into_model(Weights::Theta)?;
         let clip = if config.grad_clip > 0.0 && grad_norm > config.grad_clip {
             (config.grad_clip / grad_norm) as f32
         } else {
@@ -99,66 +172,98 @@ impl TrainState {
         let e = &config.ema;
         let blend_now = e.enabled && t > e.start && (t - e.start).is_multiple_of(e.every);
         let feedback_now = e.enabled && e.feedback_every > 0 && t.is_multiple_of(e.feedback_every);
-        for p in &mut self.params {
-            if clip != 1.0 {
-                p.grad.iter_mut().for_each(|g| *g *= clip);
+        let grads: Vec<Tensor> = self
+            .params
+            .iter_mut()
+            .map(|p| p.grad.take())
+            .collect::<Option<_>>()
+            .ok_or_else(|| anyhow!("step {t}: no gradient accumulated"))?;
+        let tensors: Vec<AdamWTensors> = self
+            .params
+            .iter()
+            .zip(&grads)
+            .map(|(p, g)| AdamWTensors {
+                theta: p.theta(),
+                grad: g,
+                m: &p.m,
+                v: &p.v,
+                ema: p.ema.as_ref(),
+                param: p.master.is_some().then_some(&p.var),
+            })
+            .collect();
+        let opts = StepOptions {
+            grad_scale: clip,
+            ema_beta: blend_now.then_some(e.beta as f32),
+        };
+        self.kernels.adamw_step(&tensors, &scalars, opts)?;
+        if feedback_now {
+            for p in &self.params {
+                if let Some(ema) = &p.ema {
+                    p.theta().set(ema.as_tensor())?;
+                    if p.master.is_some() {
+                        p.var.set(&ema.as_tensor().to_dtype(p.var.dtype())?)?;
+                    }
+                }
             }
-            match (&mut p.ema, blend_now) {
-                (Some(ema), true) => adamw_ema_step(
-                    &mut p.theta,
-                    &p.grad,
-                    &mut p.m,
-                    &mut p.v,
-                    ema,
-                    &scalars,
-                    e.beta as f32,
-                ),
-                _ => adamw_step(&mut p.theta, &p.grad, &mut p.m, &mut p.v, &scalars),
-            }
-            if let (Some(ema), true) = (&p.ema, feedback_now) {
-                p.theta.copy_from_slice(ema);
-            }
-            p.grad.iter_mut().for_each(|g| *g = 0.0);
-        }
-        self.load_into_model(|p| &p.theta)
-    }
-
-    /// Sets the model's variables to `pick(param)` (θ, or θ̄ to evaluate the EMA).
-    pub fn load_into_model(&self, pick: impl Fn(&Param) -> &Vec<f32>) -> Result<()> {
-        for p in &self.params {
-            let t = p.var.as_tensor();
-            let values = Tensor::from_vec(pick(p).clone(), t.shape().clone(), t.device())?
-                .to_dtype(t.dtype())?;
-            p.var.set(&values)?;
         }
         Ok(())
     }
 
-    /// ‖a − θ₀‖ over every parameter, for a = θ or θ̄.
-    pub fn distance_from_start(&self, pick: impl Fn(&Param) -> Option<&Vec<f32>>) -> Option<f64> {
-        let mut sum = 0.0;
-        for p in &self.params {
-            let a = pick(p)?;
-            sum += a
-                .iter()
-                .zip(&p.theta0)
-                .map(|(&x, &y)| ((x - y) as f64).powi(2))
-                .sum::<f64>();
+    /// Puts θ or θ̄ into the model's variables (θ̄ to evaluate the EMA; θ to go on training).
+    pub fn load_into_model(&mut self, w: Weights) -> Result<()> {
+        if w == self.in_model {
+            return Ok(());
         }
-        Some(sum.sqrt())
+        for p in &mut self.params {
+            match w {
+                Weights::Ema => {
+                    let ema = p
+                        .ema
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("this run has no EMA"))?;
+                    if p.master.is_none() && p.stash.is_none() {
+                        p.stash = Some(p.var.as_tensor().copy()?);
+                    }
+                    p.var.set(&ema.as_tensor().to_dtype(p.var.dtype())?)?;
+                }
+                Weights::Theta => {
+                    if let Some(theta) = p.stash.take() {
+                        p.var.set(&theta)?;
+                    } else if let Some(master) = &p.master {
+                        p.var.set(&master.as_tensor().to_dtype(p.var.dtype())?)?;
+                    }
+                }
+            }
+        }
+        self.in_model = w;
+        Ok(())
+    }
+
+    /// ‖a − θ₀‖ over every parameter, for a = θ or θ̄ (None without an EMA).
+    pub fn distance_from_start(&self, w: Weights) -> Result<Option<f64>> {
+        let pairs: Option<Vec<(&Tensor, Option<&Tensor>)>> = self
+            .params
+            .iter()
+            .map(|p| Some((p.pick(w)?, Some(&p.theta0))))
+            .collect();
+        pairs
+            .map(|pairs| Ok(sum_sq(pairs.into_iter())?.sqrt()))
+            .transpose()
     }
 
     /// Writes θ, m, v and θ̄ as one safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut tensors = HashMap::new();
         for p in &self.params {
-            let shape = p.var.as_tensor().shape().clone();
-            let t = |v: &Vec<f32>| Tensor::from_vec(v.clone(), shape.clone(), &Device::Cpu);
-            tensors.insert(format!("theta/{}", p.name), t(&p.theta)?);
-            tensors.insert(format!("m/{}", p.name), t(&p.m)?);
-            tensors.insert(format!("v/{}", p.name), t(&p.v)?);
+            let mut put = |kind: &str, t: &Tensor| -> Result<()> {
+                tensors.insert(format!("{kind}/{}", p.name), t.to_device(&Device::Cpu)?);
+                Ok(())
+            };
+            put("theta", p.theta_now())?;
+            put("m", p.m.as_tensor())?;
+            put("v", p.v.as_tensor())?;
             if let Some(e) = &p.ema {
-                tensors.insert(format!("ema/{}", p.name), t(e)?);
+                put("ema", e.as_tensor())?;
             }
         }
         basin_lm::weights::save_safetensors(path, &tensors)
@@ -168,29 +273,34 @@ impl TrainState {
     pub fn restore(&mut self, path: &Path) -> Result<()> {
         let saved = candle_core::safetensors::load(path, &Device::Cpu)
             .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-        let get = |kind: &str, name: &str, shape: &Shape| -> Result<Vec<f32>> {
-            let t = saved
-                .get(&format!("{kind}/{name}"))
-                .ok_or_else(|| anyhow!("{}: no {kind}/{name}", path.display()))?;
-            if t.shape() != shape {
-                bail!(
-                    "{}: {kind}/{name} has shape {:?}, the model {:?}",
-                    path.display(),
-                    t.shape(),
-                    shape
-                );
+        self.load_into_model(Weights::Theta)?;
+        for p in &self.params {
+            let set = |kind: &str, var: &Var| -> Result<()> {
+                let t = saved
+                    .get(&format!("{kind}/{}", p.name))
+                    .ok_or_else(|| anyhow!("{}: no {kind}/{}", path.display(), p.name))?;
+                if t.shape() != var.shape() || t.dtype() != DType::F32 {
+                    bail!(
+                        "{}: {kind}/{} is {:?} {:?}; expected f32 {:?}",
+                        path.display(),
+                        p.name,
+                        t.dtype(),
+                        t.shape(),
+                        var.shape()
+                    );
+                }
+                Ok(var.set(&t.to_device(var.device())?)?)
+            };
+            set("theta", p.theta())?;
+            set("m", &p.m)?;
+            set("v", &p.v)?;
+            if let Some(e) = &p.ema {
+                set("ema", e)?;
             }
-            host(t)
-        };
-        for p in &mut self.params {
-            let shape = p.var.as_tensor().shape().clone();
-            p.theta = get("theta", &p.name, &shape)?;
-            p.m = get("m", &p.name, &shape)?;
-            p.v = get("v", &p.name, &shape)?;
-            if p.ema.is_some() {
-                p.ema = Some(get("ema", &p.name, &shape)?);
+            if let Some(master) = &p.master {
+                p.var.set(&master.as_tensor().to_dtype(p.var.dtype())?)?;
             }
         }
-        self.load_into_model(|p| &p.theta)
+        Ok(())
     }
 }

@@ -210,3 +210,37 @@ fn divergence_stops_with_a_clear_message_and_keeps_the_checkpoint() {
     assert!(s.path("runs/nan/checkpoint/state.safetensors").exists());
     assert!(!s.path("runs/nan/model").exists());
 }
+
+#[test]
+fn bf16_trains_on_f32_master_weights_and_resumes_bitwise() {
+    let s = Setup::new();
+    let common = [
+        "dtype=\"bf16\"",
+        "ema.enabled=true",
+        "ema.beta=0.8",
+        "ema.feedback_every=6",
+        "eval_every=4",
+        "checkpoint_every=3",
+    ];
+    ok(&s.train("whole", &common));
+    let m = metrics(&s.path("runs/whole"));
+    let first = m[0]["val_loss"].as_f64().unwrap();
+    let last = m.last().unwrap();
+    assert!(
+        last["val_loss"].as_f64().unwrap() < first,
+        "bf16 learns: {m:?}"
+    );
+    assert!(last["val_loss_ema"].is_number());
+    let crashed = s.train_with(&["--crash-after-step", "4"], "broken", &common);
+    assert!(!crashed.status.success());
+    ok(&s.train_with(&["--resume"], "broken", &common));
+    for f in ["model/model.safetensors", "ema/model.safetensors"] {
+        let a = std::fs::read(s.path("runs/whole").join(f)).unwrap();
+        let b = std::fs::read(s.path("runs/broken").join(f)).unwrap();
+        assert!(a == b, "{f} differs after resume");
+    }
+    let w =
+        candle_core::safetensors::load(s.path("runs/whole/model/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(w["model.norm.weight"].dtype(), DType::BF16);
+}

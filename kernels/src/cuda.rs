@@ -1,0 +1,229 @@
+//! Launches the kernels of `cuda/optim.cu`: compiled once per process with NVRTC (for the
+//! device's own architecture), loaded into candle's context, run on candle's stream over
+//! candle's buffers. Nothing goes through the host but a table of pointers.
+
+use crate::adamw::StepScalars;
+use crate::multi::{AdamWTensors, StepOptions};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{bail, CudaDevice, Result, Storage, Tensor, Var};
+use std::sync::OnceLock;
+
+const SOURCE: &str = include_str!("../cuda/optim.cu");
+const MODULE: &str = "basin_optim";
+/// Elements per block: enough work per block that launching it costs little (4 float4s per
+/// thread), few enough that the 30 small norm vectors do not leave the GPU idle.
+const CHUNK_ELEMS: u32 = 16384;
+const THREADS: u32 = 256;
+/// u64 words per table entry: the `Entry` struct of optim.cu.
+const ENTRY_WORDS: usize = 8;
+
+/// `Step` of optim.cu, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Step {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    decay: f32,
+    scale_m: f32,
+    scale_v: f32,
+    grad_scale: f32,
+    ema_weight: f32,
+}
+
+// SAFETY: a plain #[repr(C)] struct of f32, the layout of `Step` in optim.cu.
+unsafe impl DeviceRepr for Step {}
+
+/// The PTX of optim.cu for one architecture (compiled at first use).
+fn ptx(dev: &CudaDevice) -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let compiled = PTX.get_or_init(|| {
+        let (major, minor) = dev
+            .cuda_stream()
+            .context()
+            .compute_capability()
+            .map_err(|e| format!("compute capability: {e}"))?;
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let opts = CompileOptions {
+            arch: Some(arch),
+            // The kernels spell out every rounding; these keep the defaults from changing it.
+            fmad: Some(false),
+            prec_div: Some(true),
+            prec_sqrt: Some(true),
+            ftz: Some(false),
+            ..Default::default()
+        };
+        compile_ptx_with_opts(SOURCE, opts)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("NVRTC could not compile kernels/cuda/optim.cu: {e}"))
+    });
+    match compiled {
+        Ok(src) => Ok(src.as_str()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// The device address of a tensor's first element.
+fn address(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        bail!("expected a CUDA tensor")
+    };
+    let stream = dev.cuda_stream();
+    let (base, size) = match &cs.slice {
+        CudaStorageSlice::F32(s) => (s.device_ptr(&stream).0, 4),
+        CudaStorageSlice::BF16(s) => (s.device_ptr(&stream).0, 2),
+        _ => bail!("expected an f32 or bf16 tensor, found {:?}", t.dtype()),
+    };
+    Ok(base + (layout.start_offset() * size) as u64)
+}
+
+pub(crate) struct Launcher {
+    dev: CudaDevice,
+    /// The chunk table (tensor, chunk) pairs, rebuilt only when the tensor sizes change.
+    chunks: Option<(Vec<u64>, CudaSlice<u32>, u32)>,
+}
+
+impl Launcher {
+    pub(crate) fn new(dev: &CudaDevice) -> Result<Self> {
+        ptx(dev)?;
+        Ok(Self {
+            dev: dev.clone(),
+            chunks: None,
+        })
+    }
+
+    /// Uploads the entry table and returns it with the chunk table and the block count.
+    fn tables(&mut self, entries: &[[u64; ENTRY_WORDS]]) -> Result<(CudaSlice<u64>, u32)> {
+        let sizes: Vec<u64> = entries.iter().map(|e| e[6]).collect();
+        if self.chunks.as_ref().map(|c| &c.0) != Some(&sizes) {
+            let mut pairs = Vec::new();
+            for (i, &n) in sizes.iter().enumerate() {
+                let count = n.div_ceil(CHUNK_ELEMS as u64);
+                if count > u32::MAX as u64 {
+                    bail!("tensor {i} is too large for the chunk table ({n} elements)");
+                }
+                for c in 0..count as u32 {
+                    pairs.extend([i as u32, c]);
+                }
+            }
+            let blocks = (pairs.len() / 2) as u32;
+            let slice = self.dev.clone_htod(&pairs)?;
+            self.chunks = Some((sizes, slice, blocks));
+        }
+        let flat: Vec<u64> = entries.iter().flatten().copied().collect();
+        let table = self.dev.clone_htod(&flat)?;
+        Ok((table, self.chunks.as_ref().expect("just set").2))
+    }
+
+    /// One launch of kernel `name` over `entries`; `last` is its last argument.
+    fn launch<T: DeviceRepr>(
+        &mut self,
+        name: &str,
+        entries: &[[u64; ENTRY_WORDS]],
+        last: T,
+    ) -> Result<()> {
+        let (table, blocks) = self.tables(entries)?;
+        if blocks == 0 {
+            return Ok(());
+        }
+        let func = self
+            .dev
+            .get_or_load_custom_func(name, MODULE, ptx(&self.dev)?)?;
+        let chunks = &self.chunks.as_ref().expect("tables() sets it").1;
+        let mut b = func.builder();
+        b.arg(&table).arg(chunks).arg(&CHUNK_ELEMS).arg(&last);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature in optim.cu; every pointer in
+        // the table was checked (device, dtype, contiguity, length) by the caller, and the
+        // tensors outlive the launch on this stream.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    pub(crate) fn adamw(
+        &mut self,
+        tensors: &[AdamWTensors],
+        s: &StepScalars,
+        opts: StepOptions,
+    ) -> Result<()> {
+        let bf16_grad = tensors[0].grad.dtype() == candle_core::DType::BF16;
+        if tensors
+            .iter()
+            .any(|t| (t.grad.dtype() == candle_core::DType::BF16) != bf16_grad)
+        {
+            bail!("adamw_step: the gradients must all be f32 or all bf16");
+        }
+        let dev = self.dev.clone();
+        let entries = tensors
+            .iter()
+            .map(|t| {
+                let opt = |v: Option<&Var>| v.map_or(Ok(0), |v| address(v.as_tensor(), &dev));
+                Ok(entry(
+                    [
+                        address(t.theta.as_tensor(), &dev)?,
+                        address(t.grad, &dev)?,
+                        address(t.m.as_tensor(), &dev)?,
+                        address(t.v.as_tensor(), &dev)?,
+                        if opts.ema_beta.is_some() {
+                            opt(t.ema)?
+                        } else {
+                            0
+                        },
+                        opt(t.param)?,
+                    ],
+                    t.theta.elem_count(),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let step = Step {
+            lr: s.lr,
+            beta1: s.beta1,
+            beta2: s.beta2,
+            eps: s.eps,
+            decay: s.decay,
+            scale_m: s.scale_m,
+            scale_v: s.scale_v,
+            grad_scale: opts.grad_scale,
+            ema_weight: 1.0 - opts.ema_beta.unwrap_or(1.0),
+        };
+        let name = match (opts.ema_beta.is_some(), bf16_grad) {
+            (false, false) => "adamw_f32",
+            (false, true) => "adamw_bf16",
+            (true, false) => "adamw_ema_f32",
+            (true, true) => "adamw_ema_bf16",
+        };
+        self.launch(name, &entries, step)
+    }
+
+    pub(crate) fn ema_blend(&mut self, pairs: &[(&Var, &Tensor)], beta: f32) -> Result<()> {
+        let dev = self.dev.clone();
+        let entries = pairs
+            .iter()
+            .map(|(ema, theta)| {
+                let (e, t) = (address(ema.as_tensor(), &dev)?, address(theta, &dev)?);
+                Ok(entry([t, 0, 0, 0, e, 0], theta.elem_count()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.launch("ema_blend", &entries, 1.0f32 - beta)
+    }
+}
+
+/// An `Entry` of optim.cu: [theta, grad, m, v, ema, param, n, vec4] (0 = absent).
+fn entry(ptrs: [u64; 6], n: usize) -> [u64; ENTRY_WORDS] {
+    let aligned = ptrs.iter().all(|&p| p.is_multiple_of(16));
+    // A bf16 buffer is read 4 elements (8 bytes) at a time: 8-byte alignment suffices, and
+    // every base address from the allocator is 256-byte aligned, so 16 covers both.
+    let vec4 = u64::from(aligned && n.is_multiple_of(4));
+    let [theta, grad, m, v, ema, param] = ptrs;
+    [theta, grad, m, v, ema, param, n as u64, vec4]
+}

@@ -1,0 +1,243 @@
+//! The multi-tensor API (`basin_kernels::multi`): on the CPU it must give exactly the
+//! references' bits; with `--features cuda` on a machine with a GPU, the device must give the
+//! same bits as the CPU (odd sizes and views included, which take the kernels' scalar path).
+
+use basin_kernels::adamw::{adamw_ema_step, adamw_step, AdamWParams, StepScalars};
+use basin_kernels::ema::ema_blend;
+use basin_kernels::multi::{AdamWTensors, MultiTensor, StepOptions};
+use candle_core::{DType, Device, Tensor, Var};
+
+fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32 * 0.618 + seed as f32 * 2.17).sin() * 43758.547).fract() * scale)
+        .collect()
+}
+
+fn host(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Buffers of one tensor, on `dev`: θ, g, m, v, θ̄ (and a bf16 copy of θ).
+struct Buffers {
+    theta: Var,
+    grad: Tensor,
+    m: Var,
+    v: Var,
+    ema: Var,
+    param: Var,
+}
+
+/// Shapes with lengths that are not multiples of 4, and one longer than a kernel chunk.
+const SHAPES: [&[usize]; 5] = [&[7], &[3, 5], &[576], &[130, 131], &[16384 * 2 + 3]];
+
+fn buffers(dev: &Device, grad_dtype: DType) -> Vec<Buffers> {
+    SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, shape)| {
+            let n: usize = shape.iter().product();
+            let t = |seed: u32, scale: f32| {
+                Tensor::from_vec(values(n, i as u32 * 10 + seed, scale), *shape, dev).unwrap()
+            };
+            let theta = t(0, 0.5);
+            // Every other gradient is a view that starts one element into its buffer: an
+            // address the kernels' 16-byte path cannot take.
+            let grad = if i % 2 == 1 {
+                let flat = values(n + 1, i as u32 * 10 + 1, 0.01);
+                Tensor::from_vec(flat, n + 1, dev)
+                    .unwrap()
+                    .narrow(0, 1, n)
+                    .unwrap()
+                    .reshape(*shape)
+                    .unwrap()
+            } else {
+                t(1, 0.01)
+            };
+            Buffers {
+                param: Var::from_tensor(&theta.to_dtype(DType::BF16).unwrap()).unwrap(),
+                theta: Var::from_tensor(&theta).unwrap(),
+                grad: grad.to_dtype(grad_dtype).unwrap(),
+                m: Var::from_tensor(&t(2, 1e-3)).unwrap(),
+                v: Var::from_tensor(&t(3, 1e-5).abs().unwrap()).unwrap(),
+                ema: Var::from_tensor(&t(4, 0.5)).unwrap(),
+            }
+        })
+        .collect()
+}
+
+fn tensors(b: &[Buffers], ema: bool, param: bool) -> Vec<AdamWTensors<'_>> {
+    b.iter()
+        .map(|b| AdamWTensors {
+            theta: &b.theta,
+            grad: &b.grad,
+            m: &b.m,
+            v: &b.v,
+            ema: ema.then_some(&b.ema),
+            param: param.then_some(&b.param),
+        })
+        .collect()
+}
+
+fn scalars() -> StepScalars {
+    let p = AdamWParams {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    StepScalars::new(&p, 1e-3, 4)
+}
+
+#[test]
+fn cpu_step_equals_the_references_bit_for_bit() {
+    let s = scalars();
+    for (ema, grad_scale) in [(false, 1.0f32), (true, 0.25)] {
+        let b = buffers(&Device::Cpu, DType::F32);
+        let want: Vec<_> = b
+            .iter()
+            .map(|b| {
+                let mut theta = host(b.theta.as_tensor());
+                let g: Vec<f32> = host(&b.grad).iter().map(|g| g * grad_scale).collect();
+                let (mut m, mut v, mut e) = (
+                    host(b.m.as_tensor()),
+                    host(b.v.as_tensor()),
+                    host(b.ema.as_tensor()),
+                );
+                if ema {
+                    adamw_ema_step(&mut theta, &g, &mut m, &mut v, &mut e, &s, 0.99);
+                } else {
+                    adamw_step(&mut theta, &g, &mut m, &mut v, &s);
+                }
+                [theta, m, v, e]
+            })
+            .collect();
+        let opts = StepOptions {
+            grad_scale,
+            ema_beta: ema.then_some(0.99),
+        };
+        MultiTensor::new()
+            .adamw_step(&tensors(&b, ema, true), &s, opts)
+            .unwrap();
+        for (b, want) in b.iter().zip(want) {
+            let got = [&b.theta, &b.m, &b.v, &b.ema].map(|t| host(t.as_tensor()));
+            assert_eq!(got, want, "ema={ema} grad_scale={grad_scale}");
+            let rounded = host(&b.theta.as_tensor().to_dtype(DType::BF16).unwrap());
+            assert_eq!(
+                host(b.param.as_tensor()),
+                rounded,
+                "the bf16 copy is θ rounded"
+            );
+        }
+    }
+}
+
+#[test]
+fn cpu_ema_blend_equals_the_reference() {
+    let b = buffers(&Device::Cpu, DType::F32);
+    let want: Vec<Vec<f32>> = b
+        .iter()
+        .map(|b| {
+            let mut e = host(b.ema.as_tensor());
+            ema_blend(&mut e, &host(b.theta.as_tensor()), 0.9);
+            e
+        })
+        .collect();
+    let pairs: Vec<(&Var, &Tensor)> = b.iter().map(|b| (&b.ema, b.theta.as_tensor())).collect();
+    MultiTensor::new().ema_blend(&pairs, 0.9).unwrap();
+    for (b, want) in b.iter().zip(want) {
+        assert_eq!(host(b.ema.as_tensor()), want);
+    }
+}
+
+#[test]
+fn bad_buffers_are_refused_with_their_names() {
+    let s = scalars();
+    let b = buffers(&Device::Cpu, DType::F32);
+    let mut mt = MultiTensor::new();
+    let plain = StepOptions {
+        grad_scale: 1.0,
+        ema_beta: None,
+    };
+    // m of another shape.
+    let mut t = tensors(&b, false, false);
+    t[0].m = &b[1].m;
+    let err = mt.adamw_step(&t, &s, plain).unwrap_err().to_string();
+    assert!(err.contains("theta") && err.contains('m'), "{err}");
+    // An EMA blend without EMA buffers.
+    let with_ema = StepOptions {
+        ema_beta: Some(0.9),
+        ..plain
+    };
+    let err = mt
+        .adamw_step(&tensors(&b, false, false), &s, with_ema)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("EMA"), "{err}");
+    // bf16 master weights.
+    let bf = Var::from_tensor(&b[0].theta.as_tensor().to_dtype(DType::BF16).unwrap()).unwrap();
+    let mut t = tensors(&b, false, false);
+    t[0].theta = &bf;
+    let err = mt.adamw_step(&t, &s, plain).unwrap_err().to_string();
+    assert!(err.contains("theta") && err.contains("f32"), "{err}");
+    // Nothing was written by the refused calls.
+    assert_eq!(host(b[0].theta.as_tensor()), values(7, 0, 0.5));
+}
+
+/// The device check: every kernel on the GPU against the CPU, on the same inputs.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_kernels_equal_the_cpu_bit_for_bit() {
+    let Ok(gpu) = Device::new_cuda(0) else {
+        eprintln!("cuda_kernels_equal_the_cpu_bit_for_bit: SKIPPED (no CUDA device)");
+        return;
+    };
+    let s = scalars();
+    for grad_dtype in [DType::F32, DType::BF16] {
+        for (ema, param, grad_scale) in [(false, false, 1.0f32), (true, true, 0.5)] {
+            let (c, g) = (buffers(&Device::Cpu, grad_dtype), buffers(&gpu, grad_dtype));
+            let opts = StepOptions {
+                grad_scale,
+                ema_beta: ema.then_some(0.99),
+            };
+            MultiTensor::new()
+                .adamw_step(&tensors(&c, ema, param), &s, opts)
+                .unwrap();
+            MultiTensor::new()
+                .adamw_step(&tensors(&g, ema, param), &s, opts)
+                .unwrap();
+            for (c, g) in c.iter().zip(&g) {
+                for (name, a, b) in [
+                    ("theta", &c.theta, &g.theta),
+                    ("m", &c.m, &g.m),
+                    ("v", &c.v, &g.v),
+                    ("ema", &c.ema, &g.ema),
+                    ("param", &c.param, &g.param),
+                ] {
+                    assert_eq!(
+                        host(a.as_tensor()),
+                        host(b.as_tensor()),
+                        "{name}: grad {grad_dtype:?} ema={ema} param={param}"
+                    );
+                }
+            }
+        }
+    }
+    let (c, g) = (buffers(&Device::Cpu, DType::F32), buffers(&gpu, DType::F32));
+    for b in [&c, &g] {
+        let pairs: Vec<(&Var, &Tensor)> = b.iter().map(|b| (&b.ema, b.theta.as_tensor())).collect();
+        MultiTensor::new().ema_blend(&pairs, 0.9).unwrap();
+    }
+    for (c, g) in c.iter().zip(&g) {
+        assert_eq!(
+            host(c.ema.as_tensor()),
+            host(g.ema.as_tensor()),
+            "ema_blend"
+        );
+    }
+}

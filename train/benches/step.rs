@@ -1,0 +1,208 @@
+//! Training and generation speed on the SmolLM2-135M shape (random init: the speed does not
+//! depend on the weights), the figures PyTorch's baselines measure:
+//!
+//! - a training step (forward, backward, AdamW) on `--batch` x `--seq` random tokens, loss
+//!   on every token, f32 and bf16 (bf16 on CUDA only): tokens/s and the time of each phase;
+//! - greedy generation, `--gen-batch` prompts of 64 random tokens + 64 new tokens.
+//!
+//! Defaults: 16 x 512 and batch 64 on a GPU (torch_baseline.py's shapes), 4 x 128 and batch
+//! 8 on the CPU (torch_cpu_baseline.py's). `--torch FILE` prints PyTorch's figures beside
+//! ours; `--json FILE` writes ours. `just bench` runs it.
+
+use basin_lm::batch::{loss, Batch};
+use basin_lm::generate::{generate, GenerateOptions};
+use basin_lm::llama::{random_weights, Llama, LlamaConfig, Pass};
+use basin_lm::rng::SplitMix64;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use std::time::Instant;
+use train::config::TrainConfig;
+use train::state::TrainState;
+
+fn smollm2() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        rope_theta: 100000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+        max_position_embeddings: 2048,
+    }
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn random_ids(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect()
+}
+
+#[derive(Default)]
+struct Phases {
+    forward: f64,
+    backward: f64,
+    optimizer: f64,
+}
+
+/// Mean seconds of one training step over `iters` steps after `warm`, by phase.
+fn train_step(
+    dev: &Device,
+    dtype: DType,
+    b: usize,
+    t: usize,
+    iters: usize,
+) -> anyhow::Result<(f64, Phases)> {
+    let cfg = smollm2();
+    let varmap = random_weights(&cfg, 0, dtype, dev)?;
+    let model = Llama::new(&cfg, VarBuilder::from_varmap(&varmap, dtype, dev))?;
+    let mut state = TrainState::new(&varmap, false)?;
+    let config = TrainConfig::default();
+    let ids = random_ids(b * t, 1, cfg.vocab_size);
+    let rows: Vec<(&[u32], usize)> = ids.chunks(t).map(|r| (r, 0)).collect();
+    let batch = Batch::new(&rows, 0, dtype, dev)?;
+    let warm = 2;
+    let mut p = Phases::default();
+    let mut total = 0.0;
+    for i in 0..warm + iters {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        let l = loss(&model, &batch, Pass::Train)?;
+        dev.synchronize()?;
+        let t1 = Instant::now();
+        let grads = l.backward()?;
+        dev.synchronize()?;
+        let t2 = Instant::now();
+        state.accumulate(&grads)?;
+        drop(grads);
+        let norm = state.grad_norm()?;
+        state.step(&config, 1e-5, i + 1, norm)?;
+        dev.synchronize()?;
+        let t3 = Instant::now();
+        if i >= warm {
+            p.forward += (t1 - t0).as_secs_f64() / iters as f64;
+            p.backward += (t2 - t1).as_secs_f64() / iters as f64;
+            p.optimizer += (t3 - t2).as_secs_f64() / iters as f64;
+            total += (t3 - t0).as_secs_f64() / iters as f64;
+        }
+    }
+    Ok((total, p))
+}
+
+/// New tokens/s of greedy generation: `b` prompts of 64 tokens, 64 new tokens each.
+fn generation(dev: &Device, b: usize) -> anyhow::Result<f64> {
+    let cfg = smollm2();
+    let varmap = random_weights(&cfg, 0, DType::F32, dev)?;
+    let model = Llama::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+    let prompts: Vec<Vec<u32>> = (0..b)
+        .map(|i| random_ids(64, 10 + i as u64, cfg.vocab_size))
+        .collect();
+    let rows: Vec<usize> = (0..b).collect();
+    let opts = GenerateOptions {
+        max_new_tokens: 64,
+        sampling: None,
+        stop: vec![],
+        pad_id: 0,
+    };
+    generate(
+        &model,
+        &prompts[..1],
+        &rows[..1],
+        &GenerateOptions {
+            max_new_tokens: 4,
+            ..opts.clone()
+        },
+    )?;
+    dev.synchronize()?;
+    let t0 = Instant::now();
+    let out = generate(&model, &prompts, &rows, &opts)?;
+    dev.synchronize()?;
+    let new: usize = out.iter().map(|g| g.tokens.len()).sum();
+    Ok(new as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn main() -> anyhow::Result<()> {
+    let dev = if std::env::args().any(|a| a == "--cpu") {
+        Device::Cpu
+    } else {
+        Device::cuda_if_available(0)?
+    };
+    let gpu = dev.is_cuda();
+    let num = |name: &str, gpu_default: usize, cpu_default: usize| -> anyhow::Result<usize> {
+        Ok(
+            arg(name).map_or(Ok(if gpu { gpu_default } else { cpu_default }), |v| {
+                v.parse()
+            })?,
+        )
+    };
+    let (b, t) = (num("--batch", 16, 4)?, num("--seq", 512, 128)?);
+    let iters = num("--iters", 10, 3)?;
+    let gen_batch = num("--gen-batch", 64, 8)?;
+    let torch: Option<serde_json::Value> = arg("--torch")
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let mut report = serde_json::json!({"device": format!("{dev:?}"), "batch": b, "seq": t});
+    println!(
+        "{:<40} {:>12} {:>12} {:>7}",
+        "figure", "ours", "PyTorch", "ratio"
+    );
+    let row = |name: &str, ours: f64, torch_key: &str| {
+        let theirs = torch.as_ref().and_then(|j| j[torch_key].as_f64());
+        let (ts, ratio) = theirs.map_or(("-".to_string(), "-".to_string()), |x| {
+            (format!("{x:.0}"), format!("{:.2}x", ours / x))
+        });
+        println!("{name:<40} {ours:>12.0} {ts:>12} {ratio:>7}");
+    };
+    let dtypes: &[(DType, &str)] = if gpu {
+        &[(DType::F32, "f32"), (DType::BF16, "bf16")]
+    } else {
+        &[(DType::F32, "f32")]
+    };
+    for &(dtype, name) in dtypes {
+        let (secs, p) = train_step(&dev, dtype, b, t, iters)?;
+        let tok_s = (b * t) as f64 / secs;
+        let key = if gpu {
+            format!("hf_train_{name}_b{b}_s{t}_tok_s")
+        } else {
+            format!("train_{name}_b{b}_s{t}_tok_s")
+        };
+        row(&format!("train {name} {b}x{t} tokens/s"), tok_s, &key);
+        println!(
+            "  step {:.1} ms: forward {:.1}, backward {:.1}, optimizer (accumulate, norm, AdamW) {:.1}",
+            secs * 1e3,
+            p.forward * 1e3,
+            p.backward * 1e3,
+            p.optimizer * 1e3
+        );
+        report[format!("train_{name}")] = serde_json::json!({"tokens_per_s": tok_s, "step_ms": secs * 1e3,
+            "forward_ms": p.forward * 1e3, "backward_ms": p.backward * 1e3, "optimizer_ms": p.optimizer * 1e3});
+    }
+    for gb in [1, gen_batch] {
+        let tok_s = generation(&dev, gb)?;
+        let key = if gpu {
+            format!("hf_generate_f32_b{gb}_tok_s")
+        } else {
+            format!("generate_f32_b{gb}_new32_tok_s")
+        };
+        row(
+            &format!("generate f32 batch {gb} new tokens/s"),
+            tok_s,
+            &key,
+        );
+        report[format!("generate_f32_b{gb}")] = tok_s.into();
+    }
+    if let Some(path) = arg("--json") {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
