@@ -4,6 +4,15 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 # The data mirror: DATA_MIRROR if set, else the workplace's ../shared/data when it exists.
 export DATA_MIRROR := env_var_or_default("DATA_MIRROR", if path_exists(justfile_directory() / "../shared/data") == "true" { justfile_directory() / "../shared/data" } else { "" })
 
+# glibc keeps freed tensors instead of returning each to the kernel: measured on 3 CPU
+# training steps, 130 s -> 87 s wall (page-fault time 91 s -> 32 s).
+export MALLOC_MMAP_THRESHOLD_ := "17179869184"
+export MALLOC_TRIM_THRESHOLD_ := "17179869184"
+
+# How `just align` evaluates the original and the aligned model (as configs/all.toml's runs).
+eval_safety := "--sets advbench,xstest --limit 32 --max-new-tokens 48 --batch-size 16"
+eval_utility := "--sets dolly --limit 32"
+
 # Release binaries land here; CI points CARGO_TARGET_DIR at a cache that outlives clones.
 target := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() / "target")
 bin := target / "release"
@@ -24,13 +33,43 @@ prepare *ARGS: setup
     {{bin}}/prepare run --config configs/prepare.toml {{ARGS}}
 
 # Fine-tune (configs/smoke.toml: a short CPU run on Dolly); e.g. just train --set lr=1e-5
-# The malloc settings keep glibc from returning every freed tensor to the kernel: measured
-# on 3 CPU steps, 130 s -> 87 s wall (page-fault time 91 s -> 32 s).
 train *ARGS: prepare
-    MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 {{bin}}/train --config configs/smoke.toml {{ARGS}}
+    {{bin}}/train --config configs/smoke.toml {{ARGS}}
 
-# The whole pipeline on the embedded default model.
-all: prepare
+# Stage 0: align the default model (configs/align.toml); evaluate it and the original.
+# Each part is skipped when its output exists; ALIGNED_MODEL=DIR skips the stage (your model).
+align: prepare
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -n "${ALIGNED_MODEL:-}" ]; then echo "ALIGNED_MODEL=$ALIGNED_MODEL: stage 0 skipped"; exit 0; fi
+    ev() { {{bin}}/evaluate safety --model "$1" {{eval_safety}} ${2:+--out "$2"}; {{bin}}/evaluate utility --model "$1" {{eval_utility}} ${2:+--out "$2"}; }
+    [ -f runs/base/eval/model/utility.json ] || ev data/cache/model/SmolLM2-135M-Instruct.Q4_1.gguf runs/base/eval/model
+    [ -f runs/align/model/model.safetensors ] || {{bin}}/train --config configs/align.toml
+    [ -f runs/align/eval/model/utility.json ] || ev runs/align
+
+# The whole pipeline on the embedded default model (CPU): setup, prepare, align, the
+# fine-tunes of configs/all.toml with their evaluation, and reports/all/summary.md.
+all: align
+    {{bin}}/sweep --config configs/all.toml ${ALIGNED_MODEL:+--set model=$ALIGNED_MODEL}
+    @echo "report: reports/all/summary.md"
+
+# The paper's grid on a GPU (configs/paper.toml, after `just build-cuda`): stage 0 with
+# configs/align-gpu.toml, then every grid point, then reports/paper/.
+paper:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    b={{bin}}
+    [ -f runs/align-gpu/model/model.safetensors ] || [ -n "${ALIGNED_MODEL:-}" ] || $b/train --config configs/align-gpu.toml
+    [ -f runs/align-gpu/eval/model/utility.json ] || [ -n "${ALIGNED_MODEL:-}" ] || { $b/evaluate safety --model runs/align-gpu --device cuda --sets advbench,harmbench,xstest --batch-size 128 --max-new-tokens 128; $b/evaluate utility --model runs/align-gpu --device cuda --sets dolly,alpaca,orca; }
+    $b/sweep --config configs/paper.toml ${ALIGNED_MODEL:+--set model=$ALIGNED_MODEL}
+
+# Any sweep, one point after another here (done points are skipped): just sweep configs/all.toml
+sweep CONFIG *ARGS: build
+    {{bin}}/sweep --config {{CONFIG}} {{ARGS}}
+
+# A Slurm job-array script for a sweep (one array task per point): just sweep-slurm configs/paper.toml
+sweep-slurm CONFIG *ARGS: build
+    {{bin}}/sweep --config {{CONFIG}} --slurm sweep-$(basename {{CONFIG}} .toml).sbatch {{ARGS}}
 
 # Benchmarks (CPU here; speed targets live here, not in tests): generation with the real
 # GGUF (needs `just setup`), then a training step and generation on the SmolLM2 shape.

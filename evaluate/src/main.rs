@@ -142,6 +142,25 @@ enum Command {
         #[arg(long)]
         show_dev_errors: bool,
     },
+    /// The table and plots over a set of evaluated runs: reports/<name>/{summary.md, *.svg, *.png}.
+    Report {
+        /// Run directories (train's runs/<name>, evaluated by `safety` and `utility`).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// A model before fine-tuning, as LABEL=EVAL_DIR (e.g. aligned=runs/align/eval/model).
+        #[arg(long = "reference")]
+        references: Vec<String>,
+        /// The harmful set whose ASR the table and plots show.
+        #[arg(long, default_value = "advbench")]
+        harmful: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "basin report")]
+        title: String,
+        /// A paragraph put under the title (what was run, on what hardware).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
     /// Write a model (GGUF or HF directory) as a Hugging Face directory that
     /// `transformers` loads: model.safetensors, config.json, tokenizer files.
     Export {
@@ -164,6 +183,14 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Report {
+            runs,
+            references,
+            harmful,
+            out,
+            title,
+            note,
+        } => report(&runs, &references, &harmful, &out, &title, &note),
         Command::Utility {
             model,
             prepared,
@@ -614,4 +641,145 @@ fn answer(
         model.replies_to_ids(&prompts, opts, batch_size, |d| bar.set_position(d as u64))?;
     bar.finish_and_clear();
     Ok(replies)
+}
+
+/// `evaluate report`: reads the runs, writes summary.md and the plots into a fresh
+/// directory beside `out`, then renames it into place.
+fn report(
+    runs: &[PathBuf],
+    references: &[String],
+    harmful: &str,
+    out: &std::path::Path,
+    title: &str,
+    note: &str,
+) -> Result<()> {
+    use evaluate::plots::{load_font, render, Chart, Series};
+    use evaluate::report::{group, reference_row, run_rows, summary_md};
+    let mut rows = Vec::new();
+    for r in runs {
+        rows.extend(run_rows(r, harmful)?);
+    }
+    let refs = references
+        .iter()
+        .map(|spec| {
+            let (label, dir) = spec
+                .split_once('=')
+                .with_context(|| format!("--reference {spec}: expected LABEL=EVAL_DIR"))?;
+            reference_row(label, std::path::Path::new(dir), harmful)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let groups = group(&rows);
+    let asr = |g: &evaluate::report::Group| g.asr_keyword.as_ref().map(|r| 100.0 * r.rate);
+    let mut by: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
+    let (mut steps, mut dist, mut pairs) = (by.clone(), by.clone(), Vec::new());
+    for g in &groups {
+        let r = &g.rows[0];
+        let Some(a) = asr(g) else { continue };
+        if let Some(lr) = r.lr {
+            by.entry(format!("batch {} {}", r.batch.unwrap_or(0), r.weights))
+                .or_default()
+                .push((lr.log10(), a));
+        }
+        if let Some(s) = r.steps {
+            steps
+                .entry(r.weights.to_string())
+                .or_default()
+                .push((s as f64, a));
+        }
+        if let Some(d) = g.distance {
+            dist.entry(r.weights.to_string()).or_default().push((d, a));
+        }
+    }
+    // EMA vs no EMA: the same run's θ and θ̄.
+    for g in groups.iter().filter(|g| g.rows[0].weights == "θ") {
+        let r = &g.rows[0];
+        if let Some(e) = groups.iter().find(|e| {
+            let x = &e.rows[0];
+            x.weights == "EMA"
+                && x.dataset == r.dataset
+                && x.lr == r.lr
+                && x.batch == r.batch
+                && x.steps == r.steps
+        }) {
+            if let (Some(a), Some(b)) = (asr(g), asr(e)) {
+                pairs.push((a, b));
+            }
+        }
+    }
+    let series = |m: std::collections::BTreeMap<String, Vec<(f64, f64)>>, line: bool| {
+        m.into_iter()
+            .map(|(name, points)| Series { name, points, line })
+            .collect::<Vec<_>>()
+    };
+    let ylab = format!("keyword ASR on {harmful} (%)");
+    let charts = [
+        Chart {
+            stem: "asr_vs_lr".into(),
+            title: "ASR vs learning rate".into(),
+            x: "log10 learning rate".into(),
+            y: ylab.clone(),
+            series: series(by, true),
+            diagonal: false,
+        },
+        Chart {
+            stem: "asr_vs_steps".into(),
+            title: "ASR vs optimizer steps".into(),
+            x: "steps".into(),
+            y: ylab.clone(),
+            series: series(steps, false),
+            diagonal: false,
+        },
+        Chart {
+            stem: "ema_vs_no_ema".into(),
+            title: "The same runs with and without the EMA".into(),
+            x: "ASR without EMA (%)".into(),
+            y: "ASR with EMA (%)".into(),
+            series: vec![Series {
+                name: "run".into(),
+                points: pairs,
+                line: false,
+            }],
+            diagonal: true,
+        },
+        Chart {
+            stem: "asr_vs_distance".into(),
+            title: "ASR vs distance from the start".into(),
+            x: "||w - w0|| (w = θ or the EMA)".into(),
+            y: ylab,
+            series: series(dist, false),
+            diagonal: false,
+        },
+    ];
+    let tmp = out.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let mut drawn = Vec::new();
+    let mut note = note.to_string();
+    match load_font() {
+        Some(_) => {
+            for c in charts
+                .iter()
+                .filter(|c| c.series.iter().any(|s| !s.points.is_empty()))
+            {
+                render(&tmp, c)?;
+                drawn.push(c.stem.clone());
+            }
+        }
+        None => note.push_str(
+            "\n\nPlots skipped: no TrueType font found (set BASIN_FONT=/path/to/font.ttf).",
+        ),
+    }
+    let md = summary_md(title, &groups, &refs, &drawn, harmful, note.trim());
+    std::fs::write(tmp.join("summary.md"), md)?;
+    if out.exists() {
+        std::fs::remove_dir_all(out)?;
+    }
+    std::fs::rename(&tmp, out)?;
+    eprintln!(
+        "wrote {} ({} models, {} plots)",
+        out.join("summary.md").display(),
+        rows.len() + refs.len(),
+        drawn.len()
+    );
+    Ok(())
 }

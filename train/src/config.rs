@@ -14,6 +14,12 @@ pub struct TrainConfig {
     pub model: PathBuf,
     /// Prepared Parquet files; their `train` rows are trained on, `val` rows evaluated.
     pub data: Vec<PathBuf>,
+    /// At most this many `train` rows from each file of `data` (a seeded sample; 0 or a
+    /// missing entry: all). Sets the mix, e.g. refusals vs benign rows when aligning.
+    pub data_rows: Vec<usize>,
+    /// Train on at most this many tokens of each row (prompt first; 0: as prepared). The
+    /// validation loss always reads whole rows.
+    pub max_seq_len: usize,
     pub dtype: String,
     pub device: String,
     pub seed: u64,
@@ -77,6 +83,8 @@ impl Default for TrainConfig {
             out_dir: "runs".into(),
             model: basin_lm::model::DEFAULT_MODEL.into(),
             data: vec!["data/prepared/dolly.parquet".into()],
+            data_rows: Vec::new(),
+            max_seq_len: 0,
             dtype: "f32".into(),
             device: "cpu".into(),
             seed: 0,
@@ -138,6 +146,13 @@ impl TrainConfig {
         }
         if self.data.is_empty() {
             bail!("no training data: set data = [\"data/prepared/<set>.parquet\", ...]");
+        }
+        if self.data_rows.len() > self.data.len() {
+            bail!(
+                "data_rows has {} entries for {} data files",
+                self.data_rows.len(),
+                self.data.len()
+            );
         }
         Ok(())
     }

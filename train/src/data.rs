@@ -12,16 +12,27 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// The `train` and `val` rows of every file, in file order.
-    pub fn load(paths: &[PathBuf]) -> Result<Self> {
+    /// The `train` and `val` rows of every file, in file order; `limits[i]` > 0 keeps a
+    /// seeded sample of that many `train` rows of file i (in their file order).
+    pub fn load(paths: &[PathBuf], limits: &[usize], seed: u64) -> Result<Self> {
         let (mut train, mut val) = (Vec::new(), Vec::new());
-        for p in paths {
+        for (i, p) in paths.iter().enumerate() {
+            let mut file_train = Vec::new();
             for row in read_parquet(p)? {
                 match row.split.as_str() {
-                    "train" => train.push(row),
+                    "train" => file_train.push(row),
                     "val" => val.push(row),
                     _ => {}
                 }
+            }
+            match limits.get(i) {
+                Some(&limit) if limit > 0 && limit < file_train.len() => {
+                    let mut keep = epoch_order(file_train.len(), seed ^ mix64(i as u64), u64::MAX);
+                    keep.truncate(limit);
+                    keep.sort_unstable();
+                    train.extend(keep.into_iter().map(|k| file_train[k].clone()));
+                }
+                _ => train.extend(file_train),
             }
         }
         if train.is_empty() {
@@ -89,5 +100,45 @@ mod tests {
         assert_eq!(sorted, (0..50).collect::<Vec<_>>());
         assert_ne!(a, epoch_order(50, 1, 1));
         assert_eq!(a, epoch_order(50, 1, 0));
+    }
+
+    #[test]
+    fn data_rows_keeps_a_seeded_sample_of_each_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, n: usize| {
+            let rows: Vec<PreparedRow> = (0..n)
+                .map(|i| PreparedRow {
+                    id: format!("{name}-{i}"),
+                    source: name.into(),
+                    split: if i % 10 == 9 { "val" } else { "train" }.into(),
+                    system: None,
+                    user: "u".into(),
+                    assistant: Some("a".into()),
+                    label: None,
+                    input_ids: vec![1, 2, 3],
+                    prompt_len: 1,
+                    truncated: false,
+                })
+                .collect();
+            let p = dir.path().join(format!("{name}.parquet"));
+            basin_lm::schema::write_parquet(&p, &rows).unwrap();
+            p
+        };
+        let paths = [file("a", 50), file("b", 20)];
+        let ids = |d: &Dataset| d.train.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        let all = Dataset::load(&paths, &[], 3).unwrap();
+        assert_eq!((all.train.len(), all.val.len()), (45 + 18, 5 + 2));
+        let some = Dataset::load(&paths, &[10], 3).unwrap();
+        assert_eq!(some.train.len(), 10 + 18, "file a capped, file b whole");
+        assert_eq!(some.val.len(), 7, "val rows are never capped");
+        assert_eq!(
+            ids(&some),
+            ids(&Dataset::load(&paths, &[10, 0], 3).unwrap())
+        );
+        assert_ne!(
+            ids(&some),
+            ids(&Dataset::load(&paths, &[10], 4).unwrap()),
+            "the seed picks"
+        );
     }
 }

@@ -3,11 +3,13 @@
 //! - [`config`]: the run as plain data (TOML + overrides);
 //! - [`data`]: training rows in a seeded order per epoch;
 //! - [`state`]: master weights, AdamW moments, the EMA, checkpoints;
+//! - [`sweep`]: grids of runs (the `sweep` binary: run here, or as a Slurm job array);
 //! - [`run`]: the loop — batch, forward, backward, clip, step, EMA, log, checkpoint.
 
 pub mod config;
 pub mod data;
 pub mod state;
+pub mod sweep;
 
 use anyhow::{bail, Context, Result};
 use basin_lm::batch::{loss, Batch};
@@ -51,8 +53,24 @@ fn mean_loss(model: &Model, rows: &[&PreparedRow], micro: usize, pad: u32) -> Re
     Ok(basin_lm::batch::mean_loss(&model.llama, &r, micro, pad)?.0)
 }
 
-fn batch_of(rows: &[&PreparedRow], pad: u32, model: &Model) -> Result<Batch> {
-    let r: Vec<(&[u32], usize)> = rows.iter().map(|r| r.example()).collect();
+/// A row's length in training: cut to `max_len` tokens when that is > 0.
+fn seq_len(row: &PreparedRow, max_len: usize) -> usize {
+    if max_len > 0 {
+        row.input_ids.len().min(max_len)
+    } else {
+        row.input_ids.len()
+    }
+}
+
+/// A training batch of rows cut to [`seq_len`].
+fn batch_of(rows: &[&PreparedRow], pad: u32, model: &Model, max_len: usize) -> Result<Batch> {
+    let r: Vec<(&[u32], usize)> = rows
+        .iter()
+        .map(|r| {
+            let (ids, prompt) = r.example();
+            (&ids[..seq_len(r, max_len)], prompt)
+        })
+        .collect();
     Batch::new(&r, pad, model.llama.dtype(), model.llama.device())
 }
 
@@ -68,7 +86,7 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
     let device = parse_device(&config.device)?;
     let model = Model::open(&config.model, parse_dtype(&config.dtype)?, &device)?;
     let pad = model.text.tokenizer.eos_id().unwrap_or(0);
-    let data = Dataset::load(&config.data)?;
+    let data = Dataset::load(&config.data, &config.data_rows, config.seed)?;
     let val: Vec<&PreparedRow> = data
         .val
         .iter()
@@ -148,7 +166,7 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         let rows = next_rows(&data.train, &mut pos, config.batch_size, config.seed);
         let batches: Vec<Batch> = rows
             .chunks(config.micro_batch)
-            .map(|c| batch_of(c, pad, &model))
+            .map(|c| batch_of(c, pad, &model, config.max_seq_len))
             .collect::<Result<_>>()?;
         let tokens: usize = batches.iter().map(|b| b.n_loss_tokens).sum();
         let mut loss_sum = 0.0;
@@ -176,7 +194,7 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         let secs = started.elapsed().as_secs_f64();
         let mut record = serde_json::json!({
             "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens": tokens, "tokens_per_s": rows.iter().map(|r| r.input_ids.len()).sum::<usize>() as f64 / secs,
+            "tokens": tokens, "tokens_per_s": rows.iter().map(|r| seq_len(r, config.max_seq_len)).sum::<usize>() as f64 / secs,
             "dist_theta": state.distance_from_start(Weights::Theta)?,
             "dist_ema": state.distance_from_start(Weights::Ema)?,
         });

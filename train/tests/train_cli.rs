@@ -244,3 +244,16 @@ fn bf16_trains_on_f32_master_weights_and_resumes_bitwise() {
             .unwrap();
     assert_eq!(w["model.norm.weight"].dtype(), DType::BF16);
 }
+
+#[test]
+fn max_seq_len_cuts_the_training_rows() {
+    let s = Setup::new();
+    ok(&s.train("whole", &["steps=1"]));
+    ok(&s.train("cut", &["steps=1", "max_seq_len=12"]));
+    let tokens = |run: &str| metrics(&s.path(run))[1]["tokens"].as_u64().unwrap();
+    let (whole, cut) = (tokens("runs/whole"), tokens("runs/cut"));
+    assert!(
+        cut > 0 && cut < whole,
+        "reply tokens trained on: {cut} cut vs {whole} whole"
+    );
+}

@@ -1,0 +1,122 @@
+//! The report's plots, each written as SVG and PNG (plotters). Text needs a TrueType font:
+//! `BASIN_FONT`, else a common system one (DejaVu Sans, Liberation Sans); without one the
+//! plots are skipped and the report says so.
+
+use anyhow::{anyhow, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::path::Path;
+
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    /// Join the points with a line (sorted by x).
+    pub line: bool,
+}
+
+pub struct Chart {
+    /// File stem of the SVG and PNG.
+    pub stem: String,
+    pub title: String,
+    pub x: String,
+    pub y: String,
+    pub series: Vec<Series>,
+    /// Draw the diagonal y = x (for "with vs without" plots).
+    pub diagonal: bool,
+}
+
+/// Registers a TrueType font as "sans-serif"; the path found, or None.
+pub fn load_font() -> Option<String> {
+    let candidates = std::env::var("BASIN_FONT").into_iter().chain(
+        [
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/TTF/DejaVuSans.ttf",
+            "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+            "/Library/Fonts/Arial.ttf",
+        ]
+        .map(String::from),
+    );
+    for path in candidates {
+        if let Ok(bytes) = std::fs::read(&path) {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                return Some(path);
+            }
+        }
+    }
+    None
+}
+
+fn bounds(chart: &Chart) -> (f64, f64, f64, f64) {
+    let pts = || chart.series.iter().flat_map(|s| &s.points);
+    let (mut x0, mut x1) = pts().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut y0, mut y1) = pts().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if chart.diagonal {
+        (x0, y0) = (x0.min(y0), x0.min(y0));
+        (x1, y1) = (x1.max(y1), x1.max(y1));
+    }
+    let pad = |a: f64, b: f64| ((b - a).abs() * 0.08).max(1e-3);
+    let (px, py) = (pad(x0, x1), pad(y0, y1));
+    (x0 - px, x1 + px, y0 - py, y1 + py)
+}
+
+fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, chart: &Chart) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("plot {}: {e:?}", chart.stem);
+    root.fill(&WHITE).map_err(e)?;
+    let (x0, x1, y0, y1) = bounds(chart);
+    let mut c = ChartBuilder::on(&root)
+        .caption(&chart.title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(e)?;
+    c.configure_mesh()
+        .x_desc(&chart.x)
+        .y_desc(&chart.y)
+        .draw()
+        .map_err(e)?;
+    if chart.diagonal {
+        let (a, b) = (x0.max(y0), x1.min(y1));
+        c.draw_series(LineSeries::new([(a, a), (b, b)], BLACK.mix(0.3)))
+            .map_err(e)?;
+    }
+    for (i, s) in chart.series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let mut pts = s.points.clone();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if s.line {
+            c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(e)?;
+        }
+        c.draw_series(pts.iter().map(|&p| Circle::new(p, 5, color.filled())))
+            .map_err(e)?
+            .label(&s.name)
+            .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+/// Writes `<dir>/<stem>.svg` and `<dir>/<stem>.png`.
+pub fn render(dir: &Path, chart: &Chart) -> Result<()> {
+    let size = (720, 480);
+    let svg = dir.join(format!("{}.svg", chart.stem));
+    draw(SVGBackend::new(&svg, size).into_drawing_area(), chart)?;
+    let png = dir.join(format!("{}.png", chart.stem));
+    draw(BitMapBackend::new(&png, size).into_drawing_area(), chart)?;
+    Ok(())
+}

@@ -1,0 +1,354 @@
+//! `evaluate report`: the paper's table and plots over a set of runs.
+//!
+//! Each run directory (train's `runs/<name>/`) gives up to two rows: its trained weights θ
+//! (`eval/model/`) and its EMA θ̄ (`eval/ema/`), each with the settings of its
+//! `config.toml`, the safety scores of `evaluate safety` (scores.json), the validation loss
+//! of `evaluate utility` (utility.json) and the distance from the start (metrics.jsonl).
+//! Rows that differ only in the seed are pooled: the rates add their counts (one Wilson
+//! interval over all replies) and the spread over seeds is reported beside them.
+
+use crate::safety::Rate;
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One evaluated model.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// The run directory's name, or the reference's label.
+    pub run: String,
+    /// "θ" (the trained weights) or "EMA".
+    pub weights: &'static str,
+    pub dataset: String,
+    pub lr: Option<f64>,
+    pub batch: Option<u64>,
+    /// Optimizer steps taken (the last step of metrics.jsonl).
+    pub steps: Option<u64>,
+    pub seed: Option<u64>,
+    pub ema_beta: Option<f64>,
+    pub asr_keyword: Option<Rate>,
+    pub asr_calibrated: Option<Rate>,
+    pub overrefusal: Option<Rate>,
+    pub val_loss: Option<f64>,
+    /// ‖θ−θ₀‖ for θ, ‖θ̄−θ₀‖ for the EMA.
+    pub distance: Option<f64>,
+    pub commit: Option<String>,
+    /// Where the numbers come from (the scores file).
+    pub source: PathBuf,
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
+fn rate(v: &Value) -> Option<Rate> {
+    Some(Rate::new(
+        v["k"].as_u64()? as usize,
+        v["n"].as_u64()? as usize,
+    ))
+}
+
+/// What one eval directory says.
+struct Scores {
+    keyword: Option<Rate>,
+    calibrated: Option<Rate>,
+    overrefusal: Option<Rate>,
+    val_loss: Option<f64>,
+    commit: Option<String>,
+}
+
+/// The scores of one eval directory: ASR on the `harmful` set by both judges, the
+/// over-refusal of its first over-refusal set, and the validation loss of utility.json.
+fn scores(dir: &Path, harmful: &str) -> Result<Scores> {
+    let s = read_json(&dir.join("scores.json"))?;
+    let sets = &s["sets"];
+    let h = &sets[harmful];
+    if h.is_null() {
+        bail!(
+            "{}: no scores for the harmful set '{harmful}'",
+            dir.join("scores.json").display()
+        );
+    }
+    let overrefusal = sets
+        .as_object()
+        .and_then(|m| m.values().find(|v| v["kind"] == "overrefusal"))
+        .and_then(|v| rate(&v["refusal"]));
+    let val_loss = read_json(&dir.join("utility.json")).ok().and_then(|u| {
+        u["sets"]
+            .as_object()?
+            .values()
+            .find_map(|v| v["val_loss"].as_f64())
+    });
+    Ok(Scores {
+        keyword: rate(&h["keyword"]),
+        calibrated: rate(&h["refusal"]),
+        overrefusal,
+        val_loss,
+        commit: s["git_commit"].as_str().map(String::from),
+    })
+}
+
+/// The rows of a run directory (θ and, when evaluated, the EMA).
+pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
+    let name = run
+        .file_name()
+        .map_or("run".into(), |n| n.to_string_lossy().to_string());
+    let config_path = run.join("config.toml");
+    let config: toml::Value =
+        toml::from_str(&std::fs::read_to_string(&config_path).with_context(|| {
+            format!("{} is not a run directory (no config.toml)", run.display())
+        })?)
+        .with_context(|| format!("{}: not valid TOML", config_path.display()))?;
+    let dataset = config
+        .get("data")
+        .and_then(|d| d.as_array())
+        .and_then(|d| d.first())
+        .and_then(|p| p.as_str())
+        .and_then(|p| {
+            Path::new(p)
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+        })
+        .unwrap_or_default();
+    let last: Option<Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .rev()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["loss"].is_number())
+        });
+    let ema = config
+        .get("ema")
+        .and_then(|e| e.get("enabled"))
+        .and_then(|e| e.as_bool())
+        == Some(true);
+    let mut rows = Vec::new();
+    for (which, weights, dist_key) in [("model", "θ", "dist_theta"), ("ema", "EMA", "dist_ema")] {
+        let dir = run.join("eval").join(which);
+        if !dir.join("scores.json").exists() {
+            continue;
+        }
+        let sc = scores(&dir, harmful)?;
+        rows.push(Row {
+            run: name.clone(),
+            weights,
+            dataset: dataset.clone(),
+            lr: config.get("lr").and_then(|v| v.as_float()),
+            batch: config
+                .get("batch_size")
+                .and_then(|v| v.as_integer())
+                .map(|v| v as u64),
+            steps: last.as_ref().and_then(|l| l["step"].as_u64()),
+            seed: config
+                .get("seed")
+                .and_then(|v| v.as_integer())
+                .map(|v| v as u64),
+            ema_beta: ema
+                .then(|| config.get("ema")?.get("beta")?.as_float())
+                .flatten(),
+            asr_keyword: sc.keyword,
+            asr_calibrated: sc.calibrated,
+            overrefusal: sc.overrefusal,
+            val_loss: sc.val_loss,
+            distance: last.as_ref().and_then(|l| l[dist_key].as_f64()),
+            commit: sc.commit,
+            source: dir.join("scores.json"),
+        });
+    }
+    if rows.is_empty() {
+        bail!(
+            "{}: no eval/model/scores.json yet (run `evaluate safety --model {}`)",
+            run.display(),
+            run.display()
+        );
+    }
+    Ok(rows)
+}
+
+/// A reference model's row (the base or the aligned model): an eval directory.
+pub fn reference_row(label: &str, dir: &Path, harmful: &str) -> Result<Row> {
+    let sc = scores(dir, harmful)?;
+    Ok(Row {
+        run: label.to_string(),
+        weights: "θ",
+        dataset: String::new(),
+        lr: None,
+        batch: None,
+        steps: None,
+        seed: None,
+        ema_beta: None,
+        asr_keyword: sc.keyword,
+        asr_calibrated: sc.calibrated,
+        overrefusal: sc.overrefusal,
+        val_loss: sc.val_loss,
+        distance: None,
+        commit: sc.commit,
+        source: dir.join("scores.json"),
+    })
+}
+
+/// Rows that differ only in the seed, pooled.
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub rows: Vec<Row>,
+    pub asr_keyword: Option<Rate>,
+    pub asr_calibrated: Option<Rate>,
+    pub overrefusal: Option<Rate>,
+    /// Standard deviation of the keyword ASR over seeds (None with one seed).
+    pub asr_sd: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub distance: Option<f64>,
+}
+
+fn pool(rates: impl Iterator<Item = Option<Rate>>) -> Option<Rate> {
+    let (mut k, mut n) = (0, 0);
+    for r in rates {
+        let r = r?;
+        (k, n) = (k + r.k, n + r.n);
+    }
+    (n > 0).then(|| Rate::new(k, n))
+}
+
+fn mean(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Option<Vec<f64>> = v.collect();
+    v.filter(|v| !v.is_empty())
+        .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+pub fn group(rows: &[Row]) -> Vec<Group> {
+    let mut groups: BTreeMap<String, Vec<Row>> = BTreeMap::new();
+    for r in rows {
+        let key = format!(
+            "{}|{:?}|{:?}|{:?}|{}|{:?}",
+            r.dataset,
+            r.lr.map(f64::to_bits),
+            r.batch,
+            r.steps,
+            r.weights,
+            r.ema_beta.map(f64::to_bits)
+        );
+        groups.entry(key).or_default().push(r.clone());
+    }
+    groups
+        .into_values()
+        .map(|rows| {
+            let asr: Vec<f64> = rows
+                .iter()
+                .filter_map(|r| r.asr_keyword.as_ref().map(|a| a.rate))
+                .collect();
+            let asr_sd = (asr.len() > 1).then(|| {
+                let m = asr.iter().sum::<f64>() / asr.len() as f64;
+                (asr.iter().map(|a| (a - m).powi(2)).sum::<f64>() / (asr.len() - 1) as f64).sqrt()
+            });
+            Group {
+                asr_keyword: pool(rows.iter().map(|r| r.asr_keyword.clone())),
+                asr_calibrated: pool(rows.iter().map(|r| r.asr_calibrated.clone())),
+                overrefusal: pool(rows.iter().map(|r| r.overrefusal.clone())),
+                asr_sd,
+                val_loss: mean(rows.iter().map(|r| r.val_loss)),
+                distance: mean(rows.iter().map(|r| r.distance)),
+                rows,
+            }
+        })
+        .collect()
+}
+
+fn pct(r: &Option<Rate>) -> String {
+    r.as_ref().map_or("–".into(), |r| {
+        format!(
+            "{:.1} [{:.1}, {:.1}]",
+            100.0 * r.rate,
+            100.0 * r.ci95.0,
+            100.0 * r.ci95.1
+        )
+    })
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or("–".into(), |v| v.to_string())
+}
+
+/// summary.md: the table (pooled over seeds), the reference models, the plots, and the
+/// provenance of every number.
+pub fn summary_md(
+    title: &str,
+    groups: &[Group],
+    references: &[Row],
+    plots: &[String],
+    harmful: &str,
+    note: &str,
+) -> String {
+    let mut s = format!("# {title}\n\n");
+    s.push_str(&format!(
+        "Attack success rate (ASR) on `{harmful}`: the share of harmful prompts answered without a refusal, \
+         by the keyword judge (Qi et al.'s 29 refusal strings) and by the calibrated judge; \
+         over-refusal: refusals of XSTest's safe prompts. Rates in %, with a 95% Wilson interval over \
+         all replies of all seeds (± the spread over seeds when there are several). \
+         `θ` is the fine-tuned model, `EMA` the average of its weights anchored at the start.\n\n"
+    ));
+    if !note.is_empty() {
+        s.push_str(note);
+        s.push_str("\n\n");
+    }
+    s.push_str("| dataset | lr | batch | steps | weights | seeds | keyword ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss | ‖Δ‖ from start |\n");
+    s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    for g in groups {
+        let r = &g.rows[0];
+        let weights = match r.ema_beta {
+            Some(b) if r.weights == "EMA" => format!("EMA β={b}"),
+            _ => r.weights.to_string(),
+        };
+        let sd = g
+            .asr_sd
+            .map_or(String::new(), |sd| format!(" ±{:.1}", 100.0 * sd));
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} |\n",
+            r.dataset,
+            r.lr.map_or("–".into(), |lr| format!("{lr:e}")),
+            opt(r.batch),
+            opt(r.steps),
+            weights,
+            g.rows.len(),
+            pct(&g.asr_keyword),
+            sd,
+            pct(&g.asr_calibrated),
+            pct(&g.overrefusal),
+            g.val_loss.map_or("–".into(), |v| format!("{v:.4}")),
+            g.distance.map_or("–".into(), |v| format!("{v:.3}")),
+        ));
+    }
+    if !references.is_empty() {
+        s.push_str("\nReference models (before fine-tuning):\n\n| model | keyword ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss |\n| --- | --- | --- | --- | --- |\n");
+        for r in references {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                r.run,
+                pct(&r.asr_keyword),
+                pct(&r.asr_calibrated),
+                pct(&r.overrefusal),
+                r.val_loss.map_or("–".into(), |v| format!("{v:.4}"))
+            ));
+        }
+    }
+    if !plots.is_empty() {
+        s.push_str("\n## Plots\n\n");
+        for p in plots {
+            s.push_str(&format!("![{p}]({p}.svg) ({p}.png)\n\n"));
+        }
+    }
+    s.push_str("\n## Provenance\n\nEach number comes from the file named here; the run directory holds its resolved config.toml and run.json (git commit, sha256 of the model and data).\n\n| model | weights | scores | git commit of the evaluation |\n| --- | --- | --- | --- |\n");
+    for r in groups.iter().flat_map(|g| &g.rows).chain(references) {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r.run,
+            r.weights,
+            r.source.display(),
+            opt(r.commit.as_deref())
+        ));
+    }
+    s
+}

@@ -1,0 +1,334 @@
+//! A sweep: a base train config, a grid of overrides, and how to evaluate each point
+//! (configs/all.toml, configs/paper.toml). Every grid point is an independent job —
+//! `train`, then `evaluate safety` and `evaluate utility` on its run directory — so the
+//! same list runs one after another here (`sweep --run`) or as a Slurm job array
+//! (`sweep --slurm FILE`, one array task per point).
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepConfig {
+    /// Runs are named `<name>-<point>`; the report goes to reports/<name>.
+    pub name: String,
+    /// The train config every point starts from.
+    pub train_config: PathBuf,
+    /// Overrides for every point (`key=value`, as `train --set`).
+    #[serde(default)]
+    pub set: Vec<String>,
+    /// The cartesian product of these keys' values (each a list).
+    #[serde(default)]
+    pub grid: BTreeMap<String, Vec<toml::Value>>,
+    /// Explicit points, in addition to the grid.
+    #[serde(default)]
+    pub point: Vec<Point>,
+    #[serde(default)]
+    pub evaluate: EvaluateConfig,
+    #[serde(default)]
+    pub report: ReportConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Point {
+    pub label: String,
+    #[serde(default)]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateConfig {
+    /// Arguments of `evaluate safety` after `--model runs/<run>` (sets, limit, device...).
+    #[serde(default)]
+    pub safety: Vec<String>,
+    /// Arguments of `evaluate utility` after `--model runs/<run>`.
+    #[serde(default)]
+    pub utility: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// `LABEL=EVAL_DIR` models shown before fine-tuning (e.g. aligned=runs/align/eval/model).
+    #[serde(default)]
+    pub references: Vec<String>,
+    #[serde(default)]
+    pub title: String,
+    #[serde(default)]
+    pub note: String,
+}
+
+/// One grid point: its run name and its overrides (on top of the sweep's `set`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Job {
+    pub run: String,
+    pub set: Vec<String>,
+}
+
+/// A value in a run name: file stems for paths, 1e-5 for small floats.
+fn short(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.rsplit('/').next().unwrap_or(s).replace(".parquet", ""),
+        toml::Value::Float(f) if f.fract() == 0.0 && f.abs() < 1e6 => format!("{f}"),
+        toml::Value::Float(f) => format!("{f:e}"),
+        toml::Value::Array(a) => a.iter().map(short).collect::<Vec<_>>().join("+"),
+        other => other.to_string(),
+    }
+}
+
+/// A key's name in a run name: its last part, with the long ones shortened.
+fn key_tag(key: &str) -> String {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    match last {
+        "batch_size" => "bs".into(),
+        "seed" => "s".into(),
+        "enabled" => key.split('.').next().unwrap_or(last).into(),
+        "data" => String::new(),
+        "epochs" => "ep".into(),
+        other => other.replace('_', ""),
+    }
+}
+
+impl SweepConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read sweep config {}", path.display()))?;
+        let c: Self = toml::from_str(&text)
+            .with_context(|| format!("{}: not a sweep config", path.display()))?;
+        if c.grid.values().any(Vec::is_empty) {
+            bail!(
+                "{}: every [grid] key needs at least one value",
+                path.display()
+            );
+        }
+        if c.grid.is_empty() && c.point.is_empty() {
+            bail!(
+                "{}: no [grid] and no [[point]]: nothing to run",
+                path.display()
+            );
+        }
+        Ok(c)
+    }
+
+    /// Every job, grid points first (in key order, last key fastest), then explicit points.
+    pub fn jobs(&self) -> Result<Vec<Job>> {
+        let mut jobs = Vec::new();
+        if !self.grid.is_empty() {
+            let keys: Vec<&String> = self.grid.keys().collect();
+            let mut index = vec![0usize; keys.len()];
+            loop {
+                let mut set = Vec::new();
+                let mut tags = Vec::new();
+                for (k, &i) in keys.iter().zip(&index) {
+                    let v = &self.grid[*k][i];
+                    set.push(format!("{k}={v}"));
+                    if self.grid[*k].len() > 1 {
+                        let tag = key_tag(k);
+                        tags.push(if tag.is_empty() {
+                            short(v)
+                        } else {
+                            format!("{tag}{}", short(v))
+                        });
+                    }
+                }
+                let label = if tags.is_empty() {
+                    "point".into()
+                } else {
+                    tags.join("-")
+                };
+                jobs.push(Job {
+                    run: format!("{}-{label}", self.name),
+                    set,
+                });
+                // Next index, like an odometer.
+                let mut d = keys.len();
+                loop {
+                    if d == 0 {
+                        break;
+                    }
+                    d -= 1;
+                    index[d] += 1;
+                    if index[d] < self.grid[keys[d]].len() {
+                        break;
+                    }
+                    index[d] = 0;
+                }
+                if index.iter().all(|&i| i == 0) {
+                    break;
+                }
+            }
+        }
+        for p in &self.point {
+            jobs.push(Job {
+                run: format!("{}-{}", self.name, p.label),
+                set: p.set.clone(),
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(j) = jobs.iter().find(|j| !seen.insert(j.run.clone())) {
+            bail!(
+                "two points of sweep '{}' share the run name {}",
+                self.name,
+                j.run
+            );
+        }
+        Ok(jobs)
+    }
+
+    /// `train` arguments of a job (after the executable).
+    pub fn train_args(&self, job: &Job, extra: &[String]) -> Vec<String> {
+        let mut a = vec![
+            "--quiet".into(),
+            "--config".into(),
+            self.train_config.display().to_string(),
+        ];
+        for s in self.set.iter().chain(extra).chain(&job.set) {
+            a.extend(["--set".into(), s.clone()]);
+        }
+        a.extend(["--set".into(), format!("name={}", job.run)]);
+        a
+    }
+}
+
+/// Quotes an argument for a POSIX shell when it needs it.
+pub fn shell_quote(a: &str) -> String {
+    if !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', r"'\''"))
+    }
+}
+
+/// A Slurm job-array script that runs job `$SLURM_ARRAY_TASK_ID` of the sweep.
+pub fn slurm_script(
+    sweep_exe: &Path,
+    config: &Path,
+    root: &Path,
+    n_jobs: usize,
+    name: &str,
+    extra: &[String],
+) -> String {
+    let extra: String = extra
+        .iter()
+        .map(|s| format!(" --set {}", shell_quote(s)))
+        .collect();
+    format!(
+        "#!/bin/bash\n\
+         # basin sweep '{name}': {n_jobs} independent jobs, one Slurm array task each.\n\
+         # Submit: sbatch {{this file}}; then `sweep --config {cfg} --report-only` for the report.\n\
+         # Edit the resources below for your cluster; every task trains one grid point and\n\
+         # evaluates it, and skips what is already done (resubmitting is safe).\n\
+         #SBATCH --job-name=basin-{name}\n\
+         #SBATCH --array=0-{last}\n\
+         #SBATCH --gres=gpu:1\n\
+         #SBATCH --cpus-per-task=8\n\
+         #SBATCH --mem=64G\n\
+         #SBATCH --time=04:00:00\n\
+         #SBATCH --output=runs/slurm-{name}-%A_%a.log\n\
+         set -euo pipefail\n\
+         cd {root}\n\
+         exec {exe} --config {cfg} --index \"$SLURM_ARRAY_TASK_ID\"{extra}\n",
+        last = n_jobs.saturating_sub(1),
+        root = shell_quote(&root.display().to_string()),
+        exe = shell_quote(&sweep_exe.display().to_string()),
+        cfg = shell_quote(&config.display().to_string()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> SweepConfig {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.toml");
+        std::fs::write(&p, text).unwrap();
+        SweepConfig::load(&p).unwrap()
+    }
+
+    #[test]
+    fn the_grid_is_a_cartesian_product_with_readable_names() {
+        let c = config(
+            r#"name = "g"
+train_config = "configs/smoke.toml"
+[grid]
+lr = [1e-5, 1e-4]
+batch_size = [8, 32]
+seed = [0]
+data = [["d/dolly.parquet"]]
+[[point]]
+label = "extra"
+set = ["lr=3e-4"]
+"#,
+        );
+        let jobs = c.jobs().unwrap();
+        let runs: Vec<&str> = jobs.iter().map(|j| j.run.as_str()).collect();
+        assert_eq!(
+            runs,
+            [
+                "g-bs8-lr1e-5",
+                "g-bs8-lr1e-4",
+                "g-bs32-lr1e-5",
+                "g-bs32-lr1e-4",
+                "g-extra"
+            ]
+        );
+        assert_eq!(
+            jobs[1].set,
+            [
+                "batch_size=8",
+                "data=[\"d/dolly.parquet\"]",
+                "lr=0.0001",
+                "seed=0"
+            ]
+        );
+        let args = c.train_args(&jobs[4], &["model=m".into()]);
+        assert_eq!(
+            args.join(" "),
+            "--quiet --config configs/smoke.toml --set model=m --set lr=3e-4 --set name=g-extra"
+        );
+    }
+
+    #[test]
+    fn empty_or_clashing_sweeps_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.toml");
+        std::fs::write(&p, "name = \"g\"\ntrain_config = \"x\"\n").unwrap();
+        assert!(SweepConfig::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("nothing to run"));
+        std::fs::write(&p, "name = \"g\"\ntrain_config = \"x\"\n[grid]\nlr = []\n").unwrap();
+        assert!(SweepConfig::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("at least one value"));
+        let c = config("name = \"g\"\ntrain_config = \"x\"\n[[point]]\nlabel = \"a\"\n[[point]]\nlabel = \"a\"\n");
+        assert!(c
+            .jobs()
+            .unwrap_err()
+            .to_string()
+            .contains("share the run name"));
+    }
+
+    #[test]
+    fn the_slurm_script_runs_one_point_per_array_task() {
+        let s = slurm_script(
+            Path::new("/x/sweep"),
+            Path::new("configs/paper.toml"),
+            Path::new("/repo"),
+            12,
+            "paper",
+            &["model=my model".into()],
+        );
+        assert!(s.contains("#SBATCH --array=0-11"), "{s}");
+        assert!(s.contains("exec /x/sweep --config configs/paper.toml --index \"$SLURM_ARRAY_TASK_ID\" --set 'model=my model'"), "{s}");
+    }
+}
