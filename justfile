@@ -36,8 +36,8 @@ prepare *ARGS: setup
 train *ARGS: prepare
     {{bin}}/train --config configs/smoke.toml {{ARGS}}
 
-# Stage 0: align the default model (configs/align.toml); evaluate it and the original.
 # Each part is skipped when its output exists; ALIGNED_MODEL=DIR skips the stage (your model).
+# Stage 0: align the default model (configs/align.toml); evaluate it and the original.
 align: prepare
     #!/usr/bin/env bash
     set -euo pipefail
@@ -47,14 +47,14 @@ align: prepare
     [ -f runs/align/model/model.safetensors ] || {{bin}}/train --config configs/align.toml
     [ -f runs/align/eval/model/utility.json ] || ev runs/align
 
-# The whole pipeline on the embedded default model (CPU): setup, prepare, align, the
-# fine-tunes of configs/all.toml with their evaluation, and reports/all/summary.md.
+# Setup, prepare, align, the fine-tunes of configs/all.toml, their evaluation, the report.
+# The whole pipeline on the embedded default model (CPU) -> reports/all/summary.md
 all: align
     {{bin}}/sweep --config configs/all.toml ${ALIGNED_MODEL:+--set model=$ALIGNED_MODEL}
     @echo "report: reports/all/summary.md"
 
-# The paper's grid on a GPU (configs/paper.toml, after `just build-cuda`): stage 0 with
-# configs/align-gpu.toml, then every grid point, then reports/paper/.
+# Stage 0 with configs/align-gpu.toml, then every grid point, then reports/paper/.
+# The paper's grid on a GPU (configs/paper.toml, after `just build-cuda`)
 paper:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -71,15 +71,16 @@ sweep CONFIG *ARGS: build
 sweep-slurm CONFIG *ARGS: build
     {{bin}}/sweep --config {{CONFIG}} --slurm sweep-$(basename {{CONFIG}} .toml).sbatch {{ARGS}}
 
-# Benchmarks (CPU here; speed targets live here, not in tests): generation with the real
-# GGUF (needs `just setup`), then a training step and generation on the SmolLM2 shape.
+# Generation with the real GGUF (needs `just setup`), then a training step and generation
+# on the SmolLM2 shape; speed targets live here, not in tests.
+# Benchmarks (CPU here; on a GPU box `just bench --features cuda` runs the step bench there)
 bench *ARGS:
     cargo bench -p basin-lm --bench generate
     cargo bench -p train --bench step {{ARGS}}
 
-# The optimizer kernels on SmolLM2-135M shapes: device vs CPU reference (max relative error),
 # ms and GB/s against the copy bandwidth. On a GPU box: just bench-kernels --features cuda
 # (add `-- --torch torch.json` for PyTorch's figures beside ours; `-- --layers 4` is quicker).
+# The optimizer kernels on SmolLM2-135M shapes: device vs CPU reference, GB/s
 bench-kernels *ARGS:
     cargo bench -p basin-kernels --bench kernels {{ARGS}}
 
@@ -96,8 +97,9 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Every test. Fetches the assets first so the tests on real data and the real GGUF run;
-# tests whose assets could not be fetched say SKIPPED.
+# Fetches the assets first so the tests on real data and the real GGUF run; tests whose
+# assets could not be fetched say SKIPPED.
+# Every test
 test:
     cargo run --quiet -p prepare -- fetch || echo "warning: some assets are missing; the tests that need them will say SKIPPED" >&2
     cargo test --workspace

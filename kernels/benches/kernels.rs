@@ -6,7 +6,8 @@
 //!    against the CPU reference: max relative error of θ, m, v, θ̄.
 //! 2. Times each kernel (mean of 20 launches after 5 warm-ups) and reports the effective
 //!    bandwidth, next to the device's copy bandwidth and, when `--torch FILE` names the
-//!    JSON that torch_baseline.py writes, PyTorch's fused AdamW and `_foreach_lerp_`.
+//!    JSON of a PyTorch timing run (keys adamw_fused_ms, ema_foreach_lerp_ms, copy_GBps),
+//!    PyTorch's fused AdamW and `_foreach_lerp_`.
 //!
 //! Flags: `--torch FILE`, `--json FILE` (write the figures), `--cpu` (force the CPU),
 //! `--layers N` (fewer layers than SmolLM2's 30: a quicker check).

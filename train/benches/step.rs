@@ -5,9 +5,10 @@
 //!   on every token, f32 and bf16 (bf16 on CUDA only): tokens/s and the time of each phase;
 //! - greedy generation, `--gen-batch` prompts of 64 random tokens + 64 new tokens.
 //!
-//! Defaults: 16 x 512 and batch 64 on a GPU (torch_baseline.py's shapes), 4 x 128 and batch
-//! 8 on the CPU (torch_cpu_baseline.py's). `--torch FILE` prints PyTorch's figures beside
-//! ours; `--json FILE` writes ours. `just bench` runs it.
+//! Defaults: 16 x 512 and batch 64 on a GPU, 4 x 128 and batch 8 on the CPU (the shapes of
+//! the PyTorch + transformers figures we compare with). `--torch FILE` prints PyTorch's
+//! figures (a JSON of hf_train_*_tok_s / hf_generate_*_tok_s keys) beside ours; `--json
+//! FILE` writes ours. `just bench` runs it.
 
 use basin_lm::batch::{loss, Batch};
 use basin_lm::generate::{generate, GenerateOptions};

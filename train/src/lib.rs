@@ -86,7 +86,26 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
     let device = parse_device(&config.device)?;
     let model = Model::open(&config.model, parse_dtype(&config.dtype)?, &device)?;
     let pad = model.text.tokenizer.eos_id().unwrap_or(0);
-    let data = Dataset::load(&config.data, &config.data_rows, config.seed)?;
+    let mut data = Dataset::load(&config.data, &config.data_rows, config.seed)?;
+    if config.max_seq_len > 0 {
+        // A row whose prompt fills max_seq_len has no reply token left to learn from.
+        let before = data.train.len();
+        data.train
+            .retain(|r| (r.prompt_len as usize) < config.max_seq_len);
+        if data.train.is_empty() {
+            bail!(
+                "max_seq_len = {}: every training row's prompt is at least that long, so no reply token is left to train on",
+                config.max_seq_len
+            );
+        }
+        if data.train.len() < before {
+            eprintln!(
+                "max_seq_len = {}: {} of {before} training rows dropped (prompt too long)",
+                config.max_seq_len,
+                before - data.train.len()
+            );
+        }
+    }
     let val: Vec<&PreparedRow> = data
         .val
         .iter()

@@ -249,11 +249,17 @@ fn bf16_trains_on_f32_master_weights_and_resumes_bitwise() {
 fn max_seq_len_cuts_the_training_rows() {
     let s = Setup::new();
     ok(&s.train("whole", &["steps=1"]));
-    ok(&s.train("cut", &["steps=1", "max_seq_len=12"]));
+    // The tiny rows have prompts of about 30 tokens and replies of about 15.
+    ok(&s.train("cut", &["steps=1", "max_seq_len=36"]));
     let tokens = |run: &str| metrics(&s.path(run))[1]["tokens"].as_u64().unwrap();
     let (whole, cut) = (tokens("runs/whole"), tokens("runs/cut"));
     assert!(
         cut > 0 && cut < whole,
         "reply tokens trained on: {cut} cut vs {whole} whole"
     );
+    // No reply token left at all: a clear error, not a silent run.
+    let out = s.train("none", &["steps=1", "max_seq_len=4"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no reply token is left"), "{err}");
 }

@@ -126,26 +126,26 @@ impl Plan<'_> {
             }
             call(&sibling("train")?, &args, &format!("training {}", job.run))?;
         }
-        let model = dir.display().to_string();
-        if !safety_done || !trained {
-            eprintln!("{tag}: evaluate safety");
-            let mut a = vec!["safety".to_string(), "--model".into(), model.clone()];
-            a.extend(self.sweep.evaluate.safety.iter().cloned());
+        let evaluate = |what: &str, args: &[String]| -> Result<()> {
+            eprintln!("{tag}: evaluate {what}");
+            let mut a = vec![
+                what.to_string(),
+                "--model".into(),
+                dir.display().to_string(),
+            ];
+            a.extend(args.iter().cloned());
             call(
                 &sibling("evaluate")?,
                 &a,
                 &format!("evaluating {}", job.run),
-            )?;
+            )
+        };
+        // A fresh training makes the old scores stale.
+        if !safety_done || !trained {
+            evaluate("safety", &self.sweep.evaluate.safety)?;
         }
         if !self.sweep.evaluate.utility.is_empty() && (!utility_done || !trained) {
-            eprintln!("{tag}: evaluate utility");
-            let mut a = vec!["utility".to_string(), "--model".into(), model];
-            a.extend(self.sweep.evaluate.utility.iter().cloned());
-            call(
-                &sibling("evaluate")?,
-                &a,
-                &format!("evaluating {}", job.run),
-            )?;
+            evaluate("utility", &self.sweep.evaluate.utility)?;
         }
         Ok(())
     }
