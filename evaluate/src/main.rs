@@ -217,7 +217,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_new_tokens,
                 batch_size,
             };
-            for (model, out) in targets(&model.model, out.as_deref()) {
+            for (model, out) in targets(&model.model, out.as_deref())? {
                 utility(&Model::open(&model, dtype, &device)?, &spec, &out)?;
             }
             Ok(())
@@ -247,7 +247,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_new_tokens,
                 batch_size,
             };
-            for (model, out) in targets(&model.model, out.as_deref()) {
+            for (model, out) in targets(&model.model, out.as_deref())? {
                 safety(
                     &Model::open(&model, dtype, &device)?,
                     &out,
@@ -496,8 +496,18 @@ fn safety(
 
 /// What to evaluate and where its results go: a run directory's model/ and ema/ (into
 /// <run>/eval/<which>, or <out>/<which>), or one model (into <out>, or runs/eval-<name>).
-fn targets(model: &std::path::Path, out: Option<&std::path::Path>) -> Vec<(PathBuf, PathBuf)> {
-    if model.join("model").is_dir() {
+fn targets(
+    model: &std::path::Path,
+    out: Option<&std::path::Path>,
+) -> Result<Vec<(PathBuf, PathBuf)>> {
+    // A run directory (train writes run.json first) whose training has not finished.
+    if model.join("run.json").exists() && !model.join("model").is_dir() {
+        bail!(
+            "{} is a run directory without model/: its training has not finished (train --resume, or train it again)",
+            model.display()
+        );
+    }
+    Ok(if model.join("model").is_dir() {
         let base = out.map_or_else(|| model.join("eval"), PathBuf::from);
         ["model", "ema"]
             .iter()
@@ -515,7 +525,7 @@ fn targets(model: &std::path::Path, out: Option<&std::path::Path>) -> Vec<(PathB
                 PathBuf::from,
             ),
         )]
-    }
+    })
 }
 
 struct UtilitySpec {

@@ -80,7 +80,15 @@ fn generates_for_each_prompt_reproducibly() {
 fn clear_errors_for_bad_arguments() {
     let dir = tiny_model_dir();
     let model = dir.path().to_str().unwrap();
+    // A run directory whose training died before writing model/.
+    let unfinished = tempfile::tempdir().unwrap();
+    std::fs::write(unfinished.path().join("run.json"), "{}").unwrap();
+    let unfinished = unfinished.path().to_str().unwrap();
     for (args, want) in [
+        (
+            vec!["utility", "--model", unfinished],
+            "run directory without model/",
+        ),
         (
             vec![
                 "generate",
