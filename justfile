@@ -4,10 +4,9 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 # The data mirror: DATA_MIRROR if set, else the workplace's ../shared/data when it exists.
 export DATA_MIRROR := env_var_or_default("DATA_MIRROR", if path_exists(justfile_directory() / "../shared/data") == "true" { justfile_directory() / "../shared/data" } else { "" })
 
-# glibc keeps freed tensors instead of returning each to the kernel: measured on 3 CPU
-# training steps, 130 s -> 87 s wall (page-fault time 91 s -> 32 s).
-export MALLOC_MMAP_THRESHOLD_ := "17179869184"
-export MALLOC_TRIM_THRESHOLD_ := "17179869184"
+# For the recipes that run models: glibc keeps freed tensors instead of returning each to
+# the kernel. Measured on 3 CPU training steps: 130 s -> 87 s wall (page faults 91 s -> 32 s).
+malloc := "MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184"
 
 # How `just align` evaluates the original and the aligned model (as configs/all.toml's runs).
 eval_safety := "--sets advbench,xstest --limit 32 --max-new-tokens 48 --batch-size 16"
@@ -34,7 +33,7 @@ prepare *ARGS: setup
 
 # Fine-tune (configs/smoke.toml: a short CPU run on Dolly); e.g. just train --set lr=1e-5
 train *ARGS: prepare
-    {{bin}}/train --config configs/smoke.toml {{ARGS}}
+    {{malloc}} {{bin}}/train --config configs/smoke.toml {{ARGS}}
 
 # Each part is skipped when its output exists; ALIGNED_MODEL=DIR skips the stage (your model).
 # Stage 0: align the default model (configs/align.toml); evaluate it and the original.
@@ -42,6 +41,7 @@ align: prepare
     #!/usr/bin/env bash
     set -euo pipefail
     if [ -n "${ALIGNED_MODEL:-}" ]; then echo "ALIGNED_MODEL=$ALIGNED_MODEL: stage 0 skipped"; exit 0; fi
+    export {{malloc}}
     ev() { {{bin}}/evaluate safety --model "$1" {{eval_safety}} ${2:+--out "$2"}; {{bin}}/evaluate utility --model "$1" {{eval_utility}} ${2:+--out "$2"}; }
     [ -f runs/base/eval/model/utility.json ] || ev data/cache/model/SmolLM2-135M-Instruct.Q4_1.gguf runs/base/eval/model
     [ -f runs/align/model/model.safetensors ] || {{bin}}/train --config configs/align.toml
@@ -50,7 +50,7 @@ align: prepare
 # Setup, prepare, align, the fine-tunes of configs/all.toml, their evaluation, the report.
 # The whole pipeline on the embedded default model (CPU) -> reports/all/summary.md
 all: align
-    {{bin}}/sweep --config configs/all.toml ${ALIGNED_MODEL:+--set model=$ALIGNED_MODEL}
+    {{malloc}} {{bin}}/sweep --config configs/all.toml ${ALIGNED_MODEL:+--set model=$ALIGNED_MODEL}
     @echo "report: reports/all/summary.md"
 
 # Stage 0 with configs/align-gpu.toml, then every grid point, then reports/paper/.
@@ -59,13 +59,14 @@ paper:
     #!/usr/bin/env bash
     set -euo pipefail
     b={{bin}}
+    export {{malloc}}
     [ -f runs/align-gpu/model/model.safetensors ] || [ -n "${ALIGNED_MODEL:-}" ] || $b/train --config configs/align-gpu.toml
     [ -f runs/align-gpu/eval/model/utility.json ] || [ -n "${ALIGNED_MODEL:-}" ] || { $b/evaluate safety --model runs/align-gpu --device cuda --sets advbench,harmbench,xstest --batch-size 128 --max-new-tokens 128; $b/evaluate utility --model runs/align-gpu --device cuda --sets dolly,alpaca,orca; }
     $b/sweep --config configs/paper.toml ${ALIGNED_MODEL:+--set model=$ALIGNED_MODEL}
 
 # Any sweep, one point after another here (done points are skipped): just sweep configs/all.toml
 sweep CONFIG *ARGS: build
-    {{bin}}/sweep --config {{CONFIG}} {{ARGS}}
+    {{malloc}} {{bin}}/sweep --config {{CONFIG}} {{ARGS}}
 
 # A Slurm job-array script for a sweep (one array task per point): just sweep-slurm configs/paper.toml
 sweep-slurm CONFIG *ARGS: build
