@@ -663,8 +663,8 @@ fn report(
     title: &str,
     note: &str,
 ) -> Result<()> {
-    use evaluate::plots::{load_font, render, Chart, Series};
-    use evaluate::report::{group, reference_row, run_rows, summary_md};
+    use evaluate::plots::{load_font, render};
+    use evaluate::report::{charts, group, reference_row, run_rows, summary_md};
     let mut rows = Vec::new();
     for r in runs {
         rows.extend(run_rows(r, harmful)?);
@@ -679,87 +679,7 @@ fn report(
         })
         .collect::<Result<Vec<_>>>()?;
     let groups = group(&rows);
-    let asr = |g: &evaluate::report::Group| g.asr_keyword.as_ref().map(|r| 100.0 * r.rate);
-    let mut by: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
-    let (mut steps, mut dist, mut pairs) = (by.clone(), by.clone(), Vec::new());
-    for g in &groups {
-        let r = &g.rows[0];
-        let Some(a) = asr(g) else { continue };
-        if let Some(lr) = r.lr {
-            by.entry(format!("batch {} {}", r.batch.unwrap_or(0), r.weights))
-                .or_default()
-                .push((lr.log10(), a));
-        }
-        if let Some(s) = r.steps {
-            steps
-                .entry(r.weights.to_string())
-                .or_default()
-                .push((s as f64, a));
-        }
-        if let Some(d) = g.distance {
-            dist.entry(r.weights.to_string()).or_default().push((d, a));
-        }
-    }
-    // EMA vs no EMA: the same run's θ and θ̄.
-    for g in groups.iter().filter(|g| g.rows[0].weights == "θ") {
-        let r = &g.rows[0];
-        if let Some(e) = groups.iter().find(|e| {
-            let x = &e.rows[0];
-            x.weights == "EMA"
-                && x.dataset == r.dataset
-                && x.lr == r.lr
-                && x.batch == r.batch
-                && x.steps == r.steps
-        }) {
-            if let (Some(a), Some(b)) = (asr(g), asr(e)) {
-                pairs.push((a, b));
-            }
-        }
-    }
-    let series = |m: std::collections::BTreeMap<String, Vec<(f64, f64)>>, line: bool| {
-        m.into_iter()
-            .map(|(name, points)| Series { name, points, line })
-            .collect::<Vec<_>>()
-    };
-    let ylab = format!("keyword ASR on {harmful} (%)");
-    let charts = [
-        Chart {
-            stem: "asr_vs_lr".into(),
-            title: "ASR vs learning rate".into(),
-            x: "log10 learning rate".into(),
-            y: ylab.clone(),
-            series: series(by, true),
-            diagonal: false,
-        },
-        Chart {
-            stem: "asr_vs_steps".into(),
-            title: "ASR vs optimizer steps".into(),
-            x: "steps".into(),
-            y: ylab.clone(),
-            series: series(steps, false),
-            diagonal: false,
-        },
-        Chart {
-            stem: "ema_vs_no_ema".into(),
-            title: "The same runs with and without the EMA".into(),
-            x: "ASR without EMA (%)".into(),
-            y: "ASR with EMA (%)".into(),
-            series: vec![Series {
-                name: "run".into(),
-                points: pairs,
-                line: false,
-            }],
-            diagonal: true,
-        },
-        Chart {
-            stem: "asr_vs_distance".into(),
-            title: "ASR vs distance from the start".into(),
-            x: "||w - w0|| (w = θ or the EMA)".into(),
-            y: ylab,
-            series: series(dist, false),
-            diagonal: false,
-        },
-    ];
+    let charts = charts(&groups, harmful);
     let tmp = out.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;

@@ -7,6 +7,7 @@
 //! Rows that differ only in the seed are pooled: the rates add their counts (one Wilson
 //! interval over all replies) and the spread over seeds is reported beside them.
 
+use crate::plots::{Chart, Series};
 use crate::safety::Rate;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -351,4 +352,97 @@ pub fn summary_md(
         ));
     }
     s
+}
+
+/// The report's plots: keyword ASR (%) against the learning rate (a line per batch size and
+/// weights), the steps, the distance from the start; and each run's EMA against its θ.
+pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
+    type ByName = BTreeMap<String, Vec<(f64, f64)>>;
+    let asr = |g: &Group| g.asr_keyword.as_ref().map(|r| 100.0 * r.rate);
+    let (mut by_lr, mut by_steps, mut by_dist) = (ByName::new(), ByName::new(), ByName::new());
+    for g in groups {
+        let r = &g.rows[0];
+        let Some(a) = asr(g) else { continue };
+        if let Some(lr) = r.lr {
+            by_lr
+                .entry(format!("batch {} {}", r.batch.unwrap_or(0), r.weights))
+                .or_default()
+                .push((lr.log10(), a));
+        }
+        if let Some(s) = r.steps {
+            by_steps
+                .entry(r.weights.to_string())
+                .or_default()
+                .push((s as f64, a));
+        }
+        if let Some(d) = g.distance {
+            by_dist
+                .entry(r.weights.to_string())
+                .or_default()
+                .push((d, a));
+        }
+    }
+    // EMA vs no EMA: the same runs' θ and θ̄.
+    let mut pairs = Vec::new();
+    for g in groups.iter().filter(|g| g.rows[0].weights == "θ") {
+        let r = &g.rows[0];
+        let twin = groups.iter().find(|e| {
+            let x = &e.rows[0];
+            x.weights == "EMA"
+                && x.dataset == r.dataset
+                && x.lr == r.lr
+                && x.batch == r.batch
+                && x.steps == r.steps
+        });
+        if let (Some(a), Some(b)) = (asr(g), twin.and_then(asr)) {
+            pairs.push((a, b));
+        }
+    }
+    let series = |m: ByName, line: bool| {
+        m.into_iter()
+            .map(|(name, points)| Series { name, points, line })
+            .collect::<Vec<_>>()
+    };
+    let chart = |stem: &str, title: &str, x: &str, series: Vec<Series>| Chart {
+        stem: stem.into(),
+        title: title.into(),
+        x: x.into(),
+        y: format!("keyword ASR on {harmful} (%)"),
+        series,
+        diagonal: false,
+    };
+    vec![
+        chart(
+            "asr_vs_lr",
+            "ASR vs learning rate",
+            "log10 learning rate",
+            series(by_lr, true),
+        ),
+        chart(
+            "asr_vs_steps",
+            "ASR vs optimizer steps",
+            "steps",
+            series(by_steps, false),
+        ),
+        Chart {
+            y: "ASR with EMA (%)".into(),
+            diagonal: true,
+            ..chart(
+                "ema_vs_no_ema",
+                "The same runs with and without the EMA",
+                "ASR without EMA (%)",
+                vec![Series {
+                    name: "run".into(),
+                    points: pairs,
+                    line: false,
+                }],
+            )
+        },
+        chart(
+            "asr_vs_distance",
+            "ASR vs distance from the start",
+            "||w - w0|| (w = θ or the EMA)",
+            series(by_dist, false),
+        ),
+    ]
 }

@@ -78,34 +78,43 @@ fn call(exe: &Path, args: &[String], what: &str) -> Result<()> {
 
 struct Plan<'a> {
     sweep: &'a SweepConfig,
-    config_path: &'a Path,
+    jobs: Vec<Job>,
+    /// Each job's run directory, from its resolved train config.
+    dirs: Vec<PathBuf>,
     overrides: &'a [String],
 }
 
-impl Plan<'_> {
-    /// The job's resolved train config (checked before anything runs).
-    fn train_config(&self, job: &Job) -> Result<TrainConfig> {
-        let sets: Vec<String> = self
-            .sweep
-            .set
+impl<'a> Plan<'a> {
+    /// Resolves and checks every point's train config before anything runs.
+    fn new(sweep: &'a SweepConfig, config_path: &Path, overrides: &'a [String]) -> Result<Self> {
+        let jobs = sweep.jobs()?;
+        let dirs = jobs
             .iter()
-            .chain(self.overrides)
-            .chain(&job.set)
-            .cloned()
-            .collect();
-        let c: TrainConfig = basin_lm::config::load(Some(&self.sweep.train_config), &sets)
-            .with_context(|| format!("{}: point {}", self.config_path.display(), job.run))?;
-        c.validate().with_context(|| format!("point {}", job.run))?;
-        Ok(c)
-    }
-
-    fn run_dir(&self, job: &Job) -> Result<PathBuf> {
-        Ok(self.train_config(job)?.out_dir.join(&job.run))
+            .map(|job| {
+                let sets: Vec<String> = sweep
+                    .set
+                    .iter()
+                    .chain(overrides)
+                    .chain(&job.set)
+                    .cloned()
+                    .collect();
+                let c: TrainConfig = basin_lm::config::load(Some(&sweep.train_config), &sets)
+                    .with_context(|| format!("{}: point {}", config_path.display(), job.run))?;
+                c.validate().with_context(|| format!("point {}", job.run))?;
+                Ok(c.out_dir.join(&job.run))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            sweep,
+            jobs,
+            dirs,
+            overrides,
+        })
     }
 
     /// Trains and evaluates one job, skipping the parts already done.
-    fn run_job(&self, i: usize, n: usize, job: &Job) -> Result<()> {
-        let dir = self.run_dir(job)?;
+    fn run_job(&self, i: usize) -> Result<()> {
+        let (job, dir, n) = (&self.jobs[i], &self.dirs[i], self.jobs.len());
         let eval = dir.join("eval").join("model");
         let trained = dir.join("model").join("model.safetensors").exists()
             && !dir.join("checkpoint").exists();
@@ -150,11 +159,10 @@ impl Plan<'_> {
         Ok(())
     }
 
-    fn report(&self, jobs: &[Job]) -> Result<()> {
+    fn report(&self) -> Result<()> {
         let mut args = vec!["report".to_string()];
         let mut any = false;
-        for j in jobs {
-            let d = self.run_dir(j)?;
+        for d in &self.dirs {
             if d.join("eval").join("model").join("scores.json").exists() {
                 args.push(d.display().to_string());
                 any = true;
@@ -195,16 +203,8 @@ impl Plan<'_> {
 
 fn run(cli: Cli) -> Result<()> {
     let sweep = SweepConfig::load(&cli.config)?;
-    let jobs = sweep.jobs()?;
-    let plan = Plan {
-        sweep: &sweep,
-        config_path: &cli.config,
-        overrides: &cli.overrides,
-    };
-    // Every point's config must resolve before anything runs.
-    for j in &jobs {
-        plan.train_config(j)?;
-    }
+    let plan = Plan::new(&sweep, &cli.config, &cli.overrides)?;
+    let jobs = &plan.jobs;
     if cli.list {
         for (i, j) in jobs.iter().enumerate() {
             let args: Vec<String> = sweep
@@ -237,20 +237,20 @@ fn run(cli: Cli) -> Result<()> {
         return Ok(());
     }
     if cli.report_only {
-        return plan.report(&jobs);
+        return plan.report();
     }
     if let Some(i) = cli.index {
-        let job = jobs.get(i).with_context(|| {
-            format!(
+        if i >= jobs.len() {
+            bail!(
                 "--index {i}: the sweep has {} jobs (0..{})",
                 jobs.len(),
                 jobs.len()
-            )
-        })?;
-        return plan.run_job(i, jobs.len(), job);
+            );
+        }
+        return plan.run_job(i);
     }
-    for (i, j) in jobs.iter().enumerate() {
-        plan.run_job(i, jobs.len(), j)?;
+    for i in 0..jobs.len() {
+        plan.run_job(i)?;
     }
-    plan.report(&jobs)
+    plan.report()
 }
