@@ -4,6 +4,7 @@
 
 pub mod calibration;
 pub mod judges;
+pub mod landscape;
 pub mod model_judge;
 pub mod plots;
 pub mod report;

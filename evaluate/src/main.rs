@@ -1,5 +1,6 @@
 //! `evaluate`: attack success rate and over-refusal (`safety`), utility (`utility`), the
-//! judges against human labels (`judge-check`); trying a model (`generate`, `export`).
+//! judges against human labels (`judge-check`); the loss landscapes of the safety basin
+//! (`landscape`); trying a model (`generate`, `export`).
 
 use anyhow::{bail, Context, Result};
 use basin_lm::chat::Conversation;
@@ -161,6 +162,9 @@ enum Command {
         #[arg(long, default_value = "")]
         note: String,
     },
+    /// Utility and safety loss along a line between two models, or along random directions
+    /// around one (1-D or 2-D), with the basin width of each: CSV, JSON and plots.
+    Landscape(LandscapeArgs),
     /// Write a model (GGUF or HF directory) as a Hugging Face directory that
     /// `transformers` loads: model.safetensors, config.json, tokenizer files.
     Export {
@@ -172,6 +176,73 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+}
+
+#[derive(Args)]
+struct LandscapeArgs {
+    /// The model at α = 0: the start of the line, or the centre of the random slices (a
+    /// .gguf file, a Hugging Face directory, or a run directory: its model/).
+    #[arg(long)]
+    from: PathBuf,
+    /// The model at α = 1: interpolate from --from to it. Without it, random directions.
+    #[arg(long)]
+    to: Option<PathBuf>,
+    /// Random directions: 1 (a line) or 2 (a plane).
+    #[arg(long, default_value_t = 1)]
+    directions: usize,
+    /// Grid points per axis.
+    #[arg(long, default_value_t = 21)]
+    points: usize,
+    /// The first α (default: −0.5 on a line between models, −span for random slices).
+    #[arg(long, allow_hyphen_values = true)]
+    alpha_min: Option<f64>,
+    /// The last α (default: 1.5 on a line between models, +span for random slices).
+    #[arg(long, allow_hyphen_values = true)]
+    alpha_max: Option<f64>,
+    /// Random slices: how far along each filter-normalised direction (1 = a step as long as
+    /// each weight row).
+    #[arg(long, default_value_t = 0.5)]
+    span: f64,
+    /// Seed of the random directions.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The basin: where the loss stays within this many percent of its minimum.
+    #[arg(long, default_value_t = 5.0)]
+    basin_pct: f64,
+    #[arg(long, default_value = "data/prepared")]
+    prepared: PathBuf,
+    /// Utility loss: the val rows of this prepared set.
+    #[arg(long, default_value = "dolly")]
+    utility_set: String,
+    /// Safety loss: the val rows (held out from training) of this set of refusals.
+    #[arg(long, default_value = "safety-refusals")]
+    safety_set: String,
+    /// Rows of each loss set (the first N).
+    #[arg(long, default_value_t = 32)]
+    limit: usize,
+    #[arg(long, default_value_t = 8)]
+    micro_batch: usize,
+    /// Measure the attack success rate at this many α, spread evenly (1-D only; 0: never).
+    #[arg(long, default_value_t = 5)]
+    asr_points: usize,
+    /// The harmful prompts of the attack success rate.
+    #[arg(long, default_value = "advbench")]
+    asr_set: String,
+    #[arg(long, default_value_t = 32)]
+    asr_limit: usize,
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// f32 or bf16 (points are built in f32 either way).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Output directory (default: runs/landscape-<kind>).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 fn main() {
@@ -262,6 +333,7 @@ fn run(cli: Cli) -> Result<()> {
             full,
             show_dev_errors,
         } => judge_check(&dev, &full, show_dev_errors),
+        Command::Landscape(args) => landscape(&args),
         Command::Export { model, out, dtype } => {
             let dtype = parse_dtype(&dtype)?;
             let model = Model::open(&model, dtype, &candle_core::Device::Cpu)?;
@@ -711,5 +783,204 @@ fn report(
         rows.len() + refs.len(),
         drawn.len()
     );
+    Ok(())
+}
+
+/// A run directory stands for its fine-tuned model (model/); anything else for itself.
+fn model_path(path: &std::path::Path) -> PathBuf {
+    if path.join("model").is_dir() {
+        path.join("model")
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// The sha256 of a model's weights: the .gguf file, or a directory's model.safetensors.
+fn weights_sha256(path: &std::path::Path) -> Result<String> {
+    let file = if path.is_dir() {
+        path.join("model.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    basin_lm::fsutil::sha256_file(&file)
+}
+
+/// `evaluate landscape`: measures every point, then writes landscape.csv, landscape.json
+/// and the plots into a fresh directory beside `out` and renames it into place.
+fn landscape(args: &LandscapeArgs) -> Result<()> {
+    use evaluate::landscape::{
+        basin_1d, basin_2d, charts_1d, csv, filter_normalised_direction, grid, heatmaps, spread,
+        walk, Params, Probes, Slice,
+    };
+    use evaluate::plots::{load_font, render, render_heatmap};
+    if args.points < 2 {
+        bail!("--points {}: a landscape needs at least 2 points per axis", args.points);
+    }
+    if args.to.is_none() && !(1..=2).contains(&args.directions) {
+        bail!("--directions {}: expected 1 or 2", args.directions);
+    }
+    if !(args.basin_pct > 0.0) {
+        bail!("--basin-pct {}: expected a positive percentage", args.basin_pct);
+    }
+    let (dtype, device) = (parse_dtype(&args.dtype)?, parse_device(&args.device)?);
+    // The sets first: a typo fails before a model is loaded.
+    let read = |set: &str, split: Option<&str>, limit: usize| -> Result<(Vec<basin_lm::schema::PreparedRow>, serde_json::Value)> {
+        let file = args.prepared.join(format!("{set}.parquet"));
+        let mut rows = basin_lm::schema::read_parquet(&file)?;
+        if let Some(split) = split {
+            rows.retain(|r| r.split == split);
+        }
+        rows.truncate(limit);
+        if rows.is_empty() {
+            bail!("{}: no rows{}", file.display(), split.map_or(String::new(), |s| format!(" with split = {s}")));
+        }
+        let info = serde_json::json!({"set": set, "rows": rows.len(), "sha256": basin_lm::fsutil::sha256_file(&file)?});
+        Ok((rows, info))
+    };
+    let (utility, utility_info) = read(&args.utility_set, Some("val"), args.limit)?;
+    let (safety, safety_info) = read(&args.safety_set, Some("val"), args.limit)?;
+    if safety.iter().any(|r| r.example().1 >= r.input_ids.len()) {
+        bail!("{}: the safety set needs replies (refusals) to compute a loss on", args.safety_set);
+    }
+    let two_d = args.to.is_none() && args.directions == 2;
+    let asr_points = if two_d { 0 } else { args.asr_points };
+    let (harmful, harmful_info) = if asr_points > 0 {
+        let (rows, info) = read(&args.asr_set, None, args.asr_limit)?;
+        (rows, Some(info))
+    } else {
+        (Vec::new(), None)
+    };
+    let probes = Probes {
+        utility,
+        safety,
+        harmful,
+        micro_batch: args.micro_batch,
+        batch_size: args.batch_size,
+        max_new_tokens: args.max_new_tokens,
+    };
+
+    let from = model_path(&args.from);
+    let model = Model::open(&from, dtype, &device)?;
+    let params = Params::of(&model)?;
+    let centre = params.snapshot()?;
+    let (kind, slice, lo, hi, to) = match &args.to {
+        Some(to) => {
+            let to = model_path(to);
+            let end = params.other(&Model::open(&to, dtype, &device)?)?;
+            ("interpolation", Slice::Line { end }, -0.5, 1.5, Some(to))
+        }
+        None => {
+            let dirs = (0..args.directions as u64)
+                .map(|k| filter_normalised_direction(&params.names, &centre, args.seed.wrapping_add(k)))
+                .collect::<Result<Vec<_>>>()?;
+            let kind = if two_d { "random-2d" } else { "random-1d" };
+            (kind, Slice::Random { dirs }, -args.span, args.span, None)
+        }
+    };
+    let (lo, hi) = (args.alpha_min.unwrap_or(lo), args.alpha_max.unwrap_or(hi));
+    if !(lo < hi) {
+        bail!("the α range [{lo}, {hi}] is empty: --alpha-min must be below --alpha-max");
+    }
+    let xs = grid(lo, hi, args.points);
+    let ys = two_d.then(|| xs.clone());
+    let asr_at = spread(xs.len(), asr_points);
+    let total = xs.len() * ys.as_ref().map_or(1, Vec::len);
+    eprintln!(
+        "{kind}: {total} points, each {} utility + {} safety rows{}",
+        probes.utility.len(),
+        probes.safety.len(),
+        if asr_at.is_empty() { String::new() } else { format!("; ASR on {} prompts at {} of them", probes.harmful.len(), asr_at.len()) }
+    );
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_message(kind);
+    let started = Instant::now();
+    let points = walk(&model, &params, &centre, &slice, &xs, ys.as_deref(), &asr_at, &probes, |d| bar.set_position(d as u64))?;
+    bar.finish_and_clear();
+    eprintln!("{total} points in {:.1}s", started.elapsed().as_secs_f64());
+
+    let pct = args.basin_pct;
+    let basins = match &ys {
+        None => {
+            let col = |f: fn(&evaluate::landscape::Point) -> f64| points.iter().map(f).collect::<Vec<_>>();
+            serde_json::json!({
+                "utility": basin_1d(&xs, &col(|p| p.utility_loss), pct),
+                "safety": basin_1d(&xs, &col(|p| p.safety_loss), pct),
+            })
+        }
+        Some(ys) => {
+            let table = |f: fn(&evaluate::landscape::Point) -> f64| -> Vec<Vec<f64>> {
+                points.chunks(ys.len()).map(|row| row.iter().map(f).collect()).collect()
+            };
+            serde_json::json!({
+                "utility": basin_2d(&xs, ys, &table(|p| p.utility_loss), pct),
+                "safety": basin_2d(&xs, ys, &table(|p| p.safety_loss), pct),
+            })
+        }
+    };
+    for which in ["utility", "safety"] {
+        let b = &basins[which];
+        match b.get("width") {
+            Some(w) => eprintln!(
+                "{which} basin (+{pct}%): width {:.4}{} (α {:.3} to {:.3}; minimum {:.4} at α = {:.3})",
+                w.as_f64().unwrap_or(f64::NAN),
+                if b["open_lo"] == true || b["open_hi"] == true { ", reaches the grid's edge" } else { "" },
+                b["lo"].as_f64().unwrap_or(f64::NAN), b["hi"].as_f64().unwrap_or(f64::NAN),
+                b["min"].as_f64().unwrap_or(f64::NAN), b["argmin"].as_f64().unwrap_or(f64::NAN)
+            ),
+            None => eprintln!(
+                "{which} basin (+{pct}%): area {:.4} ({} cells){}",
+                b["area"].as_f64().unwrap_or(f64::NAN), b["cells"],
+                if b["open"] == true { ", reaches the grid's edge" } else { "" }
+            ),
+        }
+    }
+
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("landscape-{kind}")));
+    let tmp = out.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut plots = Vec::new();
+    if load_font().is_some() {
+        match &ys {
+            None => {
+                let axis = if to.is_some() { "α (0: --from, 1: --to)" } else { "α along the random direction" };
+                for c in charts_1d(&points, axis, pct) {
+                    render(&tmp, &c)?;
+                    plots.push(c.stem);
+                }
+            }
+            Some(ys) => {
+                for h in heatmaps(&xs, ys, &points, pct) {
+                    render_heatmap(&tmp, &h)?;
+                    plots.push(h.stem);
+                }
+            }
+        }
+    } else {
+        eprintln!("plots skipped: no TrueType font found (set BASIN_FONT=/path/to/font.ttf)");
+    }
+    let doc = serde_json::json!({
+        "kind": kind,
+        "from": {"path": from.display().to_string(), "sha256": weights_sha256(&from)?},
+        "to": match &to { Some(t) => serde_json::json!({"path": t.display().to_string(), "sha256": weights_sha256(t)?}), None => serde_json::Value::Null },
+        "directions": if to.is_some() { serde_json::Value::Null } else { serde_json::json!({"count": args.directions, "seed": args.seed, "normalisation": "filter (rows), 1-D tensors zero"}) },
+        "alpha": {"min": lo, "max": hi, "points": args.points},
+        "basin_pct": pct,
+        "basins": basins,
+        "sets": {"utility": utility_info, "safety": safety_info, "asr": harmful_info},
+        "asr_decoding": {"greedy": true, "max_new_tokens": args.max_new_tokens},
+        "dtype": args.dtype, "device": args.device,
+        "git_commit": basin_lm::provenance::git_commit(),
+        "command": std::env::args().collect::<Vec<_>>(),
+        "plots": plots,
+        "points": points,
+    });
+    std::fs::write(tmp.join("landscape.csv"), csv(&points))?;
+    std::fs::write(tmp.join("landscape.json"), serde_json::to_string_pretty(&doc)?)?;
+    if out.exists() {
+        std::fs::remove_dir_all(&out)?;
+    }
+    std::fs::rename(&tmp, &out)?;
+    eprintln!("wrote {}", out.display());
     Ok(())
 }

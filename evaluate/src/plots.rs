@@ -120,3 +120,136 @@ pub fn render(dir: &Path, chart: &Chart) -> Result<()> {
     draw(BitMapBackend::new(&png, size).into_drawing_area(), chart)?;
     Ok(())
 }
+
+/// A filled contour map: `z[i][j]` at (xs[i], ys[j]) drawn as cells coloured by how far
+/// the value is above the grid's minimum, in bands of `band_pct` percent.
+pub struct Heatmap {
+    pub stem: String,
+    pub title: String,
+    pub x: String,
+    pub y: String,
+    pub xs: Vec<f64>,
+    pub ys: Vec<f64>,
+    pub z: Vec<Vec<f64>>,
+    pub band_pct: f64,
+}
+
+/// Band colours, dark (the basin) to light; the last one holds everything above.
+const BANDS: [RGBColor; 8] = [
+    RGBColor(13, 8, 135),
+    RGBColor(84, 2, 163),
+    RGBColor(139, 10, 165),
+    RGBColor(185, 50, 137),
+    RGBColor(219, 92, 104),
+    RGBColor(244, 136, 73),
+    RGBColor(254, 188, 43),
+    RGBColor(240, 249, 33),
+];
+
+impl Heatmap {
+    /// The band of each cell: ⌊(z − min)/min / band_pct%⌋, capped at the last colour.
+    pub fn bands(&self) -> Vec<Vec<usize>> {
+        let min = self
+            .z
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|v| v.is_finite())
+            .fold(f64::INFINITY, f64::min);
+        let last = BANDS.len() - 1;
+        self.z
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .map(|&v| {
+                        let rel = 100.0 * (v - min) / min.abs().max(1e-12);
+                        if rel.is_finite() {
+                            ((rel / self.band_pct).floor() as usize).min(last)
+                        } else {
+                            last
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+fn draw_heatmap<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, map: &Heatmap) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("plot {}: {e:?}", map.stem);
+    root.fill(&WHITE).map_err(e)?;
+    let half = |v: &[f64]| {
+        if v.len() > 1 {
+            (v[v.len() - 1] - v[0]) / (v.len() - 1) as f64 / 2.0
+        } else {
+            0.5
+        }
+    };
+    let (hx, hy) = (half(&map.xs), half(&map.ys));
+    let (x0, x1) = (map.xs[0] - hx, map.xs[map.xs.len() - 1] + hx);
+    let (y0, y1) = (map.ys[0] - hy, map.ys[map.ys.len() - 1] + hy);
+    let mut c = ChartBuilder::on(&root)
+        .caption(&map.title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .right_y_label_area_size(10)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(e)?;
+    c.configure_mesh()
+        .disable_mesh()
+        .x_desc(&map.x)
+        .y_desc(&map.y)
+        .draw()
+        .map_err(e)?;
+    let bands = map.bands();
+    for (i, &x) in map.xs.iter().enumerate() {
+        for (j, &y) in map.ys.iter().enumerate() {
+            let colour = BANDS[bands[i][j]];
+            c.draw_series(std::iter::once(Rectangle::new(
+                [(x - hx, y - hy), (x + hx, y + hy)],
+                colour.filled(),
+            )))
+            .map_err(e)?;
+        }
+    }
+    // One legend entry per band that appears.
+    let used: std::collections::BTreeSet<usize> = bands.iter().flatten().copied().collect();
+    for k in used {
+        let (lo, hi) = (k as f64 * map.band_pct, (k + 1) as f64 * map.band_pct);
+        let label = if k + 1 == BANDS.len() {
+            format!(">= +{lo}%")
+        } else {
+            format!("+{lo}% to +{hi}%")
+        };
+        let colour = BANDS[k];
+        c.draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
+            .map_err(e)?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x - 5, y - 5), (x + 5, y + 5)], colour.filled()));
+    }
+    // The centre of the slice (the model itself).
+    c.draw_series(std::iter::once(Cross::new((0.0, 0.0), 6, WHITE.stroke_width(2))))
+        .map_err(e)?;
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+/// Writes `<dir>/<stem>.svg` and `<dir>/<stem>.png` of a contour map.
+pub fn render_heatmap(dir: &Path, map: &Heatmap) -> Result<()> {
+    let size = (640, 560);
+    let svg = dir.join(format!("{}.svg", map.stem));
+    draw_heatmap(SVGBackend::new(&svg, size).into_drawing_area(), map)?;
+    let png = dir.join(format!("{}.png", map.stem));
+    draw_heatmap(BitMapBackend::new(&png, size).into_drawing_area(), map)?;
+    Ok(())
+}

@@ -1,53 +1,11 @@
 //! `evaluate generate` as a user runs it, on a tiny random model saved as a HF directory.
 
-use basin_lm::tiny::{tiny_config, write_tiny_model_dir};
-use candle_core::{DType, Device};
-use std::process::Command;
-
-fn tiny_model_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    write_tiny_model_dir(dir.path()).unwrap();
-    let text = basin_lm::source::ModelText::open(dir.path()).unwrap();
-    let varmap =
-        basin_lm::llama::random_weights(&tiny_config(), 11, DType::F32, &Device::Cpu).unwrap();
-    basin_lm::weights::save_hf_dir(dir.path(), &tiny_config(), &varmap, &text, DType::F32).unwrap();
-    dir
-}
-
-fn evaluate(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_evaluate"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// A prepared row of set `set` (number `i`) with these tokens; the other text fields are
-/// placeholders the commands under test do not read.
-fn prepared_row(
-    set: &str,
-    i: usize,
-    split: &str,
-    input_ids: Vec<u32>,
-    prompt_len: usize,
-    label: Option<&str>,
-) -> basin_lm::schema::PreparedRow {
-    basin_lm::schema::PreparedRow {
-        id: format!("{set}-{i}"),
-        source: set.into(),
-        split: split.into(),
-        system: None,
-        user: format!("prompt {i}"),
-        assistant: (prompt_len < input_ids.len()).then(|| "reply".to_string()),
-        label: label.map(str::to_string),
-        input_ids,
-        prompt_len: prompt_len as u32,
-        truncated: false,
-    }
-}
+mod common;
+use common::{evaluate, prepared_row, tiny_model_dir, write_tiny_model};
 
 #[test]
 fn generates_for_each_prompt_reproducibly() {
-    let dir = tiny_model_dir();
+    let dir = tiny_model_dir(11);
     let model = dir.path().to_str().unwrap();
     let args = [
         "generate",
@@ -78,7 +36,7 @@ fn generates_for_each_prompt_reproducibly() {
 
 #[test]
 fn clear_errors_for_bad_arguments() {
-    let dir = tiny_model_dir();
+    let dir = tiny_model_dir(11);
     let model = dir.path().to_str().unwrap();
     // A run directory whose training died before writing model/.
     let unfinished = tempfile::tempdir().unwrap();
@@ -158,7 +116,7 @@ fn real_model_knows_the_capital_of_france() {
 #[test]
 fn safety_scores_prepared_sets() {
     use basin_lm::schema::{write_parquet, PreparedRow};
-    let model = tiny_model_dir();
+    let model = tiny_model_dir(11);
     let text = basin_lm::source::ModelText::open(model.path()).unwrap();
     let template = text
         .template(&basin_lm::source::TemplateChoice::Model, None)
@@ -279,14 +237,8 @@ fn utility_reports_validation_loss_for_a_run() {
     use basin_lm::schema::{write_parquet, PreparedRow};
     let run = tempfile::tempdir().unwrap();
     for which in ["model", "ema"] {
-        let dir = run.path().join(which);
-        write_tiny_model_dir(&dir).unwrap();
-        let text = basin_lm::source::ModelText::open(&dir).unwrap();
         let seed = if which == "model" { 1 } else { 2 };
-        let varmap =
-            basin_lm::llama::random_weights(&tiny_config(), seed, DType::F32, &Device::Cpu)
-                .unwrap();
-        basin_lm::weights::save_hf_dir(&dir, &tiny_config(), &varmap, &text, DType::F32).unwrap();
+        write_tiny_model(&run.path().join(which), seed);
     }
     let prepared = tempfile::tempdir().unwrap();
     let rows: Vec<PreparedRow> = (0..6)
@@ -330,7 +282,7 @@ fn utility_reports_validation_loss_for_a_run() {
 #[test]
 fn utility_saves_replies_and_the_eos_share() {
     use basin_lm::schema::{write_parquet, PreparedRow};
-    let model = tiny_model_dir();
+    let model = tiny_model_dir(11);
     let prepared = tempfile::tempdir().unwrap();
     let rows: Vec<PreparedRow> = (0..3)
         .map(|i| prepared_row("q", i, "eval", vec![1, 50 + i as u32, 2, 1], 4, None))
