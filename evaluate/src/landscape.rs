@@ -16,9 +16,9 @@
 
 use crate::plots::{Chart, Heatmap, Series};
 use anyhow::{bail, Context, Result};
+use basin_kernels::multi::MultiTensor;
 use basin_lm::model::Model;
 use basin_lm::rng::{mix64, SplitMix64};
-use basin_kernels::multi::MultiTensor;
 use candle_core::{DType, Tensor, Var, D};
 use serde::Serialize;
 
@@ -56,7 +56,10 @@ impl Params {
 
     /// f32 copies of the current weights (θ at the centre or at an end of the line).
     pub fn snapshot(&self) -> Result<Vec<Tensor>> {
-        self.point.iter().map(|v| Ok(v.as_tensor().copy()?)).collect()
+        self.point
+            .iter()
+            .map(|v| Ok(v.as_tensor().copy()?))
+            .collect()
     }
 
     /// f32 copies of another model's weights, on this model's device, checked to have the
@@ -75,9 +78,9 @@ impl Params {
             .iter()
             .zip(&self.point)
             .map(|(name, mine)| {
-                let theirs = data.get(name).with_context(|| {
-                    format!("{} has no tensor {name}", other.path.display())
-                })?;
+                let theirs = data
+                    .get(name)
+                    .with_context(|| format!("{} has no tensor {name}", other.path.display()))?;
                 if theirs.shape() != mine.shape() {
                     bail!(
                         "{name}: shape {:?} in {}, {:?} in the first model",
@@ -156,9 +159,8 @@ pub fn filter_normalised_direction(
             let d = Tensor::from_vec(values, theta.shape(), &candle_core::Device::Cpu)?
                 .to_device(theta.device())?;
             // Rows: the output units of a projection, the tokens of an embedding.
-            let row_norm = |t: &Tensor| -> Result<Tensor> {
-                Ok(t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
-            };
+            let row_norm =
+                |t: &Tensor| -> Result<Tensor> { Ok(t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?) };
             let scale = (row_norm(theta)? / (row_norm(&d)? + 1e-10)?)?;
             Ok(d.broadcast_mul(&scale)?)
         })
@@ -219,7 +221,11 @@ pub fn basin_1d(xs: &[f64], ys: &[f64], pct: f64) -> Basin {
         hi_i += 1;
     }
     let (open_lo, open_hi) = (lo_i == 0, hi_i + 1 == ys.len());
-    let lo = if open_lo { xs[0] } else { cross(lo_i, lo_i - 1) };
+    let lo = if open_lo {
+        xs[0]
+    } else {
+        cross(lo_i, lo_i - 1)
+    };
     let hi = if open_hi {
         xs[ys.len() - 1]
     } else {
@@ -337,7 +343,10 @@ pub fn csv(points: &[Point]) -> String {
 pub fn charts_1d(points: &[Point], axis: &str, pct: f64) -> Vec<Chart> {
     let series = |name: &str, f: &dyn Fn(&Point) -> Option<f64>| Series {
         name: name.into(),
-        points: points.iter().filter_map(|p| f(p).map(|y| (p.a, y))).collect(),
+        points: points
+            .iter()
+            .filter_map(|p| f(p).map(|y| (p.a, y)))
+            .collect(),
         line: true,
     };
     let rel = |f: fn(&Point) -> f64| {
@@ -396,7 +405,11 @@ pub fn heatmaps(xs: &[f64], ys: &[f64], points: &[Point], pct: f64) -> Vec<Heatm
     let table = |f: fn(&Point) -> f64| -> Vec<Vec<f64>> {
         xs.iter()
             .enumerate()
-            .map(|(i, _)| (0..ys.len()).map(|j| f(&points[i * ys.len() + j])).collect())
+            .map(|(i, _)| {
+                (0..ys.len())
+                    .map(|j| f(&points[i * ys.len() + j]))
+                    .collect()
+            })
             .collect()
     };
     [
@@ -444,7 +457,11 @@ impl Probes {
     /// (keyword, calibrated) attack success rate on the harmful prompts.
     pub fn asr(&self, model: &Model) -> Result<(f64, f64)> {
         let judge = crate::judges::RefusalJudge::default();
-        let prompts: Vec<Vec<u32>> = self.harmful.iter().map(|r| r.prompt_ids().to_vec()).collect();
+        let prompts: Vec<Vec<u32>> = self
+            .harmful
+            .iter()
+            .map(|r| r.prompt_ids().to_vec())
+            .collect();
         let opts = model.options(self.max_new_tokens)?;
         let replies = model.replies_to_ids(&prompts, &opts, self.batch_size, |_| {})?;
         let verdicts: Vec<_> = replies
@@ -594,7 +611,11 @@ mod tests {
         let rows = d[0].sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
         let rows: Vec<f32> = rows.to_vec1().unwrap();
         assert!((rows[0] - 5.0).abs() < 1e-5 && (rows[1] - 3f32.sqrt()).abs() < 1e-5);
-        assert_eq!(d[1].to_vec1::<f32>().unwrap(), vec![0.0; 3], "1-D: no offset");
+        assert_eq!(
+            d[1].to_vec1::<f32>().unwrap(),
+            vec![0.0; 3],
+            "1-D: no offset"
+        );
         // Seeded: the same seed gives the same direction, another seed another one.
         let values = |seed| -> Vec<Vec<f32>> {
             let d = filter_normalised_direction(&names, &centre, seed).unwrap();

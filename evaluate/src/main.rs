@@ -200,8 +200,8 @@ struct LandscapeArgs {
     #[arg(long, allow_hyphen_values = true)]
     alpha_max: Option<f64>,
     /// Random slices: how far along each filter-normalised direction (1 = a step as long as
-    /// each weight row).
-    #[arg(long, default_value_t = 0.5)]
+    /// each weight row). On SmolLM2-135M both losses rise by 5% within about 0.005.
+    #[arg(long, default_value_t = 0.02)]
     span: f64,
     /// Seed of the random directions.
     #[arg(long, default_value_t = 0)]
@@ -814,17 +814,26 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
     };
     use evaluate::plots::{load_font, render, render_heatmap};
     if args.points < 2 {
-        bail!("--points {}: a landscape needs at least 2 points per axis", args.points);
+        bail!(
+            "--points {}: a landscape needs at least 2 points per axis",
+            args.points
+        );
     }
     if args.to.is_none() && !(1..=2).contains(&args.directions) {
         bail!("--directions {}: expected 1 or 2", args.directions);
     }
     if !(args.basin_pct > 0.0) {
-        bail!("--basin-pct {}: expected a positive percentage", args.basin_pct);
+        bail!(
+            "--basin-pct {}: expected a positive percentage",
+            args.basin_pct
+        );
     }
     let (dtype, device) = (parse_dtype(&args.dtype)?, parse_device(&args.device)?);
     // The sets first: a typo fails before a model is loaded.
-    let read = |set: &str, split: Option<&str>, limit: usize| -> Result<(Vec<basin_lm::schema::PreparedRow>, serde_json::Value)> {
+    let read = |set: &str,
+                split: Option<&str>,
+                limit: usize|
+     -> Result<(Vec<basin_lm::schema::PreparedRow>, serde_json::Value)> {
         let file = args.prepared.join(format!("{set}.parquet"));
         let mut rows = basin_lm::schema::read_parquet(&file)?;
         if let Some(split) = split {
@@ -832,7 +841,11 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
         }
         rows.truncate(limit);
         if rows.is_empty() {
-            bail!("{}: no rows{}", file.display(), split.map_or(String::new(), |s| format!(" with split = {s}")));
+            bail!(
+                "{}: no rows{}",
+                file.display(),
+                split.map_or(String::new(), |s| format!(" with split = {s}"))
+            );
         }
         let info = serde_json::json!({"set": set, "rows": rows.len(), "sha256": basin_lm::fsutil::sha256_file(&file)?});
         Ok((rows, info))
@@ -840,7 +853,10 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
     let (utility, utility_info) = read(&args.utility_set, Some("val"), args.limit)?;
     let (safety, safety_info) = read(&args.safety_set, Some("val"), args.limit)?;
     if safety.iter().any(|r| r.example().1 >= r.input_ids.len()) {
-        bail!("{}: the safety set needs replies (refusals) to compute a loss on", args.safety_set);
+        bail!(
+            "{}: the safety set needs replies (refusals) to compute a loss on",
+            args.safety_set
+        );
     }
     let two_d = args.to.is_none() && args.directions == 2;
     let asr_points = if two_d { 0 } else { args.asr_points };
@@ -871,7 +887,9 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
         }
         None => {
             let dirs = (0..args.directions as u64)
-                .map(|k| filter_normalised_direction(&params.names, &centre, args.seed.wrapping_add(k)))
+                .map(|k| {
+                    filter_normalised_direction(&params.names, &centre, args.seed.wrapping_add(k))
+                })
                 .collect::<Result<Vec<_>>>()?;
             let kind = if two_d { "random-2d" } else { "random-1d" };
             (kind, Slice::Random { dirs }, -args.span, args.span, None)
@@ -889,19 +907,39 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
         "{kind}: {total} points, each {} utility + {} safety rows{}",
         probes.utility.len(),
         probes.safety.len(),
-        if asr_at.is_empty() { String::new() } else { format!("; ASR on {} prompts at {} of them", probes.harmful.len(), asr_at.len()) }
+        if asr_at.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; ASR on {} prompts at {} of them",
+                probes.harmful.len(),
+                asr_at.len()
+            )
+        }
     );
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_message(kind);
     let started = Instant::now();
-    let points = walk(&model, &params, &centre, &slice, &xs, ys.as_deref(), &asr_at, &probes, |d| bar.set_position(d as u64))?;
+    let points = walk(
+        &model,
+        &params,
+        &centre,
+        &slice,
+        &xs,
+        ys.as_deref(),
+        &asr_at,
+        &probes,
+        |d| bar.set_position(d as u64),
+    )?;
     bar.finish_and_clear();
     eprintln!("{total} points in {:.1}s", started.elapsed().as_secs_f64());
 
     let pct = args.basin_pct;
     let basins = match &ys {
         None => {
-            let col = |f: fn(&evaluate::landscape::Point) -> f64| points.iter().map(f).collect::<Vec<_>>();
+            let col = |f: fn(&evaluate::landscape::Point) -> f64| {
+                points.iter().map(f).collect::<Vec<_>>()
+            };
             serde_json::json!({
                 "utility": basin_1d(&xs, &col(|p| p.utility_loss), pct),
                 "safety": basin_1d(&xs, &col(|p| p.safety_loss), pct),
@@ -909,7 +947,10 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
         }
         Some(ys) => {
             let table = |f: fn(&evaluate::landscape::Point) -> f64| -> Vec<Vec<f64>> {
-                points.chunks(ys.len()).map(|row| row.iter().map(f).collect()).collect()
+                points
+                    .chunks(ys.len())
+                    .map(|row| row.iter().map(f).collect())
+                    .collect()
             };
             serde_json::json!({
                 "utility": basin_2d(&xs, ys, &table(|p| p.utility_loss), pct),
@@ -935,7 +976,10 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
         }
     }
 
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("landscape-{kind}")));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("landscape-{kind}")));
     let tmp = out.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -943,7 +987,11 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
     if load_font().is_some() {
         match &ys {
             None => {
-                let axis = if to.is_some() { "α (0: --from, 1: --to)" } else { "α along the random direction" };
+                let axis = if to.is_some() {
+                    "α (0: --from, 1: --to)"
+                } else {
+                    "α along the random direction"
+                };
                 for c in charts_1d(&points, axis, pct) {
                     render(&tmp, &c)?;
                     plots.push(c.stem);
@@ -976,7 +1024,10 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
         "points": points,
     });
     std::fs::write(tmp.join("landscape.csv"), csv(&points))?;
-    std::fs::write(tmp.join("landscape.json"), serde_json::to_string_pretty(&doc)?)?;
+    std::fs::write(
+        tmp.join("landscape.json"),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
     if out.exists() {
         std::fs::remove_dir_all(&out)?;
     }

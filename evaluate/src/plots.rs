@@ -229,11 +229,17 @@ where
         c.draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
             .map_err(e)?
             .label(label)
-            .legend(move |(x, y)| Rectangle::new([(x - 5, y - 5), (x + 5, y + 5)], colour.filled()));
+            .legend(move |(x, y)| {
+                Rectangle::new([(x - 5, y - 5), (x + 5, y + 5)], colour.filled())
+            });
     }
     // The centre of the slice (the model itself).
-    c.draw_series(std::iter::once(Cross::new((0.0, 0.0), 6, WHITE.stroke_width(2))))
-        .map_err(e)?;
+    c.draw_series(std::iter::once(Cross::new(
+        (0.0, 0.0),
+        6,
+        WHITE.stroke_width(2),
+    )))
+    .map_err(e)?;
     c.configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)

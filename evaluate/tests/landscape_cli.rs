@@ -73,7 +73,8 @@ fn rows(dir: &Path) -> Vec<Vec<String>> {
 fn losses(model: &Path, prepared: &Path) -> (f64, f64) {
     let m = basin_lm::model::Model::open(model, DType::F32, &Device::Cpu).unwrap();
     let loss = |set: &str| {
-        let rows = basin_lm::schema::read_parquet(&prepared.join(format!("{set}.parquet"))).unwrap();
+        let rows =
+            basin_lm::schema::read_parquet(&prepared.join(format!("{set}.parquet"))).unwrap();
         let val: Vec<(&[u32], usize)> = rows
             .iter()
             .filter(|r| r.split == "val")

@@ -255,8 +255,33 @@ fn main() -> anyhow::Result<()> {
     println!("device vs CPU reference, bf16 AdamW step (f32 master, bf16 grad and copy): max relative error {bf_worst:.1e}");
     report["max_rel_err_bf16"] = bf_worst.into();
 
+    // The sums of squares (gradient norm, distance from the start) against the reference.
+    let norm_pairs: Vec<(&Tensor, Option<&Tensor>)> = set
+        .grad
+        .iter()
+        .zip(&set.theta)
+        .map(|(g, t)| (g, Some(t.as_tensor())))
+        .collect();
+    let got = mt.sum_squares(&norm_pairs)?;
+    let want = basin_kernels::norm::total(
+        norm_pairs
+            .iter()
+            .flat_map(|(a, b)| basin_kernels::norm::chunk_sums(&host(a), Some(&host(b.unwrap())))),
+    );
+    println!(
+        "device vs CPU reference, Σ‖g − θ‖² in f64: {got:e} vs {want:e} ({})",
+        if got.to_bits() == want.to_bits() {
+            "equal bits"
+        } else {
+            "DIFFERENT"
+        }
+    );
+    report["sum_sq_equal_bits"] = (got.to_bits() == want.to_bits()).into();
+
     // 2. Timings. Bytes per parameter: AdamW reads θ g m v, writes θ m v (28); the EMA reads
-    // θ̄ θ, writes θ̄ (12); fused: 36; bf16 AdamW: f32 θ m v, bf16 g and copy (28).
+    // θ̄ θ, writes θ̄ (12); fused: 36; bf16 AdamW: f32 θ m v, bf16 g and copy (28); the sum
+    // of squares reads g (4), or θ and θ₀ (8). The sums include the copy of the partial sums
+    // to the host, as the training loop uses them.
     let copy_gbps = copy_bandwidth(&dev)?;
     println!("device copy: {copy_gbps:.0} GB/s (read + write)");
     report["copy_GBps"] = copy_gbps.into();
@@ -277,6 +302,13 @@ fn main() -> anyhow::Result<()> {
         ema_beta: Some(beta),
     };
     let bf = bf_tensors(false);
+    let grad_norm: Vec<(&Tensor, Option<&Tensor>)> = set.grad.iter().map(|g| (g, None)).collect();
+    let distance: Vec<(&Tensor, Option<&Tensor>)> = set
+        .theta
+        .iter()
+        .zip(&set.ema)
+        .map(|(t, e)| (t.as_tensor(), Some(e.as_tensor())))
+        .collect();
     let rows = [
         (
             "adamw_f32",
@@ -297,6 +329,20 @@ fn main() -> anyhow::Result<()> {
             "adamw_bf16 (f32 master)",
             28.0,
             time_ms(&dev, || mt.adamw_step(&bf, &s, plain).expect("bf16")),
+        ),
+        (
+            "sum_sq (gradient norm)",
+            4.0,
+            time_ms(&dev, || {
+                mt.sum_squares(&grad_norm).expect("norm");
+            }),
+        ),
+        (
+            "sum_sq (‖θ − θ₀‖)",
+            8.0,
+            time_ms(&dev, || {
+                mt.sum_squares(&distance).expect("distance");
+            }),
         ),
     ];
     let torch: Option<serde_json::Value> = arg("--torch")

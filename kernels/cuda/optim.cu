@@ -187,3 +187,53 @@ extern "C" __global__ void ema_blend(const Entry* table, const Chunk* chunks, u3
             e.ema[i] = blend(e.ema[i], e.theta[i], w);
     }
 }
+
+// Σ (a − b)² over every tensor of the table, in f64, one partial sum per chunk (block), in
+// the order of kernels/src/norm.rs: thread t sums the quads t, t + 256, ... of its chunk (each
+// quad's elements in order), then the block adds the 256 thread sums as a tree. `a` sits in
+// the entry's grad slot (f32, or bf16 when the name says so), `b` in theta (0: b = 0).
+#define SUM_THREADS 256
+template <bool BF16_A>
+__device__ void sum_sq_chunk(const Entry* table, const Chunk* chunks, u32 chunk_elems, double* partials) {
+    __shared__ double sums[SUM_THREADS];
+    const Chunk c = chunks[blockIdx.x];
+    const Entry e = table[c.tensor];
+    const u64 start = (u64)c.index * chunk_elems;
+    const u64 end = min(start + chunk_elems, e.n);
+    double acc = 0.0;
+    for (u64 q = start + 4 * threadIdx.x; q < end; q += 4 * SUM_THREADS) {
+        float a[4] = {0.f, 0.f, 0.f, 0.f}, b[4] = {0.f, 0.f, 0.f, 0.f};
+        const int k_end = (int)min((u64)4, end - q);
+        if (e.vec4) {
+            float4 x = load_grad4<BF16_A>(e.grad, q, 1.0f);
+            a[0] = x.x; a[1] = x.y; a[2] = x.z; a[3] = x.w;
+            if (e.theta) {
+                float4 y = *(const float4*)(e.theta + q);
+                b[0] = y.x; b[1] = y.y; b[2] = y.z; b[3] = y.w;
+            }
+        } else {
+            for (int k = 0; k < k_end; k++) {
+                a[k] = load_grad<BF16_A>(e.grad, q + k, 1.0f);
+                if (e.theta) b[k] = e.theta[q + k];
+            }
+        }
+        for (int k = 0; k < k_end; k++) {
+            double d = __dsub_rn((double)a[k], (double)b[k]);
+            acc = __dadd_rn(acc, __dmul_rn(d, d));
+        }
+    }
+    sums[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = SUM_THREADS / 2; s > 0; s /= 2) {
+        if (threadIdx.x < s) sums[threadIdx.x] = __dadd_rn(sums[threadIdx.x], sums[threadIdx.x + s]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partials[blockIdx.x] = sums[0];
+}
+
+extern "C" __global__ void sum_sq_f32(const Entry* table, const Chunk* chunks, u32 chunk_elems, double* partials) {
+    sum_sq_chunk<false>(table, chunks, chunk_elems, partials);
+}
+extern "C" __global__ void sum_sq_bf16(const Entry* table, const Chunk* chunks, u32 chunk_elems, double* partials) {
+    sum_sq_chunk<true>(table, chunks, chunk_elems, partials);
+}

@@ -16,8 +16,9 @@ const SOURCE: &str = include_str!("../cuda/optim.cu");
 const MODULE: &str = "basin_optim";
 /// Elements per block: enough work per block that launching it costs little (4 float4s per
 /// thread), few enough that the 30 small norm vectors do not leave the GPU idle.
-const CHUNK_ELEMS: u32 = 16384;
-const THREADS: u32 = 256;
+const CHUNK_ELEMS: u32 = crate::norm::CHUNK_ELEMS as u32;
+/// `SUM_THREADS` in optim.cu: the sum kernel's order depends on it.
+const THREADS: u32 = crate::norm::THREADS as u32;
 /// u64 words per table entry: the `Entry` struct of optim.cu.
 const ENTRY_WORDS: usize = 8;
 
@@ -215,6 +216,47 @@ impl Launcher {
             })
             .collect::<Result<Vec<_>>>()?;
         self.launch("ema_blend", &entries, 1.0f32 - beta)
+    }
+}
+
+impl Launcher {
+    /// Σ‖a − b‖² in f64: one partial sum per chunk on the device, added on the host.
+    pub(crate) fn sum_squares(&mut self, pairs: &[(&Tensor, Option<&Tensor>)]) -> Result<f64> {
+        let bf16 = pairs[0].0.dtype() == candle_core::DType::BF16;
+        if pairs
+            .iter()
+            .any(|(a, _)| (a.dtype() == candle_core::DType::BF16) != bf16)
+        {
+            bail!("sum_squares: the tensors must all be f32 or all bf16");
+        }
+        let dev = self.dev.clone();
+        let entries = pairs
+            .iter()
+            .map(|(a, b)| {
+                let b = b.map_or(Ok(0), |b| address(b, &dev))?;
+                Ok(entry([b, address(a, &dev)?, 0, 0, 0, 0], a.elem_count()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let blocks: u64 = entries
+            .iter()
+            .map(|e| e[6].div_ceil(CHUNK_ELEMS as u64))
+            .sum();
+        if blocks == 0 {
+            return Ok(0.0);
+        }
+        let partials = self.dev.alloc_zeros::<f64>(blocks as usize)?;
+        let ptr = {
+            let stream = self.dev.cuda_stream();
+            let (p, _sync) = partials.device_ptr(&stream);
+            p
+        };
+        self.launch(
+            if bf16 { "sum_sq_bf16" } else { "sum_sq_f32" },
+            &entries,
+            ptr,
+        )?;
+        let sums = self.dev.clone_dtoh(&partials)?;
+        Ok(crate::norm::total(sums))
     }
 }
 

@@ -7,6 +7,7 @@
 
 use crate::adamw::{adamw_ema_step, adamw_step, StepScalars};
 use crate::ema::ema_blend;
+use crate::norm::{chunk_sums, total};
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
 
 /// One parameter tensor's buffers for an AdamW step.
@@ -92,6 +93,38 @@ impl MultiTensor {
         }
     }
 
+    /// Σ over pairs of ‖a − b‖² (b = 0 when absent), in f64 and in the fixed order of
+    /// [`crate::norm`]: the same bits on the CPU and on a GPU. `a` is f32 or bf16, `b` f32.
+    pub fn sum_squares(&mut self, pairs: &[(&Tensor, Option<&Tensor>)]) -> Result<f64> {
+        let Some(first) = pairs.first() else {
+            return Ok(0.0);
+        };
+        for (a, b) in pairs {
+            if !matches!(a.dtype(), DType::F32 | DType::BF16) || !a.is_contiguous() {
+                bail!("sum_squares: expected a contiguous f32 or bf16 tensor")
+            }
+            if let Some(b) = b {
+                same(a, b, "a", "b")?;
+                f32_contiguous(b, "b")?;
+            }
+        }
+        match first.0.device() {
+            Device::Cpu => {
+                let mut sums = Vec::new();
+                for (a, b) in pairs {
+                    sums.extend(with_f32(a, |a| match b {
+                        Some(b) => with_f32(b, |b| chunk_sums(a, Some(b))),
+                        None => Ok(chunk_sums(a, None)),
+                    })??);
+                }
+                Ok(total(sums))
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(dev) => self.cuda(dev)?.sum_squares(pairs),
+            d => bail!("sum_squares: no kernel for device {d:?}"),
+        }
+    }
+
     #[cfg(feature = "cuda")]
     fn cuda(&mut self, dev: &candle_core::CudaDevice) -> Result<&mut crate::cuda::Launcher> {
         if self.cuda.is_none() {
@@ -142,6 +175,19 @@ fn check(t: &AdamWTensors) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `f` over a CPU tensor's values as f32: its own buffer when it is a contiguous f32 one
+/// (no copy), else a widened copy.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.dtype() == DType::F32 && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(cs) = &*storage {
+            let start = layout.start_offset();
+            return Ok(f(&cs.as_slice::<f32>()?[start..start + t.elem_count()]));
+        }
+    }
+    Ok(f(&host(t)?))
 }
 
 fn host(t: &Tensor) -> Result<Vec<f32>> {

@@ -189,6 +189,54 @@ fn bad_buffers_are_refused_with_their_names() {
     assert_eq!(host(b[0].theta.as_tensor()), values(7, 0, 0.5));
 }
 
+/// Σ‖grad‖² and Σ‖θ̄ − θ‖² of the buffers, by `sum_squares`.
+fn sums(b: &[Buffers]) -> (f64, f64) {
+    let mut k = MultiTensor::new();
+    let grads: Vec<(&Tensor, Option<&Tensor>)> = b.iter().map(|b| (&b.grad, None)).collect();
+    let diffs: Vec<(&Tensor, Option<&Tensor>)> = b
+        .iter()
+        .map(|b| (b.ema.as_tensor(), Some(b.theta.as_tensor())))
+        .collect();
+    (
+        k.sum_squares(&grads).unwrap(),
+        k.sum_squares(&diffs).unwrap(),
+    )
+}
+
+#[test]
+fn cpu_sum_squares_is_the_f64_sum() {
+    for grad_dtype in [DType::F32, DType::BF16] {
+        let b = buffers(&Device::Cpu, grad_dtype);
+        let (grads, diffs) = sums(&b);
+        let plain = |x: &Tensor, y: Option<&Tensor>| -> f64 {
+            let x = host(x);
+            let y = y.map(host).unwrap_or_else(|| vec![0.0; x.len()]);
+            x.iter()
+                .zip(&y)
+                .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+                .sum()
+        };
+        let want_g: f64 = b.iter().map(|b| plain(&b.grad, None)).sum();
+        let want_d: f64 = b
+            .iter()
+            .map(|b| plain(b.ema.as_tensor(), Some(b.theta.as_tensor())))
+            .sum();
+        assert!(
+            (grads - want_g).abs() <= 1e-12 * want_g,
+            "{grads} vs {want_g}"
+        );
+        assert!(
+            (diffs - want_d).abs() <= 1e-12 * want_d,
+            "{diffs} vs {want_d}"
+        );
+    }
+    let b = buffers(&Device::Cpu, DType::F32);
+    let err = MultiTensor::new()
+        .sum_squares(&[(&b[0].grad, Some(b[1].theta.as_tensor()))])
+        .unwrap_err();
+    assert!(err.to_string().contains("shape"), "{err}");
+}
+
 /// The device check: every kernel on the GPU against the CPU, on the same inputs.
 #[cfg(feature = "cuda")]
 #[test]
@@ -238,6 +286,23 @@ fn cuda_kernels_equal_the_cpu_bit_for_bit() {
             host(c.ema.as_tensor()),
             host(g.ema.as_tensor()),
             "ema_blend"
+        );
+    }
+    // The sums of squares, in the same order on both: equal bits.
+    for grad_dtype in [DType::F32, DType::BF16] {
+        let (c, g) = (
+            sums(&buffers(&Device::Cpu, grad_dtype)),
+            sums(&buffers(&gpu, grad_dtype)),
+        );
+        assert_eq!(
+            c.0.to_bits(),
+            g.0.to_bits(),
+            "sum of squares, {grad_dtype:?}: {c:?} vs {g:?}"
+        );
+        assert_eq!(
+            c.1.to_bits(),
+            g.1.to_bits(),
+            "sum of squared differences: {c:?} vs {g:?}"
         );
     }
 }

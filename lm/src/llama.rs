@@ -10,8 +10,8 @@
 //! Weights use Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...).
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder, VarMap};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 /// The architecture, in Hugging Face `config.json` terms.
@@ -137,14 +137,14 @@ pub enum Pass {
 
 struct Block {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
     mlp_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
 }
 
 /// Keys and values of the positions seen so far, per layer: [batch, kv_heads, time, head_dim].
@@ -176,11 +176,24 @@ pub struct Llama {
     sin: Tensor,
 }
 
-fn linear(vb: &VarBuilder, out_dim: usize, in_dim: usize, name: &str) -> Result<Linear> {
-    Ok(Linear::new(
-        vb.get((out_dim, in_dim), &format!("{name}.weight"))?,
-        None,
-    ))
+/// A projection's weight [out, in] (no bias in Llama).
+fn linear(vb: &VarBuilder, out_dim: usize, in_dim: usize, name: &str) -> Result<Tensor> {
+    Ok(vb.get((out_dim, in_dim), &format!("{name}.weight"))?)
+}
+
+/// x [.., in] · wᵀ for w [out, in], as one 2-D matmul over every row. Broadcasting w over
+/// the batch instead (candle-nn's Linear) makes its gradient a batch of per-row GEMMs and a
+/// sum over the batch: [batch, in, out] floats written and read again for every weight.
+fn project(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let (rows, d_in) = (
+        dims[..dims.len() - 1].iter().product::<usize>(),
+        dims[dims.len() - 1],
+    );
+    let y = x.reshape((rows, d_in))?.matmul(&w.t()?)?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("rank >= 1") = w.dim(0)?;
+    Ok(y.reshape(out)?)
 }
 
 impl Llama {
@@ -284,8 +297,9 @@ impl Llama {
             )?;
             x = (x + a)?;
             let n = rms_norm(&x, &block.mlp_norm, self.config.rms_norm_eps, pass)?;
-            let f = block.down.forward(
-                &(candle_nn::ops::silu(&block.gate.forward(&n)?)? * block.up.forward(&n)?)?,
+            let f = project(
+                &(candle_nn::ops::silu(&project(&n, &block.gate)?)? * project(&n, &block.up)?)?,
+                &block.down,
             )?;
             x = (x + f)?;
         }
@@ -313,7 +327,7 @@ impl Llama {
     /// Logits [.., vocab] of hidden states [.., hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         // contiguous(): CUDA matmul needs it, and the last position of a batch is a strided view.
-        Ok(hidden.contiguous()?.broadcast_matmul(&self.lm_head.t()?)?)
+        project(&hidden.contiguous()?, &self.lm_head)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -333,9 +347,9 @@ impl Llama {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope(&heads(block.q.forward(x)?, nh)?, cos, sin, pass)?;
-        let mut k = rope(&heads(block.k.forward(x)?, nkv)?, cos, sin, pass)?;
-        let mut v = heads(block.v.forward(x)?, nkv)?;
+        let q = rope(&heads(project(x, &block.q)?, nh)?, cos, sin, pass)?;
+        let mut k = rope(&heads(project(x, &block.k)?, nkv)?, cos, sin, pass)?;
+        let mut v = heads(project(x, &block.v)?, nkv)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -351,7 +365,7 @@ impl Llama {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        Ok(block.o.forward(&y)?)
+        project(&y, &block.o)
     }
 }
 

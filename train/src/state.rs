@@ -73,23 +73,6 @@ fn f32_copy(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?.copy()?)
 }
 
-/// Σ over pairs of ‖a − b‖² (b = 0 when absent), in f64.
-fn sum_sq<'a>(pairs: impl Iterator<Item = (&'a Tensor, Option<&'a Tensor>)>) -> Result<f64> {
-    let mut parts = Vec::new();
-    for (a, b) in pairs {
-        let a = a.to_dtype(DType::F64)?;
-        let d = match b {
-            Some(b) => (a - b.to_dtype(DType::F64)?)?,
-            None => a,
-        };
-        parts.push(d.sqr()?.sum_all()?);
-    }
-    if parts.is_empty() {
-        return Ok(0.0);
-    }
-    Ok(Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>()?)
-}
-
 impl TrainState {
     /// Starts from the model's weights: θ = θ₀ = θ̄ (the EMA's anchor is the pre-trained model).
     pub fn new(varmap: &VarMap, ema: bool) -> Result<Self> {
@@ -150,13 +133,17 @@ impl TrainState {
         Ok(())
     }
 
-    /// ‖g‖ over every parameter (f64 sum of squares).
-    pub fn grad_norm(&self) -> Result<f64> {
-        let grads: Vec<&Tensor> = self.params.iter().filter_map(|p| p.grad.as_ref()).collect();
+    /// ‖g‖ over every parameter (an f64 sum of squares, one kernel on a GPU).
+    pub fn grad_norm(&mut self) -> Result<f64> {
+        let grads: Vec<(&Tensor, Option<&Tensor>)> = self
+            .params
+            .iter()
+            .filter_map(|p| p.grad.as_ref().map(|g| (g, None)))
+            .collect();
         if grads.len() != self.params.len() {
             bail!("grad_norm: no gradient accumulated since the last step");
         }
-        Ok(sum_sq(grads.into_iter().map(|g| (g, None)))?.sqrt())
+        Ok(self.kernels.sum_squares(&grads)?.sqrt())
     }
 
     /// One optimizer step `t` (1-based) at learning rate `lr`: clip, AdamW, then (when due)
@@ -240,14 +227,15 @@ impl TrainState {
     }
 
     /// ‖a − θ₀‖ over every parameter, for a = θ or θ̄ (None without an EMA).
-    pub fn distance_from_start(&self, w: Weights) -> Result<Option<f64>> {
+    pub fn distance_from_start(&mut self, w: Weights) -> Result<Option<f64>> {
         let pairs: Option<Vec<(&Tensor, Option<&Tensor>)>> = self
             .params
             .iter()
             .map(|p| Some((p.pick(w)?, Some(&p.theta0))))
             .collect();
+        let kernels = &mut self.kernels;
         pairs
-            .map(|pairs| Ok(sum_sq(pairs.into_iter())?.sqrt()))
+            .map(|pairs| Ok(kernels.sum_squares(&pairs)?.sqrt()))
             .transpose()
     }
 

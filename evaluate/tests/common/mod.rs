@@ -52,4 +52,3 @@ pub fn prepared_row(
         truncated: false,
     }
 }
-
