@@ -64,6 +64,10 @@ paper:
     [ -f runs/align-gpu/eval/model/utility.json ] || [ -n "${ALIGNED_MODEL:-}" ] || { $b/evaluate safety --model runs/align-gpu --device cuda --sets advbench,harmbench,xstest --batch-size 128 --max-new-tokens 128; $b/evaluate utility --model runs/align-gpu --device cuda --sets dolly,alpaca,orca; }
     $b/sweep --config configs/paper.toml ${ALIGNED_MODEL:+--set model=$ALIGNED_MODEL}
 
+# The safety basin: loss landscapes around the aligned model, e.g. just landscape --to runs/all-aggressive
+landscape *ARGS: build
+    {{malloc}} {{bin}}/evaluate landscape --from ${ALIGNED_MODEL:-runs/align} {{ARGS}}
+
 # Any sweep, one point after another here (done points are skipped): just sweep configs/all.toml
 sweep CONFIG *ARGS: build
     {{malloc}} {{bin}}/sweep --config {{CONFIG}} {{ARGS}}

@@ -8,7 +8,9 @@
 //! Defaults: 16 x 512 and batch 64 on a GPU, 4 x 128 and batch 8 on the CPU (the shapes of
 //! the PyTorch + transformers figures we compare with). `--torch FILE` prints PyTorch's
 //! figures (a JSON of hf_train_*_tok_s / hf_generate_*_tok_s keys) beside ours; `--json
-//! FILE` writes ours. `just bench` runs it.
+//! FILE` writes ours; `--dtype f32|bf16` trains in that one only, `--train-only` skips
+//! generation, `--layers N` keeps N of the 30 layers, `--warm N` sets the untimed steps (for
+//! a profiler: `--train-only --dtype f32 --layers 4 --warm 1 --iters 1`). `just bench` runs it.
 
 use basin_lm::batch::{loss, Batch};
 use basin_lm::generate::{generate, GenerateOptions};
@@ -21,11 +23,12 @@ use train::config::TrainConfig;
 use train::state::TrainState;
 
 fn smollm2() -> LlamaConfig {
+    let layers = arg("--layers").and_then(|v| v.parse().ok()).unwrap_or(30);
     LlamaConfig {
         vocab_size: 49152,
         hidden_size: 576,
         intermediate_size: 1536,
-        num_hidden_layers: 30,
+        num_hidden_layers: layers,
         num_attention_heads: 9,
         num_key_value_heads: 3,
         rope_theta: 100000.0,
@@ -72,7 +75,7 @@ fn train_step(
     let ids = random_ids(b * t, 1, cfg.vocab_size);
     let rows: Vec<(&[u32], usize)> = ids.chunks(t).map(|r| (r, 0)).collect();
     let batch = Batch::new(&rows, 0, dtype, dev)?;
-    let warm = 2;
+    let warm = arg("--warm").and_then(|v| v.parse().ok()).unwrap_or(2);
     let mut p = Phases::default();
     let mut total = 0.0;
     for i in 0..warm + iters {
@@ -169,7 +172,11 @@ fn main() -> anyhow::Result<()> {
     } else {
         &[(DType::F32, "f32")]
     };
-    for &(dtype, name) in dtypes {
+    let only = arg("--dtype");
+    for &(dtype, name) in dtypes
+        .iter()
+        .filter(|(_, n)| only.as_deref().is_none_or(|o| o == *n))
+    {
         let (secs, p) = train_step(&dev, dtype, b, t, iters)?;
         let tok_s = (b * t) as f64 / secs;
         let key = if gpu {
@@ -188,7 +195,12 @@ fn main() -> anyhow::Result<()> {
         report[format!("train_{name}")] = serde_json::json!({"tokens_per_s": tok_s, "step_ms": secs * 1e3,
             "forward_ms": p.forward * 1e3, "backward_ms": p.backward * 1e3, "optimizer_ms": p.optimizer * 1e3});
     }
-    for gb in [1, gen_batch] {
+    let gen_batches = if std::env::args().any(|a| a == "--train-only") {
+        vec![]
+    } else {
+        vec![1, gen_batch]
+    };
+    for gb in gen_batches {
         let tok_s = generation(&dev, gb)?;
         let key = if gpu {
             format!("hf_generate_f32_b{gb}_tok_s")
