@@ -308,7 +308,7 @@ pub fn basin_2d(xs: &[f64], ys: &[f64], zs: &[Vec<f64>], pct: f64) -> Basin2d {
 }
 
 /// One point of a landscape.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Point {
     pub a: f64,
     /// The second coordinate of a 2-D slice.
@@ -318,6 +318,67 @@ pub struct Point {
     /// Keyword and calibrated attack success rates where they were measured.
     pub asr_keyword: Option<f64>,
     pub asr_calibrated: Option<f64>,
+}
+
+/// The coordinates of a landscape's points: α along the first axis, and along the second
+/// for a 2-D slice (points in row-major order: a outer, b inner).
+pub struct Grid {
+    pub xs: Vec<f64>,
+    pub ys: Option<Vec<f64>>,
+}
+
+impl Grid {
+    pub fn of(points: &[Point]) -> Result<Self> {
+        let mut xs: Vec<f64> = Vec::new();
+        for p in points {
+            if xs.last() != Some(&p.a) {
+                xs.push(p.a);
+            }
+        }
+        let ys: Option<Vec<f64>> = match points.iter().filter(|p| p.b.is_some()).count() {
+            0 => None,
+            n if n == points.len() => Some(
+                points
+                    .iter()
+                    .take_while(|p| p.a == points[0].a)
+                    .filter_map(|p| p.b)
+                    .collect(),
+            ),
+            _ => bail!("some points have a second coordinate and some do not"),
+        };
+        let ny = ys.as_ref().map_or(1, Vec::len);
+        let regular = xs.len() * ny == points.len()
+            && points.iter().enumerate().all(|(k, p)| {
+                p.a == xs[k / ny] && ys.as_ref().is_none_or(|ys| p.b == Some(ys[k % ny]))
+            });
+        if !regular || !xs.windows(2).all(|w| w[0] < w[1]) {
+            bail!("the points are not a grid in row-major order");
+        }
+        Ok(Self { xs, ys })
+    }
+}
+
+/// The basin of each loss: widths for a line, areas for a plane.
+pub fn basins(grid: &Grid, points: &[Point], pct: f64) -> serde_json::Value {
+    let col = |f: fn(&Point) -> f64| points.iter().map(f).collect::<Vec<_>>();
+    match &grid.ys {
+        None => serde_json::json!({
+            "utility": basin_1d(&grid.xs, &col(|p| p.utility_loss), pct),
+            "safety": basin_1d(&grid.xs, &col(|p| p.safety_loss), pct),
+        }),
+        Some(ys) => {
+            let table = |f: fn(&Point) -> f64| -> Vec<Vec<f64>> {
+                points
+                    .chunks(ys.len())
+                    .map(|row| row.iter().map(f).collect())
+                    .collect()
+            };
+            serde_json::json!({
+                "utility": basin_2d(&grid.xs, ys, &table(|p| p.utility_loss), pct),
+                "safety": basin_2d(&grid.xs, ys, &table(|p| p.safety_loss), pct),
+            })
+        }
+    }
 }
 
 /// The points as CSV, one line each.

@@ -183,7 +183,11 @@ struct LandscapeArgs {
     /// The model at α = 0: the start of the line, or the centre of the random slices (a
     /// .gguf file, a Hugging Face directory, or a run directory: its model/).
     #[arg(long)]
-    from: PathBuf,
+    from: Option<PathBuf>,
+    /// Measure nothing: recompute the basins (with --basin-pct) and draw the plots again
+    /// from DIR/landscape.json, e.g. after a run on a machine without a font.
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    replot: Option<PathBuf>,
     /// The model at α = 1: interpolate from --from to it. Without it, random directions.
     #[arg(long)]
     to: Option<PathBuf>,
@@ -809,11 +813,13 @@ fn weights_sha256(path: &std::path::Path) -> Result<String> {
 /// `evaluate landscape`: measures every point, then writes landscape.csv, landscape.json
 /// and the plots into a fresh directory beside `out` and renames it into place.
 fn landscape(args: &LandscapeArgs) -> Result<()> {
-    use evaluate::landscape::{
-        basin_1d, basin_2d, charts_1d, csv, filter_normalised_direction, grid, heatmaps, spread,
-        walk, Params, Probes, Slice,
+    use evaluate::landscape::{filter_normalised_direction, grid, spread, walk, Params, Probes, Slice};
+    if let Some(dir) = &args.replot {
+        return replot_landscape(dir, args.basin_pct);
+    }
+    let Some(from) = &args.from else {
+        bail!("--from MODEL is required (or --replot DIR)");
     };
-    use evaluate::plots::{load_font, render, render_heatmap};
     if args.points < 2 {
         bail!(
             "--points {}: a landscape needs at least 2 points per axis",
@@ -876,7 +882,7 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
     };
 
-    let from = model_path(&args.from);
+    let from = model_path(from);
     let model = Model::open(&from, dtype, &device)?;
     let params = Params::of(&model)?;
     let centre = params.snapshot()?;
@@ -935,30 +941,53 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
     bar.finish_and_clear();
     eprintln!("{total} points in {:.1}s", started.elapsed().as_secs_f64());
 
-    let pct = args.basin_pct;
-    let basins = match &ys {
-        None => {
-            let col = |f: fn(&evaluate::landscape::Point) -> f64| {
-                points.iter().map(f).collect::<Vec<_>>()
-            };
-            serde_json::json!({
-                "utility": basin_1d(&xs, &col(|p| p.utility_loss), pct),
-                "safety": basin_1d(&xs, &col(|p| p.safety_loss), pct),
-            })
-        }
-        Some(ys) => {
-            let table = |f: fn(&evaluate::landscape::Point) -> f64| -> Vec<Vec<f64>> {
-                points
-                    .chunks(ys.len())
-                    .map(|row| row.iter().map(f).collect())
-                    .collect()
-            };
-            serde_json::json!({
-                "utility": basin_2d(&xs, ys, &table(|p| p.utility_loss), pct),
-                "safety": basin_2d(&xs, ys, &table(|p| p.safety_loss), pct),
-            })
-        }
-    };
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("landscape-{kind}")));
+    let doc = serde_json::json!({
+        "kind": kind,
+        "from": {"path": from.display().to_string(), "sha256": weights_sha256(&from)?},
+        "to": match &to { Some(t) => serde_json::json!({"path": t.display().to_string(), "sha256": weights_sha256(t)?}), None => serde_json::Value::Null },
+        "directions": if to.is_some() { serde_json::Value::Null } else { serde_json::json!({"count": args.directions, "seed": args.seed, "normalisation": "filter (rows), 1-D tensors zero"}) },
+        "alpha": {"min": lo, "max": hi, "points": args.points},
+        "sets": {"utility": utility_info, "safety": safety_info, "asr": harmful_info},
+        "asr_decoding": {"greedy": true, "max_new_tokens": args.max_new_tokens},
+        "dtype": args.dtype, "device": args.device,
+        "git_commit": basin_lm::provenance::git_commit(),
+        "command": std::env::args().collect::<Vec<_>>(),
+    });
+    write_landscape(&out, doc, &points, args.basin_pct)
+}
+
+/// `evaluate landscape --replot DIR`: the basins and plots again from DIR/landscape.json
+/// (another --basin-pct, or a machine with a font), without measuring anything.
+fn replot_landscape(dir: &std::path::Path, pct: f64) -> Result<()> {
+    let file = dir.join("landscape.json");
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {} (written by evaluate landscape)", file.display()))?;
+    let mut doc: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", file.display()))?;
+    let points: Vec<evaluate::landscape::Point> = serde_json::from_value(doc["points"].take())
+        .with_context(|| format!("{}: field points: expected the list of measured points", file.display()))?;
+    if points.is_empty() {
+        bail!("{}: field points is empty", file.display());
+    }
+    write_landscape(dir, doc, &points, pct)
+}
+
+/// Basins, plots, landscape.csv and landscape.json (`doc` plus basins, plots and points),
+/// written into a fresh directory beside `out` and renamed into place.
+fn write_landscape(
+    out: &std::path::Path,
+    mut doc: serde_json::Value,
+    points: &[evaluate::landscape::Point],
+    pct: f64,
+) -> Result<()> {
+    use evaluate::landscape::{basins, charts_1d, csv, heatmaps, Grid};
+    use evaluate::plots::{load_font, render, render_heatmap};
+    let grid = Grid::of(points)?;
+    let basins = basins(&grid, points, pct);
     for which in ["utility", "safety"] {
         let b = &basins[which];
         match b.get("width") {
@@ -976,30 +1005,25 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
             ),
         }
     }
-
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(format!("landscape-{kind}")));
     let tmp = out.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut plots = Vec::new();
     if load_font().is_some() {
-        match &ys {
+        match &grid.ys {
             None => {
-                let axis = if to.is_some() {
-                    "α (0: --from, 1: --to)"
-                } else {
+                let axis = if doc["to"].is_null() {
                     "α along the random direction"
+                } else {
+                    "α (0: --from, 1: --to)"
                 };
-                for c in charts_1d(&points, axis, pct) {
+                for c in charts_1d(points, axis, pct) {
                     render(&tmp, &c)?;
                     plots.push(c.stem);
                 }
             }
             Some(ys) => {
-                for h in heatmaps(&xs, ys, &points, pct) {
+                for h in heatmaps(&grid.xs, ys, points, pct) {
                     render_heatmap(&tmp, &h)?;
                     plots.push(h.stem);
                 }
@@ -1008,31 +1032,16 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
     } else {
         eprintln!("plots skipped: no TrueType font found (set BASIN_FONT=/path/to/font.ttf)");
     }
-    let doc = serde_json::json!({
-        "kind": kind,
-        "from": {"path": from.display().to_string(), "sha256": weights_sha256(&from)?},
-        "to": match &to { Some(t) => serde_json::json!({"path": t.display().to_string(), "sha256": weights_sha256(t)?}), None => serde_json::Value::Null },
-        "directions": if to.is_some() { serde_json::Value::Null } else { serde_json::json!({"count": args.directions, "seed": args.seed, "normalisation": "filter (rows), 1-D tensors zero"}) },
-        "alpha": {"min": lo, "max": hi, "points": args.points},
-        "basin_pct": pct,
-        "basins": basins,
-        "sets": {"utility": utility_info, "safety": safety_info, "asr": harmful_info},
-        "asr_decoding": {"greedy": true, "max_new_tokens": args.max_new_tokens},
-        "dtype": args.dtype, "device": args.device,
-        "git_commit": basin_lm::provenance::git_commit(),
-        "command": std::env::args().collect::<Vec<_>>(),
-        "plots": plots,
-        "points": points,
-    });
-    std::fs::write(tmp.join("landscape.csv"), csv(&points))?;
-    std::fs::write(
-        tmp.join("landscape.json"),
-        serde_json::to_string_pretty(&doc)?,
-    )?;
+    doc["basin_pct"] = pct.into();
+    doc["basins"] = basins;
+    doc["plots"] = serde_json::to_value(&plots)?;
+    doc["points"] = serde_json::to_value(points)?;
+    std::fs::write(tmp.join("landscape.csv"), csv(points))?;
+    std::fs::write(tmp.join("landscape.json"), serde_json::to_string_pretty(&doc)?)?;
     if out.exists() {
-        std::fs::remove_dir_all(&out)?;
+        std::fs::remove_dir_all(out)?;
     }
-    std::fs::rename(&tmp, &out)?;
+    std::fs::rename(&tmp, out)?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

@@ -150,6 +150,24 @@ fn the_line_between_two_models_meets_both_at_its_ends() {
     }
     assert_eq!(doc["sets"]["utility"]["rows"], 4, "the val rows only");
     assert_eq!(doc["from"]["sha256"].as_str().unwrap().len(), 64);
+    // --replot: the basins again at another threshold, from the saved points alone.
+    let csv_before = std::fs::read_to_string(dest.join("landscape.csv")).unwrap();
+    let width = |doc: &serde_json::Value| doc["basins"]["utility"]["width"].as_f64().unwrap();
+    ok(&evaluate(&[
+        "landscape",
+        "--replot",
+        dest.to_str().unwrap(),
+        "--basin-pct",
+        "400",
+    ]));
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dest.join("landscape.json")).unwrap())
+            .unwrap();
+    assert_eq!(again["basin_pct"], 400.0);
+    assert!(width(&again) >= width(&doc) && width(&again) > 0.0, "{again}");
+    assert_eq!(again["points"], doc["points"]);
+    assert_eq!(again["from"], doc["from"]);
+    assert_eq!(std::fs::read_to_string(dest.join("landscape.csv")).unwrap(), csv_before);
     if evaluate::plots::load_font().is_some() {
         for stem in ["losses", "relative", "asr"] {
             for ext in ["svg", "png"] {
