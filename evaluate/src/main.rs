@@ -813,7 +813,9 @@ fn weights_sha256(path: &std::path::Path) -> Result<String> {
 /// `evaluate landscape`: measures every point, then writes landscape.csv, landscape.json
 /// and the plots into a fresh directory beside `out` and renames it into place.
 fn landscape(args: &LandscapeArgs) -> Result<()> {
-    use evaluate::landscape::{filter_normalised_direction, grid, spread, walk, Params, Probes, Slice};
+    use evaluate::landscape::{
+        filter_normalised_direction, grid, spread, walk, Params, Probes, Slice,
+    };
     if let Some(dir) = &args.replot {
         return replot_landscape(dir, args.basin_pct);
     }
@@ -964,12 +966,21 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
 /// (another --basin-pct, or a machine with a font), without measuring anything.
 fn replot_landscape(dir: &std::path::Path, pct: f64) -> Result<()> {
     let file = dir.join("landscape.json");
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("cannot read {} (written by evaluate landscape)", file.display()))?;
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "cannot read {} (written by evaluate landscape)",
+            file.display()
+        )
+    })?;
     let mut doc: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: not valid JSON", file.display()))?;
     let points: Vec<evaluate::landscape::Point> = serde_json::from_value(doc["points"].take())
-        .with_context(|| format!("{}: field points: expected the list of measured points", file.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: field points: expected the list of measured points",
+                file.display()
+            )
+        })?;
     if points.is_empty() {
         bail!("{}: field points is empty", file.display());
     }
@@ -1037,7 +1048,10 @@ fn write_landscape(
     doc["plots"] = serde_json::to_value(&plots)?;
     doc["points"] = serde_json::to_value(points)?;
     std::fs::write(tmp.join("landscape.csv"), csv(points))?;
-    std::fs::write(tmp.join("landscape.json"), serde_json::to_string_pretty(&doc)?)?;
+    std::fs::write(
+        tmp.join("landscape.json"),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
     if out.exists() {
         std::fs::remove_dir_all(out)?;
     }

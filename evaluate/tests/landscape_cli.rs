@@ -164,10 +164,16 @@ fn the_line_between_two_models_meets_both_at_its_ends() {
         serde_json::from_str(&std::fs::read_to_string(dest.join("landscape.json")).unwrap())
             .unwrap();
     assert_eq!(again["basin_pct"], 400.0);
-    assert!(width(&again) >= width(&doc) && width(&again) > 0.0, "{again}");
+    assert!(
+        width(&again) >= width(&doc) && width(&again) > 0.0,
+        "{again}"
+    );
     assert_eq!(again["points"], doc["points"]);
     assert_eq!(again["from"], doc["from"]);
-    assert_eq!(std::fs::read_to_string(dest.join("landscape.csv")).unwrap(), csv_before);
+    assert_eq!(
+        std::fs::read_to_string(dest.join("landscape.csv")).unwrap(),
+        csv_before
+    );
     if evaluate::plots::load_font().is_some() {
         for stem in ["losses", "relative", "asr"] {
             for ext in ["svg", "png"] {

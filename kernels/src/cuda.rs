@@ -40,33 +40,72 @@ struct Step {
 // SAFETY: a plain #[repr(C)] struct of f32, the layout of `Step` in optim.cu.
 unsafe impl DeviceRepr for Step {}
 
-/// The PTX of optim.cu for one architecture (compiled at first use).
-fn ptx(dev: &CudaDevice) -> Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    let compiled = PTX.get_or_init(|| {
+type Compiled = OnceLock<std::result::Result<String, String>>;
+
+/// The PTX of `source` for the device's architecture, compiled at first use. `exact` keeps
+/// the compiler from contracting or approximating anything (the optimizer's bit-for-bit
+/// promise); the fused training ops only need the usual accuracy.
+fn compile(
+    cell: &'static Compiled,
+    dev: &CudaDevice,
+    file: &str,
+    source: &str,
+    exact: bool,
+) -> Result<&'static str> {
+    let compiled = cell.get_or_init(|| {
         let (major, minor) = dev
             .cuda_stream()
             .context()
             .compute_capability()
             .map_err(|e| format!("compute capability: {e}"))?;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-        let opts = CompileOptions {
-            arch: Some(arch),
-            // The kernels spell out every rounding; these keep the defaults from changing it.
-            fmad: Some(false),
-            prec_div: Some(true),
-            prec_sqrt: Some(true),
-            ftz: Some(false),
-            ..Default::default()
+        let opts = if exact {
+            CompileOptions {
+                arch: Some(arch),
+                fmad: Some(false),
+                prec_div: Some(true),
+                prec_sqrt: Some(true),
+                ftz: Some(false),
+                ..Default::default()
+            }
+        } else {
+            CompileOptions {
+                arch: Some(arch),
+                ..Default::default()
+            }
         };
-        compile_ptx_with_opts(SOURCE, opts)
+        compile_ptx_with_opts(source, opts)
             .map(|p| p.to_src())
-            .map_err(|e| format!("NVRTC could not compile kernels/cuda/optim.cu: {e}"))
+            .map_err(|e| format!("NVRTC could not compile {file}: {e}"))
     });
     match compiled {
         Ok(src) => Ok(src.as_str()),
         Err(e) => bail!("{e}"),
     }
+}
+
+/// The PTX of optim.cu.
+fn ptx(dev: &CudaDevice) -> Result<&'static str> {
+    static PTX: Compiled = OnceLock::new();
+    compile(&PTX, dev, "kernels/cuda/optim.cu", SOURCE, true)
+}
+
+/// A kernel of fused.cu (the softmax and cross-entropy of a training step).
+pub(crate) fn fused_func(
+    dev: &CudaDevice,
+    name: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+    static PTX: Compiled = OnceLock::new();
+    let ptx = compile(
+        &PTX,
+        dev,
+        "kernels/cuda/fused.cu",
+        include_str!("../cuda/fused.cu"),
+        false,
+    )?;
+    Ok(dev
+        .get_or_load_custom_func(name, "basin_fused", ptx)?
+        .into_cuda_function())
 }
 
 /// The device address of a tensor's first element.
@@ -268,4 +307,161 @@ fn entry(ptrs: [u64; 6], n: usize) -> [u64; ENTRY_WORDS] {
     let vec4 = u64::from(aligned && n.is_multiple_of(4));
     let [theta, grad, m, v, ema, param] = ptrs;
     [theta, grad, m, v, ema, param, n as u64, vec4]
+}
+
+/// A contiguous f32 or u32 view of a custom op's input, from its storage and layout.
+fn view<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a candle_core::CudaStorage,
+    l: &candle_core::Layout,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    if !l.is_contiguous() {
+        bail!("fused op: expected a contiguous input")
+    }
+    let start = l.start_offset();
+    Ok(s.as_cuda_slice::<T>()?
+        .slice(start..start + l.shape().elem_count()))
+}
+
+/// One warp per row, 8 rows per block.
+fn warp_rows(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block of `XENT_THREADS` (fused.cu) per row.
+fn block_rows(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn u32_arg(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n)
+        .map_err(|_| candle_core::Error::Msg(format!("{what} {n} does not fit the kernel's u32")))
+}
+
+/// fused.cu's softmax_fwd; `dims` = [rows, n, heads, tq].
+pub(crate) fn softmax_forward(
+    s: &candle_core::CudaStorage,
+    ls: &candle_core::Layout,
+    bias: &candle_core::CudaStorage,
+    lb: &candle_core::Layout,
+    dims: [usize; 4],
+    scale: f32,
+) -> Result<candle_core::CudaStorage> {
+    let dev = &s.device;
+    let (x, b) = (view::<f32>(s, ls)?, view::<f32>(bias, lb)?);
+    let [rows, n, heads, tq] = dims;
+    // SAFETY: every element is written by the kernel before it is read.
+    let mut y = unsafe { dev.alloc::<f32>(rows * n) }?;
+    let func = fused_func(dev, "softmax_fwd")?;
+    let stream = dev.cuda_stream();
+    let mut a = stream.launch_builder(&func);
+    let (r, n, h, t) = (
+        u32_arg(rows, "rows")?,
+        u32_arg(n, "keys")?,
+        u32_arg(heads, "heads")?,
+        u32_arg(tq, "queries")?,
+    );
+    a.arg(&x)
+        .arg(&b)
+        .arg(&mut y)
+        .arg(&r)
+        .arg(&n)
+        .arg(&h)
+        .arg(&t)
+        .arg(&scale);
+    // SAFETY: the arguments match softmax_fwd's signature; x and y hold rows·n floats and
+    // the bias (checked [batch, 1, tq, n] by the caller) every row's bias row.
+    unsafe { a.launch(warp_rows(rows)) }.w()?;
+    Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// fused.cu's softmax_bwd; `dims` = [rows, n].
+pub(crate) fn softmax_backward(
+    dy: &candle_core::CudaStorage,
+    ldy: &candle_core::Layout,
+    y: &candle_core::CudaStorage,
+    ly: &candle_core::Layout,
+    dims: [usize; 2],
+    scale: f32,
+) -> Result<candle_core::CudaStorage> {
+    let dev = &dy.device;
+    let (g, p) = (view::<f32>(dy, ldy)?, view::<f32>(y, ly)?);
+    let [rows, n] = dims;
+    if p.len() != rows * n {
+        bail!("softmax backward: y and dy differ in size")
+    }
+    // SAFETY: every element is written by the kernel before it is read.
+    let mut ds = unsafe { dev.alloc::<f32>(rows * n) }?;
+    let func = fused_func(dev, "softmax_bwd")?;
+    let stream = dev.cuda_stream();
+    let mut a = stream.launch_builder(&func);
+    let (r, n) = (u32_arg(rows, "rows")?, u32_arg(n, "keys")?);
+    a.arg(&g).arg(&p).arg(&mut ds).arg(&r).arg(&n).arg(&scale);
+    // SAFETY: the arguments match softmax_bwd's signature; all three hold rows·n floats.
+    unsafe { a.launch(warp_rows(rows)) }.w()?;
+    Ok(candle_core::CudaStorage::wrap_cuda_slice(ds, dev.clone()))
+}
+
+/// fused.cu's xent_fwd over `rows` rows of `v` logits.
+pub(crate) fn xent_forward(
+    logits: &candle_core::CudaStorage,
+    ll: &candle_core::Layout,
+    targets: &candle_core::CudaStorage,
+    lt: &candle_core::Layout,
+    rows: usize,
+    v: usize,
+) -> Result<candle_core::CudaStorage> {
+    let dev = &logits.device;
+    let (x, t) = (view::<f32>(logits, ll)?, view::<u32>(targets, lt)?);
+    // SAFETY: the kernel writes every row's value.
+    let mut nll = unsafe { dev.alloc::<f32>(rows) }?;
+    let func = fused_func(dev, "xent_fwd")?;
+    let stream = dev.cuda_stream();
+    let mut a = stream.launch_builder(&func);
+    let v = u32_arg(v, "vocabulary")?;
+    a.arg(&x).arg(&t).arg(&mut nll).arg(&v);
+    // SAFETY: the arguments match xent_fwd's signature: rows·v logits, rows targets (the
+    // kernel checks each against v), rows outputs.
+    unsafe { a.launch(block_rows(rows)) }.w()?;
+    Ok(candle_core::CudaStorage::wrap_cuda_slice(nll, dev.clone()))
+}
+
+/// fused.cu's xent_bwd: the gradient of the logits from the gradient of each row's nll.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn xent_backward(
+    logits: &candle_core::CudaStorage,
+    ll: &candle_core::Layout,
+    targets: &candle_core::CudaStorage,
+    lt: &candle_core::Layout,
+    grad: &candle_core::CudaStorage,
+    lg: &candle_core::Layout,
+    rows: usize,
+    v: usize,
+) -> Result<candle_core::CudaStorage> {
+    let dev = &logits.device;
+    let (x, t, g) = (
+        view::<f32>(logits, ll)?,
+        view::<u32>(targets, lt)?,
+        view::<f32>(grad, lg)?,
+    );
+    if t.len() != rows || g.len() != rows {
+        bail!("cross-entropy backward: expected {rows} targets and gradients")
+    }
+    // SAFETY: the kernel writes every element.
+    let mut d = unsafe { dev.alloc::<f32>(rows * v) }?;
+    let func = fused_func(dev, "xent_bwd")?;
+    let stream = dev.cuda_stream();
+    let mut a = stream.launch_builder(&func);
+    let v = u32_arg(v, "vocabulary")?;
+    a.arg(&x).arg(&t).arg(&g).arg(&mut d).arg(&v);
+    // SAFETY: the arguments match xent_bwd's signature; sizes checked above.
+    unsafe { a.launch(block_rows(rows)) }.w()?;
+    Ok(candle_core::CudaStorage::wrap_cuda_slice(d, dev.clone()))
 }

@@ -1,20 +1,28 @@
-//! The two updates the paper's method is made of, and the norms that watch them:
+//! The hand-written kernels: the two updates the paper's method is made of, the norms that
+//! watch them, and the fused row-wise operations of a training step:
 //!
 //! - [`adamw`]: one AdamW step (decoupled weight decay, bias correction), the formula of
 //!   `candle_nn::optim::AdamW`, and the fused AdamW+EMA step;
 //! - [`ema`]: the exponential moving average of the weights, θ̄ ← β·θ̄ + (1−β)·θ;
 //! - [`norm`]: Σ‖a − b‖² in f64 in a fixed order (the gradient norm, the distance from
 //!   the start);
-//! - [`multi`]: all of them over every tensor of a model at once — one kernel launch on a CUDA
-//!   device (`cuda/optim.cu`, feature `cuda`), the CPU references otherwise.
+//! - [`softmax`] and [`cross_entropy`]: the two row-wise operations of a training step
+//!   that candle runs as long chains of elementwise kernels, fused (forward and backward)
+//!   as candle custom ops, with CPU references and CUDA kernels (`cuda/fused.cu`);
+//! - [`multi`]: AdamW, the EMA and the sums of squares over every tensor of a model at
+//!   once — one kernel launch on a CUDA device (`cuda/optim.cu`, feature `cuda`), the CPU
+//!   references otherwise.
 //!
-//! adamw.rs, ema.rs and norm.rs are the plain CPU references on flat f32 buffers (llm.c's habit):
-//! the CUDA kernels are checked against them element by element.
+//! Every kernel has a plain CPU reference on flat f32 buffers beside it (llm.c's habit), and
+//! the CUDA kernels are checked against them: the optimizer's bit for bit, the fused
+//! row-wise operations to a tolerance.
 
 pub mod adamw;
+pub mod cross_entropy;
 pub mod ema;
 pub mod multi;
 pub mod norm;
+pub mod softmax;
 
 #[cfg(feature = "cuda")]
 mod cuda;

@@ -74,11 +74,20 @@ pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) ->
     } else {
         DType::F32
     };
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(dtype)?, D::Minus1)?;
-    let nll = logp
-        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
-        .squeeze(D::Minus1)?
-        .neg()?;
+    let nll = if dtype == DType::F32 {
+        // One fused kernel each way over the [rows, vocab] logits (f64 keeps the plain ops).
+        let (b, t, v) = logits.dims3()?;
+        basin_kernels::cross_entropy::cross_entropy_rows(
+            &logits.to_dtype(dtype)?.reshape((b * t, v))?,
+            &targets.flatten_all()?,
+        )?
+        .reshape((b, t))?
+    } else {
+        candle_nn::ops::log_softmax(&logits.to_dtype(dtype)?, D::Minus1)?
+            .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+            .squeeze(D::Minus1)?
+            .neg()?
+    };
     let mask = mask.to_dtype(dtype)?;
     let count = mask.sum_all()?;
     Ok((nll * &mask)?.sum_all()?.broadcast_div(&count)?)

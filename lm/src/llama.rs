@@ -359,8 +359,17 @@ impl Llama {
         }
         // Grouped-query attention: each key/value head serves nh / nkv query heads.
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
-        let probs = softmax(&scores, pass)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let raw = q.matmul(&k.t()?)?;
+        let probs = if pass == Pass::Train && raw.dtype() != DType::F64 {
+            // One fused kernel each way instead of candle's chain of elementwise ops (f64,
+            // the gradient checks' precision, keeps the plain ops).
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            basin_kernels::softmax::scaled_masked_softmax(&f32(&raw)?, &f32(bias)?, scale)?
+                .to_dtype(raw.dtype())?
+        } else {
+            softmax(&(raw * scale)?.broadcast_add(bias)?, pass)?
+        };
         let y = probs
             .matmul(&v)?
             .transpose(1, 2)?

@@ -1,0 +1,160 @@
+//! The cross-entropy of each row of logits against its target, fused:
+//!
+//!   nll_r = logsumexp(x_r) − x_r[t_r]        ∂nll_r/∂x_r = softmax(x_r) − onehot(t_r)
+//!
+//! Through candle's log_softmax and gather, a SmolLM2 step at 16 × 512 tokens runs ~12
+//! passes over its [8192, 49152] logits (1.6 GB each): ~55 ms on an H200. Fused, the
+//! forward reads the logits once and the backward twice, writing the gradient once.
+
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// log Σ exp over a row, from its maximum.
+fn logsumexp(x: &[f32]) -> f32 {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    m + x.iter().map(|&a| (a - m).exp()).sum::<f32>().ln()
+}
+
+/// CPU reference: the negative log-likelihood of each row's target.
+pub fn forward(logits: &[f32], targets: &[u32], v: usize) -> Vec<f32> {
+    logits
+        .par_chunks(v)
+        .zip(targets.par_iter())
+        .map(|(x, &t)| logsumexp(x) - x[t as usize])
+        .collect()
+}
+
+/// CPU reference: g_r · (softmax(x_r) − onehot(t_r)) for every row.
+pub fn backward(logits: &[f32], targets: &[u32], g: &[f32], v: usize) -> Vec<f32> {
+    let mut d = vec![0f32; logits.len()];
+    d.par_chunks_mut(v)
+        .zip(logits.par_chunks(v))
+        .zip(targets.par_iter().zip(g.par_iter()))
+        .for_each(|((d, x), (&t, &g))| {
+            let lse = logsumexp(x);
+            for (j, (d, &a)) in d.iter_mut().zip(x).enumerate() {
+                let onehot = if j == t as usize { 1.0 } else { 0.0 };
+                *d = g * ((a - lse).exp() - onehot);
+            }
+        });
+    d
+}
+
+/// The per-row negative log-likelihood [rows] of `logits` [rows, vocab] (f32) at `targets`
+/// [rows] (u32), with its gradient for the logits.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (rows, v) = logits.dims2()?;
+    if targets.dims() != [rows] || targets.dtype() != DType::U32 {
+        bail!("cross_entropy_rows: targets must be [{rows}] u32")
+    }
+    if logits.dtype() != DType::F32 {
+        bail!("cross_entropy_rows: expected f32 logits")
+    }
+    if v > u32::MAX as usize {
+        bail!("cross_entropy_rows: vocabulary of {v} is too large")
+    }
+    logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, Forward)
+}
+
+fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    Ok(&s.as_slice::<T>()?[l.start_offset()..][..l.shape().elem_count()])
+}
+
+/// The targets must name a column: a bad id would read outside the row.
+fn check_targets(targets: &[u32], v: usize) -> Result<()> {
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
+        bail!("cross_entropy_rows: target {t} is outside the vocabulary of {v}")
+    }
+    Ok(())
+}
+
+struct Forward;
+
+impl CustomOp2 for Forward {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, v) = l1.shape().dims2()?;
+        let targets = slice::<u32>(s2, l2)?;
+        check_targets(targets, v)?;
+        let nll = forward(slice::<f32>(s1, l1)?, targets, v);
+        Ok((CpuStorage::F32(nll), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, v) = l1.shape().dims2()?;
+        let nll = crate::cuda::xent_forward(s1, l1, s2, l2, rows, v)?;
+        Ok((nll, Shape::from(rows)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _nll: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &Backward)?;
+        Ok((Some(d), None))
+    }
+}
+
+/// ∂loss/∂logits from (logits, targets, ∂loss/∂nll).
+struct Backward;
+
+impl CustomOp3 for Backward {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, v) = l1.shape().dims2()?;
+        let d = backward(
+            slice::<f32>(s1, l1)?,
+            slice::<u32>(s2, l2)?,
+            slice::<f32>(s3, l3)?,
+            v,
+        );
+        Ok((CpuStorage::F32(d), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, v) = l1.shape().dims2()?;
+        let d = crate::cuda::xent_backward(s1, l1, s2, l2, s3, l3, rows, v)?;
+        Ok((d, l1.shape().clone()))
+    }
+}
