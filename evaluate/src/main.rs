@@ -831,7 +831,7 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
     if args.to.is_none() && !(1..=2).contains(&args.directions) {
         bail!("--directions {}: expected 1 or 2", args.directions);
     }
-    if !(args.basin_pct > 0.0) {
+    if args.basin_pct.is_nan() || args.basin_pct <= 0.0 {
         bail!(
             "--basin-pct {}: expected a positive percentage",
             args.basin_pct
@@ -905,7 +905,7 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
         }
     };
     let (lo, hi) = (args.alpha_min.unwrap_or(lo), args.alpha_max.unwrap_or(hi));
-    if !(lo < hi) {
+    if lo.is_nan() || hi.is_nan() || lo >= hi {
         bail!("the α range [{lo}, {hi}] is empty: --alpha-min must be below --alpha-max");
     }
     let xs = grid(lo, hi, args.points);
