@@ -757,31 +757,26 @@ fn report(
         .collect::<Result<Vec<_>>>()?;
     let groups = group(&rows);
     let charts = charts(&groups, harmful);
-    let tmp = out.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
     let mut drawn = Vec::new();
-    let mut note = note.to_string();
-    match load_font() {
-        Some(_) => {
-            for c in charts
-                .iter()
-                .filter(|c| c.series.iter().any(|s| !s.points.is_empty()))
-            {
-                render(&tmp, c)?;
-                drawn.push(c.stem.clone());
+    basin_lm::fsutil::replace_dir(out, |tmp| {
+        let mut note = note.to_string();
+        match load_font() {
+            Some(_) => {
+                for c in charts
+                    .iter()
+                    .filter(|c| c.series.iter().any(|s| !s.points.is_empty()))
+                {
+                    render(tmp, c)?;
+                    drawn.push(c.stem.clone());
+                }
             }
+            None => note.push_str(
+                "\n\nPlots skipped: no TrueType font found (set BASIN_FONT=/path/to/font.ttf).",
+            ),
         }
-        None => note.push_str(
-            "\n\nPlots skipped: no TrueType font found (set BASIN_FONT=/path/to/font.ttf).",
-        ),
-    }
-    let md = summary_md(title, &groups, &refs, &drawn, harmful, note.trim());
-    std::fs::write(tmp.join("summary.md"), md)?;
-    if out.exists() {
-        std::fs::remove_dir_all(out)?;
-    }
-    std::fs::rename(&tmp, out)?;
+        let md = summary_md(title, &groups, &refs, &drawn, harmful, note.trim());
+        Ok(std::fs::write(tmp.join("summary.md"), md)?)
+    })?;
     eprintln!(
         "wrote {} ({} models, {} plots)",
         out.join("summary.md").display(),
@@ -1016,46 +1011,42 @@ fn write_landscape(
             ),
         }
     }
-    let tmp = out.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let mut plots = Vec::new();
-    if load_font().is_some() {
-        match &grid.ys {
-            None => {
-                let axis = if doc["to"].is_null() {
-                    "α along the random direction"
-                } else {
-                    "α (0: --from, 1: --to)"
-                };
-                for c in charts_1d(points, axis, pct) {
-                    render(&tmp, &c)?;
-                    plots.push(c.stem);
+    basin_lm::fsutil::replace_dir(out, |tmp| {
+        let mut plots = Vec::new();
+        if load_font().is_some() {
+            match &grid.ys {
+                None => {
+                    let axis = if doc["to"].is_null() {
+                        "α along the random direction"
+                    } else {
+                        "α (0: --from, 1: --to)"
+                    };
+                    for c in charts_1d(points, axis, pct) {
+                        render(tmp, &c)?;
+                        plots.push(c.stem);
+                    }
+                }
+                Some(ys) => {
+                    for h in heatmaps(&grid.xs, ys, points, pct) {
+                        render_heatmap(tmp, &h)?;
+                        plots.push(h.stem);
+                    }
                 }
             }
-            Some(ys) => {
-                for h in heatmaps(&grid.xs, ys, points, pct) {
-                    render_heatmap(&tmp, &h)?;
-                    plots.push(h.stem);
-                }
-            }
+        } else {
+            eprintln!("plots skipped: no TrueType font found (set BASIN_FONT=/path/to/font.ttf)");
         }
-    } else {
-        eprintln!("plots skipped: no TrueType font found (set BASIN_FONT=/path/to/font.ttf)");
-    }
-    doc["basin_pct"] = pct.into();
-    doc["basins"] = basins;
-    doc["plots"] = serde_json::to_value(&plots)?;
-    doc["points"] = serde_json::to_value(points)?;
-    std::fs::write(tmp.join("landscape.csv"), csv(points))?;
-    std::fs::write(
-        tmp.join("landscape.json"),
-        serde_json::to_string_pretty(&doc)?,
-    )?;
-    if out.exists() {
-        std::fs::remove_dir_all(out)?;
-    }
-    std::fs::rename(&tmp, out)?;
+        doc["basin_pct"] = pct.into();
+        doc["basins"] = basins;
+        doc["plots"] = serde_json::to_value(&plots)?;
+        doc["points"] = serde_json::to_value(points)?;
+        std::fs::write(tmp.join("landscape.csv"), csv(points))?;
+        std::fs::write(
+            tmp.join("landscape.json"),
+            serde_json::to_string_pretty(&doc)?,
+        )?;
+        Ok(())
+    })?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

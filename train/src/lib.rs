@@ -266,22 +266,13 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
 
 /// The checkpoint directory is replaced whole: written beside, then renamed into place.
 fn save_checkpoint(dir: &Path, state: &TrainState, progress: &Progress) -> Result<()> {
-    let tmp = dir.with_extension("tmp");
-    let old = dir.with_extension("old");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    state.save(&tmp.join("state.safetensors"))?;
-    write_bytes_atomic(
-        &tmp.join("progress.json"),
-        serde_json::to_string_pretty(progress)?.as_bytes(),
-    )?;
-    let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
-        std::fs::rename(dir, &old)?;
-    }
-    std::fs::rename(&tmp, dir)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    basin_lm::fsutil::replace_dir(dir, |tmp| {
+        state.save(&tmp.join("state.safetensors"))?;
+        write_bytes_atomic(
+            &tmp.join("progress.json"),
+            serde_json::to_string_pretty(progress)?.as_bytes(),
+        )
+    })
 }
 
 /// A Hugging Face directory of θ or θ̄.
