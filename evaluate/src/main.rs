@@ -795,14 +795,32 @@ fn model_path(path: &std::path::Path) -> PathBuf {
     }
 }
 
-/// The sha256 of a model's weights: the .gguf file, or a directory's model.safetensors.
+/// The sha256 of a model's weights: the .gguf file, a directory's one .safetensors file,
+/// or for a sharded directory the sha256 of its "file sha256" lines (sorted by name).
 fn weights_sha256(path: &std::path::Path) -> Result<String> {
-    let file = if path.is_dir() {
-        path.join("model.safetensors")
-    } else {
-        path.to_path_buf()
-    };
-    basin_lm::fsutil::sha256_file(&file)
+    if !path.is_dir() {
+        return basin_lm::fsutil::sha256_file(path);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("cannot list {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    match files.as_slice() {
+        [] => bail!("{}: no .safetensors weights", path.display()),
+        [one] => basin_lm::fsutil::sha256_file(one),
+        shards => {
+            let mut lines = String::new();
+            for f in shards {
+                let name = f
+                    .file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().to_string());
+                lines.push_str(&format!("{name} {}\n", basin_lm::fsutil::sha256_file(f)?));
+            }
+            Ok(basin_lm::fsutil::sha256_bytes(lines.as_bytes()))
+        }
+    }
 }
 
 /// `evaluate landscape`: measures every point, then writes landscape.csv, landscape.json
@@ -899,6 +917,15 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
             (kind, Slice::Random { dirs }, -args.span, args.span, None)
         }
     };
+    // Hashed before the walk: a model that cannot be hashed fails now, not after it.
+    let from_info =
+        serde_json::json!({"path": from.display().to_string(), "sha256": weights_sha256(&from)?});
+    let to_info = match &to {
+        Some(t) => {
+            serde_json::json!({"path": t.display().to_string(), "sha256": weights_sha256(t)?})
+        }
+        None => serde_json::Value::Null,
+    };
     let (lo, hi) = (args.alpha_min.unwrap_or(lo), args.alpha_max.unwrap_or(hi));
     if lo.is_nan() || hi.is_nan() || lo >= hi {
         bail!("the α range [{lo}, {hi}] is empty: --alpha-min must be below --alpha-max");
@@ -944,8 +971,8 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from("runs").join(format!("landscape-{kind}")));
     let doc = serde_json::json!({
         "kind": kind,
-        "from": {"path": from.display().to_string(), "sha256": weights_sha256(&from)?},
-        "to": match &to { Some(t) => serde_json::json!({"path": t.display().to_string(), "sha256": weights_sha256(t)?}), None => serde_json::Value::Null },
+        "from": from_info,
+        "to": to_info,
         "directions": if to.is_some() { serde_json::Value::Null } else { serde_json::json!({"count": args.directions, "seed": args.seed, "normalisation": "filter (rows), 1-D tensors zero"}) },
         "alpha": {"min": lo, "max": hi, "points": args.points},
         "sets": {"utility": utility_info, "safety": safety_info, "asr": harmful_info},
