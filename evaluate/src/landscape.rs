@@ -687,6 +687,31 @@ mod tests {
     }
 
     #[test]
+    fn grid_is_read_back_from_the_points() {
+        let point = |a: f64, b: Option<f64>| Point {
+            a,
+            b,
+            utility_loss: 1.0,
+            safety_loss: 1.0,
+            asr_keyword: None,
+            asr_calibrated: None,
+        };
+        let line: Vec<Point> = [0.0, 0.5, 1.0].iter().map(|&a| point(a, None)).collect();
+        let g = Grid::of(&line).unwrap();
+        assert_eq!((g.xs, g.ys), (vec![0.0, 0.5, 1.0], None));
+        let plane: Vec<Point> = [-1.0, 1.0]
+            .iter()
+            .flat_map(|&a| [-2.0, 0.0, 2.0].map(|b| point(a, Some(b))))
+            .collect();
+        let g = Grid::of(&plane).unwrap();
+        assert_eq!((g.xs, g.ys), (vec![-1.0, 1.0], Some(vec![-2.0, 0.0, 2.0])));
+        // A missing point, a mixed list, a line out of order: not grids.
+        assert!(Grid::of(&plane[..5]).is_err());
+        assert!(Grid::of(&[point(0.0, None), point(1.0, Some(0.0))]).is_err());
+        assert!(Grid::of(&[point(1.0, None), point(0.0, None)]).is_err());
+    }
+
+    #[test]
     fn spread_covers_both_ends() {
         assert_eq!(spread(21, 5), vec![0, 5, 10, 15, 20]);
         assert_eq!(spread(3, 5), vec![0, 1, 2]);
