@@ -619,19 +619,10 @@ struct UtilitySpec {
 /// replies to the prompts of `reply_sets`.
 fn utility(model: &Model, spec: &UtilitySpec, out: &std::path::Path) -> Result<()> {
     let pad = model.text.tokenizer.eos_id().unwrap_or(0);
-    let read = |set: &String| -> Result<(PathBuf, Vec<basin_lm::schema::PreparedRow>)> {
-        let file = spec.prepared.join(format!("{set}.parquet"));
-        let rows = basin_lm::schema::read_parquet(&file)?;
-        Ok((file, rows))
-    };
+    let limit = spec.limit.unwrap_or(usize::MAX);
     let mut report = serde_json::Map::new();
     for set in &spec.sets {
-        let (file, mut rows) = read(set)?;
-        rows.retain(|r| r.split == "val");
-        rows.truncate(spec.limit.unwrap_or(usize::MAX));
-        if rows.is_empty() {
-            bail!("{}: no validation rows (split = val)", file.display());
-        }
+        let (file, rows) = prepared_rows(&spec.prepared, set, Some("val"), limit)?;
         let r: Vec<(&[u32], usize)> = rows.iter().map(|r| r.example()).collect();
         let (loss, tokens) = basin_lm::batch::mean_loss(&model.llama, &r, spec.micro_batch, pad)?;
         eprintln!(
@@ -648,8 +639,7 @@ fn utility(model: &Model, spec: &UtilitySpec, out: &std::path::Path) -> Result<(
     let opts = model.options(spec.max_new_tokens)?;
     let mut generations = String::new();
     for set in &spec.reply_sets {
-        let (file, mut rows) = read(set)?;
-        rows.truncate(spec.limit.unwrap_or(usize::MAX));
+        let (file, rows) = prepared_rows(&spec.prepared, set, None, limit)?;
         let replies = answer(model, &rows, &opts, spec.batch_size, set)?;
         for (row, (reply, g)) in rows.iter().zip(&replies) {
             let line = serde_json::json!({"set": set, "id": row.id, "prompt": row.user, "reply": reply,
@@ -689,17 +679,31 @@ fn utility(model: &Model, spec: &UtilitySpec, out: &std::path::Path) -> Result<(
     Ok(())
 }
 
+/// The first `limit` rows of prepared set `set` (of that split, when one is given), and the
+/// file they came from. Asking for a split and getting no row is an error.
+fn prepared_rows(
+    prepared: &std::path::Path,
+    set: &str,
+    split: Option<&str>,
+    limit: usize,
+) -> Result<(PathBuf, Vec<basin_lm::schema::PreparedRow>)> {
+    let file = prepared.join(format!("{set}.parquet"));
+    let mut rows = basin_lm::schema::read_parquet(&file)?;
+    if let Some(split) = split {
+        rows.retain(|r| r.split == split);
+    }
+    rows.truncate(limit);
+    if let (Some(split), true) = (split, rows.is_empty()) {
+        bail!("{}: no rows with split = {split}", file.display());
+    }
+    Ok((file, rows))
+}
+
 /// Each set with its kind, from prepare's manifest: checked before any model is loaded.
 fn safety_sets(prepared: &std::path::Path, sets: &[String]) -> Result<Vec<(String, &'static str)>> {
     let manifest_path = prepared.join("manifest.json");
-    let text = std::fs::read_to_string(&manifest_path).with_context(|| {
-        format!(
-            "cannot read {} (run `just prepare`)",
-            manifest_path.display()
-        )
-    })?;
-    let manifest: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not valid JSON", manifest_path.display()))?;
+    let manifest: serde_json::Value = basin_lm::fsutil::read_json(&manifest_path)
+        .context("prepare's manifest (run `just prepare`)")?;
     sets.iter()
         .map(|set| {
             let kind = match manifest["sets"][set]["role"].as_str() {
@@ -856,18 +860,9 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
                 split: Option<&str>,
                 limit: usize|
      -> Result<(Vec<basin_lm::schema::PreparedRow>, serde_json::Value)> {
-        let file = args.prepared.join(format!("{set}.parquet"));
-        let mut rows = basin_lm::schema::read_parquet(&file)?;
-        if let Some(split) = split {
-            rows.retain(|r| r.split == split);
-        }
-        rows.truncate(limit);
+        let (file, rows) = prepared_rows(&args.prepared, set, split, limit)?;
         if rows.is_empty() {
-            bail!(
-                "{}: no rows{}",
-                file.display(),
-                split.map_or(String::new(), |s| format!(" with split = {s}"))
-            );
+            bail!("{}: no rows", file.display());
         }
         let info = serde_json::json!({"set": set, "rows": rows.len(), "sha256": basin_lm::fsutil::sha256_file(&file)?});
         Ok((rows, info))
@@ -988,14 +983,8 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
 /// (another --basin-pct, or a machine with a font), without measuring anything.
 fn replot_landscape(dir: &std::path::Path, pct: f64) -> Result<()> {
     let file = dir.join("landscape.json");
-    let text = std::fs::read_to_string(&file).with_context(|| {
-        format!(
-            "cannot read {} (written by evaluate landscape)",
-            file.display()
-        )
-    })?;
-    let mut doc: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not valid JSON", file.display()))?;
+    let mut doc: serde_json::Value =
+        basin_lm::fsutil::read_json(&file).context("the output of an `evaluate landscape` run")?;
     let points: Vec<evaluate::landscape::Point> = serde_json::from_value(doc["points"].take())
         .with_context(|| {
             format!(

@@ -40,9 +40,7 @@ pub struct Row {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+    basin_lm::fsutil::read_json(path)
 }
 
 fn rate(v: &Value) -> Option<Rate> {

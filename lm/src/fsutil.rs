@@ -91,6 +91,13 @@ where
     Ok(())
 }
 
+/// A JSON file read whole, with the path in both errors (unreadable, not valid JSON).
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
 /// [`write_atomic`] for bytes already in memory.
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |f| {
