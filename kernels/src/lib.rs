@@ -27,5 +27,13 @@ pub mod softmax;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+/// The values a custom op's contiguous CPU input covers (its layout may start at an offset).
+fn cpu_slice<'a, T: candle_core::WithDType>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [T]> {
+    Ok(&s.as_slice::<T>()?[l.start_offset()..][..l.shape().elem_count()])
+}
+
 /// Elements per rayon task: large enough that scheduling costs nothing next to the work.
 const CHUNK: usize = 1 << 16;

@@ -7,6 +7,7 @@
 //! and one write each way. The bias [batch, 1, queries, keys] (causal + padding mask) is
 //! shared by the heads and gets no gradient.
 
+use crate::cpu_slice;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -76,11 +77,6 @@ pub fn scaled_masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Resu
     )
 }
 
-/// The contiguous f32 values a layout covers.
-fn values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    Ok(&s.as_slice::<f32>()?[l.start_offset()..][..l.shape().elem_count()])
-}
-
 struct Forward {
     scale: f32,
     heads: usize,
@@ -101,8 +97,8 @@ impl CustomOp2 for Forward {
     ) -> Result<(CpuStorage, Shape)> {
         let n = l1.dims()[3];
         let y = forward(
-            values(s1, l1)?,
-            values(s2, l2)?,
+            cpu_slice::<f32>(s1, l1)?,
+            cpu_slice::<f32>(s2, l2)?,
             n,
             self.heads,
             self.tq,
@@ -164,7 +160,12 @@ impl CustomOp2 for Backward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = *l1.dims().last().expect("rank 4");
-        let ds = backward(values(s1, l1)?, values(s2, l2)?, n, self.scale);
+        let ds = backward(
+            cpu_slice::<f32>(s1, l1)?,
+            cpu_slice::<f32>(s2, l2)?,
+            n,
+            self.scale,
+        );
         Ok((CpuStorage::F32(ds), l1.shape().clone()))
     }
 
