@@ -81,7 +81,21 @@ sweep-slurm CONFIG *ARGS: build
 # Benchmarks (CPU here; on a GPU box `just bench --features cuda` runs the step bench there)
 bench *ARGS:
     cargo bench -p basin-lm --bench generate
-    cargo bench -p train --bench step {{ARGS}}
+    {{malloc}} cargo bench -p train --bench step {{ARGS}}
+
+# The CPU step bench beside PyTorch + transformers on the same shapes and cores (torch is
+# installed for this only, in TORCH_VENV, default ~/.cache/basin/torch-cpu-venv).
+bench-cpu-torch:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    venv="${TORCH_VENV:-$HOME/.cache/basin/torch-cpu-venv}"
+    if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet torch transformers
+    fi
+    mkdir -p "{{target}}/bench"
+    "$venv/bin/python" scripts/torch_cpu_bench.py "{{target}}/bench/torch-cpu.json"
+    {{malloc}} cargo bench -p train --bench step -- --cpu --torch "{{target}}/bench/torch-cpu.json"
 
 # ms and GB/s against the copy bandwidth. On a GPU box: just bench-kernels --features cuda
 # (add `-- --torch torch.json` for PyTorch's figures beside ours; `-- --layers 4` is quicker).

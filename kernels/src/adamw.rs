@@ -47,6 +47,8 @@ pub struct StepScalars {
     pub scale_m: f32,
     /// 1 / (1 − β2^t)
     pub scale_v: f32,
+    /// Multiplies every gradient first (gradient clipping); 1 leaves them untouched.
+    pub grad_scale: f32,
 }
 
 impl StepScalars {
@@ -62,6 +64,7 @@ impl StepScalars {
             decay: (1.0 - lr * p.weight_decay) as f32,
             scale_m: (1.0 / (1.0 - p.beta1.powi(t))) as f32,
             scale_v: (1.0 / (1.0 - p.beta2.powi(t))) as f32,
+            grad_scale: 1.0,
         }
     }
 }
@@ -69,6 +72,12 @@ impl StepScalars {
 /// One element: returns the new θ and updates m, v.
 #[inline(always)]
 fn update(theta: f32, g: f32, m: &mut f32, v: &mut f32, s: &StepScalars) -> f32 {
+    // Scaled only when clipping, as the CUDA kernel does (the same bits either way).
+    let g = if s.grad_scale == 1.0 {
+        g
+    } else {
+        g * s.grad_scale
+    };
     *m = blend(g, *m, s.beta1); // β1·m + (1−β1)·g
     *v = blend(g * g, *v, s.beta2); // β2·v + (1−β2)·g²
     let m_hat = *m * s.scale_m;

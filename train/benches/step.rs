@@ -7,7 +7,8 @@
 //!
 //! Defaults: 16 x 512 and batch 64 on a GPU, 4 x 128 and batch 8 on the CPU (the shapes of
 //! the PyTorch + transformers figures we compare with). `--torch FILE` prints PyTorch's
-//! figures (a JSON of hf_train_*_tok_s / hf_generate_*_tok_s keys) beside ours; `--json
+//! figures (a JSON of hf_train_*_tok_s / hf_generate_*_tok_s keys on a GPU, of
+//! scripts/torch_cpu_bench.py's keys on the CPU: `just bench-cpu-torch`) beside ours; `--json
 //! FILE` writes ours; `--dtype f32|bf16` trains in that one only, `--train-only` skips
 //! generation, `--layers N` keeps N of the 30 layers, `--warm N` sets the untimed steps (for
 //! a profiler: `--train-only --dtype f32 --layers 4 --warm 1 --iters 1`). `just bench` runs it.
@@ -205,7 +206,7 @@ fn main() -> anyhow::Result<()> {
         let key = if gpu {
             format!("hf_generate_f32_b{gb}_tok_s")
         } else {
-            format!("generate_f32_b{gb}_new32_tok_s")
+            format!("generate_f32_b{gb}_new64_tok_s")
         };
         row(
             &format!("generate f32 batch {gb} new tokens/s"),
