@@ -83,8 +83,9 @@ bench *ARGS:
     cargo bench -p basin-lm --bench generate
     {{malloc}} cargo bench -p train --bench step {{ARGS}}
 
-# The CPU step bench beside PyTorch + transformers on the same shapes and cores (torch is
-# installed for this only, in TORCH_VENV, default ~/.cache/basin/torch-cpu-venv).
+# torch is installed for this only, in TORCH_VENV (default ~/.cache/basin/torch-cpu-venv).
+# 6 timed steps each: PyTorch's first few are slower than its steady state.
+# The CPU step bench beside PyTorch + transformers on the same shapes and cores
 bench-cpu-torch:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -94,8 +95,8 @@ bench-cpu-torch:
         "$venv/bin/pip" install --quiet torch transformers
     fi
     mkdir -p "{{target}}/bench"
-    "$venv/bin/python" scripts/torch_cpu_bench.py "{{target}}/bench/torch-cpu.json"
-    {{malloc}} cargo bench -p train --bench step -- --cpu --torch "{{target}}/bench/torch-cpu.json"
+    "$venv/bin/python" scripts/torch_cpu_bench.py "{{target}}/bench/torch-cpu.json" --iters 6
+    {{malloc}} cargo bench -p train --bench step -- --cpu --iters 6 --torch "{{target}}/bench/torch-cpu.json"
 
 # ms and GB/s against the copy bandwidth. On a GPU box: just bench-kernels --features cuda
 # (add `-- --torch torch.json` for PyTorch's figures beside ours; `-- --layers 4` is quicker).

@@ -48,6 +48,7 @@ pub struct StepScalars {
     /// 1 / (1 − β2^t)
     pub scale_v: f32,
     /// Multiplies every gradient first (gradient clipping); 1 leaves them untouched.
+    /// `MultiTensor::adamw_step` sets it from its `StepOptions`.
     pub grad_scale: f32,
 }
 
