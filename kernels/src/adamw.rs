@@ -99,9 +99,11 @@ pub fn adamw_step(theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32],
         .zip(m.par_chunks_mut(crate::CHUNK))
         .zip(v.par_chunks_mut(crate::CHUNK))
         .for_each(|(((t, g), m), v)| {
-            for i in 0..t.len() {
-                t[i] = update(t[i], g[i], &mut m[i], &mut v[i], s);
-            }
+            crate::with_fma(|| {
+                for i in 0..t.len() {
+                    t[i] = update(t[i], g[i], &mut m[i], &mut v[i], s);
+                }
+            })
         });
 }
 
@@ -128,9 +130,11 @@ pub fn adamw_ema_step(
         .zip(v.par_chunks_mut(crate::CHUNK))
         .zip(shadow.par_chunks_mut(crate::CHUNK))
         .for_each(|((((t, g), m), v), sh)| {
-            for i in 0..t.len() {
-                t[i] = update(t[i], g[i], &mut m[i], &mut v[i], s);
-                sh[i] = blend(sh[i], t[i], w);
-            }
+            crate::with_fma(|| {
+                for i in 0..t.len() {
+                    t[i] = update(t[i], g[i], &mut m[i], &mut v[i], s);
+                    sh[i] = blend(sh[i], t[i], w);
+                }
+            })
         });
 }

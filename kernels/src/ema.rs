@@ -19,9 +19,11 @@ pub fn ema_blend(shadow: &mut [f32], theta: &[f32], beta: f32) {
         .par_chunks_mut(crate::CHUNK)
         .zip(theta.par_chunks(crate::CHUNK))
         .for_each(|(s, t)| {
-            for (s, &t) in s.iter_mut().zip(t) {
-                *s = blend(*s, t, w);
-            }
+            crate::with_fma(|| {
+                for (s, &t) in s.iter_mut().zip(t) {
+                    *s = blend(*s, t, w);
+                }
+            })
         });
 }
 

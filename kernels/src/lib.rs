@@ -9,6 +9,8 @@
 //! - [`softmax`] and [`cross_entropy`]: the two row-wise operations of a training step
 //!   that candle runs as long chains of elementwise kernels, fused (forward and backward)
 //!   as candle custom ops, with CPU references and CUDA kernels (`cuda/fused.cu`);
+//! - [`rms_norm`], [`rope`] and [`swiglu`]: the rest of a layer's elementwise work, fused
+//!   forward and backward for training on the CPU (on a GPU the model keeps candle's ops);
 //! - [`multi`]: AdamW, the EMA and the sums of squares over every tensor of a model at
 //!   once — one kernel launch on a CUDA device (`cuda/optim.cu`, feature `cuda`), the CPU
 //!   references otherwise.
@@ -22,7 +24,10 @@ pub mod cross_entropy;
 pub mod ema;
 pub mod multi;
 pub mod norm;
+pub mod rms_norm;
+pub mod rope;
 pub mod softmax;
+pub mod swiglu;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -37,3 +42,24 @@ fn cpu_slice<'a, T: candle_core::WithDType>(
 
 /// Elements per rayon task: large enough that scheduling costs nothing next to the work.
 const CHUNK: usize = 1 << 16;
+
+/// Runs `f` as code built for AVX2 and FMA when the CPU has them, else as plain x86-64.
+///
+/// The optimizer's updates are fused multiply-adds (`mul_add`: the CUDA kernels' `fmaf`,
+/// bit for bit). Without the FMA instructions in the build, each is a libm call and the
+/// loops do not vectorize; built for them, the same loops run ~4x faster with the same bits.
+#[inline]
+pub(crate) fn with_fma<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn run<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has both features, checked just above.
+            return unsafe { run(f) };
+        }
+    }
+    f()
+}

@@ -3,7 +3,10 @@
 //! machine with a GPU, the device against the CPU.
 
 use basin_kernels::cross_entropy::cross_entropy_rows;
+use basin_kernels::rms_norm::rms_norm;
+use basin_kernels::rope::rope;
 use basin_kernels::softmax::scaled_masked_softmax;
+use basin_kernels::swiglu::swiglu;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
@@ -114,6 +117,92 @@ fn fused_cross_entropy_matches_log_softmax_and_gather() {
     );
 }
 
+/// ∂Σ(w ⊙ y)/∂v for each of `vars`, with y = f(vars): a weighted sum reaches every output.
+fn value_and_grads(vars: &[&Var], y: Tensor, seed: u32) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let w = Tensor::from_vec(values(y.elem_count(), seed, 1.0), y.shape(), y.device()).unwrap();
+    let grads = (&y * w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = vars
+        .iter()
+        .map(|v| host(grads.get(v.as_tensor()).unwrap()))
+        .collect();
+    (host(&y), g)
+}
+
+fn var(shape: &[usize], seed: u32, scale: f32) -> Var {
+    let n = shape.iter().product();
+    Var::from_tensor(&Tensor::from_vec(values(n, seed, scale), shape, &Device::Cpu).unwrap())
+        .unwrap()
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    let d = max_abs(got, want);
+    assert!(d < tol, "{what}: max difference {d}");
+}
+
+#[test]
+fn fused_rms_norm_matches_candles_ops_and_their_gradient() {
+    // 70 rows: more than one task of ROWS_PER_TASK, and a partial last one.
+    let (x, w) = (var(&[2, 35, 24], 5, 3.0), var(&[24], 6, 2.0));
+    let eps = 1e-5;
+    let (y, g) = value_and_grads(&[&x, &w], rms_norm(&x, &w, eps).unwrap(), 7);
+    let xs = x.as_tensor();
+    let rms = (xs.sqr().unwrap().mean_keepdim(2).unwrap() + eps)
+        .unwrap()
+        .sqrt()
+        .unwrap();
+    let plain = xs
+        .broadcast_div(&rms)
+        .unwrap()
+        .broadcast_mul(w.as_tensor())
+        .unwrap();
+    let (y_ref, g_ref) = value_and_grads(&[&x, &w], plain, 7);
+    assert_close("y", &y, &y_ref, 1e-5);
+    assert_close("dx", &g[0], &g_ref[0], 1e-5);
+    assert_close("dw", &g[1], &g_ref[1], 1e-4);
+}
+
+#[test]
+fn fused_swiglu_matches_candles_ops_and_their_gradient() {
+    let (g, u) = (var(&[3, 5, 40_000], 8, 6.0), var(&[3, 5, 40_000], 9, 2.0));
+    let (y, d) = value_and_grads(&[&g, &u], swiglu(&g, &u).unwrap(), 10);
+    let plain = (candle_nn::ops::silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap();
+    let (y_ref, d_ref) = value_and_grads(&[&g, &u], plain, 10);
+    assert_close("y", &y, &y_ref, 1e-5);
+    assert_close("dg", &d[0], &d_ref[0], 1e-5);
+    assert_close("du", &d[1], &d_ref[1], 1e-5);
+}
+
+#[test]
+fn fused_rope_matches_candles_ops_and_their_gradient() {
+    let (b, h, t, hd) = (2, 3, 50, 8);
+    let x = var(&[b, h, t, hd], 11, 2.0);
+    let angles = Tensor::from_vec(
+        values(b * t * hd / 2, 12, 6.0),
+        (b, t, hd / 2),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+    let (y, g) = value_and_grads(&[&x], rope(&x, &cos, &sin).unwrap(), 13);
+    // x·cos + rotate_half(x)·sin with the angles repeated over both halves, as transformers.
+    let xs = x.as_tensor();
+    let full = |a: &Tensor| Tensor::cat(&[a, a], 2).unwrap().unsqueeze(1).unwrap();
+    let (x1, x2) = (
+        xs.narrow(3, 0, hd / 2).unwrap(),
+        xs.narrow(3, hd / 2, hd / 2).unwrap(),
+    );
+    let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], 3).unwrap();
+    let plain = (xs.broadcast_mul(&full(&cos)).unwrap()
+        + rotated.broadcast_mul(&full(&sin)).unwrap())
+    .unwrap();
+    let (y_ref, g_ref) = value_and_grads(&[&x], plain, 13);
+    assert_close("y", &y, &y_ref, 1e-5);
+    assert_close("dx", &g[0], &g_ref[0], 1e-5);
+    // candle-nn's inference RoPE (no gradient) agrees too.
+    let nn = host(&candle_nn::rotary_emb::rope(xs, &cos, &sin).unwrap());
+    assert_close("candle-nn rope", &y, &nn, 1e-5);
+}
+
 #[test]
 fn bad_inputs_are_refused() {
     let dev = Device::Cpu;
@@ -126,6 +215,13 @@ fn bad_inputs_are_refused() {
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     let f64_logits = x.as_tensor().to_dtype(DType::F64).unwrap();
     assert!(cross_entropy_rows(&f64_logits, &outside).is_err());
+    let (v, w) = (var(&[4, 6], 1, 1.0), var(&[5], 2, 1.0));
+    let err = rms_norm(&v, &w, 1e-5).unwrap_err();
+    assert!(err.to_string().contains("expected [6]"), "{err}");
+    assert!(swiglu(&v, &var(&[6, 4], 3, 1.0)).is_err());
+    let angles = Tensor::zeros((1, 6, 2), DType::F32, &dev).unwrap();
+    let err = rope(&var(&[1, 2, 5, 4], 4, 1.0), &angles, &angles).unwrap_err();
+    assert!(err.to_string().contains("angles [1, 5, 2]"), "{err}");
 }
 
 /// The device check: GPU against CPU, values and gradients.

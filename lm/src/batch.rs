@@ -12,10 +12,11 @@ pub struct Batch {
     pub positions: Tensor,
     /// [batch, 1, time, time] causal + padding attention bias.
     pub bias: Tensor,
-    /// [batch, time] the id that should follow each position.
-    pub targets: Tensor,
-    /// [batch, time] 1 where the target is a reply token, else 0 (f32).
-    pub loss_mask: Tensor,
+    /// [n_loss_tokens] u32: the positions (row · time + index) whose next token is a reply
+    /// token, the only ones whose logits the loss needs.
+    pub loss_positions: Tensor,
+    /// [n_loss_tokens] u32: the token that should follow each of those positions.
+    pub loss_targets: Tensor,
     /// Reply tokens the loss averages over.
     pub n_loss_tokens: usize,
 }
@@ -36,70 +37,66 @@ impl Batch {
             bail!("every row has fewer than 2 tokens: nothing to predict");
         }
         let b = rows.len();
-        let (mut ids, mut targets, mut mask, mut valid) = (
-            Vec::with_capacity(b * t),
-            Vec::with_capacity(b * t),
-            Vec::with_capacity(b * t),
-            Vec::with_capacity(b),
-        );
-        let mut n_loss_tokens = 0;
-        for (row, prompt_len) in rows {
+        let (mut ids, mut valid) = (Vec::with_capacity(b * t), Vec::with_capacity(b));
+        let (mut loss_positions, mut loss_targets) = (Vec::new(), Vec::new());
+        for (r, (row, prompt_len)) in rows.iter().enumerate() {
             let n = row.len();
             for i in 0..t {
                 ids.push(if i < n { row[i] } else { pad_id });
-                let counted = i + 1 < n && i + 1 >= *prompt_len;
-                targets.push(if i + 1 < n { row[i + 1] } else { pad_id });
-                mask.push(if counted { 1f32 } else { 0.0 });
-                n_loss_tokens += usize::from(counted);
+                if i + 1 < n && i + 1 >= *prompt_len {
+                    loss_positions.push((r * t + i) as u32);
+                    loss_targets.push(row[i + 1]);
+                }
             }
             valid.push((0..t).map(|i| i < n).collect::<Vec<bool>>());
         }
+        let n_loss_tokens = loss_positions.len();
         let positions: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
         Ok(Self {
             ids: Tensor::from_vec(ids, (b, t), device)?,
             positions: Tensor::from_vec(positions, (b, t), device)?,
             bias: attention_bias(&valid, t, dtype, device)?,
-            targets: Tensor::from_vec(targets, (b, t), device)?,
-            loss_mask: Tensor::from_vec(mask, (b, t), device)?,
+            loss_positions: Tensor::from_vec(loss_positions, n_loss_tokens, device)?,
+            loss_targets: Tensor::from_vec(loss_targets, n_loss_tokens, device)?,
             n_loss_tokens,
         })
     }
 }
 
-/// Mean cross-entropy of `targets` under `logits` [batch, time, vocab] over the positions
-/// where `mask` is 1 (computed in f32, or f64 for an f64 model).
-pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let dtype = if logits.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let nll = if dtype == DType::F32 {
-        // One fused kernel each way over the [rows, vocab] logits (f64 keeps the plain ops).
-        let (b, t, v) = logits.dims3()?;
-        basin_kernels::cross_entropy::cross_entropy_rows(
-            &logits.to_dtype(dtype)?.reshape((b * t, v))?,
-            &targets.flatten_all()?,
-        )?
-        .reshape((b, t))?
-    } else {
-        candle_nn::ops::log_softmax(&logits.to_dtype(dtype)?, D::Minus1)?
+/// Mean cross-entropy of `targets` [rows] under `logits` [rows, vocab] (computed in f32,
+/// or f64 for an f64 model).
+pub fn mean_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let nll = if logits.dtype() == DType::F64 {
+        candle_nn::ops::log_softmax(logits, D::Minus1)?
             .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
             .squeeze(D::Minus1)?
             .neg()?
+    } else {
+        // One fused kernel each way over the rows (f64, the gradient checks', keeps the
+        // plain ops).
+        basin_kernels::cross_entropy::cross_entropy_rows(&logits.to_dtype(DType::F32)?, targets)?
     };
-    let mask = mask.to_dtype(dtype)?;
-    let count = mask.sum_all()?;
-    Ok((nll * &mask)?.sum_all()?.broadcast_div(&count)?)
+    Ok(nll.mean_all()?)
 }
 
 /// The training loss of `model` on `batch`: differentiable unless `pass` is `Infer`.
+///
+/// Only the positions followed by a reply token go through the output projection and the
+/// cross-entropy: in a chat row most positions are prompt, and the [positions, vocab]
+/// logits are a fifth of the model's multiply-adds and most of its memory traffic.
 pub fn loss(model: &Llama, batch: &Batch, pass: Pass) -> Result<Tensor> {
     if batch.n_loss_tokens == 0 {
         bail!("the batch has no reply tokens to compute a loss on");
     }
     let hidden = model.hidden(&batch.ids, &batch.positions, &batch.bias, None, pass)?;
-    masked_cross_entropy(&model.logits(&hidden)?, &batch.targets, &batch.loss_mask)
+    let (b, t, h) = hidden.dims3()?;
+    let hidden = hidden.reshape((b * t, h))?;
+    let hidden = if batch.n_loss_tokens == b * t {
+        hidden
+    } else {
+        hidden.index_select(&batch.loss_positions, 0)?
+    };
+    mean_cross_entropy(&model.logits(&hidden)?, &batch.loss_targets)
 }
 
 /// Token-weighted mean loss of `model` over `rows` of `(ids, prompt_len)`, `micro_batch`
@@ -110,6 +107,9 @@ pub fn mean_loss(
     micro_batch: usize,
     pad_id: u32,
 ) -> Result<(f64, usize)> {
+    // Rows of similar length share a micro-batch: less padding to run through the model.
+    let mut rows = rows.to_vec();
+    rows.sort_by_key(|(ids, _)| ids.len());
     let (mut sum, mut n) = (0.0, 0usize);
     for chunk in rows.chunks(micro_batch.max(1)) {
         let b = Batch::new(chunk, pad_id, model.dtype(), model.device())?;

@@ -298,7 +298,7 @@ impl Llama {
             x = (x + a)?;
             let n = rms_norm(&x, &block.mlp_norm, self.config.rms_norm_eps, pass)?;
             let f = project(
-                &(candle_nn::ops::silu(&project(&n, &block.gate)?)? * project(&n, &block.up)?)?,
+                &swiglu(&project(&n, &block.gate)?, &project(&n, &block.up)?, pass)?,
                 &block.down,
             )?;
             x = (x + f)?;
@@ -396,10 +396,20 @@ fn reduce_dtype(dtype: DType) -> DType {
     }
 }
 
+/// Whether a training pass over `x` runs the fused CPU ops of basin_kernels (f32 on the
+/// CPU) rather than candle's elementwise chains (other dtypes, other devices; f64 is the
+/// gradient checks' precision).
+fn fused_cpu(x: &Tensor, pass: Pass) -> bool {
+    pass == Pass::Train && x.dtype() == DType::F32 && x.device().is_cpu()
+}
+
 /// RMSNorm: x / sqrt(mean(x²) + eps) · w.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, pass: Pass) -> Result<Tensor> {
     if pass == Pass::Infer {
         return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?);
+    }
+    if fused_cpu(x, pass) {
+        return Ok(basin_kernels::rms_norm::rms_norm(x, w, eps)?);
     }
     let dtype = x.dtype();
     let xf = x.to_dtype(reduce_dtype(dtype))?;
@@ -424,6 +434,9 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, pass: Pass) -> Result<Tensor> {
     if pass == Pass::Infer {
         return Ok(candle_nn::rotary_emb::rope(x, cos, sin)?);
     }
+    if fused_cpu(x, pass) {
+        return Ok(basin_kernels::rope::rope(x, cos, sin)?);
+    }
     let hd = x.dim(D::Minus1)?;
     let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
     let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
@@ -431,6 +444,14 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, pass: Pass) -> Result<Tensor> {
     let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+}
+
+/// The MLP's gate: silu(g) ⊙ u.
+fn swiglu(g: &Tensor, u: &Tensor, pass: Pass) -> Result<Tensor> {
+    if fused_cpu(g, pass) {
+        return Ok(basin_kernels::swiglu::swiglu(g, u)?);
+    }
+    Ok((candle_nn::ops::silu(g)? * u)?)
 }
 
 /// The additive bias that hides a key from a query.

@@ -98,6 +98,41 @@ fn gradients_match_finite_differences_untied() {
     });
 }
 
+/// Every weight's gradient, by name, as f64.
+fn all_gradients(dtype: DType) -> Vec<(String, Vec<f64>)> {
+    let (m, varmap) = model(&tiny_config(), 3, dtype);
+    let grads = loss(&m, &batch(&rows(), dtype), Pass::Train)
+        .unwrap()
+        .backward()
+        .unwrap();
+    let data = varmap.data().lock().unwrap();
+    let mut out: Vec<(String, Vec<f64>)> = data
+        .iter()
+        .map(|(k, v)| {
+            let g = grads.get(v.as_tensor()).unwrap();
+            let g = g.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            (k.clone(), g.to_vec1::<f64>().unwrap())
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn f32_training_pass_with_fused_cpu_ops_has_the_f64_gradients() {
+    // f32 on the CPU runs the fused RMSNorm, RoPE, SwiGLU, softmax and cross-entropy; f64
+    // runs candle's ops, whose gradients the finite-difference tests check.
+    let (fused, plain) = (all_gradients(DType::F32), all_gradients(DType::F64));
+    for ((name, a), (_, b)) in fused.iter().zip(&plain) {
+        let scale = b.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff / scale < 1e-3,
+            "{name}: max difference {diff} (largest |g| {scale})"
+        );
+    }
+}
+
 #[test]
 fn padding_does_not_change_a_rows_loss() {
     let (m, _) = model(&tiny_config(), 1, DType::F32);
@@ -109,6 +144,39 @@ fn padding_does_not_change_a_rows_loss() {
     masked[2].1 = masked[2].0.len();
     let together = scalar(&loss(&m, &batch(&masked, DType::F32), Pass::Train).unwrap());
     assert!((alone - together).abs() < 1e-5, "{alone} vs {together}");
+}
+
+#[test]
+fn loss_is_the_mean_reply_token_nll_over_every_positions_logits() {
+    // The loss projects only reply positions; here every position's logits are computed
+    // and the reply ones picked by hand, from the rows themselves.
+    let (m, _) = model(&tiny_config(), 4, DType::F64);
+    let rows = rows();
+    let b = batch(&rows, DType::F64);
+    let hidden = m
+        .hidden(&b.ids, &b.positions, &b.bias, None, Pass::Train)
+        .unwrap();
+    let logp = candle_nn::ops::log_softmax(&m.logits(&hidden).unwrap(), 2)
+        .unwrap()
+        .to_vec3::<f64>()
+        .unwrap();
+    let (mut sum, mut n) = (0.0, 0);
+    for (r, (ids, prompt_len)) in rows.iter().enumerate() {
+        for i in (*prompt_len).max(1)..ids.len() {
+            sum -= logp[r][i - 1][ids[i] as usize];
+            n += 1;
+        }
+    }
+    assert_eq!(n, b.n_loss_tokens);
+    let want = sum / n as f64;
+    let got = scalar(&loss(&m, &b, Pass::Train).unwrap());
+    assert!((got - want).abs() < 1e-9, "f64: {got} vs {want}");
+    // f32 goes through the fused kernels (and inference's): the same to f32 precision.
+    let (m32, _) = model(&tiny_config(), 4, DType::F32);
+    for pass in [Pass::Train, Pass::Infer] {
+        let got = scalar(&loss(&m32, &batch(&rows, DType::F32), pass).unwrap());
+        assert!((got - want).abs() < 1e-4, "f32 {pass:?}: {got} vs {want}");
+    }
 }
 
 #[test]

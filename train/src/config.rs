@@ -18,7 +18,7 @@ pub struct TrainConfig {
     /// missing entry: all). Sets the mix, e.g. refusals vs benign rows when aligning.
     pub data_rows: Vec<usize>,
     /// Train on at most this many tokens of each row (prompt first; 0: as prepared). The
-    /// validation loss always reads whole rows.
+    /// validation loss cuts its rows the same way; `evaluate utility` reads whole rows.
     pub max_seq_len: usize,
     pub dtype: String,
     pub device: String,

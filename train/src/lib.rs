@@ -47,12 +47,6 @@ pub struct Summary {
     pub first_val_loss: Option<f64>,
 }
 
-/// Validation loss: the token-weighted mean over micro-batches of `rows`.
-fn mean_loss(model: &Model, rows: &[&PreparedRow], micro: usize, pad: u32) -> Result<f64> {
-    let r: Vec<(&[u32], usize)> = rows.iter().map(|r| r.example()).collect();
-    Ok(basin_lm::batch::mean_loss(&model.llama, &r, micro, pad)?.0)
-}
-
 /// A row's length in training: cut to `max_len` tokens when that is > 0.
 fn seq_len(row: &PreparedRow, max_len: usize) -> usize {
     if max_len > 0 {
@@ -62,16 +56,28 @@ fn seq_len(row: &PreparedRow, max_len: usize) -> usize {
     }
 }
 
-/// A training batch of rows cut to [`seq_len`].
-fn batch_of(rows: &[&PreparedRow], pad: u32, model: &Model, max_len: usize) -> Result<Batch> {
-    let r: Vec<(&[u32], usize)> = rows
-        .iter()
+/// Rows as training examples, each cut to [`seq_len`].
+fn examples<'a>(rows: &[&'a PreparedRow], max_len: usize) -> Vec<(&'a [u32], usize)> {
+    rows.iter()
         .map(|r| {
             let (ids, prompt) = r.example();
             (&ids[..seq_len(r, max_len)], prompt)
         })
-        .collect();
+        .collect()
+}
+
+/// A training batch of rows cut to [`seq_len`].
+fn batch_of(rows: &[&PreparedRow], pad: u32, model: &Model, max_len: usize) -> Result<Batch> {
+    let r = examples(rows, max_len);
     Batch::new(&r, pad, model.llama.dtype(), model.llama.device())
+}
+
+/// Validation loss: the token-weighted mean over micro-batches of `rows`, cut as training
+/// cuts its rows (the same objective, and no forward pass over hundreds of tokens that
+/// training never sees).
+fn mean_loss(model: &Model, rows: &[&PreparedRow], config: &TrainConfig, pad: u32) -> Result<f64> {
+    let r = examples(rows, config.max_seq_len);
+    Ok(basin_lm::batch::mean_loss(&model.llama, &r, config.micro_batch, pad)?.0)
 }
 
 fn scalar(t: &candle_core::Tensor) -> Result<f64> {
@@ -159,7 +165,7 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
 
     let first_val = if step == 0 {
         let v = (!val.is_empty())
-            .then(|| mean_loss(&model, &val, config.micro_batch, pad))
+            .then(|| mean_loss(&model, &val, config, pad))
             .transpose()?;
         if let Some(v) = v {
             writeln!(metrics, "{}", serde_json::json!({"step": 0, "val_loss": v}))?;
@@ -220,11 +226,11 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         if !val.is_empty()
             && ((config.eval_every > 0 && step % config.eval_every == 0) || step == total)
         {
-            let v = mean_loss(&model, &val, config.micro_batch, pad)?;
+            let v = mean_loss(&model, &val, config, pad)?;
             record["val_loss"] = v.into();
             if config.ema.enabled {
                 state.load_into_model(Weights::Ema)?;
-                record["val_loss_ema"] = mean_loss(&model, &val, config.micro_batch, pad)?.into();
+                record["val_loss_ema"] = mean_loss(&model, &val, config, pad)?.into();
                 state.load_into_model(Weights::Theta)?;
             }
             last_val = Some(v);

@@ -1,0 +1,116 @@
+//! The MLP's gate for training on the CPU, fused: y = silu(g) ⊙ u with silu(g) = g·σ(g),
+//! and its backward
+//!
+//!   dg = dy ⊙ u ⊙ σ(g)·(1 + g·(1 − σ(g))),      du = dy ⊙ silu(g).
+//!
+//! Unfused, candle writes silu(g) and the product forward, and five [rows, intermediate]
+//! tensors backward; fused it is one pass each way.
+
+use crate::{cpu_slice, CHUNK};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// CPU reference of the forward pass.
+pub fn forward(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; g.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(y, (g, u))| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(g) * u;
+            }
+        });
+    y
+}
+
+/// CPU reference of the backward pass: [dg, du] (dg's n values, then du's) from dy, g, u.
+pub fn backward(dy: &[f32], g: &[f32], u: &[f32]) -> Vec<f32> {
+    let n = g.len();
+    let mut out = vec![0f32; 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(
+            dy.par_chunks(CHUNK)
+                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))),
+        )
+        .for_each(|((dg, du), (dy, (g, u)))| {
+            for i in 0..dg.len() {
+                let s = sigmoid(g[i]);
+                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                du[i] = dy[i] * g[i] * s;
+            }
+        });
+    out
+}
+
+/// silu(g) ⊙ u for f32 tensors of one shape on the CPU, with gradients for both.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if g.dims() != u.dims() {
+        bail!("swiglu: gate {:?} and up {:?} differ", g.dims(), u.dims())
+    }
+    if g.dtype() != DType::F32 || u.dtype() != DType::F32 {
+        bail!("swiglu: expected f32 inputs")
+    }
+    g.contiguous()?.apply_op2(&u.contiguous()?, Forward)
+}
+
+struct Forward;
+
+impl CustomOp2 for Forward {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = forward(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // One op writes [2, n]: dg, then du.
+        let both = dy.contiguous()?.apply_op3_no_bwd(g, u, &Backward)?;
+        let dg = both.get(0)?.reshape(g.shape())?;
+        let du = both.get(1)?.reshape(u.shape())?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// [dg; du] from (dy, g, u).
+struct Backward;
+
+impl CustomOp3 for Backward {
+    fn name(&self) -> &'static str {
+        "swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = l1.shape().elem_count();
+        let out = backward(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        Ok((CpuStorage::F32(out), Shape::from((2, n))))
+    }
+}
