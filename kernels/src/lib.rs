@@ -40,6 +40,50 @@ fn cpu_slice<'a, T: candle_core::WithDType>(
     Ok(&s.as_slice::<T>()?[l.start_offset()..][..l.shape().elem_count()])
 }
 
+/// An f32 op on the CPU over three inputs, without a gradient of its own: the backward
+/// passes of the CPU-only fused ops. `f` gets the inputs' values and returns the output's.
+struct CpuOp3<F> {
+    name: &'static str,
+    f: F,
+}
+
+impl<F> candle_core::CustomOp3 for CpuOp3<F>
+where
+    F: Fn(&[f32], &[f32], &[f32]) -> (Vec<f32>, candle_core::Shape) + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (values, shape) = (self.f)(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        Ok((candle_core::CpuStorage::F32(values), shape))
+    }
+}
+
+/// Runs `f` on the values of `a`, `b` and `c` (f32, made contiguous) as a CPU op.
+fn cpu_op3<F>(
+    name: &'static str,
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    c: &candle_core::Tensor,
+    f: F,
+) -> candle_core::Result<candle_core::Tensor>
+where
+    F: Fn(&[f32], &[f32], &[f32]) -> (Vec<f32>, candle_core::Shape) + Send + Sync,
+{
+    a.contiguous()?
+        .apply_op3_no_bwd(&b.contiguous()?, &c.contiguous()?, &CpuOp3 { name, f })
+}
+
 /// Elements per rayon task: large enough that scheduling costs nothing next to the work.
 const CHUNK: usize = 1 << 16;
 

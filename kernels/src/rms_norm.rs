@@ -9,7 +9,7 @@
 //! so it has the same bits on every run.
 
 use crate::cpu_slice;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per rayon task, and per partial sum of the weight's gradient.
@@ -112,38 +112,15 @@ impl CustomOp2 for Forward {
         // One op writes [rows + 1, hidden]: dx, then dw as the last row.
         let h = w.dim(0)?;
         let rows = x.elem_count() / h;
-        let both = dy
-            .contiguous()?
-            .apply_op3_no_bwd(x, w, &Backward { eps: self.eps })?;
+        let eps = self.eps;
+        let both = crate::cpu_op3("rms-norm-backward", dy, x, w, move |dy, x, w| {
+            let (mut dx, dw) = backward(dy, x, w, eps);
+            let rows = dx.len() / w.len();
+            dx.extend_from_slice(&dw);
+            (dx, Shape::from((rows + 1, w.len())))
+        })?;
         let dx = both.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dw = both.narrow(0, rows, 1)?.reshape(h)?;
         Ok((Some(dx), Some(dw)))
-    }
-}
-
-/// [dx; dw] from (dy, x, w).
-struct Backward {
-    eps: f32,
-}
-
-impl CustomOp3 for Backward {
-    fn name(&self) -> &'static str {
-        "rms-norm-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let w = cpu_slice(s3, l3)?;
-        let (mut dx, dw) = backward(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, w, self.eps);
-        let rows = dx.len() / w.len();
-        dx.extend_from_slice(&dw);
-        Ok((CpuStorage::F32(dx), Shape::from((rows + 1, w.len()))))
     }
 }

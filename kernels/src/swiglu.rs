@@ -7,7 +7,7 @@
 //! tensors backward; fused it is one pass each way.
 
 use crate::{cpu_slice, CHUNK};
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 fn sigmoid(x: f32) -> f32 {
@@ -85,32 +85,11 @@ impl CustomOp2 for Forward {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // One op writes [2, n]: dg, then du.
-        let both = dy.contiguous()?.apply_op3_no_bwd(g, u, &Backward)?;
+        let both = crate::cpu_op3("swiglu-backward", dy, g, u, |dy, g, u| {
+            (backward(dy, g, u), Shape::from((2, g.len())))
+        })?;
         let dg = both.get(0)?.reshape(g.shape())?;
         let du = both.get(1)?.reshape(u.shape())?;
         Ok((Some(dg), Some(du)))
-    }
-}
-
-/// [dg; du] from (dy, g, u).
-struct Backward;
-
-impl CustomOp3 for Backward {
-    fn name(&self) -> &'static str {
-        "swiglu-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let n = l1.shape().elem_count();
-        let out = backward(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
-        Ok((CpuStorage::F32(out), Shape::from((2, n))))
     }
 }
