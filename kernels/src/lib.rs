@@ -11,6 +11,7 @@
 //!   as candle custom ops, with CPU references and CUDA kernels (`cuda/fused.cu`);
 //! - [`rms_norm`], [`rope`] and [`swiglu`]: the rest of a layer's elementwise work, fused
 //!   forward and backward for training on the CPU (on a GPU the model keeps candle's ops);
+//!   [`linear`], the projection x · wᵀ on the CPU, whose weight gradient needs no transpose;
 //! - [`multi`]: AdamW, the EMA and the sums of squares over every tensor of a model at
 //!   once — one kernel launch on a CUDA device (`cuda/optim.cu`, feature `cuda`), the CPU
 //!   references otherwise.
@@ -22,6 +23,7 @@
 pub mod adamw;
 pub mod cross_entropy;
 pub mod ema;
+pub mod linear;
 pub mod multi;
 pub mod norm;
 pub mod rms_norm;

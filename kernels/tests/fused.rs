@@ -3,6 +3,7 @@
 //! machine with a GPU, the device against the CPU.
 
 use basin_kernels::cross_entropy::cross_entropy_rows;
+use basin_kernels::linear::linear;
 use basin_kernels::rms_norm::rms_norm;
 use basin_kernels::rope::rope;
 use basin_kernels::softmax::scaled_masked_softmax;
@@ -137,6 +138,21 @@ fn var(shape: &[usize], seed: u32, scale: f32) -> Var {
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     let d = max_abs(got, want);
     assert!(d < tol, "{what}: max difference {d}");
+}
+
+#[test]
+fn cpu_linear_matches_candles_matmul_and_its_gradient() {
+    let (x, w) = (var(&[37, 24], 14, 2.0), var(&[53, 24], 15, 1.0));
+    let (y, g) = value_and_grads(&[&x, &w], linear(&x, &w).unwrap(), 16);
+    let plain = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+    let (y_ref, g_ref) = value_and_grads(&[&x, &w], plain, 16);
+    assert_close("y", &y, &y_ref, 1e-5);
+    assert_close("dx", &g[0], &g_ref[0], 1e-5);
+    assert_close("dw", &g[1], &g_ref[1], 1e-5);
+    assert!(
+        linear(&x, &var(&[53, 23], 17, 1.0)).is_err(),
+        "inner sizes differ"
+    );
 }
 
 #[test]

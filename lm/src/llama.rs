@@ -190,7 +190,12 @@ fn project(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         dims[..dims.len() - 1].iter().product::<usize>(),
         dims[dims.len() - 1],
     );
-    let y = x.reshape((rows, d_in))?.matmul(&w.t()?)?;
+    let x = x.reshape((rows, d_in))?;
+    let y = if x.dtype() == DType::F32 && x.device().is_cpu() {
+        basin_kernels::linear::linear(&x, w)?
+    } else {
+        x.matmul(&w.t()?)?
+    };
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = w.dim(0)?;
     Ok(y.reshape(out)?)
