@@ -98,8 +98,10 @@ const CHUNK: usize = 1 << 16;
 pub(crate) fn with_fma<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
+        /// # Safety
+        /// Only on a CPU with AVX2 and FMA.
         #[target_feature(enable = "avx2,fma")]
-        fn run<R>(f: impl FnOnce() -> R) -> R {
+        unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
