@@ -34,12 +34,59 @@ pub mod swiglu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
 /// The values a custom op's contiguous CPU input covers (its layout may start at an offset).
-fn cpu_slice<'a, T: candle_core::WithDType>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [T]> {
+fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     Ok(&s.as_slice::<T>()?[l.start_offset()..][..l.shape().elem_count()])
+}
+
+/// The gradients of a two-input op.
+type Grads2 = (Option<Tensor>, Option<Tensor>);
+
+/// An f32 op on the CPU over two inputs, with its backward: the CPU-only fused ops. `fwd`
+/// gets the inputs' values and layouts and returns the output's values and shape; `bwd`
+/// gets (a, b, output, output's gradient), as candle's `CustomOp2::bwd` does.
+struct CpuOp2<F, B> {
+    name: &'static str,
+    fwd: F,
+    bwd: B,
+}
+
+impl<F, B> CustomOp2 for CpuOp2<F, B>
+where
+    F: Fn(&[f32], &Layout, &[f32], &Layout) -> (Vec<f32>, Shape) + Send + Sync,
+    B: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads2> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (values, shape) = (self.fwd)(cpu_slice(s1, l1)?, l1, cpu_slice(s2, l2)?, l2);
+        Ok((CpuStorage::F32(values), shape))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Grads2> {
+        (self.bwd)(a, b, y, dy)
+    }
+}
+
+/// Applies `fwd` to `a` and `b` (f32, made contiguous) as a CPU op whose gradients `bwd`
+/// computes.
+fn cpu_op2<F, B>(name: &'static str, a: &Tensor, b: &Tensor, fwd: F, bwd: B) -> Result<Tensor>
+where
+    F: Fn(&[f32], &Layout, &[f32], &Layout) -> (Vec<f32>, Shape) + Send + Sync + 'static,
+    B: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads2> + Send + Sync + 'static,
+{
+    a.contiguous()?
+        .apply_op2(&b.contiguous()?, CpuOp2 { name, fwd, bwd })
 }
 
 /// An f32 op on the CPU over three inputs, without a gradient of its own: the backward
@@ -49,9 +96,9 @@ struct CpuOp3<F> {
     f: F,
 }
 
-impl<F> candle_core::CustomOp3 for CpuOp3<F>
+impl<F> CustomOp3 for CpuOp3<F>
 where
-    F: Fn(&[f32], &[f32], &[f32]) -> (Vec<f32>, candle_core::Shape) + Send + Sync,
+    F: Fn(&[f32], &[f32], &[f32]) -> (Vec<f32>, Shape) + Send + Sync,
 {
     fn name(&self) -> &'static str {
         self.name
@@ -59,28 +106,22 @@ where
 
     fn cpu_fwd(
         &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (values, shape) = (self.f)(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
-        Ok((candle_core::CpuStorage::F32(values), shape))
+        Ok((CpuStorage::F32(values), shape))
     }
 }
 
 /// Runs `f` on the values of `a`, `b` and `c` (f32, made contiguous) as a CPU op.
-fn cpu_op3<F>(
-    name: &'static str,
-    a: &candle_core::Tensor,
-    b: &candle_core::Tensor,
-    c: &candle_core::Tensor,
-    f: F,
-) -> candle_core::Result<candle_core::Tensor>
+fn cpu_op3<F>(name: &'static str, a: &Tensor, b: &Tensor, c: &Tensor, f: F) -> Result<Tensor>
 where
-    F: Fn(&[f32], &[f32], &[f32]) -> (Vec<f32>, candle_core::Shape) + Send + Sync,
+    F: Fn(&[f32], &[f32], &[f32]) -> (Vec<f32>, Shape) + Send + Sync,
 {
     a.contiguous()?
         .apply_op3_no_bwd(&b.contiguous()?, &c.contiguous()?, &CpuOp3 { name, f })

@@ -8,8 +8,7 @@
 //! gradient is summed in chunks of [`ROWS_PER_TASK`] rows, then over the chunks in order,
 //! so it has the same bits on every run.
 
-use crate::cpu_slice;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per rayon task, and per partial sum of the weight's gradient.
@@ -78,49 +77,22 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         bail!("rms_norm: expected f32 input and weight")
     }
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, Forward { eps: eps as f32 })
-}
-
-struct Forward {
-    eps: f32,
-}
-
-impl CustomOp2 for Forward {
-    fn name(&self) -> &'static str {
-        "rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let y = forward(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, self.eps);
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let eps = eps as f32;
+    let fwd = move |x: &[f32], lx: &Layout, w: &[f32], _: &Layout| {
+        (forward(x, w, eps), lx.shape().clone())
+    };
+    let bwd = move |x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor| {
         // One op writes [rows + 1, hidden]: dx, then dw as the last row.
         let h = w.dim(0)?;
         let rows = x.elem_count() / h;
-        let eps = self.eps;
         let both = crate::cpu_op3("rms-norm-backward", dy, x, w, move |dy, x, w| {
             let (mut dx, dw) = backward(dy, x, w, eps);
-            let rows = dx.len() / w.len();
             dx.extend_from_slice(&dw);
             (dx, Shape::from((rows + 1, w.len())))
         })?;
         let dx = both.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dw = both.narrow(0, rows, 1)?.reshape(h)?;
         Ok((Some(dx), Some(dw)))
-    }
+    };
+    crate::cpu_op2("rms-norm", x, w, fwd, bwd)
 }

@@ -6,8 +6,8 @@
 //! Unfused, candle writes silu(g) and the product forward, and five [rows, intermediate]
 //! tensors backward; fused it is one pass each way.
 
-use crate::{cpu_slice, CHUNK};
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use crate::CHUNK;
+use candle_core::{bail, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 fn sigmoid(x: f32) -> f32 {
@@ -56,34 +56,8 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dtype() != DType::F32 || u.dtype() != DType::F32 {
         bail!("swiglu: expected f32 inputs")
     }
-    g.contiguous()?.apply_op2(&u.contiguous()?, Forward)
-}
-
-struct Forward;
-
-impl CustomOp2 for Forward {
-    fn name(&self) -> &'static str {
-        "swiglu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let y = forward(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        g: &Tensor,
-        u: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let fwd = |g: &[f32], lg: &Layout, u: &[f32], _: &Layout| (forward(g, u), lg.shape().clone());
+    let bwd = |g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor| {
         // One op writes [2, n]: dg, then du.
         let both = crate::cpu_op3("swiglu-backward", dy, g, u, |dy, g, u| {
             (backward(dy, g, u), Shape::from((2, g.len())))
@@ -91,5 +65,6 @@ impl CustomOp2 for Forward {
         let dg = both.get(0)?.reshape(g.shape())?;
         let du = both.get(1)?.reshape(u.shape())?;
         Ok((Some(dg), Some(du)))
-    }
+    };
+    crate::cpu_op2("swiglu", g, u, fwd, bwd)
 }
