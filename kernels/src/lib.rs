@@ -89,16 +89,22 @@ where
         .apply_op2(&b.contiguous()?, CpuOp2 { name, fwd, bwd })
 }
 
-/// An f32 op on the CPU over three inputs, without a gradient of its own: the backward
-/// passes of the CPU-only fused ops. `f` gets the inputs' values and returns the output's.
-struct CpuOp3<F> {
+/// The gradients of a three-input op.
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// An f32 op on the CPU over three inputs: RoPE, and the backward passes of the CPU-only
+/// fused ops. `fwd` gets the inputs' values and returns the output's values and shape;
+/// `bwd` gets (a, b, c, output, output's gradient), as candle's `CustomOp3::bwd` does.
+struct CpuOp3<F, B> {
     name: &'static str,
-    f: F,
+    fwd: F,
+    bwd: B,
 }
 
-impl<F> CustomOp3 for CpuOp3<F>
+impl<F, B> CustomOp3 for CpuOp3<F, B>
 where
     F: Fn(&[f32], &[f32], &[f32]) -> (Vec<f32>, Shape) + Send + Sync,
+    B: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync,
 {
     fn name(&self) -> &'static str {
         self.name
@@ -113,18 +119,50 @@ where
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (values, shape) = (self.f)(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        let (values, shape) =
+            (self.fwd)(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
         Ok((CpuStorage::F32(values), shape))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Grads3> {
+        (self.bwd)(a, b, c, y, dy)
     }
 }
 
-/// Runs `f` on the values of `a`, `b` and `c` (f32, made contiguous) as a CPU op.
-fn cpu_op3<F>(name: &'static str, a: &Tensor, b: &Tensor, c: &Tensor, f: F) -> Result<Tensor>
+/// Applies `fwd` to `a`, `b` and `c` (f32, made contiguous) as a CPU op whose gradients
+/// `bwd` computes.
+fn cpu_op3_grad<F, B>(
+    name: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    fwd: F,
+    bwd: B,
+) -> Result<Tensor>
+where
+    F: Fn(&[f32], &[f32], &[f32]) -> (Vec<f32>, Shape) + Send + Sync + 'static,
+    B: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
+{
+    a.contiguous()?.apply_op3(
+        &b.contiguous()?,
+        &c.contiguous()?,
+        CpuOp3 { name, fwd, bwd },
+    )
+}
+
+/// Applies `fwd` to `a`, `b` and `c` (f32, made contiguous) as a CPU op without a gradient:
+/// the backward passes.
+fn cpu_op3<F>(name: &'static str, a: &Tensor, b: &Tensor, c: &Tensor, fwd: F) -> Result<Tensor>
 where
     F: Fn(&[f32], &[f32], &[f32]) -> (Vec<f32>, Shape) + Send + Sync,
 {
-    a.contiguous()?
-        .apply_op3_no_bwd(&b.contiguous()?, &c.contiguous()?, &CpuOp3 { name, f })
+    // Applied without backward, so candle never calls `bwd`.
+    let bwd = |_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor| Ok((None, None, None));
+    a.contiguous()?.apply_op3_no_bwd(
+        &b.contiguous()?,
+        &c.contiguous()?,
+        &CpuOp3 { name, fwd, bwd },
+    )
 }
 
 /// Elements per rayon task: large enough that scheduling costs nothing next to the work.

@@ -7,8 +7,7 @@
 //! pass with −sin. Unfused, candle builds rotate_half(x) from two narrows, a negation and a
 //! concatenation, then two products and a sum, forward and backward.
 
-use crate::cpu_slice;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per rayon task.
@@ -44,7 +43,7 @@ pub fn rotate(x: &[f32], cos: &[f32], sin: &[f32], dims: [usize; 4], sign: f32) 
 /// RoPE of `x` [batch, heads, time, head_dim] with per-row angles `cos`/`sin` [batch, time,
 /// head_dim / 2], f32 on the CPU, with the gradient for `x` (the angles are constants).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, _, t, hd) = x.dims4()?;
+    let (b, h, t, hd) = x.dims4()?;
     if hd % 2 != 0 || cos.dims() != [b, t, hd / 2] || sin.dims() != cos.dims() {
         bail!(
             "rope: x {:?} needs an even head size and angles [{b}, {t}, {}]; got cos {:?}, sin {:?}",
@@ -57,49 +56,15 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if [x, cos, sin].iter().any(|t| t.dtype() != DType::F32) {
         bail!("rope: expected f32 inputs")
     }
-    x.contiguous()?
-        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { sign: 1.0 })
-}
-
-struct Rope {
-    sign: f32,
-}
-
-impl CustomOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = l1.dims();
-        let y = rotate(
-            cpu_slice(s1, l1)?,
-            cpu_slice(s2, l2)?,
-            cpu_slice(s3, l3)?,
-            [d[0], d[1], d[2], d[3]],
-            self.sign,
-        );
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let back = Rope { sign: -self.sign };
-        let dx = dy.contiguous()?.apply_op3_no_bwd(cos, sin, &back)?;
+    let dims = [b, h, t, hd];
+    let rotation = move |sign: f32| {
+        move |x: &[f32], cos: &[f32], sin: &[f32]| {
+            (rotate(x, cos, sin, dims, sign), Shape::from(&dims))
+        }
+    };
+    let bwd = move |_x: &Tensor, cos: &Tensor, sin: &Tensor, _y: &Tensor, dy: &Tensor| {
+        let dx = crate::cpu_op3("rope-backward", dy, cos, sin, rotation(-1.0))?;
         Ok((Some(dx), None, None))
-    }
+    };
+    crate::cpu_op3_grad("rope", x, cos, sin, rotation(1.0), bwd)
 }

@@ -192,6 +192,7 @@ fn project(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     );
     let x = x.reshape((rows, d_in))?;
     let y = if x.dtype() == DType::F32 && x.device().is_cpu() {
+        // The same GEMM, with the weight's gradient written untransposed (linear.rs).
         basin_kernels::linear::linear(&x, w)?
     } else {
         x.matmul(&w.t()?)?
