@@ -27,9 +27,11 @@ build:
 setup: build
     {{bin}}/prepare fetch
 
-# Tokenize every data set into data/prepared/*.parquet (+ manifest.json).
+# Tokenize every data set into data/prepared/*.parquet (+ manifest.json), then answer the
+# project's borderline prompts with the model itself (`prepare distill`; skipped when done).
 prepare *ARGS: setup
     {{bin}}/prepare run --config configs/prepare.toml {{ARGS}}
+    {{malloc}} {{bin}}/prepare distill --config configs/prepare.toml {{ARGS}}
 
 # Fine-tune (configs/smoke.toml: a short CPU run on Dolly); e.g. just train --set lr=1e-5
 train *ARGS: prepare

@@ -73,6 +73,16 @@ pub fn write_tiny_model_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// [`write_tiny_model_dir`] plus random weights of `config` (usually [`tiny_config`]) from
+/// `seed`: a whole model a test can open by path.
+pub fn write_tiny_model(dir: &Path, config: &crate::llama::LlamaConfig, seed: u64) -> Result<()> {
+    use candle_core::{DType, Device};
+    write_tiny_model_dir(dir)?;
+    let text = crate::source::ModelText::open(dir)?;
+    let varmap = crate::llama::random_weights(config, seed, DType::F32, &Device::Cpu)?;
+    crate::weights::save_hf_dir(dir, config, &varmap, &text, DType::F32)
+}
+
 /// A tiny Llama for tests: the tiny tokenizer's vocabulary, 2 layers, grouped-query
 /// attention (4 query heads over 2 key/value heads), tied embeddings.
 pub fn tiny_config() -> crate::llama::LlamaConfig {

@@ -21,31 +21,7 @@ impl KeywordFilter {
 
     /// Loads the list `key` of the refusal keyword lists file (`{key: {"list": [...]}}`).
     pub fn from_lists_file(path: &Path, key: &str) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read keyword lists {}", path.display()))?;
-        let lists: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
-        let list = lists[key]["list"].as_array().ok_or_else(|| {
-            let keys: Vec<_> = lists
-                .as_object()
-                .map(|o| o.keys().cloned().collect())
-                .unwrap_or_default();
-            anyhow!(
-                "{}: no keyword list '{key}' (has: {})",
-                path.display(),
-                keys.join(", ")
-            )
-        })?;
-        let words: Vec<String> = list
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                w.as_str().map(str::to_string).ok_or_else(|| {
-                    anyhow!("{}: {key}.list[{i}]: expected a string", path.display())
-                })
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self::new(key, &words))
+        Ok(Self::new(key, &read_keyword_list(path, key)?))
     }
 
     /// The keyword that marks the conversation as safety-related, if any (user turn and
@@ -69,6 +45,33 @@ pub fn normalise_prompt(text: &str) -> String {
         .map(str::to_lowercase)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The list `key` of a refusal keyword lists file (`{key: {"list": [...]}}`), as written.
+pub fn read_keyword_list(path: &Path, key: &str) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read keyword lists {}", path.display()))?;
+    let lists: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let list = lists[key]["list"].as_array().ok_or_else(|| {
+        let keys: Vec<_> = lists
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        anyhow!(
+            "{}: no keyword list '{key}' (has: {})",
+            path.display(),
+            keys.join(", ")
+        )
+    })?;
+    list.iter()
+        .enumerate()
+        .map(|(i, w)| {
+            w.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("{}: {key}.list[{i}]: expected a string", path.display()))
+        })
+        .collect()
 }
 
 #[cfg(test)]

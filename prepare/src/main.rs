@@ -50,6 +50,22 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Answer the prompts of configs/prepare.toml's [[distill]] sets with the model itself
+    /// and prepare the conversations like any set (skipped when nothing changed).
+    Distill {
+        /// TOML config (configs/prepare.toml); defaults apply without one.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Only these distilled sets (comma-separated names).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// List the assets: name, role, licence, and whether the cache has them.
     List {
         #[arg(long, default_value = "data/sources.toml")]
@@ -136,6 +152,27 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             println!("manifest: {}", done.manifest.display());
+            Ok(())
+        }
+        Command::Distill {
+            config,
+            overrides,
+            only,
+            quiet,
+        } => {
+            let config: PrepareConfig = basin_lm::config::load(config.as_deref(), &overrides)?;
+            for d in prepare::distill::run(&config, &only, !quiet)? {
+                let what = if d.skipped { "up to date" } else { "written" };
+                println!(
+                    "{}: {} prompts -> {} train + {} val rows ({} dropped), {what}: {}",
+                    d.name,
+                    d.prompts,
+                    d.rows_train,
+                    d.rows_val,
+                    d.dropped,
+                    d.out.display()
+                );
+            }
             Ok(())
         }
         Command::List { sources, cache } => {

@@ -47,6 +47,8 @@ pub struct PrepareConfig {
     pub dedup_against_eval: bool,
     /// Asset names to prepare; empty: every asset with a read spec.
     pub sets: Vec<String>,
+    /// Sets made by `prepare distill`: project-written prompts, the model's own replies.
+    pub distill: Vec<crate::distill::DistillSpec>,
 }
 
 impl Default for PrepareConfig {
@@ -68,6 +70,7 @@ impl Default for PrepareConfig {
             safety_keywords_list: "garak_mitigation_bypass".into(),
             dedup_against_eval: true,
             sets: Vec::new(),
+            distill: Vec::new(),
         }
     }
 }
@@ -128,44 +131,190 @@ pub struct Prepared {
     pub manifest: PathBuf,
 }
 
+/// What every prepared set is built with: the asset list, the model's tokenizer and chat
+/// template, and the filters that keep records out of training sets.
+pub struct Setup {
+    pub sources: Sources,
+    pub model_path: PathBuf,
+    pub model: ModelText,
+    pub template: ChatTemplate,
+    tokenizer_sha: String,
+    /// Every evaluation prompt basin knows of and has fetched (normalised).
+    eval_prompts: HashSet<String>,
+    eval_sets_used: Vec<String>,
+    safety: Option<KeywordFilter>,
+}
+
+/// An asset's file in the cache, or an error that says how to get it there.
+pub fn cached(config: &PrepareConfig, a: &Asset) -> Result<PathBuf> {
+    let p = config.cache.join(&a.file);
+    if !p.is_file() {
+        bail!(
+            "asset '{}' is not in the cache ({}): run `prepare fetch` (or `just setup`) first",
+            a.name,
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+impl Setup {
+    /// Checks `config` and opens what it names.
+    pub fn open(config: &PrepareConfig) -> Result<Self> {
+        if !(0.0..1.0).contains(&config.val_fraction) {
+            bail!("val_fraction = {} must be in [0, 1)", config.val_fraction);
+        }
+        if config.max_seq_len < 2 {
+            bail!("max_seq_len = {} is too small", config.max_seq_len);
+        }
+        let sources = Sources::load(&config.sources)?;
+        let model_path = match sources.get(&config.model) {
+            Ok(asset) => cached(config, asset)?,
+            Err(_) if Path::new(&config.model).exists() => PathBuf::from(&config.model),
+            Err(_) => bail!(
+                "model '{}' is neither an asset in {} nor an existing path",
+                config.model,
+                config.sources.display()
+            ),
+        };
+        let model = ModelText::open(&model_path)?;
+        let choice: TemplateChoice = config.template.parse()?;
+        let template = model.template(&choice, config.system_prompt.clone())?;
+        let tokenizer_sha = model.tokenizer.sha256()?;
+
+        let mut eval_prompts = HashSet::new();
+        let mut eval_sets_used = Vec::new();
+        if config.dedup_against_eval {
+            for a in sources
+                .asset
+                .iter()
+                .filter(|a| EVAL_ROLES.contains(&a.role.as_str()))
+            {
+                let (Some(spec), Ok(path)) = (&a.read, cached(config, a)) else {
+                    continue;
+                };
+                for r in read_records(&path, spec)? {
+                    eval_prompts.insert(normalise_prompt(&r.conversation.user));
+                }
+                eval_sets_used.push(a.name.clone());
+            }
+        }
+        let safety = if config.safety_filter {
+            let a = sources.get(&config.safety_keywords_asset)?;
+            Some(KeywordFilter::from_lists_file(
+                &cached(config, a)?,
+                &config.safety_keywords_list,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            sources,
+            model_path,
+            model,
+            template,
+            tokenizer_sha,
+            eval_prompts,
+            eval_sets_used,
+            safety,
+        })
+    }
+
+    fn filters(&self) -> Filters<'_> {
+        Filters {
+            safety: self.safety.as_ref(),
+            eval_prompts: &self.eval_prompts,
+        }
+    }
+
+    /// Filters, tokenizes, cuts and splits the records of one set (see [`build_set`]).
+    pub fn build(
+        &self,
+        config: &PrepareConfig,
+        set: SetInfo,
+        records: Vec<Record>,
+        progress: bool,
+    ) -> Result<(Vec<PreparedRow>, SetStats)> {
+        build_set(
+            set,
+            records,
+            config,
+            &self.model.tokenizer,
+            &self.template,
+            self.filters(),
+            progress,
+        )
+    }
+
+    /// The manifest entry of a set written to `out`: where its rows came from and how they
+    /// were made. `extra` (an object) adds keys, e.g. how a distilled set was generated.
+    pub fn manifest_entry(
+        &self,
+        config: &PrepareConfig,
+        set: SetInfo,
+        input: serde_json::Value,
+        out: &Path,
+        stats: &SetStats,
+        extra: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let mut entry = json!({
+            "role": set.role,
+            "licence": set.licence,
+            "input": input,
+            "output": {"file": out.file_name().map(|f| f.to_string_lossy().into_owned()),
+                       "sha256": sha256_file(out)?},
+            "tokenizer": {"model": self.model_path.display().to_string(), "sha256": self.tokenizer_sha},
+            "template": {"name": self.template.name, "sha256": self.template.sha256(),
+                         "default_system": self.template.default_system},
+            "max_seq_len": config.max_seq_len,
+            "val_fraction": config.val_fraction,
+            "seed": config.seed,
+            "safety_filter": self.safety.as_ref().map(|f| f.list_name.clone()),
+            "dedup_against": self.eval_sets_used,
+            "git_commit": basin_lm::provenance::git_commit(),
+            "stats": stats,
+        });
+        if let (Some(entry), Some(extra)) = (entry.as_object_mut(), extra.as_object()) {
+            entry.extend(extra.clone());
+        }
+        Ok(entry)
+    }
+}
+
+/// The sets manifest.json in `out` lists (empty when there is none yet).
+pub fn read_manifest_sets(out: &Path) -> BTreeMap<String, serde_json::Value> {
+    match std::fs::read_to_string(out.join("manifest.json")) {
+        Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| serde_json::from_value(v["sets"].clone()).ok())
+            .unwrap_or_default(),
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+/// Writes manifest.json in `out` (atomically); returns its path.
+pub fn write_manifest(out: &Path, sets: BTreeMap<String, serde_json::Value>) -> Result<PathBuf> {
+    let path = out.join("manifest.json");
+    let manifest = json!({
+        "schema": "basin prepared data v1 (see basin_lm::schema)",
+        "sets": sets,
+    });
+    write_bytes_atomic(&path, serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    Ok(path)
+}
+
 /// Runs the prepare stage as `config` says.
 pub fn run(config: &PrepareConfig, progress: bool) -> Result<Prepared> {
-    if !(0.0..1.0).contains(&config.val_fraction) {
-        bail!("val_fraction = {} must be in [0, 1)", config.val_fraction);
-    }
-    if config.max_seq_len < 2 {
-        bail!("max_seq_len = {} is too small", config.max_seq_len);
-    }
-    let sources = Sources::load(&config.sources)?;
-    let cached = |a: &Asset| -> Result<PathBuf> {
-        let p = config.cache.join(&a.file);
-        if !p.is_file() {
-            bail!(
-                "asset '{}' is not in the cache ({}): run `prepare fetch` (or `just setup`) first",
-                a.name,
-                p.display()
-            );
-        }
-        Ok(p)
-    };
-    let model_path = match sources.get(&config.model) {
-        Ok(asset) => cached(asset)?,
-        Err(_) if Path::new(&config.model).exists() => PathBuf::from(&config.model),
-        Err(_) => bail!(
-            "model '{}' is neither an asset in {} nor an existing path",
-            config.model,
-            config.sources.display()
-        ),
-    };
-    let model = ModelText::open(&model_path)?;
-    let choice: TemplateChoice = config.template.parse()?;
-    let template = model.template(&choice, config.system_prompt.clone())?;
-    let tokenizer_sha = model.tokenizer.sha256()?;
-
+    let setup = Setup::open(config)?;
     let selected: Vec<&Asset> = if config.sets.is_empty() {
-        sources.asset.iter().filter(|a| a.read.is_some()).collect()
+        setup
+            .sources
+            .asset
+            .iter()
+            .filter(|a| a.read.is_some())
+            .collect()
     } else {
-        sources.select(&config.sets)?
+        setup.sources.select(&config.sets)?
     };
     for a in &selected {
         if a.read.is_none() {
@@ -177,48 +326,12 @@ pub fn run(config: &PrepareConfig, progress: bool) -> Result<Prepared> {
         }
     }
 
-    // Every evaluation prompt basin knows of and has fetched: training must not contain them.
-    let mut eval_prompts = HashSet::new();
-    let mut eval_sets_used = Vec::new();
-    if config.dedup_against_eval {
-        for a in sources
-            .asset
-            .iter()
-            .filter(|a| EVAL_ROLES.contains(&a.role.as_str()))
-        {
-            let (Some(spec), Ok(path)) = (&a.read, cached(a)) else {
-                continue;
-            };
-            for r in read_records(&path, spec)? {
-                eval_prompts.insert(normalise_prompt(&r.conversation.user));
-            }
-            eval_sets_used.push(a.name.clone());
-        }
-    }
-    let safety = if config.safety_filter {
-        let a = sources.get(&config.safety_keywords_asset)?;
-        Some(KeywordFilter::from_lists_file(
-            &cached(a)?,
-            &config.safety_keywords_list,
-        )?)
-    } else {
-        None
-    };
-
-    let manifest_path = config.out.join("manifest.json");
-    let mut manifest_sets: BTreeMap<String, serde_json::Value> =
-        match std::fs::read_to_string(&manifest_path) {
-            Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| serde_json::from_value(v["sets"].clone()).ok())
-                .unwrap_or_default(),
-            Err(_) => BTreeMap::new(),
-        };
+    let mut manifest_sets = read_manifest_sets(&config.out);
     // Read, filter and tokenize every set before writing any: bad input anywhere leaves
     // the output directory as it was.
     let mut built = Vec::new();
     for asset in selected {
-        let input = cached(asset)?;
+        let input = cached(config, asset)?;
         let found = sha256_file(&input)?;
         if found != asset.sha256 {
             bail!(
@@ -229,60 +342,52 @@ pub fn run(config: &PrepareConfig, progress: bool) -> Result<Prepared> {
                 asset.name
             );
         }
-        let filters = Filters {
-            safety: safety.as_ref(),
-            eval_prompts: &eval_prompts,
-        };
-        let (rows, stats) = build_set(
-            asset,
-            &input,
-            config,
-            &model.tokenizer,
-            &template,
-            filters,
-            progress,
-        )?;
-        built.push((asset, rows, stats));
+        let spec = asset
+            .read
+            .as_ref()
+            .expect("only sets with a read spec are selected");
+        let records = read_records(&input, spec)?;
+        let (rows, stats) = setup.build(config, SetInfo::of(asset, &input), records, progress)?;
+        built.push((asset, input, rows, stats));
     }
 
-    let commit = basin_lm::provenance::git_commit();
     let mut outputs = Vec::new();
-    for (asset, rows, stats) in built {
+    for (asset, input, rows, stats) in built {
         let out = config.out.join(format!("{}.parquet", asset.name));
         write_parquet(&out, &rows)?;
-        manifest_sets.insert(
-            asset.name.clone(),
-            json!({
-                "role": asset.role,
-                "licence": asset.licence,
-                "input": {"file": asset.file, "sha256": asset.sha256},
-                "output": {"file": format!("{}.parquet", asset.name), "sha256": sha256_file(&out)?},
-                "tokenizer": {"model": model_path.display().to_string(), "sha256": tokenizer_sha},
-                "template": {"name": template.name, "sha256": template.sha256(),
-                             "default_system": template.default_system},
-                "max_seq_len": config.max_seq_len,
-                "val_fraction": config.val_fraction,
-                "seed": config.seed,
-                "safety_filter": safety.as_ref().map(|f| f.list_name.clone()),
-                "dedup_against": eval_sets_used,
-                "git_commit": commit,
-                "stats": stats,
-            }),
-        );
+        let entry = setup.manifest_entry(
+            config,
+            SetInfo::of(asset, &input),
+            json!({"file": asset.file, "sha256": asset.sha256}),
+            &out,
+            &stats,
+            json!({}),
+        )?;
+        manifest_sets.insert(asset.name.clone(), entry);
         outputs.push((asset.name.clone(), out, stats));
     }
-    let manifest = json!({
-        "schema": "basin prepared data v1 (see basin_lm::schema)",
-        "sets": manifest_sets,
-    });
-    write_bytes_atomic(
-        &manifest_path,
-        serde_json::to_string_pretty(&manifest)?.as_bytes(),
-    )?;
-    Ok(Prepared {
-        outputs,
-        manifest: manifest_path,
-    })
+    let manifest = write_manifest(&config.out, manifest_sets)?;
+    Ok(Prepared { outputs, manifest })
+}
+
+/// A set's name, role and licence, and the file its records were read from (for errors).
+#[derive(Clone, Copy)]
+pub struct SetInfo<'a> {
+    pub name: &'a str,
+    pub role: &'a str,
+    pub licence: &'a str,
+    pub input: &'a Path,
+}
+
+impl<'a> SetInfo<'a> {
+    pub fn of(asset: &'a Asset, input: &'a Path) -> Self {
+        Self {
+            name: &asset.name,
+            role: &asset.role,
+            licence: &asset.licence,
+            input,
+        }
+    }
 }
 
 /// What keeps records out of a training set.
@@ -292,22 +397,17 @@ struct Filters<'a> {
     eval_prompts: &'a HashSet<String>,
 }
 
-/// One set's rows: records read, filtered, tokenized, cut to length and split.
+/// One set's rows: records filtered, tokenized, cut to length and split.
 fn build_set(
-    asset: &Asset,
-    input: &Path,
+    set: SetInfo,
+    records: Vec<Record>,
     config: &PrepareConfig,
     tokenizer: &TextTokenizer,
     template: &ChatTemplate,
     filters: Filters,
     progress: bool,
 ) -> Result<(Vec<PreparedRow>, SetStats)> {
-    let spec = asset
-        .read
-        .as_ref()
-        .expect("only sets with a read spec are selected");
-    let records = read_records(input, spec)?;
-    let is_train = TRAIN_ROLES.contains(&asset.role.as_str());
+    let is_train = TRAIN_ROLES.contains(&set.role);
     let mut stats = SetStats {
         records_read: records.len(),
         ..Default::default()
@@ -315,7 +415,7 @@ fn build_set(
     let kept: Vec<Record> = records
         .into_iter()
         .filter(|r| {
-            if let (true, Some(f)) = (asset.role == "instruct", filters.safety) {
+            if let (true, Some(f)) = (set.role == "instruct", filters.safety) {
                 if f.hit(&r.conversation).is_some() {
                     stats.dropped_safety_keyword += 1;
                     return false;
@@ -333,12 +433,12 @@ fn build_set(
         })
         .collect();
 
-    let bar = crate::progress_bar(progress, kept.len() as u64, &asset.name);
+    let bar = crate::progress_bar(progress, kept.len() as u64, set.name);
     let encoded: Vec<(Vec<u32>, u32)> = kept
         .par_iter()
         .map(|r| {
             let out = encode_conversation(tokenizer, template, r)
-                .with_context(|| format!("{}: record {}", input.display(), r.index));
+                .with_context(|| format!("{}: record {}", set.input.display(), r.index));
             bar.inc(1);
             out
         })
@@ -367,8 +467,8 @@ fn build_set(
         stats.tokens_max = stats.tokens_max.max(ids.len());
         row_record_index.push(r.index);
         rows.push(PreparedRow {
-            id: format!("{}-{}", asset.name, r.index),
-            source: asset.name.clone(),
+            id: format!("{}-{}", set.name, r.index),
+            source: set.name.to_string(),
             split: if is_train { "train" } else { "eval" }.into(),
             system: r.conversation.system.clone(),
             user: r.conversation.user.clone(),
@@ -389,8 +489,8 @@ fn build_set(
     stats.rows_eval = rows.iter().filter(|r| r.split == "eval").count();
     if rows.is_empty() {
         bail!(
-            "asset '{}': every record was dropped; nothing to write",
-            asset.name
+            "set '{}': every record was dropped; nothing to write",
+            set.name
         );
     }
     Ok((rows, stats))

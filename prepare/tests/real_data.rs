@@ -100,3 +100,34 @@ fn safety_filter_catches_flagged_records_and_spares_most_others() {
     assert!(recall > 0.6, "recall {recall}");
     assert!(sample_rate < 0.05, "sample rate {sample_rate}");
 }
+
+#[test]
+fn the_borderline_prompts_are_no_near_duplicates_of_any_over_refusal_prompt() {
+    use prepare::distill::{near_duplicates, read_prompts};
+    let config: prepare::pipeline::PrepareConfig =
+        basin_lm::config::load(Some(&root().join("configs/prepare.toml")), &[]).unwrap();
+    let spec = config
+        .distill
+        .iter()
+        .find(|d| d.name == "borderline")
+        .expect("configs/prepare.toml distils `borderline`");
+    let prompts = read_prompts(&root().join(&spec.prompts)).unwrap();
+    let s = sources();
+    let mut eval = Vec::new();
+    for a in s.asset.iter().filter(|a| a.role == "overrefusal") {
+        let Some(path) = located(&a.name) else {
+            return;
+        };
+        for r in read_records(&path, a.read.as_ref().unwrap()).unwrap() {
+            eval.push((a.name.clone(), r.conversation.user));
+        }
+    }
+    assert!(eval.len() >= 550, "{} over-refusal prompts", eval.len());
+    let near = near_duplicates(&prompts, &eval);
+    assert!(near.is_empty(), "{near:#?}");
+    eprintln!(
+        "{} borderline prompts checked against {} over-refusal prompts",
+        prompts.len(),
+        eval.len()
+    );
+}

@@ -3,7 +3,6 @@
 //! stops the run with the last checkpoint kept.
 
 use basin_lm::schema::{write_parquet, PreparedRow};
-use basin_lm::tiny::{tiny_config, write_tiny_model_dir};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -17,11 +16,8 @@ impl Setup {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("model");
-        write_tiny_model_dir(&model).unwrap();
+        basin_lm::tiny::write_tiny_model(&model, &basin_lm::tiny::tiny_config(), 21).unwrap();
         let text = basin_lm::source::ModelText::open(&model).unwrap();
-        let varmap =
-            basin_lm::llama::random_weights(&tiny_config(), 21, DType::F32, &Device::Cpu).unwrap();
-        basin_lm::weights::save_hf_dir(&model, &tiny_config(), &varmap, &text, DType::F32).unwrap();
         let rows: Vec<PreparedRow> = (0..40)
             .map(|i| {
                 let prompt = format!(

@@ -1,18 +1,12 @@
 //! Helpers of evaluate's command-line tests: a tiny model on disk, prepared rows, the binary.
 #![allow(dead_code)] // each test file uses a part
 
-use basin_lm::tiny::{tiny_config, write_tiny_model_dir};
-use candle_core::{DType, Device};
 use std::path::Path;
 use std::process::Command;
 
 /// A tiny random model (weights from `seed`) saved as a Hugging Face directory in `dir`.
 pub fn write_tiny_model(dir: &Path, seed: u64) {
-    write_tiny_model_dir(dir).unwrap();
-    let text = basin_lm::source::ModelText::open(dir).unwrap();
-    let varmap =
-        basin_lm::llama::random_weights(&tiny_config(), seed, DType::F32, &Device::Cpu).unwrap();
-    basin_lm::weights::save_hf_dir(dir, &tiny_config(), &varmap, &text, DType::F32).unwrap();
+    basin_lm::tiny::write_tiny_model(dir, &basin_lm::tiny::tiny_config(), seed).unwrap();
 }
 
 /// [`write_tiny_model`] into a fresh temporary directory.
