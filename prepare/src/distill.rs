@@ -334,9 +334,8 @@ pub fn run(config: &PrepareConfig, only: &[String], progress: bool) -> Result<Ve
         let conversations: Vec<Conversation> = prompts
             .iter()
             .map(|p| Conversation {
-                system: None,
                 user: p.text.clone(),
-                assistant: None,
+                ..Default::default()
             })
             .collect();
         let bar = crate::progress_bar(progress, prompts.len() as u64, &spec.name);

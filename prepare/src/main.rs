@@ -17,6 +17,23 @@ struct Cli {
     command: Command,
 }
 
+/// The config and the sets of `run` and `distill`.
+#[derive(clap::Args)]
+struct StageArgs {
+    /// TOML config (configs/prepare.toml); defaults apply without one.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config key: --set max_seq_len=256 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Only these sets (comma-separated names; run: same as --set sets=[...]).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Copy every asset of data/sources.toml into the cache, checking its sha256.
@@ -36,36 +53,10 @@ enum Command {
         only: Vec<String>,
     },
     /// Tokenize data sets into Parquet (data/prepared/<set>.parquet + manifest.json).
-    Run {
-        /// TOML config (configs/prepare.toml); defaults apply without one.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override a config key: --set max_seq_len=256 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Only these sets (comma-separated asset names); same as --set sets=[...].
-        #[arg(long, value_delimiter = ',')]
-        only: Vec<String>,
-        /// No progress bars.
-        #[arg(long)]
-        quiet: bool,
-    },
+    Run(StageArgs),
     /// Answer the prompts of configs/prepare.toml's [[distill]] sets with the model itself
     /// and prepare the conversations like any set (skipped when nothing changed).
-    Distill {
-        /// TOML config (configs/prepare.toml); defaults apply without one.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override a config key (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Only these distilled sets (comma-separated names).
-        #[arg(long, value_delimiter = ',')]
-        only: Vec<String>,
-        /// No progress bars.
-        #[arg(long)]
-        quiet: bool,
-    },
+    Distill(StageArgs),
     /// List the assets: name, role, licence, and whether the cache has them.
     List {
         #[arg(long, default_value = "data/sources.toml")]
@@ -127,12 +118,12 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Run {
+        Command::Run(StageArgs {
             config,
             mut overrides,
             only,
             quiet,
-        } => {
+        }) => {
             if !only.is_empty() {
                 let list: Vec<String> = only.iter().map(|s| format!("{s:?}")).collect();
                 overrides.push(format!("sets=[{}]", list.join(",")));
@@ -154,12 +145,12 @@ fn run(cli: Cli) -> Result<()> {
             println!("manifest: {}", done.manifest.display());
             Ok(())
         }
-        Command::Distill {
+        Command::Distill(StageArgs {
             config,
             overrides,
             only,
             quiet,
-        } => {
+        }) => {
             let config: PrepareConfig = basin_lm::config::load(config.as_deref(), &overrides)?;
             for d in prepare::distill::run(&config, &only, !quiet)? {
                 let what = if d.skipped { "up to date" } else { "written" };

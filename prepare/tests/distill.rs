@@ -80,9 +80,8 @@ fn model_replies(config: &PrepareConfig, path: &Path) -> Vec<(String, String, bo
     let convs: Vec<Conversation> = prompts
         .iter()
         .map(|p| Conversation {
-            system: None,
             user: p.text.clone(),
-            assistant: None,
+            ..Default::default()
         })
         .collect();
     let opts = model.options(40).unwrap();
