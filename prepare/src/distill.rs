@@ -322,7 +322,9 @@ pub fn run(config: &PrepareConfig, only: &[String], progress: bool) -> Result<Ve
                 prompts: prompts.len(),
                 rows_train: count("rows_train"),
                 rows_val: count("rows_val"),
-                dropped: prompts.len() - count("rows_train") - count("rows_val"),
+                dropped: prompts
+                    .len()
+                    .saturating_sub(count("rows_train") + count("rows_val")),
             });
             continue;
         }
