@@ -799,34 +799,6 @@ fn model_path(path: &std::path::Path) -> PathBuf {
     }
 }
 
-/// The sha256 of a model's weights: the .gguf file, a directory's one .safetensors file,
-/// or for a sharded directory the sha256 of its "file sha256" lines (sorted by name).
-fn weights_sha256(path: &std::path::Path) -> Result<String> {
-    if !path.is_dir() {
-        return basin_lm::fsutil::sha256_file(path);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("cannot list {}", path.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    match files.as_slice() {
-        [] => bail!("{}: no .safetensors weights", path.display()),
-        [one] => basin_lm::fsutil::sha256_file(one),
-        shards => {
-            let mut lines = String::new();
-            for f in shards {
-                let name = f
-                    .file_name()
-                    .map_or(String::new(), |n| n.to_string_lossy().to_string());
-                lines.push_str(&format!("{name} {}\n", basin_lm::fsutil::sha256_file(f)?));
-            }
-            Ok(basin_lm::fsutil::sha256_bytes(lines.as_bytes()))
-        }
-    }
-}
-
 /// `evaluate landscape`: measures every point, then writes landscape.csv, landscape.json
 /// and the plots into a fresh directory beside `out` and renames it into place.
 fn landscape(args: &LandscapeArgs) -> Result<()> {
@@ -913,11 +885,10 @@ fn landscape(args: &LandscapeArgs) -> Result<()> {
         }
     };
     // Hashed before the walk: a model that cannot be hashed fails now, not after it.
-    let from_info =
-        serde_json::json!({"path": from.display().to_string(), "sha256": weights_sha256(&from)?});
+    let from_info = serde_json::json!({"path": from.display().to_string(), "sha256": basin_lm::fsutil::weights_sha256(&from)?});
     let to_info = match &to {
         Some(t) => {
-            serde_json::json!({"path": t.display().to_string(), "sha256": weights_sha256(t)?})
+            serde_json::json!({"path": t.display().to_string(), "sha256": basin_lm::fsutil::weights_sha256(t)?})
         }
         None => serde_json::Value::Null,
     };

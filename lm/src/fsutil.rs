@@ -31,6 +31,34 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// The sha256 of a model's weights: the .gguf file, a directory's one .safetensors file,
+/// or for a sharded directory the sha256 of its "file sha256" lines (sorted by name).
+pub fn weights_sha256(path: &Path) -> Result<String> {
+    if !path.is_dir() {
+        return sha256_file(path);
+    }
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("cannot list {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    match files.as_slice() {
+        [] => anyhow::bail!("{}: no .safetensors weights", path.display()),
+        [one] => sha256_file(one),
+        shards => {
+            let mut lines = String::new();
+            for f in shards {
+                let name = f
+                    .file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().to_string());
+                lines.push_str(&format!("{name} {}\n", sha256_file(f)?));
+            }
+            Ok(sha256_bytes(lines.as_bytes()))
+        }
+    }
+}
+
 /// Writes `path` through a temporary file in the same directory, renamed into place only
 /// when `write` succeeded: readers see the old file or the whole new one, never a part.
 pub fn write_atomic<F>(path: &Path, write: F) -> Result<()>

@@ -194,24 +194,6 @@ fn overrefusal_prompts(config: &PrepareConfig, setup: &Setup) -> Result<Vec<(Str
     Ok(out)
 }
 
-/// A file's sha256, or for a directory the sha256 of its files' names and hashes.
-fn fingerprint(path: &Path) -> Result<String> {
-    if path.is_file() {
-        return sha256_file(path);
-    }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("cannot list {}", path.display()))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()?;
-    entries.sort();
-    let mut listing = String::new();
-    for e in entries.iter().filter(|e| e.is_file()) {
-        let name = e.file_name().unwrap_or_default().to_string_lossy();
-        listing.push_str(&format!("{name} {}\n", sha256_file(e)?));
-    }
-    Ok(basin_lm::fsutil::sha256_bytes(listing.as_bytes()))
-}
-
 /// What one distilled set did.
 #[derive(Debug)]
 pub struct Distilled {
@@ -251,7 +233,7 @@ pub fn run(config: &PrepareConfig, only: &[String], progress: bool) -> Result<Ve
     }
     let setup = Setup::open(config)?;
     let eval = overrefusal_prompts(config, &setup)?;
-    let model_sha = fingerprint(&setup.model_path)?;
+    let model_sha = basin_lm::fsutil::weights_sha256(&setup.model_path)?;
     let mut model: Option<Model> = None;
     let mut manifest_sets = read_manifest_sets(&config.out);
     let mut done = Vec::new();
@@ -302,6 +284,7 @@ pub fn run(config: &PrepareConfig, only: &[String], progress: bool) -> Result<Ve
             "max_seq_len": config.max_seq_len,
             "val_fraction": config.val_fraction,
             "seed": config.seed,
+            "tokenizer_sha256": setup.tokenizer_sha,
             "template_sha256": setup.template.sha256(),
             "refusal_keywords": spec.refusal_keywords,
             "dedup_against_eval": config.dedup_against_eval,

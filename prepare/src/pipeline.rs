@@ -138,7 +138,7 @@ pub struct Setup {
     pub model_path: PathBuf,
     pub model: ModelText,
     pub template: ChatTemplate,
-    tokenizer_sha: String,
+    pub tokenizer_sha: String,
     /// Every evaluation prompt basin knows of and has fetched (normalised).
     eval_prompts: HashSet<String>,
     eval_sets_used: Vec<String>,
