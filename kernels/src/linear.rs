@@ -11,37 +11,89 @@
 
 use candle_core::{bail, DType, Layout, Result, Shape, Tensor};
 
-/// CPU reference: y [rows, out] = x [rows, d_in] · wᵀ for w [out, d_in], row-major.
-pub fn forward(x: &[f32], w: &[f32], rows: usize, d_in: usize, out: usize) -> Vec<f32> {
+/// A matrix inside a flat buffer: `rows` x `cols`, element (i, j) at `i·rs + j·cs`.
+#[derive(Clone, Copy, Debug)]
+pub struct View {
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View {
+    /// A row-major `rows` x `cols` matrix.
+    pub fn new(rows: usize, cols: usize) -> Self {
+        View {
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose: the same values read the other way.
+    pub fn t(self) -> Self {
+        View {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Whether every element lies inside a buffer of `len` values.
+    fn fits(&self, len: usize) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < len
+    }
+}
+
+/// dst = a · b, or dst += a · b with `accumulate`: the gemm crate's kernels (candle's own),
+/// on every rayon thread when `parallel`, else on this one.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    dst: &mut [f32],
+    d: View,
+    a: &[f32],
+    av: View,
+    b: &[f32],
+    bv: View,
+    accumulate: bool,
+    parallel: bool,
+) {
     assert!(
-        x.len() == rows * d_in && w.len() == out * d_in,
-        "linear: bad sizes"
+        d.rows == av.rows && d.cols == bv.cols && av.cols == bv.rows,
+        "matmul: {d:?} = {av:?} · {bv:?}"
     );
-    let mut y = vec![0f32; rows * out];
+    assert!(
+        d.fits(dst.len()) && av.fits(a.len()) && bv.fits(b.len()),
+        "matmul: a view runs past its buffer"
+    );
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
+    let parallelism = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the pointers cover rows·out, rows·d_in and out·d_in values, as the strides
-    // and sizes passed say (y and x row-major; wᵀ read column by column from w's rows).
+    // SAFETY: the three views lie inside their buffers (checked above), and dst is borrowed
+    // mutably, so it overlaps neither input.
     unsafe {
         gemm::gemm(
-            rows,
-            out,
-            d_in,
-            y.as_mut_ptr(),
-            1,
-            out as isize,
-            false,
-            x.as_ptr(),
-            1,
-            d_in as isize,
-            w.as_ptr(),
-            d_in as isize,
-            1,
-            0.0,
+            d.rows,
+            d.cols,
+            av.cols,
+            dst.as_mut_ptr(),
+            d.cs as isize,
+            d.rs as isize,
+            accumulate,
+            a.as_ptr(),
+            av.cs as isize,
+            av.rs as isize,
+            b.as_ptr(),
+            bv.cs as isize,
+            bv.rs as isize,
+            1.0,
             1.0,
             false,
             false,
@@ -49,6 +101,17 @@ pub fn forward(x: &[f32], w: &[f32], rows: usize, d_in: usize, out: usize) -> Ve
             parallelism,
         );
     }
+}
+
+/// CPU reference: y [rows, out] = x [rows, d_in] · wᵀ for w [out, d_in], row-major.
+pub fn forward(x: &[f32], w: &[f32], rows: usize, d_in: usize, out: usize) -> Vec<f32> {
+    assert!(
+        x.len() == rows * d_in && w.len() == out * d_in,
+        "linear: bad sizes"
+    );
+    let mut y = vec![0f32; rows * out];
+    let (xv, wv) = (View::new(rows, d_in), View::new(out, d_in));
+    matmul(&mut y, View::new(rows, out), x, xv, w, wv.t(), false, true);
     y
 }
 

@@ -27,17 +27,29 @@ pub fn rotate(x: &[f32], cos: &[f32], sin: &[f32], dims: [usize; 4], sign: f32) 
                 let r = task * ROWS_PER_TASK + i;
                 // Row r is (batch, head, position); its angles are row (batch, position).
                 let a = (r / (heads * t)) * t + r % t;
-                let (c, s) = (&cos[a * half..][..half], &sin[a * half..][..half]);
-                let (x1, x2) = x.split_at(half);
-                let (y1, y2) = y.split_at_mut(half);
-                for j in 0..half {
-                    let sj = sign * s[j];
-                    y1[j] = x1[j] * c[j] - x2[j] * sj;
-                    y2[j] = x2[j] * c[j] + x1[j] * sj;
-                }
+                rotate_row(
+                    y,
+                    x,
+                    &cos[a * half..][..half],
+                    &sin[a * half..][..half],
+                    sign,
+                );
             }
         });
     y
+}
+
+/// One head's vector: y = x rotated by the angles whose cosines and sines are `c` and `s`
+/// (half a head each), backwards when `sign` is -1.
+pub fn rotate_row(y: &mut [f32], x: &[f32], c: &[f32], s: &[f32], sign: f32) {
+    let half = c.len();
+    let (x1, x2) = x.split_at(half);
+    let (y1, y2) = y.split_at_mut(half);
+    for j in 0..half {
+        let sj = sign * s[j];
+        y1[j] = x1[j] * c[j] - x2[j] * sj;
+        y2[j] = x2[j] * c[j] + x1[j] * sj;
+    }
 }
 
 /// RoPE of `x` [batch, heads, time, head_dim] with per-row angles `cos`/`sin` [batch, time,

@@ -2,7 +2,9 @@
 //!
 //! - [`llama`]: the Llama-family decoder (trains and generates); [`weights`] loads it from
 //!   GGUF or a Hugging Face directory and saves it as the latter; [`batch`] builds
-//!   training batches and the masked loss; [`generate`] decodes batches with a KV cache.
+//!   training batches and the masked loss; [`backprop`] is the loss and its gradients
+//!   written out by hand for an f32 model on the CPU; [`generate`] decodes batches with a
+//!   KV cache.
 //! - [`model`]: a model opened for use (text side + weights + network), and replies to
 //!   conversations in batches.
 //! - [`tokenizer`]: Hugging Face tokenizers, loaded from `tokenizer.json` or built from a
@@ -17,6 +19,7 @@
 //! - [`tiny`]: a tiny tokenizer and chat template for fast tests.
 //! - [`provenance`]: the git commit recorded with every output; [`rng`]: seeded numbers.
 
+pub mod backprop;
 pub mod batch;
 pub mod chat;
 pub mod config;

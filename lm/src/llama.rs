@@ -135,16 +135,16 @@ pub enum Pass {
     Infer,
 }
 
-struct Block {
-    attn_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    mlp_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+pub(crate) struct Block {
+    pub(crate) attn_norm: Tensor,
+    pub(crate) q: Tensor,
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+    pub(crate) o: Tensor,
+    pub(crate) mlp_norm: Tensor,
+    pub(crate) gate: Tensor,
+    pub(crate) up: Tensor,
+    pub(crate) down: Tensor,
 }
 
 /// Keys and values of the positions seen so far, per layer: [batch, kv_heads, time, head_dim].
@@ -168,12 +168,13 @@ impl KvCache {
 
 pub struct Llama {
     pub config: LlamaConfig,
-    embed: Tensor,
-    blocks: Vec<Block>,
-    norm: Tensor,
-    lm_head: Tensor,
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) embed: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: Tensor,
+    /// RoPE's cos and sin of every position's angles, [max_position_embeddings, head_dim / 2].
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
 }
 
 /// A projection's weight [out, in] (no bias in Llama).

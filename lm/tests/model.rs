@@ -1,6 +1,7 @@
 //! The model on the tiny config: gradients against finite differences, the fused inference
 //! path against the differentiable one, KV-cache decoding, batching, save/load.
 
+use basin_lm::backprop;
 use basin_lm::batch::{loss, Batch};
 use basin_lm::generate::{generate, GenerateOptions, Sampling};
 use basin_lm::llama::{random_weights, Llama, LlamaConfig, Pass};
@@ -131,6 +132,68 @@ fn f32_training_pass_with_fused_cpu_ops_has_the_f64_gradients() {
             "{name}: max difference {diff} (largest |g| {scale})"
         );
     }
+}
+
+/// The written-out f32 CPU passes against candle's autograd of the f64 model (its plain
+/// ops, checked by the finite-difference tests): the loss and every weight's gradient.
+fn check_written_out_backprop(config: &LlamaConfig) {
+    let scale = 0.5;
+    let (m64, vars64) = model(config, 5, DType::F64);
+    let l64 = loss(&m64, &batch(&rows(), DType::F64), Pass::Train).unwrap();
+    let want = l64.affine(scale, 0.0).unwrap().backward().unwrap();
+    let (m32, vars32) = model(config, 5, DType::F32);
+    assert!(backprop::supports(&m32) && !backprop::supports(&m64));
+    let trace = backprop::forward(&m32, &batch(&rows(), DType::F32)).unwrap();
+    let (want_loss, got_loss) = (scalar(&l64), trace.loss());
+    assert!(
+        (got_loss - want_loss).abs() < 1e-5 * want_loss,
+        "loss {got_loss} vs {want_loss}"
+    );
+    let got = trace.backward(scale).unwrap();
+    let (d64, d32) = (vars64.data().lock().unwrap(), vars32.data().lock().unwrap());
+    assert_eq!(d64.len(), d32.len());
+    let mut worst: f64 = 0.0;
+    for (name, v64) in d64.iter() {
+        let flat = |t: &Tensor| -> Vec<f64> {
+            let t = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            t.to_vec1::<f64>().unwrap()
+        };
+        let b = flat(want.get(v64.as_tensor()).unwrap());
+        let a = flat(
+            got.get(d32[name].as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}")),
+        );
+        let largest = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        assert!(largest > 0.0, "{name}: the f64 gradient is all zeros");
+        assert!(
+            diff <= 1e-5 * largest,
+            "{name}: max difference {diff} (largest |g| {largest})"
+        );
+        worst = worst.max(diff / largest);
+    }
+    eprintln!(
+        "{} gradients, worst difference {worst:.1e} of the largest",
+        d64.len()
+    );
+}
+
+#[test]
+fn written_out_cpu_backprop_has_autograds_loss_and_gradients_tied() {
+    check_written_out_backprop(&tiny_config());
+}
+
+#[test]
+fn written_out_cpu_backprop_has_autograds_loss_and_gradients_untied() {
+    // One key/value head for all four query heads, the other extreme of grouped queries.
+    check_written_out_backprop(&LlamaConfig {
+        tie_word_embeddings: false,
+        num_key_value_heads: 1,
+        ..tiny_config()
+    });
 }
 
 #[test]

@@ -183,3 +183,57 @@ fn answers_the_capital_of_france() {
     eprintln!("reply: {reply:?}");
     assert!(reply.contains("Paris"), "{reply:?}");
 }
+
+/// The written-out f32 CPU passes that train uses, against candle's autograd, on the real
+/// weights: the loss and every tensor's gradient (30 layers of f32 rounding on both sides).
+#[test]
+fn written_out_backprop_matches_autograd_on_the_real_model() {
+    let Some(path) = gguf() else { return };
+    let text = ModelText::open(&path).unwrap();
+    let model = ours(&path);
+    let rows: Vec<(Vec<u32>, usize)> = ["Name three primary colours.", "Why is the sky blue?"]
+        .iter()
+        .map(|q| {
+            let prompt = prompt_ids(&text, q);
+            let mut ids = prompt.clone();
+            ids.extend(text.tokenizer.encode("Red, blue and yellow.").unwrap());
+            (ids, prompt.len())
+        })
+        .collect();
+    let r: Vec<(&[u32], usize)> = rows.iter().map(|(ids, p)| (ids.as_slice(), *p)).collect();
+    let batch = basin_lm::batch::Batch::new(&r, 0, DType::F32, &Device::Cpu).unwrap();
+    let l = basin_lm::batch::loss(&model, &batch, Pass::Train).unwrap();
+    let want = l.backward().unwrap();
+    let trace = basin_lm::backprop::forward(&model, &batch).unwrap();
+    let want_loss = l.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        (trace.loss() - want_loss).abs() < 1e-4 * want_loss,
+        "loss {} vs {want_loss}",
+        trace.loss()
+    );
+    let got = trace.backward(1.0).unwrap();
+    let mut worst: f64 = 0.0;
+    let mut n = 0;
+    for (id, g) in got.get_ids().map(|id| (*id, got.get_id(*id).unwrap())) {
+        let a = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = want.get_id(id).expect("autograd has the same tensors");
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let largest = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            largest > 0.0 && diff <= 1e-3 * largest,
+            "{g:?}: {diff} of {largest}"
+        );
+        worst = worst.max((diff / largest) as f64);
+        n += 1;
+    }
+    assert_eq!(
+        n,
+        1 + 1 + 30 * 9,
+        "embedding (tied head), final norm, 9 per layer"
+    );
+    eprintln!("{n} gradients, worst difference {worst:.1e} of the largest");
+}

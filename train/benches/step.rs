@@ -13,6 +13,7 @@
 //! generation, `--layers N` keeps N of the 30 layers, `--warm N` sets the untimed steps (for
 //! a profiler: `--train-only --dtype f32 --layers 4 --warm 1 --iters 1`). `just bench` runs it.
 
+use basin_lm::backprop;
 use basin_lm::batch::{loss, Batch};
 use basin_lm::generate::{generate, GenerateOptions};
 use basin_lm::llama::{random_weights, Llama, LlamaConfig, Pass};
@@ -82,10 +83,20 @@ fn train_step(
     for i in 0..warm + iters {
         dev.synchronize()?;
         let t0 = Instant::now();
-        let l = loss(&model, &batch, Pass::Train)?;
+        // As train runs it (`loss_and_grads`), timed by phase: the written-out passes for
+        // f32 on the CPU, candle's autograd otherwise.
+        let (trace, l) = if backprop::supports(&model) {
+            (Some(backprop::forward(&model, &batch)?), None)
+        } else {
+            (None, Some(loss(&model, &batch, Pass::Train)?))
+        };
         dev.synchronize()?;
         let t1 = Instant::now();
-        let grads = l.backward()?;
+        let grads = match (trace, l) {
+            (Some(trace), _) => trace.backward(1.0)?,
+            (_, Some(l)) => l.backward()?,
+            _ => unreachable!("one of the two passes ran"),
+        };
         dev.synchronize()?;
         let t2 = Instant::now();
         state.accumulate(&grads)?;

@@ -12,9 +12,8 @@ pub mod state;
 pub mod sweep;
 
 use anyhow::{bail, Context, Result};
-use basin_lm::batch::{loss, Batch};
+use basin_lm::batch::{loss_and_grads, Batch};
 use basin_lm::fsutil::{sha256_file, write_bytes_atomic};
-use basin_lm::llama::Pass;
 use basin_lm::model::{parse_device, parse_dtype, Model};
 use basin_lm::schema::PreparedRow;
 use config::TrainConfig;
@@ -78,10 +77,6 @@ fn batch_of(rows: &[&PreparedRow], pad: u32, model: &Model, max_len: usize) -> R
 fn mean_loss(model: &Model, rows: &[&PreparedRow], config: &TrainConfig, pad: u32) -> Result<f64> {
     let r = examples(rows, config.max_seq_len);
     Ok(basin_lm::batch::mean_loss(&model.llama, &r, config.micro_batch, pad)?.0)
-}
-
-fn scalar(t: &candle_core::Tensor) -> Result<f64> {
-    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
 }
 
 /// Runs (or resumes) training as `config` says; writes everything under the run directory.
@@ -196,13 +191,11 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         let tokens: usize = batches.iter().map(|b| b.n_loss_tokens).sum();
         let mut loss_sum = 0.0;
         for b in batches.iter().filter(|b| b.n_loss_tokens > 0) {
-            let l = loss(&model.llama, b, Pass::Train)?;
             // Each micro-batch weighs by its share of reply tokens: the sum is the batch mean.
-            let grads = l
-                .affine(b.n_loss_tokens as f64 / tokens.max(1) as f64, 0.0)?
-                .backward()?;
+            let share = b.n_loss_tokens as f64 / tokens.max(1) as f64;
+            let (l, grads) = loss_and_grads(&model.llama, b, share)?;
             state.accumulate(&grads)?;
-            loss_sum += scalar(&l)? * b.n_loss_tokens as f64;
+            loss_sum += l * b.n_loss_tokens as f64;
         }
         let train_loss = loss_sum / tokens.max(1) as f64;
         let grad_norm = state.grad_norm()?;

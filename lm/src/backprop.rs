@@ -1,0 +1,588 @@
+//! The training loss and its gradients for an f32 model on the CPU, with the forward and
+//! backward passes written out layer by layer (llm.c's way) instead of recorded as a graph
+//! for candle's autograd.
+//!
+//! Why: candle's backward gives every node of the graph (~40 a layer: the projections, but
+//! also every reshape, transpose, copy and the grouped-query broadcast) a fresh tensor of
+//! zeros and adds its gradient into it, and runs attention's small products one batch row
+//! at a time. On SmolLM2's shape that bookkeeping was ~40% of a training step. Here every
+//! gradient is written once into its own buffer, attention runs one (row, head) pair per
+//! task, and the rest is the same arithmetic as [`crate::batch::loss`] with `Pass::Train`:
+//! the gemm crate's products and basin_kernels' fused row operations (RMSNorm, RoPE,
+//! SwiGLU, the masked softmax, the cross-entropy). The tests check the loss and every
+//! gradient against candle's autograd of the same model in f64.
+//!
+//! Per layer, with x the residual stream ([rows, hidden], rows = batch × time):
+//!
+//! ```text
+//! a = rmsnorm(x)    q, k, v = rope(a·Wqᵀ), rope(a·Wkᵀ), a·Wvᵀ    P = softmax(q·kᵀ/√d + bias)
+//! x += (P·v)·Woᵀ    m = rmsnorm(x)    x += (silu(m·Wgᵀ) ⊙ m·Wuᵀ)·Wdᵀ
+//! ```
+
+use crate::batch::Batch;
+use crate::llama::Llama;
+use anyhow::{bail, Result};
+use basin_kernels::linear::{matmul, View};
+use basin_kernels::{cross_entropy, rms_norm, rope, softmax, swiglu};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor};
+use rayon::prelude::*;
+
+/// Whether [`forward`] can run `model`: f32 weights on the CPU.
+pub fn supports(model: &Llama) -> bool {
+    model.dtype() == DType::F32 && model.device().is_cpu()
+}
+
+/// The sizes of one pass.
+#[derive(Clone, Copy)]
+struct Dims {
+    /// Batch rows, time steps, rows · time.
+    b: usize,
+    t: usize,
+    n: usize,
+    /// Hidden size, query heads, key/value heads, head size, MLP size, vocabulary.
+    h: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    ff: usize,
+    vocab: usize,
+    eps: f32,
+}
+
+/// A weight's f32 values, read in place under the tensor's read lock.
+struct Held<'a> {
+    storage: StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> Held<'a> {
+    fn new(t: &'a Tensor) -> Result<Self> {
+        if t.dtype() != DType::F32 || !t.is_contiguous() || !t.device().is_cpu() {
+            bail!("backprop: expected a contiguous f32 CPU tensor, found {t:?}");
+        }
+        let (storage, layout) = t.storage_and_layout();
+        Ok(Held {
+            start: layout.start_offset(),
+            len: t.elem_count(),
+            storage,
+        })
+    }
+
+    fn values(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.start + self.len],
+            _ => unreachable!("checked in Held::new"),
+        }
+    }
+}
+
+/// Every tensor the passes read: the embedding, RoPE's tables, the final norm, the output
+/// projection, then each layer's nine weights in [`Layer`]'s order.
+fn held(model: &Llama) -> Result<Vec<Held<'_>>> {
+    let mut tensors = vec![
+        &model.embed,
+        &model.cos,
+        &model.sin,
+        &model.norm,
+        &model.lm_head,
+    ];
+    for b in &model.blocks {
+        tensors.extend([
+            &b.attn_norm,
+            &b.q,
+            &b.k,
+            &b.v,
+            &b.o,
+            &b.mlp_norm,
+            &b.gate,
+            &b.up,
+            &b.down,
+        ]);
+    }
+    tensors.into_iter().map(Held::new).collect()
+}
+
+/// One layer's weights (or their gradients).
+struct Layer<T> {
+    attn_norm: T,
+    q: T,
+    k: T,
+    v: T,
+    o: T,
+    mlp_norm: T,
+    gate: T,
+    up: T,
+    down: T,
+}
+
+struct Weights<'a> {
+    embed: &'a [f32],
+    cos: &'a [f32],
+    sin: &'a [f32],
+    norm: &'a [f32],
+    head: &'a [f32],
+    layers: Vec<Layer<&'a [f32]>>,
+}
+
+impl<'a> Weights<'a> {
+    fn new(held: &'a [Held<'_>]) -> Self {
+        let v = |i: usize| held[i].values();
+        let layers = (5..held.len())
+            .step_by(9)
+            .map(|i| Layer {
+                attn_norm: v(i),
+                q: v(i + 1),
+                k: v(i + 2),
+                v: v(i + 3),
+                o: v(i + 4),
+                mlp_norm: v(i + 5),
+                gate: v(i + 6),
+                up: v(i + 7),
+                down: v(i + 8),
+            })
+            .collect();
+        Weights {
+            embed: v(0),
+            cos: v(1),
+            sin: v(2),
+            norm: v(3),
+            head: v(4),
+            layers,
+        }
+    }
+}
+
+/// What a layer's backward needs from its forward.
+struct Saved {
+    /// The layer's input (the residual stream) and its normed copy.
+    x: Vec<f32>,
+    a: Vec<f32>,
+    /// q, k (after RoPE) and v, head-major: [batch, heads, time, head_dim].
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention's probabilities [batch, heads, time, time] and output [rows, heads·head_dim].
+    p: Vec<f32>,
+    y: Vec<f32>,
+    /// The stream after attention, its normed copy, the MLP's gate and up projections and
+    /// silu(gate) ⊙ up.
+    x_mid: Vec<f32>,
+    m: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    s: Vec<f32>,
+}
+
+/// A forward pass, kept for its backward.
+pub struct Trace<'m> {
+    model: &'m Llama,
+    d: Dims,
+    ids: Vec<u32>,
+    /// RoPE's cos and sin for each row: [rows, head_dim / 2].
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    layers: Vec<Saved>,
+    /// The last layer's output, the normed rows the loss reads, and their logits.
+    x_last: Vec<f32>,
+    loss_rows: Vec<u32>,
+    targets: Vec<u32>,
+    normed: Vec<f32>,
+    logits: Vec<f32>,
+    loss: f64,
+}
+
+/// y [rows, out] = x [rows, d_in] · wᵀ, w [out, d_in].
+fn project(x: &[f32], w: &[f32], rows: usize, d_in: usize, out: usize) -> Vec<f32> {
+    basin_kernels::linear::forward(x, w, rows, d_in, out)
+}
+
+/// dx (+)= dy · w: the input's gradient of [`project`].
+fn project_input_grad(
+    dx: &mut [f32],
+    dy: &[f32],
+    w: &[f32],
+    rows: usize,
+    d_in: usize,
+    out: usize,
+    accumulate: bool,
+) {
+    let (dyv, wv) = (View::new(rows, out), View::new(out, d_in));
+    matmul(dx, View::new(rows, d_in), dy, dyv, w, wv, accumulate, true);
+}
+
+/// dw = dyᵀ · x: the weight's gradient of [`project`], [out, d_in].
+fn project_weight_grad(dy: &[f32], x: &[f32], rows: usize, d_in: usize, out: usize) -> Vec<f32> {
+    let mut dw = vec![0f32; out * d_in];
+    let (dyv, xv) = (View::new(rows, out), View::new(rows, d_in));
+    matmul(
+        &mut dw,
+        View::new(out, d_in),
+        dy,
+        dyv.t(),
+        x,
+        xv,
+        false,
+        true,
+    );
+    dw
+}
+
+fn add_into(acc: &mut [f32], x: &[f32]) {
+    acc.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));
+}
+
+/// RoPE's angles for [`to_heads`] and [`from_heads`]: each row's cos and sin, and the
+/// direction (1 forward, -1 to rotate a gradient back).
+type Rope<'a> = (&'a [f32], &'a [f32], f32);
+
+/// [rows, heads·head_dim] → [batch, heads, time, head_dim], rotating each head by its row's
+/// angles when `rope` is given.
+fn to_heads(x: &[f32], d: Dims, heads: usize, rope: Option<Rope>) -> Vec<f32> {
+    let (t, hd, half) = (d.t, d.hd, d.hd / 2);
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, o)| {
+        let (b, head) = (bh / heads, bh % heads);
+        for (i, dst) in o.chunks_mut(hd).enumerate() {
+            let row = b * t + i;
+            let src = &x[(row * heads + head) * hd..][..hd];
+            match rope {
+                None => dst.copy_from_slice(src),
+                Some((cos, sin, sign)) => rope::rotate_row(
+                    dst,
+                    src,
+                    &cos[row * half..][..half],
+                    &sin[row * half..][..half],
+                    sign,
+                ),
+            }
+        }
+    });
+    out
+}
+
+/// The inverse layout change of [`to_heads`]: [batch, heads, time, head_dim] → [rows,
+/// heads·head_dim], rotating when `rope` is given.
+fn from_heads(xh: &[f32], d: Dims, heads: usize, rope: Option<Rope>) -> Vec<f32> {
+    let (t, hd, half) = (d.t, d.hd, d.hd / 2);
+    let mut out = vec![0f32; xh.len()];
+    out.par_chunks_mut(heads * hd)
+        .enumerate()
+        .for_each(|(row, o)| {
+            let (b, i) = (row / t, row % t);
+            for (head, dst) in o.chunks_mut(hd).enumerate() {
+                let src = &xh[((b * heads + head) * t + i) * hd..][..hd];
+                match rope {
+                    None => dst.copy_from_slice(src),
+                    Some((cos, sin, sign)) => rope::rotate_row(
+                        dst,
+                        src,
+                        &cos[row * half..][..half],
+                        &sin[row * half..][..half],
+                        sign,
+                    ),
+                }
+            }
+        });
+    out
+}
+
+/// Attention per (batch row, query head), one task each: P = softmax(q·kᵀ/√d + bias) and
+/// y = P·v, the key/value head being the query head's group (grouped-query attention).
+fn attention(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
+    let (t, hd, rep) = (d.t, d.hd, d.nh / d.nkv);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut p = vec![0f32; d.b * d.nh * t * t];
+    let mut y = vec![0f32; q.len()];
+    let (tt, th) = (View::new(t, t), View::new(t, hd));
+    p.par_chunks_mut(t * t)
+        .zip(y.par_chunks_mut(t * hd))
+        .enumerate()
+        .for_each(|(i, (p, y))| {
+            let b = i / d.nh;
+            let kv = b * d.nkv + (i % d.nh) / rep;
+            let (k, v) = (&k[kv * t * hd..][..t * hd], &v[kv * t * hd..][..t * hd]);
+            let mut s = vec![0f32; t * t];
+            matmul(
+                &mut s,
+                tt,
+                &q[i * t * hd..][..t * hd],
+                th,
+                k,
+                th.t(),
+                false,
+                false,
+            );
+            p.copy_from_slice(&softmax::forward(
+                &s,
+                &bias[b * t * t..][..t * t],
+                t,
+                1,
+                t,
+                scale,
+            ));
+            matmul(y, th, p, tt, v, th, false, false);
+        });
+    (p, y)
+}
+
+/// The gradients of [`attention`] for q, k and v from the output's, dy (head-major). One
+/// task per (batch row, key/value head): it owns that head's dk and dv and its group's dq.
+fn attention_backward(dy: &[f32], s: &Saved, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (t, hd, rep) = (d.t, d.hd, d.nh / d.nkv);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut dq = vec![0f32; s.q.len()];
+    let mut dk = vec![0f32; s.k.len()];
+    let mut dv = vec![0f32; s.v.len()];
+    let (tt, th) = (View::new(t, t), View::new(t, hd));
+    dk.par_chunks_mut(t * hd)
+        .zip(dv.par_chunks_mut(t * hd))
+        .zip(dq.par_chunks_mut(rep * t * hd))
+        .enumerate()
+        .for_each(|(j, ((dk, dv), dq))| {
+            let (k, v) = (&s.k[j * t * hd..][..t * hd], &s.v[j * t * hd..][..t * hd]);
+            let mut dp = vec![0f32; t * t];
+            for (r, dq) in dq.chunks_mut(t * hd).enumerate() {
+                let i = j * rep + r;
+                let (q, dy) = (&s.q[i * t * hd..][..t * hd], &dy[i * t * hd..][..t * hd]);
+                let p = &s.p[i * t * t..][..t * t];
+                matmul(&mut dp, tt, dy, th, v, th.t(), false, false);
+                matmul(dv, th, p, tt.t(), dy, th, r > 0, false);
+                let ds = softmax::backward(&dp, p, t, scale);
+                matmul(dq, th, &ds, tt, k, th, false, false);
+                matmul(dk, th, &ds, tt.t(), q, th, r > 0, false);
+            }
+        });
+    (dq, dk, dv)
+}
+
+fn flat<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    Ok(t.flatten_all()?.to_vec1::<T>()?)
+}
+
+/// The forward pass of `model` (f32, CPU) on `batch`, keeping what the backward needs.
+pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
+    if !supports(model) {
+        bail!("backprop: the written-out passes need an f32 model on the CPU");
+    }
+    if batch.n_loss_tokens == 0 {
+        bail!("the batch has no reply tokens to compute a loss on");
+    }
+    let c = &model.config;
+    let (b, t) = batch.ids.dims2()?;
+    let d = Dims {
+        b,
+        t,
+        n: b * t,
+        h: c.hidden_size,
+        nh: c.num_attention_heads,
+        nkv: c.num_key_value_heads,
+        hd: c.head_dim(),
+        ff: c.intermediate_size,
+        vocab: c.vocab_size,
+        eps: c.rms_norm_eps as f32,
+    };
+    let held = held(model)?;
+    let w = Weights::new(&held);
+    let ids: Vec<u32> = flat(&batch.ids)?;
+    let positions: Vec<u32> = flat(&batch.positions)?;
+    let bias: Vec<f32> = flat(&batch.bias.to_dtype(DType::F32)?)?;
+    let half = d.hd / 2;
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(d.n * half),
+        Vec::with_capacity(d.n * half),
+    );
+    for &p in &positions {
+        if p as usize >= c.max_position_embeddings {
+            bail!(
+                "position {p} is past the model's {} positions",
+                c.max_position_embeddings
+            );
+        }
+        cos.extend_from_slice(&w.cos[p as usize * half..][..half]);
+        sin.extend_from_slice(&w.sin[p as usize * half..][..half]);
+    }
+    let mut x = Vec::with_capacity(d.n * d.h);
+    for &id in &ids {
+        if id as usize >= d.vocab {
+            bail!("token id {id} is outside the vocabulary of {}", d.vocab);
+        }
+        x.extend_from_slice(&w.embed[id as usize * d.h..][..d.h]);
+    }
+    let (qd, kvd) = (d.nh * d.hd, d.nkv * d.hd);
+    let mut layers = Vec::with_capacity(w.layers.len());
+    for l in &w.layers {
+        let a = rms_norm::forward(&x, l.attn_norm, d.eps);
+        let rot = Some((cos.as_slice(), sin.as_slice(), 1.0));
+        let q = to_heads(&project(&a, l.q, d.n, d.h, qd), d, d.nh, rot);
+        let k = to_heads(&project(&a, l.k, d.n, d.h, kvd), d, d.nkv, rot);
+        let v = to_heads(&project(&a, l.v, d.n, d.h, kvd), d, d.nkv, None);
+        let (p, yh) = attention(&q, &k, &v, &bias, d);
+        let y = from_heads(&yh, d, d.nh, None);
+        let mut x_mid = project(&y, l.o, d.n, qd, d.h);
+        add_into(&mut x_mid, &x);
+        let m = rms_norm::forward(&x_mid, l.mlp_norm, d.eps);
+        let g = project(&m, l.gate, d.n, d.h, d.ff);
+        let u = project(&m, l.up, d.n, d.h, d.ff);
+        let s = swiglu::forward(&g, &u);
+        let mut x_out = project(&s, l.down, d.n, d.ff, d.h);
+        add_into(&mut x_out, &x_mid);
+        layers.push(Saved {
+            x: std::mem::replace(&mut x, x_out),
+            a,
+            q,
+            k,
+            v,
+            p,
+            y,
+            x_mid,
+            m,
+            g,
+            u,
+            s,
+        });
+    }
+    let loss_rows: Vec<u32> = flat(&batch.loss_positions)?;
+    let targets: Vec<u32> = flat(&batch.loss_targets)?;
+    let all = rms_norm::forward(&x, w.norm, d.eps);
+    let mut normed = Vec::with_capacity(loss_rows.len() * d.h);
+    for &r in &loss_rows {
+        normed.extend_from_slice(&all[r as usize * d.h..][..d.h]);
+    }
+    let logits = project(&normed, w.head, loss_rows.len(), d.h, d.vocab);
+    let nll = cross_entropy::forward(&logits, &targets, d.vocab);
+    let loss = nll.iter().map(|&v| v as f64).sum::<f64>() / nll.len() as f64;
+    drop(w);
+    drop(held);
+    Ok(Trace {
+        model,
+        d,
+        ids,
+        cos,
+        sin,
+        layers,
+        x_last: x,
+        loss_rows,
+        targets,
+        normed,
+        logits,
+        loss,
+    })
+}
+
+impl Trace<'_> {
+    /// The mean cross-entropy over the batch's reply tokens.
+    pub fn loss(&self) -> f64 {
+        self.loss
+    }
+
+    /// The gradients of `scale` × the loss for every weight of the model, keyed by the
+    /// model's tensors as candle's autograd keys them (a tied output projection adds into
+    /// the embedding's).
+    pub fn backward(self, scale: f64) -> Result<GradStore> {
+        let d = self.d;
+        let held = held(self.model)?;
+        let w = Weights::new(&held);
+        let rows = self.loss_rows.len();
+        let g = vec![(scale / rows as f64) as f32; rows];
+        let dlogits = cross_entropy::backward(&self.logits, &self.targets, &g, d.vocab);
+        drop(self.logits);
+        let d_head = project_weight_grad(&dlogits, &self.normed, rows, d.h, d.vocab);
+        let mut dnormed = vec![0f32; rows * d.h];
+        project_input_grad(&mut dnormed, &dlogits, w.head, rows, d.h, d.vocab, false);
+        drop(dlogits);
+        let mut dall = vec![0f32; d.n * d.h];
+        for (j, &r) in self.loss_rows.iter().enumerate() {
+            dall[r as usize * d.h..][..d.h].copy_from_slice(&dnormed[j * d.h..][..d.h]);
+        }
+        let (mut dx, d_norm) = rms_norm::backward(&dall, &self.x_last, w.norm, d.eps);
+        let (qd, kvd) = (d.nh * d.hd, d.nkv * d.hd);
+        let back = Some((self.cos.as_slice(), self.sin.as_slice(), -1.0));
+        let mut grads = Vec::with_capacity(self.layers.len());
+        for (s, l) in self.layers.iter().zip(&w.layers).rev() {
+            // The MLP: dx is the gradient of its output (and of the stream after attention).
+            let mut ds = vec![0f32; d.n * d.ff];
+            project_input_grad(&mut ds, &dx, l.down, d.n, d.ff, d.h, false);
+            let down = project_weight_grad(&dx, &s.s, d.n, d.ff, d.h);
+            let dgu = swiglu::backward(&ds, &s.g, &s.u);
+            let (dg, du) = dgu.split_at(d.n * d.ff);
+            let mut dm = vec![0f32; d.n * d.h];
+            project_input_grad(&mut dm, dg, l.gate, d.n, d.h, d.ff, false);
+            project_input_grad(&mut dm, du, l.up, d.n, d.h, d.ff, true);
+            let gate = project_weight_grad(dg, &s.m, d.n, d.h, d.ff);
+            let up = project_weight_grad(du, &s.m, d.n, d.h, d.ff);
+            let (dx_mid, mlp_norm) = rms_norm::backward(&dm, &s.x_mid, l.mlp_norm, d.eps);
+            add_into(&mut dx, &dx_mid);
+            // Attention: dx is now the gradient of its output (and of the layer's input).
+            let mut dy = vec![0f32; d.n * qd];
+            project_input_grad(&mut dy, &dx, l.o, d.n, qd, d.h, false);
+            let o = project_weight_grad(&dx, &s.y, d.n, qd, d.h);
+            let (dqh, dkh, dvh) = attention_backward(&to_heads(&dy, d, d.nh, None), s, d);
+            let dq = from_heads(&dqh, d, d.nh, back);
+            let dk = from_heads(&dkh, d, d.nkv, back);
+            let dv = from_heads(&dvh, d, d.nkv, None);
+            let mut da = vec![0f32; d.n * d.h];
+            project_input_grad(&mut da, &dq, l.q, d.n, d.h, qd, false);
+            project_input_grad(&mut da, &dk, l.k, d.n, d.h, kvd, true);
+            project_input_grad(&mut da, &dv, l.v, d.n, d.h, kvd, true);
+            let q = project_weight_grad(&dq, &s.a, d.n, d.h, qd);
+            let k = project_weight_grad(&dk, &s.a, d.n, d.h, kvd);
+            let v = project_weight_grad(&dv, &s.a, d.n, d.h, kvd);
+            let (dx_in, attn_norm) = rms_norm::backward(&da, &s.x, l.attn_norm, d.eps);
+            add_into(&mut dx, &dx_in);
+            grads.push(Layer {
+                attn_norm,
+                q,
+                k,
+                v,
+                o,
+                mlp_norm,
+                gate,
+                up,
+                down,
+            });
+        }
+        grads.reverse();
+        // A tied output projection is the embedding: its gradient adds into the same buffer.
+        let tied = self.model.embed.id() == self.model.lm_head.id();
+        let (mut d_embed, d_head) = if tied {
+            (d_head, None)
+        } else {
+            (vec![0f32; d.vocab * d.h], Some(d_head))
+        };
+        for (r, &id) in self.ids.iter().enumerate() {
+            let row = &mut d_embed[id as usize * d.h..][..d.h];
+            row.iter_mut()
+                .zip(&dx[r * d.h..][..d.h])
+                .for_each(|(a, g)| *a += g);
+        }
+        drop(w);
+        drop(held);
+        let m = self.model;
+        let mut store = GradStore::default();
+        let mut put = |t: &Tensor, g: Vec<f32>| -> Result<()> {
+            store.insert(t, Tensor::from_vec(g, t.shape(), t.device())?);
+            Ok(())
+        };
+        put(&m.embed, d_embed)?;
+        if let Some(d_head) = d_head {
+            put(&m.lm_head, d_head)?;
+        }
+        put(&m.norm, d_norm)?;
+        for (b, g) in m.blocks.iter().zip(grads) {
+            put(&b.attn_norm, g.attn_norm)?;
+            put(&b.q, g.q)?;
+            put(&b.k, g.k)?;
+            put(&b.v, g.v)?;
+            put(&b.o, g.o)?;
+            put(&b.mlp_norm, g.mlp_norm)?;
+            put(&b.gate, g.gate)?;
+            put(&b.up, g.up)?;
+            put(&b.down, g.down)?;
+        }
+        Ok(store)
+    }
+}
