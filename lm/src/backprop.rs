@@ -239,26 +239,29 @@ fn add_into(acc: &mut [f32], x: &[f32]) {
 /// direction (1 forward, -1 to rotate a gradient back).
 type Rope<'a> = (&'a [f32], &'a [f32], f32);
 
+/// One head's vector of row `row` copied to `dst`, rotated by the row's angles when `rope`
+/// is given.
+fn place_head(dst: &mut [f32], src: &[f32], row: usize, rope: Option<Rope>) {
+    match rope {
+        None => dst.copy_from_slice(src),
+        Some((cos, sin, sign)) => {
+            let half = src.len() / 2;
+            let (c, s) = (&cos[row * half..][..half], &sin[row * half..][..half]);
+            rope::rotate_row(dst, src, c, s, sign)
+        }
+    }
+}
+
 /// [rows, heads·head_dim] → [batch, heads, time, head_dim], rotating each head by its row's
 /// angles when `rope` is given.
 fn to_heads(x: &[f32], d: Dims, heads: usize, rope: Option<Rope>) -> Vec<f32> {
-    let (t, hd, half) = (d.t, d.hd, d.hd / 2);
+    let (t, hd) = (d.t, d.hd);
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, o)| {
         let (b, head) = (bh / heads, bh % heads);
         for (i, dst) in o.chunks_mut(hd).enumerate() {
             let row = b * t + i;
-            let src = &x[(row * heads + head) * hd..][..hd];
-            match rope {
-                None => dst.copy_from_slice(src),
-                Some((cos, sin, sign)) => rope::rotate_row(
-                    dst,
-                    src,
-                    &cos[row * half..][..half],
-                    &sin[row * half..][..half],
-                    sign,
-                ),
-            }
+            place_head(dst, &x[(row * heads + head) * hd..][..hd], row, rope);
         }
     });
     out
@@ -267,24 +270,19 @@ fn to_heads(x: &[f32], d: Dims, heads: usize, rope: Option<Rope>) -> Vec<f32> {
 /// The inverse layout change of [`to_heads`]: [batch, heads, time, head_dim] → [rows,
 /// heads·head_dim], rotating when `rope` is given.
 fn from_heads(xh: &[f32], d: Dims, heads: usize, rope: Option<Rope>) -> Vec<f32> {
-    let (t, hd, half) = (d.t, d.hd, d.hd / 2);
+    let (t, hd) = (d.t, d.hd);
     let mut out = vec![0f32; xh.len()];
     out.par_chunks_mut(heads * hd)
         .enumerate()
         .for_each(|(row, o)| {
             let (b, i) = (row / t, row % t);
             for (head, dst) in o.chunks_mut(hd).enumerate() {
-                let src = &xh[((b * heads + head) * t + i) * hd..][..hd];
-                match rope {
-                    None => dst.copy_from_slice(src),
-                    Some((cos, sin, sign)) => rope::rotate_row(
-                        dst,
-                        src,
-                        &cos[row * half..][..half],
-                        &sin[row * half..][..half],
-                        sign,
-                    ),
-                }
+                place_head(
+                    dst,
+                    &xh[((b * heads + head) * t + i) * hd..][..hd],
+                    row,
+                    rope,
+                );
             }
         });
     out
