@@ -197,6 +197,23 @@ fn written_out_cpu_backprop_has_autograds_loss_and_gradients_untied() {
 }
 
 #[test]
+fn written_out_backprop_refuses_what_it_cannot_run() {
+    let (m32, _) = model(&tiny_config(), 1, DType::F32);
+    let vocab = tiny_config().vocab_size as u32;
+    let bad = batch(&[(vec![1, 2, vocab, 3], 1)], DType::F32);
+    let err = backprop::forward(&m32, &bad)
+        .err()
+        .expect("an id past the vocabulary");
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    let (m64, _) = model(&tiny_config(), 1, DType::F64);
+    let err = backprop::forward(&m64, &batch(&rows(), DType::F64)).err();
+    assert!(err
+        .expect("f64 is autograd's")
+        .to_string()
+        .contains("f32 model on the CPU"));
+}
+
+#[test]
 fn padding_does_not_change_a_rows_loss() {
     let (m, _) = model(&tiny_config(), 1, DType::F32);
     let all = rows();
