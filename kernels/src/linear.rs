@@ -109,11 +109,40 @@ pub fn forward(x: &[f32], w: &[f32], rows: usize, d_in: usize, out: usize) -> Ve
         x.len() == rows * d_in && w.len() == out * d_in,
         "linear: bad sizes"
     );
-    let mut y = vec![0f32; rows * out];
     let (xv, wv) = (View::new(rows, d_in), View::new(out, d_in));
+    if (2..=FEW_ROWS).contains(&rows) {
+        // yᵀ [out, rows], then transposed: see FEW_ROWS.
+        let mut yt = vec![0f32; rows * out];
+        matmul(
+            &mut yt,
+            View::new(out, rows).t(),
+            x,
+            xv,
+            w,
+            wv.t(),
+            false,
+            true,
+        );
+        let mut y = vec![0f32; rows * out];
+        for (o, col) in yt.chunks(rows).enumerate() {
+            for (r, &v) in col.iter().enumerate() {
+                y[r * out + o] = v;
+            }
+        }
+        return y;
+    }
+    let mut y = vec![0f32; rows * out];
     matmul(&mut y, View::new(rows, out), x, xv, w, wv.t(), false, true);
     y
 }
+
+/// Rows up to which [`forward`] has the GEMM write yᵀ and transposes it after (from 2: one
+/// row is the same either way, and the GEMM has its own path for it): a decoding
+/// step's few rows. With a row-major y the gemm crate swaps the operands and copies all of
+/// w into its packed layout on every call; writing yᵀ it keeps w as the right operand, and
+/// the product of 16 rows with SmolLM2's [49152, 576] embedding takes 11.2 ms instead of
+/// 15.2 (8 rows: 10.3 instead of 11.4).
+pub const FEW_ROWS: usize = 32;
 
 /// x [rows, in] · wᵀ for w [out, in], f32 on the CPU, with gradients for both.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -140,4 +169,36 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         Ok((Some(dx), Some(dw)))
     };
     crate::cpu_op2("linear", x, w, fwd, bwd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_is_x_times_w_transposed_for_few_rows_and_many() {
+        let (d_in, out) = (37, 53);
+        let w: Vec<f32> = (0..out * d_in)
+            .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.01)
+            .collect();
+        // 1 row, the few-row path (2..=FEW_ROWS) at both ends, and the GEMM's path beyond.
+        for rows in [1, 2, 5, FEW_ROWS, FEW_ROWS + 1, 70] {
+            let x: Vec<f32> = (0..rows * d_in)
+                .map(|i| ((i * 5 % 19) as f32 - 9.0) * 0.1)
+                .collect();
+            let y = forward(&x, &w, rows, d_in, out);
+            for r in 0..rows {
+                for o in 0..out {
+                    let want: f64 = (0..d_in)
+                        .map(|i| x[r * d_in + i] as f64 * w[o * d_in + i] as f64)
+                        .sum();
+                    let got = y[r * out + o] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "rows {rows}: y[{r}, {o}] {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 }
