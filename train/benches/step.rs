@@ -61,6 +61,12 @@ struct Phases {
     optimizer: f64,
 }
 
+/// A training forward pass, kept for its backward.
+enum Forward<'m> {
+    Written(Box<backprop::Trace<'m>>),
+    Autograd(candle_core::Tensor),
+}
+
 /// Mean seconds of one training step over `iters` steps after `warm`, by phase.
 fn train_step(
     dev: &Device,
@@ -85,17 +91,16 @@ fn train_step(
         let t0 = Instant::now();
         // As train runs it (`loss_and_grads`), timed by phase: the written-out passes for
         // f32 on the CPU, candle's autograd otherwise.
-        let (trace, l) = if backprop::supports(&model) {
-            (Some(backprop::forward(&model, &batch)?), None)
+        let forward = if backprop::supports(&model) {
+            Forward::Written(Box::new(backprop::forward(&model, &batch)?))
         } else {
-            (None, Some(loss(&model, &batch, Pass::Train)?))
+            Forward::Autograd(loss(&model, &batch, Pass::Train)?)
         };
         dev.synchronize()?;
         let t1 = Instant::now();
-        let grads = match (trace, l) {
-            (Some(trace), _) => trace.backward(1.0)?,
-            (_, Some(l)) => l.backward()?,
-            _ => unreachable!("one of the two passes ran"),
+        let grads = match forward {
+            Forward::Written(trace) => trace.backward(1.0)?,
+            Forward::Autograd(l) => l.backward()?,
         };
         dev.synchronize()?;
         let t2 = Instant::now();
