@@ -185,8 +185,8 @@ pub struct Trace<'m> {
     cos: Vec<f32>,
     sin: Vec<f32>,
     layers: Vec<Saved>,
-    /// The last layer's output, the normed rows the loss reads, and their logits.
-    x_last: Vec<f32>,
+    /// The last layer's output at the rows the loss reads, those rows normed, their logits.
+    x_loss: Vec<f32>,
     loss_rows: Vec<u32>,
     targets: Vec<u32>,
     normed: Vec<f32>,
@@ -446,11 +446,12 @@ pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
     }
     let loss_rows: Vec<u32> = flat(&batch.loss_positions)?;
     let targets: Vec<u32> = flat(&batch.loss_targets)?;
-    let all = rms_norm::forward(&x, w.norm, d.eps);
-    let mut normed = Vec::with_capacity(loss_rows.len() * d.h);
+    // RMSNorm is row by row: only the rows the loss reads need it.
+    let mut x_loss = Vec::with_capacity(loss_rows.len() * d.h);
     for &r in &loss_rows {
-        normed.extend_from_slice(&all[r as usize * d.h..][..d.h]);
+        x_loss.extend_from_slice(&x[r as usize * d.h..][..d.h]);
     }
+    let normed = rms_norm::forward(&x_loss, w.norm, d.eps);
     let logits = project(&normed, w.head, loss_rows.len(), d.h, d.vocab);
     let nll = cross_entropy::forward(&logits, &targets, d.vocab);
     let loss = nll.iter().map(|&v| v as f64).sum::<f64>() / nll.len() as f64;
@@ -463,7 +464,7 @@ pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
         cos,
         sin,
         layers,
-        x_last: x,
+        x_loss,
         loss_rows,
         targets,
         normed,
@@ -493,11 +494,11 @@ impl Trace<'_> {
         let mut dnormed = vec![0f32; rows * d.h];
         project_input_grad(&mut dnormed, &dlogits, w.head, rows, d.h, d.vocab, false);
         drop(dlogits);
-        let mut dall = vec![0f32; d.n * d.h];
+        let (dx_loss, d_norm) = rms_norm::backward(&dnormed, &self.x_loss, w.norm, d.eps);
+        let mut dx = vec![0f32; d.n * d.h];
         for (j, &r) in self.loss_rows.iter().enumerate() {
-            dall[r as usize * d.h..][..d.h].copy_from_slice(&dnormed[j * d.h..][..d.h]);
+            dx[r as usize * d.h..][..d.h].copy_from_slice(&dx_loss[j * d.h..][..d.h]);
         }
-        let (mut dx, d_norm) = rms_norm::backward(&dall, &self.x_last, w.norm, d.eps);
         let (qd, kvd) = (d.nh * d.hd, d.nkv * d.hd);
         let back = Some((self.cos.as_slice(), self.sin.as_slice(), -1.0));
         let mut grads = Vec::with_capacity(self.layers.len());
