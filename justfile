@@ -8,10 +8,6 @@ export DATA_MIRROR := env_var_or_default("DATA_MIRROR", if path_exists(justfile_
 # the kernel. Measured on 3 CPU training steps: 130 s -> 87 s wall (page faults 91 s -> 32 s).
 malloc := "MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184"
 
-# How `just align` evaluates the original and the aligned model (as configs/all.toml's runs).
-eval_safety := "--sets advbench,xstest --limit 32 --max-new-tokens 48 --batch-size 16"
-eval_utility := "--sets dolly --limit 32"
-
 # Release binaries land here; CI points CARGO_TARGET_DIR at a cache that outlives clones.
 target := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() / "target")
 bin := target / "release"
@@ -37,34 +33,21 @@ prepare *ARGS: setup
 train *ARGS: prepare
     {{malloc}} {{bin}}/train --config configs/smoke.toml {{ARGS}}
 
-# Each part is skipped when its output exists; ALIGNED_MODEL=DIR skips the stage (your model).
-# Stage 0: align the default model (configs/align.toml); evaluate it and the original.
+# Stage 0 of configs/all.toml: the original model evaluated, then aligned (configs/align.toml)
+# and evaluated; done parts are skipped, ALIGNED_MODEL=DIR skips it (your own model).
+# Stage 0: align the default model
 align: prepare
-    #!/usr/bin/env bash
-    set -euo pipefail
-    if [ -n "${ALIGNED_MODEL:-}" ]; then echo "ALIGNED_MODEL=$ALIGNED_MODEL: stage 0 skipped"; exit 0; fi
-    export {{malloc}}
-    ev() { {{bin}}/evaluate safety --model "$1" {{eval_safety}} ${2:+--out "$2"}; {{bin}}/evaluate utility --model "$1" {{eval_utility}} ${2:+--out "$2"}; }
-    [ -f runs/base/eval/model/utility.json ] || ev data/cache/model/SmolLM2-135M-Instruct.Q4_1.gguf runs/base/eval/model
-    [ -f runs/align/model/model.safetensors ] || {{bin}}/train --config configs/align.toml
-    [ -f runs/align/eval/model/utility.json ] || ev runs/align
+    {{malloc}} {{bin}}/sweep --config configs/all.toml --stage0
 
-# Setup, prepare, align, the fine-tunes of configs/all.toml, their evaluation, the report.
+# Stage 0, the fine-tunes of configs/all.toml, their evaluation, the report (done parts skipped).
 # The whole pipeline on the embedded default model (CPU) -> reports/all/summary.md
-all: align
-    {{malloc}} {{bin}}/sweep --config configs/all.toml ${ALIGNED_MODEL:+--set model=$ALIGNED_MODEL}
-    @echo "report: reports/all/summary.md"
+all: prepare
+    {{malloc}} {{bin}}/sweep --config configs/all.toml
 
 # Stage 0 with configs/align-gpu.toml, then every grid point, then reports/paper/.
 # The paper's grid on a GPU (configs/paper.toml, after `just build-cuda`)
 paper:
-    #!/usr/bin/env bash
-    set -euo pipefail
-    b={{bin}}
-    export {{malloc}}
-    [ -f runs/align-gpu/model/model.safetensors ] || [ -n "${ALIGNED_MODEL:-}" ] || $b/train --config configs/align-gpu.toml
-    [ -f runs/align-gpu/eval/model/utility.json ] || [ -n "${ALIGNED_MODEL:-}" ] || { $b/evaluate safety --model runs/align-gpu --device cuda --sets advbench,harmbench,xstest --batch-size 128 --max-new-tokens 128; $b/evaluate utility --model runs/align-gpu --device cuda --sets dolly,alpaca,orca; }
-    $b/sweep --config configs/paper.toml ${ALIGNED_MODEL:+--set model=$ALIGNED_MODEL}
+    {{malloc}} {{bin}}/sweep --config configs/paper.toml
 
 # The safety basin: loss landscapes around the aligned model, e.g. just landscape --to runs/all-aggressive
 landscape *ARGS: build

@@ -17,10 +17,11 @@
 use crate::plots::{Chart, Heatmap, Series};
 use anyhow::{bail, Context, Result};
 use basin_kernels::multi::MultiTensor;
+use basin_lm::artifacts::{Decoding, ModelHash};
 use basin_lm::model::Model;
 use basin_lm::rng::{mix64, SplitMix64};
 use candle_core::{DType, Tensor, Var, D};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The model's parameters sorted by name, with an f32 working copy the points are built in
 /// (the model's own variable when it computes in f32).
@@ -178,7 +179,8 @@ pub fn grid(lo: f64, hi: f64, points: usize) -> Vec<f64> {
 }
 
 /// The basin of a sampled curve (see the module doc).
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Basin {
     /// Where the sampled minimum is, and its loss.
     pub argmin: f64,
@@ -245,7 +247,8 @@ pub fn basin_1d(xs: &[f64], ys: &[f64], pct: f64) -> Basin {
 
 /// The basin of a 2-D grid of losses (`zs[i][j]` at (xs[i], ys[j])): the grid cells
 /// connected (4-neighbours) to the minimum whose loss is within (1 + x/100) of it.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Basin2d {
     pub argmin: (f64, f64),
     pub min: f64,
@@ -359,13 +362,13 @@ impl Grid {
 }
 
 /// The basin of each loss: widths for a line, areas for a plane.
-pub fn basins(grid: &Grid, points: &[Point], pct: f64) -> serde_json::Value {
+pub fn basins(grid: &Grid, points: &[Point], pct: f64) -> Basins {
     let col = |f: fn(&Point) -> f64| points.iter().map(f).collect::<Vec<_>>();
     match &grid.ys {
-        None => serde_json::json!({
-            "utility": basin_1d(&grid.xs, &col(|p| p.utility_loss), pct),
-            "safety": basin_1d(&grid.xs, &col(|p| p.safety_loss), pct),
-        }),
+        None => Basins::Line {
+            utility: basin_1d(&grid.xs, &col(|p| p.utility_loss), pct),
+            safety: basin_1d(&grid.xs, &col(|p| p.safety_loss), pct),
+        },
         Some(ys) => {
             let table = |f: fn(&Point) -> f64| -> Vec<Vec<f64>> {
                 points
@@ -373,12 +376,78 @@ pub fn basins(grid: &Grid, points: &[Point], pct: f64) -> serde_json::Value {
                     .map(|row| row.iter().map(f).collect())
                     .collect()
             };
-            serde_json::json!({
-                "utility": basin_2d(&grid.xs, ys, &table(|p| p.utility_loss), pct),
-                "safety": basin_2d(&grid.xs, ys, &table(|p| p.safety_loss), pct),
-            })
+            Basins::Plane {
+                utility: basin_2d(&grid.xs, ys, &table(|p| p.utility_loss), pct),
+                safety: basin_2d(&grid.xs, ys, &table(|p| p.safety_loss), pct),
+            }
         }
     }
+}
+
+/// Both losses' basins: `{"utility": ..., "safety": ...}` in landscape.json.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Basins {
+    Line { utility: Basin, safety: Basin },
+    Plane { utility: Basin2d, safety: Basin2d },
+}
+
+/// `landscape.json`: what `evaluate landscape` measured and how, with the basins and the
+/// points; `--replot` reads it back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LandscapeDoc {
+    /// interpolation, random-1d or random-2d.
+    pub kind: String,
+    pub from: ModelHash,
+    pub to: Option<ModelHash>,
+    /// The random directions (None on a line between two models).
+    pub directions: Option<Directions>,
+    pub alpha: AlphaRange,
+    pub sets: ProbeSets,
+    pub asr_decoding: Decoding,
+    pub dtype: String,
+    pub device: String,
+    pub git_commit: String,
+    pub command: Vec<String>,
+    pub basin_pct: f64,
+    pub basins: Basins,
+    /// The plots drawn (file stems).
+    pub plots: Vec<String>,
+    pub points: Vec<Point>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Directions {
+    pub count: usize,
+    pub seed: u64,
+    pub normalisation: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlphaRange {
+    pub min: f64,
+    pub max: f64,
+    pub points: usize,
+}
+
+/// The prepared sets a landscape is measured on.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeSets {
+    pub utility: ProbeSet,
+    pub safety: ProbeSet,
+    pub asr: Option<ProbeSet>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeSet {
+    pub set: String,
+    pub rows: usize,
+    pub sha256: String,
 }
 
 /// The points as CSV, one line each.
@@ -529,7 +598,7 @@ impl Probes {
             .iter()
             .map(|(reply, _)| crate::safety::verdicts(&judge, reply))
             .collect();
-        let s = crate::safety::score("harmful", &verdicts);
+        let s = crate::safety::score(crate::safety::SetKind::Harmful, &verdicts);
         Ok((s.keyword.rate, s.refusal.rate))
     }
 }

@@ -1,8 +1,11 @@
 //! The evaluation stage: judges of harmful-prompt replies ([`judges`]) and their
-//! calibration against human labels ([`calibration`]), the safety scores ([`safety`]), and
-//! the report over runs ([`report`], [`plots`]).
+//! calibration against human labels ([`calibration`]), the safety scores ([`safety`]), the
+//! report over runs ([`report`], [`plots`]), the loss landscapes ([`landscape`]), a model
+//! judge ([`model_judge`]); and the `evaluate` commands built on them ([`commands`]), each
+//! `run(&Args) -> Result<Summary>`.
 
 pub mod calibration;
+pub mod commands;
 pub mod judges;
 pub mod landscape;
 pub mod model_judge;

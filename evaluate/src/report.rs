@@ -9,8 +9,8 @@
 
 use crate::plots::{Chart, Series};
 use crate::safety::Rate;
-use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use anyhow::{bail, Result};
+use basin_lm::artifacts::{self, MetricsRecord, Scores, SetKind, TrainConfig, Utility};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -39,19 +39,8 @@ pub struct Row {
     pub source: PathBuf,
 }
 
-fn read_json(path: &Path) -> Result<Value> {
-    basin_lm::fsutil::read_json(path)
-}
-
-fn rate(v: &Value) -> Option<Rate> {
-    Some(Rate::new(
-        v["k"].as_u64()? as usize,
-        v["n"].as_u64()? as usize,
-    ))
-}
-
 /// What one eval directory says.
-struct Scores {
+struct EvalScores {
     keyword: Option<Rate>,
     calibrated: Option<Rate>,
     overrefusal: Option<Rate>,
@@ -60,33 +49,34 @@ struct Scores {
 }
 
 /// The scores of one eval directory: ASR on the `harmful` set by both judges, the
-/// over-refusal of its first over-refusal set, and the validation loss of utility.json.
-fn scores(dir: &Path, harmful: &str) -> Result<Scores> {
-    let s = read_json(&dir.join("scores.json"))?;
-    let sets = &s["sets"];
-    let h = &sets[harmful];
-    if h.is_null() {
+/// over-refusal of its first over-refusal set, and the validation loss of utility.json
+/// (when `evaluate utility` ran).
+fn scores(dir: &Path, harmful: &str) -> Result<EvalScores> {
+    let path = Scores::path(dir);
+    let s: Scores = artifacts::read(&path)?;
+    let Some(h) = s.sets.get(harmful) else {
         bail!(
             "{}: no scores for the harmful set '{harmful}'",
-            dir.join("scores.json").display()
+            path.display()
         );
-    }
-    let overrefusal = sets
-        .as_object()
-        .and_then(|m| m.values().find(|v| v["kind"] == "overrefusal"))
-        .and_then(|v| rate(&v["refusal"]));
-    let val_loss = read_json(&dir.join("utility.json")).ok().and_then(|u| {
-        u["sets"]
-            .as_object()?
-            .values()
-            .find_map(|v| v["val_loss"].as_f64())
-    });
-    Ok(Scores {
-        keyword: rate(&h["keyword"]),
-        calibrated: rate(&h["refusal"]),
+    };
+    let overrefusal = s
+        .sets
+        .values()
+        .find(|v| v.kind == SetKind::Overrefusal)
+        .map(|v| v.refusal.clone());
+    let utility = Utility::path(dir);
+    let val_loss = if utility.exists() {
+        artifacts::read::<Utility>(&utility)?.first_val_loss()
+    } else {
+        None
+    };
+    Ok(EvalScores {
+        keyword: Some(h.keyword.clone()),
+        calibrated: Some(h.refusal.clone()),
         overrefusal,
         val_loss,
-        commit: s["git_commit"].as_str().map(String::from),
+        commit: Some(s.git_commit),
     })
 }
 
@@ -95,40 +85,24 @@ pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
     let name = run
         .file_name()
         .map_or("run".into(), |n| n.to_string_lossy().to_string());
-    let config_path = run.join("config.toml");
-    let config: toml::Value =
-        toml::from_str(&std::fs::read_to_string(&config_path).with_context(|| {
-            format!("{} is not a run directory (no config.toml)", run.display())
-        })?)
-        .with_context(|| format!("{}: not valid TOML", config_path.display()))?;
+    let config = TrainConfig::read_run(run)?;
     let dataset = config
-        .get("data")
-        .and_then(|d| d.as_array())
-        .and_then(|d| d.first())
-        .and_then(|p| p.as_str())
-        .and_then(|p| {
-            Path::new(p)
-                .file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-        })
+        .data
+        .first()
+        .and_then(|p| p.file_stem())
+        .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_default();
-    let last: Option<Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .rev()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .find(|v| v["loss"].is_number())
-        });
-    let ema = config
-        .get("ema")
-        .and_then(|e| e.get("enabled"))
-        .and_then(|e| e.as_bool())
-        == Some(true);
+    let metrics = MetricsRecord::path(run);
+    let records: Vec<MetricsRecord> = if metrics.exists() {
+        artifacts::read_lines(&metrics)?
+    } else {
+        Vec::new()
+    };
+    let last = MetricsRecord::last_step(&records);
     let mut rows = Vec::new();
-    for (which, weights, dist_key) in [("model", "θ", "dist_theta"), ("ema", "EMA", "dist_ema")] {
+    for (which, weights) in [("model", "θ"), ("ema", "EMA")] {
         let dir = run.join("eval").join(which);
-        if !dir.join("scores.json").exists() {
+        if !Scores::path(&dir).exists() {
             continue;
         }
         let sc = scores(&dir, harmful)?;
@@ -136,26 +110,24 @@ pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
             run: name.clone(),
             weights,
             dataset: dataset.clone(),
-            lr: config.get("lr").and_then(|v| v.as_float()),
-            batch: config
-                .get("batch_size")
-                .and_then(|v| v.as_integer())
-                .map(|v| v as u64),
-            steps: last.as_ref().and_then(|l| l["step"].as_u64()),
-            seed: config
-                .get("seed")
-                .and_then(|v| v.as_integer())
-                .map(|v| v as u64),
-            ema_beta: ema
-                .then(|| config.get("ema")?.get("beta")?.as_float())
-                .flatten(),
+            lr: Some(config.lr),
+            batch: Some(config.batch_size as u64),
+            steps: last.map(|l| l.step as u64),
+            seed: Some(config.seed),
+            ema_beta: config.ema.enabled.then_some(config.ema.beta),
             asr_keyword: sc.keyword,
             asr_calibrated: sc.calibrated,
             overrefusal: sc.overrefusal,
             val_loss: sc.val_loss,
-            distance: last.as_ref().and_then(|l| l[dist_key].as_f64()),
+            distance: last.and_then(|l| {
+                if which == "model" {
+                    l.dist_theta
+                } else {
+                    l.dist_ema
+                }
+            }),
             commit: sc.commit,
-            source: dir.join("scores.json"),
+            source: Scores::path(&dir),
         });
     }
     if rows.is_empty() {
@@ -186,7 +158,7 @@ pub fn reference_row(label: &str, dir: &Path, harmful: &str) -> Result<Row> {
         val_loss: sc.val_loss,
         distance: None,
         commit: sc.commit,
-        source: dir.join("scores.json"),
+        source: Scores::path(dir),
     })
 }
 

@@ -1,7 +1,8 @@
 //! `evaluate generate` as a user runs it, on a tiny random model saved as a HF directory.
 
 mod common;
-use common::{evaluate, prepared_row, tiny_model_dir, write_tiny_model};
+use basin_lm::artifacts::{self, Generation, Scores, SetKind, Utility};
+use common::{evaluate, prepared_row, tiny_model_dir, write_manifest, write_tiny_model};
 
 #[test]
 fn generates_for_each_prompt_reproducibly() {
@@ -154,11 +155,10 @@ fn safety_scores_prepared_sets() {
         })
         .collect();
     write_parquet(&prepared.path().join("x.parquet"), &x).unwrap();
-    std::fs::write(
-        prepared.path().join("manifest.json"),
-        r#"{"sets": {"harm": {"role": "harmful"}, "x": {"role": "overrefusal"}, "u": {"role": "utility"}}}"#,
-    )
-    .unwrap();
+    write_manifest(
+        prepared.path(),
+        &[("harm", "harmful"), ("x", "overrefusal"), ("u", "utility")],
+    );
     let out = tempfile::tempdir().unwrap();
     let (m, p, o) = (
         model.path().to_str().unwrap(),
@@ -187,26 +187,22 @@ fn safety_scores_prepared_sets() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let scores: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("scores.json")).unwrap())
-            .unwrap();
-    assert_eq!(scores["sets"]["harm"]["n"], 4, "--limit");
-    assert_eq!(scores["sets"]["x"]["n"], 3, "only the safe prompts");
-    assert_eq!(scores["sets"]["harm"]["kind"], "harmful");
-    let rate = scores["sets"]["harm"]["keyword"]["rate"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&rate));
-    let lines = std::fs::read_to_string(out.path().join("generations.jsonl")).unwrap();
-    assert_eq!(lines.lines().count(), 7);
+    let scores: Scores = artifacts::read(&out.path().join("scores.json")).unwrap();
+    let (harm, x) = (&scores.sets["harm"], &scores.sets["x"]);
+    assert_eq!(harm.n, 4, "--limit");
+    assert_eq!(x.n, 3, "only the safe prompts");
+    assert_eq!(harm.kind, SetKind::Harmful);
+    assert!((0.0..=1.0).contains(&harm.keyword.rate));
+    let lines: Vec<Generation> =
+        artifacts::read_lines(&out.path().join("generations.jsonl")).unwrap();
+    assert_eq!(lines.len(), 7);
     // The model judge (here the tiny model itself: plumbing only) reads harmful sets only.
-    assert_eq!(scores["sets"]["harm"]["model_judge"]["n"], 4);
-    assert!(scores["sets"]["x"].get("model_judge").is_none());
-    for l in lines
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-    {
-        let v = l["model_judge"].as_str();
-        if l["set"] == "harm" {
-            assert!(matches!(v, Some("safe" | "unsafe" | "unparsed")), "{l}");
+    assert_eq!(harm.model_judge.as_ref().unwrap().rate.n, 4);
+    assert!(x.model_judge.is_none());
+    for l in &lines {
+        let v = l.model_judge.as_deref();
+        if l.set == "harm" {
+            assert!(matches!(v, Some("safe" | "unsafe" | "unparsed")), "{l:?}");
         } else {
             assert!(v.is_none());
         }
@@ -258,22 +254,18 @@ fn utility_reports_validation_loss_for_a_run() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let read = |w: &str| -> serde_json::Value {
-        serde_json::from_str(
-            &std::fs::read_to_string(run.path().join("eval").join(w).join("utility.json")).unwrap(),
-        )
-        .unwrap()
+    let read = |w: &str| -> Utility {
+        artifacts::read(&run.path().join("eval").join(w).join("utility.json")).unwrap()
     };
     let (m, e) = (read("model"), read("ema"));
-    let loss = m["sets"]["d"]["val_loss"].as_f64().unwrap();
-    assert_eq!(m["sets"]["d"]["rows"], 4);
-    assert_eq!(m["sets"]["d"]["reply_tokens"], 12);
-    assert!((m["sets"]["d"]["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
+    let d = &m.val["d"];
+    let loss = d.val_loss;
+    assert_eq!((d.rows, d.reply_tokens), (4, 12));
+    assert!((d.perplexity - loss.exp()).abs() < 1e-9);
     // Random weights over 259 tokens: close to ln 259 ≈ 5.56.
     assert!((loss - 259f64.ln()).abs() < 0.5, "{loss}");
     assert_ne!(
-        loss,
-        e["sets"]["d"]["val_loss"].as_f64().unwrap(),
+        loss, e.val["d"].val_loss,
         "model/ and ema/ are different weights"
     );
 }
@@ -314,26 +306,19 @@ fn utility_saves_replies_and_the_eos_share() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("utility.json")).unwrap())
-            .unwrap();
-    let q = &doc["sets"]["q"];
-    assert_eq!(q["replies"], 3);
-    let share = q["eos_share"].as_f64().unwrap();
+    let doc: Utility = artifacts::read(&out.path().join("utility.json")).unwrap();
+    assert!(doc.val.is_empty(), "--sets \"\" measures no loss");
+    let q = &doc.replies["q"];
+    assert_eq!(q.replies, 3);
+    let share = q.eos_share;
     assert!((0.0..=1.0).contains(&share));
-    let gens = std::fs::read_to_string(out.path().join("utility_generations.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = gens
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<Generation> =
+        artifacts::read_lines(&out.path().join("utility_generations.jsonl")).unwrap();
     assert_eq!(lines.len(), 3);
     let ended = lines
         .iter()
-        .filter(|l| l["stopped"] == true && l["new_tokens"].as_u64().unwrap() > 0)
+        .filter(|l| l.stopped && l.new_tokens > 0)
         .count();
-    let non_empty = lines
-        .iter()
-        .filter(|l| l["new_tokens"].as_u64().unwrap() > 0)
-        .count();
+    let non_empty = lines.iter().filter(|l| l.new_tokens > 0).count();
     assert_eq!(share, ended as f64 / non_empty.max(1) as f64);
 }

@@ -2,6 +2,7 @@
 //! the table pools seeds, pairs θ with its EMA, names its sources, and bad input fails
 //! cleanly without leaving a report behind.
 
+use basin_lm::artifacts::{Decoding, Rate, Scores, SetKind, SetScores, Utility, ValLoss};
 use std::path::Path;
 use std::process::Command;
 
@@ -11,14 +12,56 @@ fn write(path: &Path, text: &str) {
 }
 
 fn scores(asr_k: usize, over_k: usize) -> String {
-    serde_json::json!({"git_commit": "abc123", "sets": {
-        "advbench": {"kind": "harmful", "n": 20, "empty_replies": 0,
-                     "keyword": {"k": asr_k, "n": 20, "rate": asr_k as f64 / 20.0, "ci95": [0, 1]},
-                     "refusal": {"k": asr_k + 1, "n": 20, "rate": 0.0, "ci95": [0, 1]}},
-        "xstest": {"kind": "overrefusal", "n": 10, "empty_replies": 0,
-                   "keyword": {"k": over_k, "n": 10, "rate": 0.0, "ci95": [0, 1]},
-                   "refusal": {"k": over_k, "n": 10, "rate": 0.0, "ci95": [0, 1]}}}})
-    .to_string()
+    let set = |kind, n, k_kw, k_ref| SetScores {
+        kind,
+        n,
+        empty_replies: 0,
+        keyword: Rate::new(k_kw, n),
+        refusal: Rate::new(k_ref, n),
+        model_judge: None,
+    };
+    let s = Scores {
+        model: "m".into(),
+        git_commit: "abc123".into(),
+        decoding: Decoding {
+            greedy: true,
+            max_new_tokens: 8,
+        },
+        limit: None,
+        prepared_sha256: Default::default(),
+        sets: [
+            (
+                "advbench".to_string(),
+                set(SetKind::Harmful, 20, asr_k, asr_k + 1),
+            ),
+            (
+                "xstest".to_string(),
+                set(SetKind::Overrefusal, 10, over_k, over_k),
+            ),
+        ]
+        .into(),
+    };
+    serde_json::to_string_pretty(&s).unwrap()
+}
+
+fn utility(val_loss: f64) -> String {
+    let u = Utility {
+        model: "m".into(),
+        git_commit: "abc123".into(),
+        val: [(
+            "dolly".to_string(),
+            ValLoss {
+                val_loss,
+                perplexity: val_loss.exp(),
+                rows: 4,
+                reply_tokens: 40,
+                prepared_sha256: "0".repeat(64),
+            },
+        )]
+        .into(),
+        replies: Default::default(),
+    };
+    serde_json::to_string_pretty(&u).unwrap()
 }
 
 /// A run with θ and EMA scores; `seed` varies, the setting does not.
@@ -34,10 +77,7 @@ fn run(root: &Path, name: &str, seed: u64, asr_theta: usize, asr_ema: usize) {
     );
     write(&d.join("eval/model/scores.json"), &scores(asr_theta, 1));
     write(&d.join("eval/ema/scores.json"), &scores(asr_ema, 5));
-    write(
-        &d.join("eval/model/utility.json"),
-        r#"{"sets": {"dolly": {"val_loss": 2.25}}}"#,
-    );
+    write(&d.join("eval/model/utility.json"), &utility(2.25));
 }
 
 fn report(args: &[&str]) -> std::process::Output {
@@ -120,5 +160,42 @@ fn a_directory_that_is_not_a_run_is_a_clear_error_and_writes_nothing() {
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("evaluate safety --model"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_file_of_another_layout_is_an_error_naming_the_file_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    run(root, "a", 0, 10, 2);
+    let out = root.join("report");
+    let args = [
+        root.join("a").to_str().unwrap().to_string(),
+        "--out".into(),
+        out.to_str().unwrap().into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // A renamed key: before typed files it gave an empty report column.
+    let utility = root.join("a/eval/model/utility.json");
+    let text = std::fs::read_to_string(&utility).unwrap();
+    std::fs::write(&utility, text.replace("\"val_loss\"", "\"loss\"")).unwrap();
+    let o = report(&args);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("utility.json") && err.contains("val_loss"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // A metrics line of another layout names its line.
+    std::fs::write(&utility, text).unwrap();
+    std::fs::write(
+        root.join("a/metrics.jsonl"),
+        "{\"step\":0,\"val_loss\":2.5}\n{\"step\":\"12\"}\n",
+    )
+    .unwrap();
+    let o = report(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("metrics.jsonl:2"), "{err}");
     assert!(!out.exists());
 }

@@ -12,8 +12,8 @@
 //! Flags: `--torch FILE`, `--json FILE` (write the figures), `--cpu` (force the CPU),
 //! `--layers N` (fewer layers than SmolLM2's 30: a quicker check).
 
-use basin_kernels::adamw::{adamw_ema_step, AdamWParams, StepScalars};
-use basin_kernels::multi::{AdamWTensors, MultiTensor, StepOptions};
+use basin_kernels::adamw::{adamw_ema_step, AdamWParams, Step};
+use basin_kernels::multi::{AdamWTensors, MultiTensor};
 use candle_core::{DType, Device, Tensor, Var};
 use std::time::Instant;
 
@@ -156,7 +156,7 @@ fn main() -> anyhow::Result<()> {
         weight_decay: 0.1,
         ..AdamWParams::default()
     };
-    let s = StepScalars::new(&p, 1e-3, 3);
+    let s = Step::new(&p, 3);
     let beta = 0.99f32;
     let set = Set::new(&shapes, &dev)?;
     let mut mt = MultiTensor::new();
@@ -175,16 +175,19 @@ fn main() -> anyhow::Result<()> {
             ]
         })
         .collect();
-    let opts = StepOptions {
-        grad_scale: 0.5,
-        ema_beta: Some(beta),
-    };
-    mt.adamw_step(&set.tensors(true), &s, opts)?;
+    mt.adamw_step(&set.tensors(true), &s.with_grad_scale(0.5).with_ema(beta))?;
     let mut worst = [0f64; 4];
     for (i, [theta, grad, m, v, ema]) in before.into_iter().enumerate() {
         let (mut theta, mut m, mut v, mut ema) = (theta, m, v, ema);
         let grad: Vec<f32> = grad.iter().map(|g| g * 0.5).collect();
-        adamw_ema_step(&mut theta, &grad, &mut m, &mut v, &mut ema, &s, beta);
+        adamw_ema_step(
+            &mut theta,
+            &grad,
+            &mut m,
+            &mut v,
+            &mut ema,
+            &s.with_ema(beta),
+        );
         let got = [&set.theta[i], &set.m[i], &set.v[i], &set.ema[i]].map(|t| host(t.as_tensor()));
         for (w, (g, want)) in worst.iter_mut().zip(got.iter().zip([&theta, &m, &v, &ema])) {
             *w = w.max(max_rel(g, want));
@@ -231,14 +234,7 @@ fn main() -> anyhow::Result<()> {
         let mut v_host: Vec<Vec<f32>> = (0..shapes.len())
             .map(|i| host(set.v[i].as_tensor()))
             .collect();
-        mt.adamw_step(
-            &bf_tensors(false),
-            &s,
-            StepOptions {
-                grad_scale: 1.0,
-                ema_beta: None,
-            },
-        )?;
+        mt.adamw_step(&bf_tensors(false), &s)?;
         for i in 0..shapes.len() {
             let mut theta = before[i].clone();
             let g = host(&bf_grad[i]);
@@ -293,14 +289,7 @@ fn main() -> anyhow::Result<()> {
         .zip(&set.theta)
         .map(|(e, t)| (e, t.as_tensor()))
         .collect();
-    let plain = StepOptions {
-        grad_scale: 1.0,
-        ema_beta: None,
-    };
-    let with_ema = StepOptions {
-        grad_scale: 1.0,
-        ema_beta: Some(beta),
-    };
+    let with_ema = s.with_ema(beta);
     let bf = bf_tensors(false);
     let grad_norm: Vec<(&Tensor, Option<&Tensor>)> = set.grad.iter().map(|g| (g, None)).collect();
     let distance: Vec<(&Tensor, Option<&Tensor>)> = set
@@ -313,7 +302,7 @@ fn main() -> anyhow::Result<()> {
         (
             "adamw_f32",
             28.0,
-            time_ms(&dev, || mt.adamw_step(&adamw, &s, plain).expect("adamw")),
+            time_ms(&dev, || mt.adamw_step(&adamw, &s).expect("adamw")),
         ),
         (
             "ema_blend",
@@ -323,12 +312,12 @@ fn main() -> anyhow::Result<()> {
         (
             "adamw_ema_f32 (fused)",
             36.0,
-            time_ms(&dev, || mt.adamw_step(&fused, &s, with_ema).expect("fused")),
+            time_ms(&dev, || mt.adamw_step(&fused, &with_ema).expect("fused")),
         ),
         (
             "adamw_bf16 (f32 master)",
             28.0,
-            time_ms(&dev, || mt.adamw_step(&bf, &s, plain).expect("bf16")),
+            time_ms(&dev, || mt.adamw_step(&bf, &s).expect("bf16")),
         ),
         (
             "sum_sq (gradient norm)",

@@ -32,14 +32,14 @@ struct Chunk {
     u32 index;  // the chunk's first element is index * chunk_elems
 };
 
-// The per-step constants, computed on the host (StepScalars in adamw.rs).
+// One optimizer step, computed on the host: `Step` in adamw.rs, passed unchanged.
 struct Step {
     float lr, beta1, beta2, eps;
     float decay;       // 1 - lr * weight_decay
     float scale_m;     // 1 / (1 - beta1^t)
     float scale_v;     // 1 / (1 - beta2^t)
     float grad_scale;  // gradient clipping: min(1, clip / ||g||)
-    float ema_weight;  // 1 - beta of the EMA
+    float ema_weight;  // 1 - beta of the EMA (0: this step does not blend)
 };
 
 __device__ __forceinline__ float bf16_to_f32(bf16 x) {

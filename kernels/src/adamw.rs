@@ -5,9 +5,10 @@
 //!   θ ← θ·(1 − lr·λ) − lr · m̂ / (√v̂ + ε)
 //!
 //! The bias corrections depend on the step only, so the host computes them once per step
-//! ([`StepScalars`]), as llm.c does.
+//! ([`Step`]), as llm.c does.
 
 use crate::ema::blend;
+use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -34,9 +35,12 @@ impl Default for AdamWParams {
     }
 }
 
-/// The per-step constants of the update, computed on the host.
+/// One optimizer step, as the host computes it once and every update reads it: AdamW's
+/// constants, the gradient scale of clipping and the EMA's weight. The CPU loops below and
+/// the CUDA kernel (`Step` in `cuda/optim.cu`, passed by value) take this struct unchanged.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct StepScalars {
+pub struct Step {
     pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
@@ -48,31 +52,68 @@ pub struct StepScalars {
     /// 1 / (1 − β2^t)
     pub scale_v: f32,
     /// Multiplies every gradient first (gradient clipping); 1 leaves them untouched.
-    /// `MultiTensor::adamw_step` sets it from its `StepOptions`.
     pub grad_scale: f32,
+    /// 1 − β of the EMA when θ̄ is blended with the new θ in this step; 0: no blend.
+    pub ema_weight: f32,
 }
 
-impl StepScalars {
-    /// The constants of step `t` (1-based) at learning rate `lr`.
-    pub fn new(p: &AdamWParams, lr: f64, t: u64) -> Self {
+impl Step {
+    /// AdamW's constants at step `t` (1-based) at `p.lr`: no clipping, no EMA blend.
+    pub fn new(p: &AdamWParams, t: u64) -> Self {
         assert!(t >= 1, "AdamW steps count from 1");
         let t = i32::try_from(t).unwrap_or(i32::MAX);
         Self {
-            lr: lr as f32,
+            lr: p.lr as f32,
             beta1: p.beta1 as f32,
             beta2: p.beta2 as f32,
             eps: p.eps as f32,
-            decay: (1.0 - lr * p.weight_decay) as f32,
+            decay: (1.0 - p.lr * p.weight_decay) as f32,
             scale_m: (1.0 / (1.0 - p.beta1.powi(t))) as f32,
             scale_v: (1.0 / (1.0 - p.beta2.powi(t))) as f32,
             grad_scale: 1.0,
+            ema_weight: 0.0,
         }
     }
+
+    /// The same step with every gradient multiplied by `scale` first.
+    pub fn with_grad_scale(self, scale: f32) -> Self {
+        Self {
+            grad_scale: scale,
+            ..self
+        }
+    }
+
+    /// The same step followed by θ̄ ← β·θ̄ + (1−β)·θ.
+    pub fn with_ema(self, beta: f32) -> Self {
+        Self {
+            ema_weight: 1.0 - beta,
+            ..self
+        }
+    }
+
+    /// Whether this step blends the EMA.
+    pub fn blends_ema(&self) -> bool {
+        self.ema_weight != 0.0
+    }
+}
+
+/// One parameter tensor's buffers for an AdamW step.
+pub struct AdamWTensors<'a> {
+    /// The f32 master weights θ (the model's own variable when it computes in f32).
+    pub theta: &'a Var,
+    /// ∂loss/∂θ, f32 or bf16.
+    pub grad: &'a Tensor,
+    pub m: &'a Var,
+    pub v: &'a Var,
+    /// The EMA θ̄, blended with the new θ in the same pass when given.
+    pub ema: Option<&'a Var>,
+    /// The model's bf16 copy of θ, rewritten from the new θ when given.
+    pub param: Option<&'a Var>,
 }
 
 /// One element: returns the new θ and updates m, v.
 #[inline(always)]
-fn update(theta: f32, g: f32, m: &mut f32, v: &mut f32, s: &StepScalars) -> f32 {
+fn update(theta: f32, g: f32, m: &mut f32, v: &mut f32, s: &Step) -> f32 {
     // Scaled only when clipping, as the CUDA kernel does (the same bits either way).
     let g = if s.grad_scale == 1.0 {
         g
@@ -87,7 +128,7 @@ fn update(theta: f32, g: f32, m: &mut f32, v: &mut f32, s: &StepScalars) -> f32 
 }
 
 /// θ, m, v ← AdamW(θ, g, m, v), elementwise, in place.
-pub fn adamw_step(theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars) {
+pub fn adamw_step(theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: &Step) {
     let n = theta.len();
     assert!(
         grad.len() == n && m.len() == n && v.len() == n,
@@ -107,22 +148,22 @@ pub fn adamw_step(theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32],
         });
 }
 
-/// The AdamW step followed by the EMA blend θ̄ ← β·θ̄ + (1−β)·θ_new, in one pass.
+/// The AdamW step followed by the EMA blend θ̄ ← θ̄ + w·(θ_new − θ̄), w = `s.ema_weight`
+/// (= 1 − β), in one pass.
 pub fn adamw_ema_step(
     theta: &mut [f32],
     grad: &[f32],
     m: &mut [f32],
     v: &mut [f32],
     shadow: &mut [f32],
-    s: &StepScalars,
-    ema_beta: f32,
+    s: &Step,
 ) {
     let n = theta.len();
     assert!(
         grad.len() == n && m.len() == n && v.len() == n && shadow.len() == n,
         "adamw_ema_step: buffers differ in length"
     );
-    let w = 1.0 - ema_beta;
+    let w = s.ema_weight;
     theta
         .par_chunks_mut(crate::CHUNK)
         .zip(grad.par_chunks(crate::CHUNK))

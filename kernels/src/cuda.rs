@@ -2,8 +2,7 @@
 //! device's own architecture), loaded into candle's context, run on candle's stream over
 //! candle's buffers. Nothing goes through the host but a table of pointers.
 
-use crate::adamw::StepScalars;
-use crate::multi::{AdamWTensors, StepOptions};
+use crate::adamw::{AdamWTensors, Step};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -22,22 +21,7 @@ const THREADS: u32 = crate::norm::THREADS as u32;
 /// u64 words per table entry: the `Entry` struct of optim.cu.
 const ENTRY_WORDS: usize = 8;
 
-/// `Step` of optim.cu, passed by value.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct Step {
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    decay: f32,
-    scale_m: f32,
-    scale_v: f32,
-    grad_scale: f32,
-    ema_weight: f32,
-}
-
-// SAFETY: a plain #[repr(C)] struct of f32, the layout of `Step` in optim.cu.
+// SAFETY: `Step` is a #[repr(C)] struct of nine f32, the layout of `Step` in optim.cu.
 unsafe impl DeviceRepr for Step {}
 
 type Compiled = OnceLock<std::result::Result<String, String>>;
@@ -190,12 +174,7 @@ impl Launcher {
         Ok(())
     }
 
-    pub(crate) fn adamw(
-        &mut self,
-        tensors: &[AdamWTensors],
-        s: &StepScalars,
-        opts: StepOptions,
-    ) -> Result<()> {
+    pub(crate) fn adamw(&mut self, tensors: &[AdamWTensors], s: &Step) -> Result<()> {
         let bf16_grad = tensors[0].grad.dtype() == candle_core::DType::BF16;
         if tensors
             .iter()
@@ -214,35 +193,20 @@ impl Launcher {
                         address(t.grad, &dev)?,
                         address(t.m.as_tensor(), &dev)?,
                         address(t.v.as_tensor(), &dev)?,
-                        if opts.ema_beta.is_some() {
-                            opt(t.ema)?
-                        } else {
-                            0
-                        },
+                        if s.blends_ema() { opt(t.ema)? } else { 0 },
                         opt(t.param)?,
                     ],
                     t.theta.elem_count(),
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        let step = Step {
-            lr: s.lr,
-            beta1: s.beta1,
-            beta2: s.beta2,
-            eps: s.eps,
-            decay: s.decay,
-            scale_m: s.scale_m,
-            scale_v: s.scale_v,
-            grad_scale: opts.grad_scale,
-            ema_weight: 1.0 - opts.ema_beta.unwrap_or(1.0),
-        };
-        let name = match (opts.ema_beta.is_some(), bf16_grad) {
+        let name = match (s.blends_ema(), bf16_grad) {
             (false, false) => "adamw_f32",
             (false, true) => "adamw_bf16",
             (true, false) => "adamw_ema_f32",
             (true, true) => "adamw_ema_bf16",
         };
-        self.launch(name, &entries, step)
+        self.launch(name, &entries, *s)
     }
 
     pub(crate) fn ema_blend(&mut self, pairs: &[(&Var, &Tensor)], beta: f32) -> Result<()> {

@@ -10,8 +10,9 @@
 //!   that candle runs as long chains of elementwise kernels, fused (forward and backward)
 //!   as candle custom ops, with CPU references and CUDA kernels (`cuda/fused.cu`);
 //! - [`rms_norm`], [`rope`] and [`swiglu`]: the rest of a layer's elementwise work, fused
-//!   forward and backward for training on the CPU (on a GPU the model keeps candle's ops);
-//!   [`linear`], the projection x · wᵀ on the CPU, whose weight gradient needs no transpose;
+//!   forward and backward, on row slices: the CPU training pass (`basin_lm::backprop`)
+//!   calls them; [`linear`]: the CPU matrix products (a strided GEMM, and x · wᵀ for
+//!   inference, which keeps a decoding step's few rows from repacking the weights);
 //! - [`multi`]: AdamW, the EMA and the sums of squares over every tensor of a model at
 //!   once — one kernel launch on a CUDA device (`cuda/optim.cu`, feature `cuda`), the CPU
 //!   references otherwise.
@@ -34,29 +35,24 @@ pub mod swiglu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// The values a custom op's contiguous CPU input covers (its layout may start at an offset).
 fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     Ok(&s.as_slice::<T>()?[l.start_offset()..][..l.shape().elem_count()])
 }
 
-/// The gradients of a two-input op.
-type Grads2 = (Option<Tensor>, Option<Tensor>);
-
-/// An f32 op on the CPU over two inputs, with its backward: the CPU-only fused ops. `fwd`
-/// gets the inputs' values and layouts and returns the output's values and shape; `bwd`
-/// gets (a, b, output, output's gradient), as candle's `CustomOp2::bwd` does.
-struct CpuOp2<F, B> {
+/// An f32 op on the CPU over two inputs, without a backward: the projection of a decoding
+/// step ([`linear::linear`]). `fwd` gets the inputs' values and layouts and returns the
+/// output's values and shape.
+struct CpuOp2<F> {
     name: &'static str,
     fwd: F,
-    bwd: B,
 }
 
-impl<F, B> CustomOp2 for CpuOp2<F, B>
+impl<F> CustomOp2 for CpuOp2<F>
 where
     F: Fn(&[f32], &Layout, &[f32], &Layout) -> (Vec<f32>, Shape) + Send + Sync,
-    B: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads2> + Send + Sync,
 {
     fn name(&self) -> &'static str {
         self.name
@@ -72,97 +68,15 @@ where
         let (values, shape) = (self.fwd)(cpu_slice(s1, l1)?, l1, cpu_slice(s2, l2)?, l2);
         Ok((CpuStorage::F32(values), shape))
     }
-
-    fn bwd(&self, a: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Grads2> {
-        (self.bwd)(a, b, y, dy)
-    }
 }
 
-/// Applies `fwd` to `a` and `b` (f32, made contiguous) as a CPU op whose gradients `bwd`
-/// computes.
-fn cpu_op2<F, B>(name: &'static str, a: &Tensor, b: &Tensor, fwd: F, bwd: B) -> Result<Tensor>
+/// Applies `fwd` to `a` and `b` (f32, made contiguous) as a CPU op without a gradient.
+fn cpu_op2<F>(name: &'static str, a: &Tensor, b: &Tensor, fwd: F) -> Result<Tensor>
 where
-    F: Fn(&[f32], &Layout, &[f32], &Layout) -> (Vec<f32>, Shape) + Send + Sync + 'static,
-    B: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads2> + Send + Sync + 'static,
+    F: Fn(&[f32], &Layout, &[f32], &Layout) -> (Vec<f32>, Shape) + Send + Sync,
 {
     a.contiguous()?
-        .apply_op2(&b.contiguous()?, CpuOp2 { name, fwd, bwd })
-}
-
-/// The gradients of a three-input op.
-type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-
-/// An f32 op on the CPU over three inputs: RoPE, and the backward passes of the CPU-only
-/// fused ops. `fwd` gets the inputs' values and returns the output's values and shape;
-/// `bwd` gets (a, b, c, output, output's gradient), as candle's `CustomOp3::bwd` does.
-struct CpuOp3<F, B> {
-    name: &'static str,
-    fwd: F,
-    bwd: B,
-}
-
-impl<F, B> CustomOp3 for CpuOp3<F, B>
-where
-    F: Fn(&[f32], &[f32], &[f32]) -> (Vec<f32>, Shape) + Send + Sync,
-    B: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync,
-{
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (values, shape) =
-            (self.fwd)(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
-        Ok((CpuStorage::F32(values), shape))
-    }
-
-    fn bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Grads3> {
-        (self.bwd)(a, b, c, y, dy)
-    }
-}
-
-/// Applies `fwd` to `a`, `b` and `c` (f32, made contiguous) as a CPU op whose gradients
-/// `bwd` computes.
-fn cpu_op3_grad<F, B>(
-    name: &'static str,
-    a: &Tensor,
-    b: &Tensor,
-    c: &Tensor,
-    fwd: F,
-    bwd: B,
-) -> Result<Tensor>
-where
-    F: Fn(&[f32], &[f32], &[f32]) -> (Vec<f32>, Shape) + Send + Sync + 'static,
-    B: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
-{
-    a.contiguous()?.apply_op3(
-        &b.contiguous()?,
-        &c.contiguous()?,
-        CpuOp3 { name, fwd, bwd },
-    )
-}
-
-/// Applies `fwd` to `a`, `b` and `c` (f32, made contiguous) as a CPU op without a gradient:
-/// the backward passes.
-fn cpu_op3<F>(name: &'static str, a: &Tensor, b: &Tensor, c: &Tensor, fwd: F) -> Result<Tensor>
-where
-    F: Fn(&[f32], &[f32], &[f32]) -> (Vec<f32>, Shape) + Send + Sync,
-{
-    // Applied without backward, so candle never calls `bwd`.
-    let bwd = |_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor| Ok((None, None, None));
-    a.contiguous()?.apply_op3_no_bwd(
-        &b.contiguous()?,
-        &c.contiguous()?,
-        &CpuOp3 { name, fwd, bwd },
-    )
+        .apply_op2_no_bwd(&b.contiguous()?, &CpuOp2 { name, fwd })
 }
 
 /// Elements per rayon task: large enough that scheduling costs nothing next to the work.

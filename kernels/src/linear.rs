@@ -144,7 +144,8 @@ pub fn forward(x: &[f32], w: &[f32], rows: usize, d_in: usize, out: usize) -> Ve
 /// 15.2 (8 rows: 10.3 instead of 11.4).
 pub const FEW_ROWS: usize = 32;
 
-/// x [rows, in] · wᵀ for w [out, in], f32 on the CPU, with gradients for both.
+/// x [rows, in] · wᵀ for w [out, in], f32 on the CPU, for inference: no gradient flows
+/// through it (training takes candle's matmul or the written-out pass).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (_, d_in) = x.dims2()?;
     let (_, w_in) = w.dims2()?;
@@ -162,13 +163,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let (rows, d_in, out) = (lx.dims()[0], lx.dims()[1], lw.dims()[0]);
         (forward(x, w, rows, d_in, out), Shape::from((rows, out)))
     };
-    let bwd = |x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor| {
-        let dy = dy.contiguous()?;
-        let dx = dy.matmul(w)?;
-        let dw = dy.t()?.matmul(x)?;
-        Ok((Some(dx), Some(dw)))
-    };
-    crate::cpu_op2("linear", x, w, fwd, bwd)
+    crate::cpu_op2("linear", x, w, fwd)
 }
 
 #[cfg(test)]

@@ -5,34 +5,12 @@
 //! buffers. On the CPU the same call runs the references of [`crate::adamw`] and
 //! [`crate::ema`] tensor by tensor. Both give the same bits (the device check compares them).
 
-use crate::adamw::{adamw_ema_step, adamw_step, StepScalars};
+pub use crate::adamw::AdamWTensors;
+use crate::adamw::{adamw_ema_step, adamw_step, Step};
 use crate::ema::ema_blend;
 use crate::norm::{chunk_sums, total};
 use candle_core::{bail, CpuStorage, DType, Device, InplaceOp1, Layout, Result, Tensor, Var};
 use std::cell::RefCell;
-
-/// One parameter tensor's buffers for an AdamW step.
-pub struct AdamWTensors<'a> {
-    /// The f32 master weights θ (the model's own variable when it computes in f32).
-    pub theta: &'a Var,
-    /// ∂loss/∂θ, f32 or bf16.
-    pub grad: &'a Tensor,
-    pub m: &'a Var,
-    pub v: &'a Var,
-    /// The EMA θ̄, blended with the new θ in the same pass when given.
-    pub ema: Option<&'a Var>,
-    /// The model's bf16 copy of θ, rewritten from the new θ when given.
-    pub param: Option<&'a Var>,
-}
-
-/// One step's settings on top of AdamW's constants.
-#[derive(Clone, Copy, Debug)]
-pub struct StepOptions {
-    /// Multiplies every gradient first (gradient clipping); 1.0 leaves them untouched.
-    pub grad_scale: f32,
-    /// The EMA's β when θ̄ is blended in this step.
-    pub ema_beta: Option<f32>,
-}
 
 /// The launcher of the multi-tensor kernels; holds what it can reuse between steps (the
 /// compiled kernels and the chunk table on a CUDA device).
@@ -48,26 +26,21 @@ impl MultiTensor {
     }
 
     /// θ, m, v ← AdamW(θ, g·grad_scale, m, v) for every entry; then θ̄ ← β·θ̄ + (1−β)·θ when
-    /// `opts.ema_beta` is set, and the bf16 copies ← θ.
-    pub fn adamw_step(
-        &mut self,
-        tensors: &[AdamWTensors],
-        s: &StepScalars,
-        opts: StepOptions,
-    ) -> Result<()> {
+    /// the step blends the EMA, and the bf16 copies ← θ.
+    pub fn adamw_step(&mut self, tensors: &[AdamWTensors], s: &Step) -> Result<()> {
         let Some(first) = tensors.first() else {
             return Ok(());
         };
         for t in tensors {
             check(t)?;
         }
-        if opts.ema_beta.is_some() && tensors.iter().any(|t| t.ema.is_none()) {
+        if s.blends_ema() && tensors.iter().any(|t| t.ema.is_none()) {
             bail!("adamw_step: an EMA blend was asked for, but a tensor has no EMA buffer")
         }
         match first.theta.device() {
-            Device::Cpu => tensors.iter().try_for_each(|t| adamw_cpu(t, s, opts)),
+            Device::Cpu => tensors.iter().try_for_each(|t| adamw_cpu(t, s)),
             #[cfg(feature = "cuda")]
-            Device::Cuda(dev) => self.cuda(dev)?.adamw(tensors, s, opts),
+            Device::Cuda(dev) => self.cuda(dev)?.adamw(tensors, s),
             d => bail!("adamw_step: no kernel for device {d:?}"),
         }
     }
@@ -239,22 +212,18 @@ fn with_f32_mut<R>(var: &Var, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result
 
 /// The CPU path: the references of adamw.rs and ema.rs, in place on the variables' own
 /// buffers (copying every buffer out and back doubled the step: 835 -> 420 ms at 135M).
-fn adamw_cpu(t: &AdamWTensors, s: &StepScalars, opts: StepOptions) -> Result<()> {
-    let s = StepScalars {
-        grad_scale: opts.grad_scale,
-        ..*s
-    };
+fn adamw_cpu(t: &AdamWTensors, s: &Step) -> Result<()> {
     // Each buffer is borrowed inside the in-place op of the one before.
     with_f32(t.grad, |grad| {
         with_f32_mut(t.theta, |theta| {
             with_f32_mut(t.m, |m| {
-                with_f32_mut(t.v, |v| match (t.ema, opts.ema_beta) {
-                    (Some(ema), Some(beta)) => with_f32_mut(ema, |e| {
-                        adamw_ema_step(theta, grad, m, v, e, &s, beta);
+                with_f32_mut(t.v, |v| match t.ema.filter(|_| s.blends_ema()) {
+                    Some(ema) => with_f32_mut(ema, |e| {
+                        adamw_ema_step(theta, grad, m, v, e, s);
                         Ok(())
                     }),
-                    _ => {
-                        adamw_step(theta, grad, m, v, &s);
+                    None => {
+                        adamw_step(theta, grad, m, v, s);
                         Ok(())
                     }
                 })

@@ -7,7 +7,6 @@
 //! pass with −sin. Unfused, candle builds rotate_half(x) from two narrows, a negation and a
 //! concatenation, then two products and a sum, forward and backward.
 
-use candle_core::{bail, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per rayon task.
@@ -50,33 +49,4 @@ pub fn rotate_row(y: &mut [f32], x: &[f32], c: &[f32], s: &[f32], sign: f32) {
         y1[j] = x1[j] * c[j] - x2[j] * sj;
         y2[j] = x2[j] * c[j] + x1[j] * sj;
     }
-}
-
-/// RoPE of `x` [batch, heads, time, head_dim] with per-row angles `cos`/`sin` [batch, time,
-/// head_dim / 2], f32 on the CPU, with the gradient for `x` (the angles are constants).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, h, t, hd) = x.dims4()?;
-    if hd % 2 != 0 || cos.dims() != [b, t, hd / 2] || sin.dims() != cos.dims() {
-        bail!(
-            "rope: x {:?} needs an even head size and angles [{b}, {t}, {}]; got cos {:?}, sin {:?}",
-            x.dims(),
-            hd / 2,
-            cos.dims(),
-            sin.dims()
-        )
-    }
-    if [x, cos, sin].iter().any(|t| t.dtype() != DType::F32) {
-        bail!("rope: expected f32 inputs")
-    }
-    let dims = [b, h, t, hd];
-    let rotation = move |sign: f32| {
-        move |x: &[f32], cos: &[f32], sin: &[f32]| {
-            (rotate(x, cos, sin, dims, sign), Shape::from(&dims))
-        }
-    };
-    let bwd = move |_x: &Tensor, cos: &Tensor, sin: &Tensor, _y: &Tensor, dy: &Tensor| {
-        let dx = crate::cpu_op3("rope-backward", dy, cos, sin, rotation(-1.0))?;
-        Ok((Some(dx), None, None))
-    };
-    crate::cpu_op3_grad("rope", x, cos, sin, rotation(1.0), bwd)
 }

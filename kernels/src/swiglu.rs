@@ -7,7 +7,6 @@
 //! tensors backward; fused it is one pass each way.
 
 use crate::CHUNK;
-use candle_core::{bail, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 fn sigmoid(x: f32) -> f32 {
@@ -46,25 +45,4 @@ pub fn backward(dy: &[f32], g: &[f32], u: &[f32]) -> Vec<f32> {
             }
         });
     out
-}
-
-/// silu(g) ⊙ u for f32 tensors of one shape on the CPU, with gradients for both.
-pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if g.dims() != u.dims() {
-        bail!("swiglu: gate {:?} and up {:?} differ", g.dims(), u.dims())
-    }
-    if g.dtype() != DType::F32 || u.dtype() != DType::F32 {
-        bail!("swiglu: expected f32 inputs")
-    }
-    let fwd = |g: &[f32], lg: &Layout, u: &[f32], _: &Layout| (forward(g, u), lg.shape().clone());
-    let bwd = |g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor| {
-        // One op writes [2, n]: dg, then du.
-        let both = crate::cpu_op3("swiglu-backward", dy, g, u, |dy, g, u| {
-            (backward(dy, g, u), Shape::from((2, g.len())))
-        })?;
-        let dg = both.get(0)?.reshape(g.shape())?;
-        let du = both.get(1)?.reshape(u.shape())?;
-        Ok((Some(dg), Some(du)))
-    };
-    crate::cpu_op2("swiglu", g, u, fwd, bwd)
 }

@@ -2,9 +2,9 @@
 //! references' bits; with `--features cuda` on a machine with a GPU, the device must give the
 //! same bits as the CPU (odd sizes and views included, which take the kernels' scalar path).
 
-use basin_kernels::adamw::{adamw_ema_step, adamw_step, AdamWParams, StepScalars};
+use basin_kernels::adamw::{adamw_ema_step, adamw_step, AdamWParams, Step};
 use basin_kernels::ema::ema_blend;
-use basin_kernels::multi::{AdamWTensors, MultiTensor, StepOptions};
+use basin_kernels::multi::{AdamWTensors, MultiTensor};
 use candle_core::{DType, Device, Tensor, Var};
 
 fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
@@ -83,7 +83,7 @@ fn tensors(b: &[Buffers], ema: bool, param: bool) -> Vec<AdamWTensors<'_>> {
         .collect()
 }
 
-fn scalars() -> StepScalars {
+fn scalars() -> Step {
     let p = AdamWParams {
         lr: 1e-3,
         beta1: 0.9,
@@ -91,7 +91,7 @@ fn scalars() -> StepScalars {
         eps: 1e-8,
         weight_decay: 0.1,
     };
-    StepScalars::new(&p, 1e-3, 4)
+    Step::new(&p, 4)
 }
 
 #[test]
@@ -110,19 +110,19 @@ fn cpu_step_equals_the_references_bit_for_bit() {
                     host(b.ema.as_tensor()),
                 );
                 if ema {
-                    adamw_ema_step(&mut theta, &g, &mut m, &mut v, &mut e, &s, 0.99);
+                    adamw_ema_step(&mut theta, &g, &mut m, &mut v, &mut e, &s.with_ema(0.99));
                 } else {
                     adamw_step(&mut theta, &g, &mut m, &mut v, &s);
                 }
                 [theta, m, v, e]
             })
             .collect();
-        let opts = StepOptions {
-            grad_scale,
-            ema_beta: ema.then_some(0.99),
-        };
+        let mut step = s.with_grad_scale(grad_scale);
+        if ema {
+            step = step.with_ema(0.99);
+        }
         MultiTensor::new()
-            .adamw_step(&tensors(&b, ema, true), &s, opts)
+            .adamw_step(&tensors(&b, ema, true), &step)
             .unwrap();
         for (b, want) in b.iter().zip(want) {
             let got = [&b.theta, &b.m, &b.v, &b.ema].map(|t| host(t.as_tensor()));
@@ -160,22 +160,16 @@ fn bad_buffers_are_refused_with_their_names() {
     let s = scalars();
     let b = buffers(&Device::Cpu, DType::F32);
     let mut mt = MultiTensor::new();
-    let plain = StepOptions {
-        grad_scale: 1.0,
-        ema_beta: None,
-    };
+    let plain = s;
     // m of another shape.
     let mut t = tensors(&b, false, false);
     t[0].m = &b[1].m;
-    let err = mt.adamw_step(&t, &s, plain).unwrap_err().to_string();
+    let err = mt.adamw_step(&t, &plain).unwrap_err().to_string();
     assert!(err.contains("theta") && err.contains('m'), "{err}");
     // An EMA blend without EMA buffers.
-    let with_ema = StepOptions {
-        ema_beta: Some(0.9),
-        ..plain
-    };
+    let with_ema = s.with_ema(0.9);
     let err = mt
-        .adamw_step(&tensors(&b, false, false), &s, with_ema)
+        .adamw_step(&tensors(&b, false, false), &with_ema)
         .unwrap_err()
         .to_string();
     assert!(err.contains("EMA"), "{err}");
@@ -183,7 +177,7 @@ fn bad_buffers_are_refused_with_their_names() {
     let bf = Var::from_tensor(&b[0].theta.as_tensor().to_dtype(DType::BF16).unwrap()).unwrap();
     let mut t = tensors(&b, false, false);
     t[0].theta = &bf;
-    let err = mt.adamw_step(&t, &s, plain).unwrap_err().to_string();
+    let err = mt.adamw_step(&t, &plain).unwrap_err().to_string();
     assert!(err.contains("theta") && err.contains("f32"), "{err}");
     // Nothing was written by the refused calls.
     assert_eq!(host(b[0].theta.as_tensor()), values(7, 0, 0.5));
@@ -249,15 +243,15 @@ fn cuda_kernels_equal_the_cpu_bit_for_bit() {
     for grad_dtype in [DType::F32, DType::BF16] {
         for (ema, param, grad_scale) in [(false, false, 1.0f32), (true, true, 0.5)] {
             let (c, g) = (buffers(&Device::Cpu, grad_dtype), buffers(&gpu, grad_dtype));
-            let opts = StepOptions {
-                grad_scale,
-                ema_beta: ema.then_some(0.99),
-            };
+            let mut step = s.with_grad_scale(grad_scale);
+            if ema {
+                step = step.with_ema(0.99);
+            }
             MultiTensor::new()
-                .adamw_step(&tensors(&c, ema, param), &s, opts)
+                .adamw_step(&tensors(&c, ema, param), &step)
                 .unwrap();
             MultiTensor::new()
-                .adamw_step(&tensors(&g, ema, param), &s, opts)
+                .adamw_step(&tensors(&g, ema, param), &step)
                 .unwrap();
             for (c, g) in c.iter().zip(&g) {
                 for (name, a, b) in [

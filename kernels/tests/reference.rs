@@ -1,7 +1,7 @@
 //! The CPU references against candle_nn's AdamW, and the fused step against the two
 //! separate ones.
 
-use basin_kernels::adamw::{adamw_ema_step, adamw_step, AdamWParams, StepScalars};
+use basin_kernels::adamw::{adamw_ema_step, adamw_step, AdamWParams, Step};
 use basin_kernels::ema::ema_blend;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
@@ -52,13 +52,7 @@ fn adamw_matches_candle_nn_over_several_steps() {
             .to_vec1::<f32>()
             .unwrap();
         opt.step(&grads).unwrap();
-        adamw_step(
-            &mut theta,
-            &g,
-            &mut m,
-            &mut v,
-            &StepScalars::new(&p, p.lr, step),
-        );
+        adamw_step(&mut theta, &g, &mut m, &mut v, &Step::new(&p, step));
         let want = var.as_tensor().to_vec1::<f32>().unwrap();
         for (a, b) in theta.iter().zip(&want) {
             worst = worst.max((a - b).abs() / b.abs().max(1e-3));
@@ -84,10 +78,10 @@ fn fused_step_equals_adamw_then_ema_bitwise() {
         values(n, 4),
     );
     let (mut t2, mut m2, mut v2, mut s2) = (t1.clone(), m1.clone(), v1.clone(), s1.clone());
-    let s = StepScalars::new(&p, p.lr, 7);
+    let s = Step::new(&p, 7);
     adamw_step(&mut t1, &g, &mut m1, &mut v1, &s);
     ema_blend(&mut s1, &t1, 0.999);
-    adamw_ema_step(&mut t2, &g, &mut m2, &mut v2, &mut s2, &s, 0.999);
+    adamw_ema_step(&mut t2, &g, &mut m2, &mut v2, &mut s2, &s.with_ema(0.999));
     assert_eq!((t1, m1, v1, s1), (t2, m2, v2, s2));
 }
 
@@ -105,7 +99,7 @@ fn zero_learning_rate_changes_no_weight() {
         &values(100, 2),
         &mut m,
         &mut v,
-        &StepScalars::new(&p, 0.0, 1),
+        &Step::new(&AdamWParams { lr: 0.0, ..p }, 1),
     );
     assert_eq!(t, before);
     assert!(m.iter().any(|&x| x != 0.0), "the moments still move");

@@ -586,3 +586,17 @@ impl Trace<'_> {
         Ok(store)
     }
 }
+
+/// The training loss of `model` on `batch` and the gradients of `scale` × that loss for
+/// every weight: the written-out passes of this module for an f32 model on the CPU,
+/// candle's autograd of [`crate::batch::loss`] otherwise (other dtypes, other devices).
+pub fn loss_and_grads(model: &Llama, batch: &Batch, scale: f64) -> Result<(f64, GradStore)> {
+    if supports(model) {
+        let trace = forward(model, batch)?;
+        let l = trace.loss();
+        return Ok((l, trace.backward(scale)?));
+    }
+    let l = crate::batch::loss(model, batch, crate::llama::Pass::Train)?;
+    let grads = l.affine(scale, 0.0)?.backward()?;
+    Ok((l.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
+}

@@ -1,10 +1,8 @@
 //! Training batches and the loss: right-padded token rows, next-token targets, and a mask
 //! that counts reply tokens only (the prompt is context, not something to learn).
 
-use crate::backprop;
 use crate::llama::{attention_bias, Llama, Pass};
 use anyhow::{bail, Result};
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, D};
 
 pub struct Batch {
@@ -98,21 +96,7 @@ pub fn loss(model: &Llama, batch: &Batch, pass: Pass) -> Result<Tensor> {
     } else {
         hidden.index_select(&batch.loss_positions, 0)?
     };
-    mean_cross_entropy(&model.logits(&hidden)?, &batch.loss_targets)
-}
-
-/// The training loss of `model` on `batch` and the gradients of `scale` × that loss for
-/// every weight: the written-out passes of [`crate::backprop`] for an f32 model on the CPU,
-/// candle's autograd of [`loss`] otherwise (other dtypes, other devices).
-pub fn loss_and_grads(model: &Llama, batch: &Batch, scale: f64) -> Result<(f64, GradStore)> {
-    if backprop::supports(model) {
-        let trace = backprop::forward(model, batch)?;
-        let l = trace.loss();
-        return Ok((l, trace.backward(scale)?));
-    }
-    let l = loss(model, batch, Pass::Train)?;
-    let grads = l.affine(scale, 0.0)?.backward()?;
-    Ok((l.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
+    mean_cross_entropy(&model.logits(&hidden, pass)?, &batch.loss_targets)
 }
 
 /// Token-weighted mean loss of `model` over `rows` of `(ids, prompt_len)`, `micro_batch`

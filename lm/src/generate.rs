@@ -90,7 +90,7 @@ pub fn generate(
         let bias = attention_bias(&key_valid, n_q, model.dtype(), &device)?;
         let hidden = model.hidden(&input, &pos, &bias, Some(&mut cache), Pass::Infer)?;
         let last = hidden.narrow(1, n_q - 1, 1)?.squeeze(1)?;
-        let logits = model.logits(&last)?.to_dtype(DType::F32)?;
+        let logits = model.logits(&last, Pass::Infer)?.to_dtype(DType::F32)?;
         let next = match &opts.sampling {
             None => logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
             Some(s) => {

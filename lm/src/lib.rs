@@ -14,11 +14,14 @@
 //! - [`source`]: opens a model given by path (GGUF file or Hugging Face directory) and
 //!   returns its tokenizer and chat template.
 //! - [`schema`]: the Parquet schema of prepared data, its writer and reader.
+//! - [`artifacts`]: the files one stage writes and another reads, as serde types (the
+//!   manifest, a run's config, run.json and metrics, scores, utility).
 //! - [`config`]: TOML config files with `key=value` overrides from the command line.
 //! - [`fsutil`]: sha256 and atomic (temp file + rename) writes.
 //! - [`tiny`]: a tiny tokenizer and chat template for fast tests.
 //! - [`provenance`]: the git commit recorded with every output; [`rng`]: seeded numbers.
 
+pub mod artifacts;
 pub mod backprop;
 pub mod batch;
 pub mod chat;

@@ -185,15 +185,15 @@ fn linear(vb: &VarBuilder, out_dim: usize, in_dim: usize, name: &str) -> Result<
 /// x [.., in] · wᵀ for w [out, in], as one 2-D matmul over every row. Broadcasting w over
 /// the batch instead (candle-nn's Linear) makes its gradient a batch of per-row GEMMs and a
 /// sum over the batch: [batch, in, out] floats written and read again for every weight.
-fn project(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+fn project(x: &Tensor, w: &Tensor, pass: Pass) -> Result<Tensor> {
     let dims = x.dims();
     let (rows, d_in) = (
         dims[..dims.len() - 1].iter().product::<usize>(),
         dims[dims.len() - 1],
     );
     let x = x.reshape((rows, d_in))?;
-    let y = if x.dtype() == DType::F32 && x.device().is_cpu() {
-        // The same GEMM, with the weight's gradient written untransposed (linear.rs).
+    let y = if pass == Pass::Infer && x.dtype() == DType::F32 && x.device().is_cpu() {
+        // The CPU GEMM that keeps a decoding step's few rows from repacking w (linear.rs).
         basin_kernels::linear::linear(&x, w)?
     } else {
         x.matmul(&w.t()?)?
@@ -305,8 +305,12 @@ impl Llama {
             x = (x + a)?;
             let n = rms_norm(&x, &block.mlp_norm, self.config.rms_norm_eps, pass)?;
             let f = project(
-                &swiglu(&project(&n, &block.gate)?, &project(&n, &block.up)?, pass)?,
+                &swiglu(
+                    &project(&n, &block.gate, pass)?,
+                    &project(&n, &block.up, pass)?,
+                )?,
                 &block.down,
+                pass,
             )?;
             x = (x + f)?;
         }
@@ -324,7 +328,7 @@ impl Llama {
         let positions = Tensor::arange(0u32, t as u32, device)?.unsqueeze(0)?;
         let bias = attention_bias(&[vec![true; t]], t, self.dtype(), device)?;
         let hidden = self.hidden(&input, &positions, &bias, None, pass)?;
-        let logits = self.logits(&hidden.narrow(1, t - 1, 1)?)?;
+        let logits = self.logits(&hidden.narrow(1, t - 1, 1)?, pass)?;
         Ok(logits
             .flatten_all()?
             .to_dtype(DType::F32)?
@@ -332,9 +336,9 @@ impl Llama {
     }
 
     /// Logits [.., vocab] of hidden states [.., hidden].
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+    pub fn logits(&self, hidden: &Tensor, pass: Pass) -> Result<Tensor> {
         // contiguous(): CUDA matmul needs it, and the last position of a batch is a strided view.
-        project(&hidden.contiguous()?, &self.lm_head)
+        project(&hidden.contiguous()?, &self.lm_head, pass)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -354,9 +358,9 @@ impl Llama {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope(&heads(project(x, &block.q)?, nh)?, cos, sin, pass)?;
-        let mut k = rope(&heads(project(x, &block.k)?, nkv)?, cos, sin, pass)?;
-        let mut v = heads(project(x, &block.v)?, nkv)?;
+        let q = rope(&heads(project(x, &block.q, pass)?, nh)?, cos, sin, pass)?;
+        let mut k = rope(&heads(project(x, &block.k, pass)?, nkv)?, cos, sin, pass)?;
+        let mut v = heads(project(x, &block.v, pass)?, nkv)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -381,7 +385,7 @@ impl Llama {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        project(&y, &block.o)
+        project(&y, &block.o, pass)
     }
 }
 
@@ -403,20 +407,10 @@ fn reduce_dtype(dtype: DType) -> DType {
     }
 }
 
-/// Whether a training pass over `x` runs the fused CPU ops of basin_kernels (f32 on the
-/// CPU) rather than candle's elementwise chains (other dtypes, other devices; f64 is the
-/// gradient checks' precision).
-fn fused_cpu(x: &Tensor, pass: Pass) -> bool {
-    pass == Pass::Train && x.dtype() == DType::F32 && x.device().is_cpu()
-}
-
 /// RMSNorm: x / sqrt(mean(x²) + eps) · w.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, pass: Pass) -> Result<Tensor> {
     if pass == Pass::Infer {
         return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?);
-    }
-    if fused_cpu(x, pass) {
-        return Ok(basin_kernels::rms_norm::rms_norm(x, w, eps)?);
     }
     let dtype = x.dtype();
     let xf = x.to_dtype(reduce_dtype(dtype))?;
@@ -441,9 +435,6 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, pass: Pass) -> Result<Tensor> {
     if pass == Pass::Infer {
         return Ok(candle_nn::rotary_emb::rope(x, cos, sin)?);
     }
-    if fused_cpu(x, pass) {
-        return Ok(basin_kernels::rope::rope(x, cos, sin)?);
-    }
     let hd = x.dim(D::Minus1)?;
     let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
     let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
@@ -454,10 +445,7 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, pass: Pass) -> Result<Tensor> {
 }
 
 /// The MLP's gate: silu(g) ⊙ u.
-fn swiglu(g: &Tensor, u: &Tensor, pass: Pass) -> Result<Tensor> {
-    if fused_cpu(g, pass) {
-        return Ok(basin_kernels::swiglu::swiglu(g, u)?);
-    }
+fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     Ok((candle_nn::ops::silu(g)? * u)?)
 }
 

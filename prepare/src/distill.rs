@@ -10,53 +10,19 @@
 //! distilled set may be a near-duplicate of one of its prompts — [`near_duplicates`]
 //! checks it before anything is generated.
 
+use crate::config::{DistillSpec, PrepareConfig};
 use crate::filters::{normalise_prompt, read_keyword_list};
 use crate::formats::{read_records, Record};
-use crate::pipeline::{cached, read_manifest_sets, write_manifest, PrepareConfig, SetInfo, Setup};
+use crate::pipeline::{cached, SetInfo, Setup};
 use anyhow::{bail, Context, Result};
+use basin_lm::artifacts::{DistillRecipe, FileHash, Manifest, ModelHash};
 use basin_lm::chat::Conversation;
 use basin_lm::fsutil::sha256_file;
 use basin_lm::model::Model;
 use basin_lm::schema::write_parquet;
 use candle_core::{DType, Device};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-
-/// One `[[distill]]` entry of configs/prepare.toml.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DistillSpec {
-    /// The set's name: data/prepared/<name>.parquet.
-    pub name: String,
-    /// The prompts, one a line; blank lines and lines starting with `#` are skipped.
-    pub prompts: PathBuf,
-    /// The prompts' licence (the replies are the model's).
-    pub licence: String,
-    /// Reply budget; a reply the budget cut keeps its complete sentences.
-    #[serde(default = "default_max_new_tokens")]
-    pub max_new_tokens: usize,
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
-    /// A reply containing one of these (case-sensitive) is a refusal, not a contrast
-    /// example: a list of the refusal keyword lists asset. The default is the keyword
-    /// judge's own list (Qi et al. 2023), so no kept reply counts as a refusal there.
-    #[serde(default = "default_refusal_keywords")]
-    pub refusal_keywords: String,
-}
-
-fn default_refusal_keywords() -> String {
-    "qi2023_and_harmbench_advbench_prefixes".into()
-}
-
-fn default_max_new_tokens() -> usize {
-    48
-}
-
-fn default_batch_size() -> usize {
-    16
-}
 
 /// A prompt and its 1-based line in the prompts file.
 #[derive(Clone, Debug, PartialEq)]
@@ -235,7 +201,7 @@ pub fn run(config: &PrepareConfig, only: &[String], progress: bool) -> Result<Ve
     let eval = overrefusal_prompts(config, &setup)?;
     let model_sha = basin_lm::fsutil::weights_sha256(&setup.model_path)?;
     let mut model: Option<Model> = None;
-    let mut manifest_sets = read_manifest_sets(&config.out);
+    let mut manifest = Manifest::read_or_empty(&config.out)?;
     let mut done = Vec::new();
     for spec in specs {
         if spec.max_new_tokens == 0 || spec.batch_size == 0 {
@@ -275,39 +241,43 @@ pub fn run(config: &PrepareConfig, only: &[String], progress: bool) -> Result<Ve
         let keywords = setup.sources.get(&config.safety_keywords_asset)?;
         let refusal = read_keyword_list(&cached(config, keywords)?, &spec.refusal_keywords)?;
         let out = config.out.join(format!("{}.parquet", spec.name));
-        let how = json!({
-            "prompts": {"file": spec.prompts.display().to_string(),
-                        "sha256": sha256_file(&spec.prompts)?},
-            "model": {"path": setup.model_path.display().to_string(), "sha256": model_sha},
-            "decoding": "greedy",
-            "max_new_tokens": spec.max_new_tokens,
-            "max_seq_len": config.max_seq_len,
-            "val_fraction": config.val_fraction,
-            "seed": config.seed,
-            "tokenizer_sha256": setup.tokenizer_sha,
-            "template_sha256": setup.template.sha256(),
-            "refusal_keywords": spec.refusal_keywords,
-            "dedup_against_eval": config.dedup_against_eval,
-        });
-        let previous = manifest_sets.get(&spec.name);
+        let how = DistillRecipe {
+            prompts: FileHash {
+                file: spec.prompts.display().to_string(),
+                sha256: sha256_file(&spec.prompts)?,
+            },
+            model: ModelHash {
+                path: setup.model_path.display().to_string(),
+                sha256: model_sha.clone(),
+            },
+            decoding: "greedy".into(),
+            max_new_tokens: spec.max_new_tokens,
+            max_seq_len: config.max_seq_len,
+            val_fraction: config.val_fraction,
+            seed: config.seed,
+            tokenizer_sha256: setup.tokenizer_sha.clone(),
+            template_sha256: setup.template.sha256(),
+            refusal_keywords: spec.refusal_keywords.clone(),
+            dedup_against_eval: config.dedup_against_eval,
+        };
+        let previous = manifest.sets.get(&spec.name);
         let up_to_date = previous.is_some_and(|p| {
-            p["distilled"] == how
+            p.distilled.as_ref() == Some(&how)
                 && out.is_file()
-                && sha256_file(&out).ok().as_deref() == p["output"]["sha256"].as_str()
+                && sha256_file(&out).ok().as_deref() == Some(p.output.sha256.as_str())
         });
         if up_to_date {
-            let stats = &previous.expect("checked")["stats"];
-            let count = |k: &str| stats[k].as_u64().unwrap_or(0) as usize;
+            let stats = &previous.expect("checked").stats;
             done.push(Distilled {
                 name: spec.name.clone(),
                 out,
                 skipped: true,
                 prompts: prompts.len(),
-                rows_train: count("rows_train"),
-                rows_val: count("rows_val"),
+                rows_train: stats.rows_train,
+                rows_val: stats.rows_val,
                 dropped: prompts
                     .len()
-                    .saturating_sub(count("rows_train") + count("rows_val")),
+                    .saturating_sub(stats.rows_train + stats.rows_val),
             });
             continue;
         }
@@ -369,12 +339,12 @@ pub fn run(config: &PrepareConfig, only: &[String], progress: bool) -> Result<Ve
         };
         let (rows, stats) = setup.build(config, set, records, progress)?;
         write_parquet(&out, &rows)?;
-        let input = how["prompts"].clone();
-        let extra = json!({"distilled": how, "dropped_unfinished_reply": unfinished,
-                           "dropped_refusal": refusals});
-        let entry = setup.manifest_entry(config, set, input, &out, &stats, extra)?;
-        manifest_sets.insert(spec.name.clone(), entry);
-        write_manifest(&config.out, manifest_sets.clone())?;
+        let mut entry = setup.manifest_entry(config, set, how.prompts.clone(), &out, &stats)?;
+        entry.distilled = Some(how);
+        entry.dropped_unfinished_reply = Some(unfinished);
+        entry.dropped_refusal = Some(refusals);
+        manifest.sets.insert(spec.name.clone(), entry);
+        manifest.write(&config.out)?;
         done.push(Distilled {
             name: spec.name.clone(),
             out,

@@ -2,6 +2,7 @@
 //! with the model's chat template, tokenize, and write Parquet (schema: basin_lm::schema).
 
 pub mod assets;
+pub mod config;
 pub mod distill;
 pub mod filters;
 pub mod formats;

@@ -3,7 +3,8 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use prepare::assets::{Fetched, Fetcher, Sources};
-use prepare::pipeline::{self, PrepareConfig};
+use prepare::config::PrepareConfig;
+use prepare::pipeline;
 use std::path::PathBuf;
 
 #[derive(Parser)]

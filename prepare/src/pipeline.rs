@@ -1,96 +1,22 @@
 //! The prepare stage: records -> filters -> chat template -> token ids -> split -> Parquet.
 
 use crate::assets::{Asset, Sources, EVAL_ROLES, TRAIN_ROLES};
+use crate::config::PrepareConfig;
 use crate::filters::{normalise_prompt, KeywordFilter};
 use crate::formats::{read_records, Record};
 use anyhow::{bail, Context, Result};
+use basin_lm::artifacts::{FileHash, Manifest, ManifestSet, TemplateInfo, TokenizerInfo};
 use basin_lm::chat::ChatTemplate;
-use basin_lm::fsutil::{sha256_file, write_bytes_atomic};
+use basin_lm::fsutil::sha256_file;
 use basin_lm::rng::mix64;
 use basin_lm::schema::{write_parquet, PreparedRow};
 use basin_lm::source::{ModelText, TemplateChoice};
 use basin_lm::tokenizer::TextTokenizer;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-/// configs/prepare.toml; every key can be overridden with `--set key=value`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PrepareConfig {
-    /// The asset list.
-    pub sources: PathBuf,
-    /// Where fetched assets are.
-    pub cache: PathBuf,
-    /// Where the Parquet files and manifest.json go.
-    pub out: PathBuf,
-    /// The model whose tokenizer and chat template are used: an asset name from
-    /// sources.toml, a .gguf file or a Hugging Face directory.
-    pub model: String,
-    /// `model` (the model's own), `llama2-qi`, or a path to a .jinja file.
-    pub template: String,
-    /// System prompt for conversations that have none (none: the template's default).
-    pub system_prompt: Option<String>,
-    /// Longer training examples are cut (counted as truncated); evaluation prompts never.
-    pub max_seq_len: usize,
-    /// Share of each training set held out as `val`, chosen by `seed`.
-    pub val_fraction: f64,
-    pub seed: u64,
-    /// Drop safety-related examples from benign instruct sets (Qi et al. 2023).
-    pub safety_filter: bool,
-    /// Keyword list (asset, key) that defines "safety-related".
-    pub safety_keywords_asset: String,
-    pub safety_keywords_list: String,
-    /// Drop training examples whose prompt occurs in an evaluation set.
-    pub dedup_against_eval: bool,
-    /// Asset names to prepare; empty: every asset with a read spec.
-    pub sets: Vec<String>,
-    /// Sets made by `prepare distill`: project-written prompts, the model's own replies.
-    pub distill: Vec<crate::distill::DistillSpec>,
-}
-
-impl Default for PrepareConfig {
-    fn default() -> Self {
-        Self {
-            sources: "data/sources.toml".into(),
-            cache: "data/cache".into(),
-            out: "data/prepared".into(),
-            model: "smollm2-135m-instruct".into(),
-            template: "model".into(),
-            system_prompt: None,
-            max_seq_len: 512,
-            val_fraction: 0.1,
-            seed: 0,
-            safety_filter: true,
-            safety_keywords_asset: "refusal-keywords".into(),
-            // The list closest to Qi et al.'s filter: it flags 67% of the Dolly records they
-            // marked safety-related and 2.7% of a Dolly sample (prepare's tests measure it).
-            safety_keywords_list: "garak_mitigation_bypass".into(),
-            dedup_against_eval: true,
-            sets: Vec::new(),
-            distill: Vec::new(),
-        }
-    }
-}
-
-/// Counts for one prepared set, written to manifest.json.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct SetStats {
-    pub records_read: usize,
-    pub dropped_safety_keyword: usize,
-    pub dropped_eval_overlap: usize,
-    pub dropped_prompt_too_long: usize,
-    pub rows_train: usize,
-    pub rows_val: usize,
-    pub rows_eval: usize,
-    pub truncated: usize,
-    pub eval_over_max_len: usize,
-    pub tokens_total: usize,
-    pub reply_tokens_total: usize,
-    pub tokens_max: usize,
-}
+pub use basin_lm::artifacts::SetStats;
 
 /// Renders and tokenizes one conversation: prompt ids then reply ids, each encoded on its
 /// own so the boundary is exact; the reply is cut at `max_len` for training rows.
@@ -247,60 +173,47 @@ impl Setup {
     }
 
     /// The manifest entry of a set written to `out`: where its rows came from and how they
-    /// were made. `extra` (an object) adds keys, e.g. how a distilled set was generated.
+    /// were made.
     pub fn manifest_entry(
         &self,
         config: &PrepareConfig,
         set: SetInfo,
-        input: serde_json::Value,
+        input: FileHash,
         out: &Path,
         stats: &SetStats,
-        extra: serde_json::Value,
-    ) -> Result<serde_json::Value> {
-        let mut entry = json!({
-            "role": set.role,
-            "licence": set.licence,
-            "input": input,
-            "output": {"file": out.file_name().map(|f| f.to_string_lossy().into_owned()),
-                       "sha256": sha256_file(out)?},
-            "tokenizer": {"model": self.model_path.display().to_string(), "sha256": self.tokenizer_sha},
-            "template": {"name": self.template.name, "sha256": self.template.sha256(),
-                         "default_system": self.template.default_system},
-            "max_seq_len": config.max_seq_len,
-            "val_fraction": config.val_fraction,
-            "seed": config.seed,
-            "safety_filter": self.safety.as_ref().map(|f| f.list_name.clone()),
-            "dedup_against": self.eval_sets_used,
-            "git_commit": basin_lm::provenance::git_commit(),
-            "stats": stats,
-        });
-        if let (Some(entry), Some(extra)) = (entry.as_object_mut(), extra.as_object()) {
-            entry.extend(extra.clone());
-        }
-        Ok(entry)
+    ) -> Result<ManifestSet> {
+        Ok(ManifestSet {
+            role: set.role.to_string(),
+            licence: set.licence.to_string(),
+            input,
+            output: FileHash {
+                file: out
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                sha256: sha256_file(out)?,
+            },
+            tokenizer: TokenizerInfo {
+                model: self.model_path.display().to_string(),
+                sha256: self.tokenizer_sha.clone(),
+            },
+            template: TemplateInfo {
+                name: self.template.name.clone(),
+                sha256: self.template.sha256(),
+                default_system: self.template.default_system.clone(),
+            },
+            max_seq_len: config.max_seq_len,
+            val_fraction: config.val_fraction,
+            seed: config.seed,
+            safety_filter: self.safety.as_ref().map(|f| f.list_name.clone()),
+            dedup_against: self.eval_sets_used.clone(),
+            git_commit: basin_lm::provenance::git_commit(),
+            stats: stats.clone(),
+            distilled: None,
+            dropped_unfinished_reply: None,
+            dropped_refusal: None,
+        })
     }
-}
-
-/// The sets manifest.json in `out` lists (empty when there is none yet).
-pub fn read_manifest_sets(out: &Path) -> BTreeMap<String, serde_json::Value> {
-    match std::fs::read_to_string(out.join("manifest.json")) {
-        Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| serde_json::from_value(v["sets"].clone()).ok())
-            .unwrap_or_default(),
-        Err(_) => BTreeMap::new(),
-    }
-}
-
-/// Writes manifest.json in `out` (atomically); returns its path.
-pub fn write_manifest(out: &Path, sets: BTreeMap<String, serde_json::Value>) -> Result<PathBuf> {
-    let path = out.join("manifest.json");
-    let manifest = json!({
-        "schema": "basin prepared data v1 (see basin_lm::schema)",
-        "sets": sets,
-    });
-    write_bytes_atomic(&path, serde_json::to_string_pretty(&manifest)?.as_bytes())?;
-    Ok(path)
 }
 
 /// Runs the prepare stage as `config` says.
@@ -326,7 +239,7 @@ pub fn run(config: &PrepareConfig, progress: bool) -> Result<Prepared> {
         }
     }
 
-    let mut manifest_sets = read_manifest_sets(&config.out);
+    let mut manifest = Manifest::read_or_empty(&config.out)?;
     // Read, filter and tokenize every set before writing any: bad input anywhere leaves
     // the output directory as it was.
     let mut built = Vec::new();
@@ -358,15 +271,17 @@ pub fn run(config: &PrepareConfig, progress: bool) -> Result<Prepared> {
         let entry = setup.manifest_entry(
             config,
             SetInfo::of(asset, &input),
-            json!({"file": asset.file, "sha256": asset.sha256}),
+            FileHash {
+                file: asset.file.clone(),
+                sha256: asset.sha256.clone(),
+            },
             &out,
             &stats,
-            json!({}),
         )?;
-        manifest_sets.insert(asset.name.clone(), entry);
+        manifest.sets.insert(asset.name.clone(), entry);
         outputs.push((asset.name.clone(), out, stats));
     }
-    let manifest = write_manifest(&config.out, manifest_sets)?;
+    let manifest = manifest.write(&config.out)?;
     Ok(Prepared { outputs, manifest })
 }
 

@@ -7,8 +7,9 @@ use basin_lm::fsutil::sha256_file;
 use basin_lm::model::Model;
 use basin_lm::schema::read_parquet;
 use candle_core::{DType, Device};
-use prepare::distill::{complete_sentences, read_prompts, run, DistillSpec};
-use prepare::pipeline::PrepareConfig;
+use prepare::config::DistillSpec;
+use prepare::config::PrepareConfig;
+use prepare::distill::{complete_sentences, read_prompts, run};
 use std::path::{Path, PathBuf};
 
 /// A cache with an over-refusal set and a keyword lists file, the tiny model, a prompts file.

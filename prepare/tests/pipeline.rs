@@ -2,7 +2,8 @@
 
 use basin_lm::fsutil::sha256_file;
 use basin_lm::schema::read_parquet;
-use prepare::pipeline::{run, PrepareConfig};
+use prepare::config::PrepareConfig;
+use prepare::pipeline::run;
 use std::path::{Path, PathBuf};
 
 struct Workspace {

@@ -104,7 +104,7 @@ fn safety_filter_catches_flagged_records_and_spares_most_others() {
 #[test]
 fn the_borderline_prompts_are_no_near_duplicates_of_any_over_refusal_prompt() {
     use prepare::distill::{near_duplicates, read_prompts};
-    let config: prepare::pipeline::PrepareConfig =
+    let config: prepare::config::PrepareConfig =
         basin_lm::config::load(Some(&root().join("configs/prepare.toml")), &[]).unwrap();
     let spec = config
         .distill

@@ -79,7 +79,10 @@ fn train_step(
     let varmap = random_weights(&cfg, 0, dtype, dev)?;
     let model = Llama::new(&cfg, VarBuilder::from_varmap(&varmap, dtype, dev))?;
     let mut state = TrainState::new(&varmap, false)?;
-    let config = TrainConfig::default();
+    let config = TrainConfig {
+        lr: 1e-5,
+        ..TrainConfig::default()
+    };
     let ids = random_ids(b * t, 1, cfg.vocab_size);
     let rows: Vec<(&[u32], usize)> = ids.chunks(t).map(|r| (r, 0)).collect();
     let batch = Batch::new(&rows, 0, dtype, dev)?;
@@ -107,7 +110,10 @@ fn train_step(
         state.accumulate(&grads)?;
         drop(grads);
         let norm = state.grad_norm()?;
-        state.step(&config, 1e-5, i + 1, norm)?;
+        state.step(
+            &train::optim::step(&config, i + 1, warm + iters, norm),
+            false,
+        )?;
         dev.synchronize()?;
         let t3 = Instant::now();
         if i >= warm {

@@ -2,17 +2,25 @@
 //!
 //! - [`config`]: the run as plain data (TOML + overrides);
 //! - [`data`]: training rows in a seeded order per epoch;
+//! - [`optim`]: the optimizer's one home — learning-rate schedule, clipping, AdamW's
+//!   constants, the EMA's schedule and feedback, as one step struct;
 //! - [`state`]: master weights, AdamW moments, the EMA, checkpoints;
-//! - [`sweep`]: grids of runs (the `sweep` binary: run here, or as a Slurm job array);
+//! - [`sweep`]: grids of runs as data (configs/all.toml, configs/paper.toml), Slurm scripts;
+//! - [`experiment`]: running a sweep (the `sweep` binary): stage 0, the points, the report,
+//!   with one skip-if-done rule;
 //! - [`run`]: the loop — batch, forward, backward, clip, step, EMA, log, checkpoint.
 
 pub mod config;
 pub mod data;
+pub mod experiment;
+pub mod optim;
 pub mod state;
 pub mod sweep;
 
 use anyhow::{bail, Context, Result};
-use basin_lm::batch::{loss_and_grads, Batch};
+use basin_lm::artifacts::{MetricsRecord, RunInfo};
+use basin_lm::backprop::loss_and_grads;
+use basin_lm::batch::Batch;
 use basin_lm::fsutil::{sha256_file, write_bytes_atomic};
 use basin_lm::model::{parse_device, parse_dtype, Model};
 use basin_lm::schema::PreparedRow;
@@ -139,21 +147,17 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
     // A fresh run starts anew (outputs of an earlier run of the same name go); a resumed
     // one drops the metrics of the steps after the checkpoint, which it replays.
     let metrics_path = run_dir.join("metrics.jsonl");
-    let kept: Vec<serde_json::Value> = if opts.resume {
-        std::fs::read_to_string(&metrics_path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["step"].as_u64().is_some_and(|s| s as usize <= step))
-            .collect()
+    let kept: Vec<MetricsRecord> = if opts.resume {
+        let mut kept: Vec<MetricsRecord> = basin_lm::artifacts::read_lines(&metrics_path)?;
+        kept.retain(|r| r.step <= step);
+        kept
     } else {
         for stale in ["checkpoint", "model", "ema"] {
             let _ = std::fs::remove_dir_all(run_dir.join(stale));
         }
         Vec::new()
     };
-    let kept_text: String = kept.iter().map(|v| format!("{v}\n")).collect();
-    write_bytes_atomic(&metrics_path, kept_text.as_bytes())?;
+    basin_lm::artifacts::write_lines(&metrics_path, &kept)?;
     let mut metrics = std::fs::OpenOptions::new()
         .append(true)
         .open(&metrics_path)?;
@@ -163,11 +167,16 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
             .then(|| mean_loss(&model, &val, config, pad))
             .transpose()?;
         if let Some(v) = v {
-            writeln!(metrics, "{}", serde_json::json!({"step": 0, "val_loss": v}))?;
+            let record = MetricsRecord {
+                step: 0,
+                val_loss: Some(v),
+                ..Default::default()
+            };
+            writeln!(metrics, "{}", serde_json::to_string(&record)?)?;
         }
         v
     } else {
-        kept.first().and_then(|v| v["val_loss"].as_f64())
+        kept.first().and_then(|r| r.val_loss)
     };
     let bar = if opts.progress {
         indicatif::ProgressBar::new(total as u64)
@@ -207,28 +216,35 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
             );
         }
         step += 1;
-        let lr = config.lr_at(step, total);
-        state.step(config, lr, step, grad_norm)?;
+        let lr = optim::lr_at(config, step, total);
+        let update = optim::step(config, step, total, grad_norm);
+        state.step(&update, optim::feedback_due(config, step))?;
         let secs = started.elapsed().as_secs_f64();
-        let mut record = serde_json::json!({
-            "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens": tokens, "tokens_per_s": rows.iter().map(|r| seq_len(r, config.max_seq_len)).sum::<usize>() as f64 / secs,
-            "dist_theta": state.distance_from_start(Weights::Theta)?,
-            "dist_ema": state.distance_from_start(Weights::Ema)?,
-        });
+        let seen: usize = rows.iter().map(|r| seq_len(r, config.max_seq_len)).sum();
+        let mut record = MetricsRecord {
+            step,
+            loss: Some(train_loss),
+            lr: Some(lr),
+            grad_norm: Some(grad_norm),
+            tokens: Some(tokens),
+            tokens_per_s: Some(seen as f64 / secs),
+            dist_theta: state.distance_from_start(Weights::Theta)?,
+            dist_ema: state.distance_from_start(Weights::Ema)?,
+            ..Default::default()
+        };
         if !val.is_empty()
             && ((config.eval_every > 0 && step % config.eval_every == 0) || step == total)
         {
             let v = mean_loss(&model, &val, config, pad)?;
-            record["val_loss"] = v.into();
+            record.val_loss = Some(v);
             if config.ema.enabled {
                 state.load_into_model(Weights::Ema)?;
-                record["val_loss_ema"] = mean_loss(&model, &val, config, pad)?.into();
+                record.val_loss_ema = Some(mean_loss(&model, &val, config, pad)?);
                 state.load_into_model(Weights::Theta)?;
             }
             last_val = Some(v);
         }
-        writeln!(metrics, "{record}")?;
+        writeln!(metrics, "{}", serde_json::to_string(&record)?)?;
         metrics.flush()?;
         bar.set_message(format!("loss {train_loss:.4}"));
         bar.inc(1);
@@ -299,13 +315,13 @@ fn write_provenance(config: &TrainConfig, run_dir: &Path) -> Result<()> {
             sha256_file(p)
         }
     };
-    let inputs: serde_json::Map<String, serde_json::Value> = std::iter::once(&config.model)
+    let inputs_sha256 = std::iter::once(&config.model)
         .chain(&config.data)
-        .map(|p| Ok((p.display().to_string(), hash(p)?.into())))
+        .map(|p| Ok((p.display().to_string(), hash(p)?)))
         .collect::<Result<_>>()?;
-    let run = serde_json::json!({"git_commit": basin_lm::provenance::git_commit(), "inputs_sha256": inputs});
-    write_bytes_atomic(
-        &run_dir.join("run.json"),
-        serde_json::to_string_pretty(&run)?.as_bytes(),
-    )
+    let run = RunInfo {
+        git_commit: basin_lm::provenance::git_commit(),
+        inputs_sha256,
+    };
+    basin_lm::artifacts::write(&run_dir.join("run.json"), &run)
 }

@@ -6,10 +6,9 @@
 //! When the model computes in f32, θ *is* the model's variable; in bf16, θ is a separate
 //! f32 tensor and the step rewrites the model's bf16 copy from it.
 
-use crate::config::TrainConfig;
 use anyhow::{anyhow, bail, Context, Result};
-use basin_kernels::adamw::StepScalars;
-use basin_kernels::multi::{AdamWTensors, MultiTensor, StepOptions};
+use basin_kernels::adamw::{AdamWTensors, Step};
+use basin_kernels::multi::MultiTensor;
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use std::collections::HashMap;
@@ -146,25 +145,16 @@ impl TrainState {
         Ok(self.kernels.sum_squares(&grads)?.sqrt())
     }
 
-    /// One optimizer step `t` (1-based) at learning rate `lr`: clip, AdamW, then (when due)
-    /// the EMA blend and the feedback of θ̄ into θ. The model holds the new θ afterwards.
-    pub fn step(&mut self, config: &TrainConfig, lr: f64, t: usize, grad_norm: f64) -> Result<()> {
+    /// One optimizer step ([`crate::optim::step`]: clip, AdamW, and the EMA blend when
+    /// due), then, with `feedback`, θ̄ copied into θ. The model holds the new θ afterwards.
+    pub fn step(&mut self, step: &Step, feedback: bool) -> Result<()> {
         self.load_into_model(Weights::Theta)?;
-        let clip = if config.grad_clip > 0.0 && grad_norm > config.grad_clip {
-            (config.grad_clip / grad_norm) as f32
-        } else {
-            1.0
-        };
-        let scalars = StepScalars::new(&config.adamw(), lr, t as u64);
-        let e = &config.ema;
-        let blend_now = e.enabled && t > e.start && (t - e.start).is_multiple_of(e.every);
-        let feedback_now = e.enabled && e.feedback_every > 0 && t.is_multiple_of(e.feedback_every);
         let grads: Vec<Tensor> = self
             .params
             .iter_mut()
             .map(|p| p.grad.take())
             .collect::<Option<_>>()
-            .ok_or_else(|| anyhow!("step {t}: no gradient accumulated"))?;
+            .ok_or_else(|| anyhow!("optimizer step: no gradient accumulated"))?;
         let tensors: Vec<AdamWTensors> = self
             .params
             .iter()
@@ -178,12 +168,8 @@ impl TrainState {
                 param: p.master.is_some().then_some(&p.var),
             })
             .collect();
-        let opts = StepOptions {
-            grad_scale: clip,
-            ema_beta: blend_now.then_some(e.beta as f32),
-        };
-        self.kernels.adamw_step(&tensors, &scalars, opts)?;
-        if feedback_now {
+        self.kernels.adamw_step(&tensors, step)?;
+        if feedback {
             for p in &self.params {
                 if let Some(ema) = &p.ema {
                     p.theta().set(ema.as_tensor())?;

@@ -29,6 +29,22 @@ pub struct SweepConfig {
     pub evaluate: EvaluateConfig,
     #[serde(default)]
     pub report: ReportConfig,
+    /// Stage 0: the model the points fine-tune, trained (and the original evaluated) first.
+    pub stage0: Option<Stage0Config>,
+}
+
+/// `[stage0]`: how the points' starting model is made. Skipped with your own aligned model
+/// (`--aligned-model`, `ALIGNED_MODEL`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage0Config {
+    /// The train config of the alignment run (configs/align.toml); its run is evaluated as
+    /// the points are, and is the report's "aligned" reference.
+    pub train_config: PathBuf,
+    /// The original model, evaluated as it is (the report's "original" reference).
+    pub base_model: Option<PathBuf>,
+    /// Where the original model's scores go (default runs/base/eval/model).
+    pub base_eval: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -46,3 +46,52 @@ pub fn prepared_row(
         truncated: false,
     }
 }
+
+/// A manifest.json in `prepared` naming these sets with these roles (the other fields are
+/// placeholders the commands under test do not read).
+pub fn write_manifest(prepared: &Path, roles: &[(&str, &str)]) {
+    use basin_lm::artifacts::{
+        FileHash, Manifest, ManifestSet, SetStats, TemplateInfo, TokenizerInfo,
+    };
+    let hash = |file: &str| FileHash {
+        file: file.into(),
+        sha256: "0".repeat(64),
+    };
+    let sets = roles
+        .iter()
+        .map(|(name, role)| {
+            let entry = ManifestSet {
+                role: role.to_string(),
+                licence: "test".into(),
+                input: hash("input"),
+                output: hash(&format!("{name}.parquet")),
+                tokenizer: TokenizerInfo {
+                    model: "tiny".into(),
+                    sha256: "0".repeat(64),
+                },
+                template: TemplateInfo {
+                    name: "tiny".into(),
+                    sha256: "0".repeat(64),
+                    default_system: None,
+                },
+                max_seq_len: 512,
+                val_fraction: 0.1,
+                seed: 0,
+                safety_filter: None,
+                dedup_against: Vec::new(),
+                git_commit: "test".into(),
+                stats: SetStats::default(),
+                distilled: None,
+                dropped_unfinished_reply: None,
+                dropped_refusal: None,
+            };
+            (name.to_string(), entry)
+        })
+        .collect();
+    Manifest {
+        schema: basin_lm::artifacts::MANIFEST_SCHEMA.into(),
+        sets,
+    }
+    .write(prepared)
+    .unwrap();
+}

@@ -1,0 +1,610 @@
+//! Running a sweep as an experiment: stage 0 (the original model evaluated, the aligned
+//! model trained and evaluated), every grid point (trained, then evaluated), the report.
+//! `just align`, `just all`, `just paper` and the Slurm array tasks all come through here.
+//!
+//! Every piece of work is a [`Step`]: a stage binary with its arguments and the files it
+//! owes. **One skip-if-done rule**: a step is done when every file it owes exists and no
+//! checkpoint of its run is left to resume ([`Step::done`]). A point whose training runs
+//! again has its evaluations run again too (the old scores belong to other weights).
+
+use crate::config::TrainConfig;
+use crate::sweep::{shell_quote, slurm_script, SweepConfig};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The `sweep` command's arguments.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// The sweep (configs/all.toml, configs/paper.toml).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// An override for every point's train config (repeatable), e.g. --set lr=1e-5.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Your own aligned model (a .gguf or Hugging Face directory): stage 0 is skipped and
+    /// every point fine-tunes this model.
+    #[arg(long, env = "ALIGNED_MODEL")]
+    pub aligned_model: Option<PathBuf>,
+    /// Print the steps (and whether each is done) and stop.
+    #[arg(long)]
+    pub list: bool,
+    /// Run stage 0 only (`just align`).
+    #[arg(long, conflicts_with_all = ["index", "report_only"])]
+    pub stage0: bool,
+    /// Run only grid point I (0-based; what a Slurm array task runs). Stage 0 must be done.
+    #[arg(long)]
+    pub index: Option<usize>,
+    /// Write a Slurm job-array script for the grid points to this file and stop.
+    #[arg(long)]
+    pub slurm: Option<PathBuf>,
+    /// Only write the report from the runs already done.
+    #[arg(long)]
+    pub report_only: bool,
+}
+
+/// A stage binary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Train,
+    Evaluate,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Evaluate => "evaluate",
+        }
+    }
+}
+
+/// One piece of work: a stage binary, its arguments, and what it owes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    pub what: String,
+    pub stage: Stage,
+    pub args: Vec<String>,
+    /// Every file the step writes that later steps or the report read.
+    pub owes: Vec<PathBuf>,
+    /// A training run's checkpoint: while it exists the run is unfinished (and resumes).
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl Step {
+    /// The one skip-if-done rule.
+    pub fn done(&self) -> bool {
+        self.owes.iter().all(|p| p.exists())
+            && !self.checkpoint.as_ref().is_some_and(|c| c.exists())
+    }
+
+    /// The arguments to run it with: a training run with a checkpoint resumes.
+    fn run_args(&self) -> Vec<String> {
+        let mut a = self.args.clone();
+        if self.checkpoint.as_ref().is_some_and(|c| c.exists()) {
+            a.push("--resume".into());
+        }
+        a
+    }
+}
+
+/// A unit of the experiment: an optional training run, then its evaluations.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Job {
+    pub name: String,
+    pub train: Option<Step>,
+    pub evaluate: Vec<Step>,
+}
+
+impl Job {
+    pub fn done(&self) -> bool {
+        self.train.iter().chain(&self.evaluate).all(Step::done)
+    }
+}
+
+/// The whole experiment, resolved and checked before anything runs.
+pub struct Plan {
+    pub sweep: SweepConfig,
+    /// Stage 0 (absent without a `[stage0]` table, or with your own aligned model).
+    pub stage0: Vec<Job>,
+    /// The grid points, in the sweep's order.
+    pub points: Vec<Job>,
+    /// Each point's run directory.
+    pub dirs: Vec<PathBuf>,
+}
+
+/// The evaluation steps of a model: `evaluate safety` (and `utility` when the sweep has
+/// arguments for it). A run directory owes scores for each of its weights (model/, and
+/// ema/ when it trains an EMA); a single model owes them in `out`.
+fn evaluations(sweep: &SweepConfig, name: &str, target: Target) -> Vec<Step> {
+    let e = &sweep.evaluate;
+    let kinds = [
+        ("safety", &e.safety, "scores.json"),
+        ("utility", &e.utility, "utility.json"),
+    ];
+    kinds
+        .into_iter()
+        .filter(|(what, args, _)| *what == "safety" || !args.is_empty())
+        .map(|(what, args, file)| {
+            let (model, out, dirs) = match &target {
+                Target::Run { dir, ema } => {
+                    let mut dirs = vec![dir.join("eval").join("model")];
+                    if *ema {
+                        dirs.push(dir.join("eval").join("ema"));
+                    }
+                    (dir.clone(), None, dirs)
+                }
+                Target::Model { path, out } => (path.clone(), Some(out.clone()), vec![out.clone()]),
+            };
+            let mut a = vec![
+                what.to_string(),
+                "--model".into(),
+                model.display().to_string(),
+            ];
+            if let Some(out) = out {
+                a.extend(["--out".into(), out.display().to_string()]);
+            }
+            a.extend(args.iter().cloned());
+            Step {
+                what: format!("{name}: evaluate {what}"),
+                stage: Stage::Evaluate,
+                args: a,
+                owes: dirs.iter().map(|d| d.join(file)).collect(),
+                checkpoint: None,
+            }
+        })
+        .collect()
+}
+
+enum Target {
+    /// A run directory of train: its model/ (and ema/).
+    Run { dir: PathBuf, ema: bool },
+    /// One model, its results in `out`.
+    Model { path: PathBuf, out: PathBuf },
+}
+
+/// A training run's step, from its resolved config.
+fn training(name: &str, config: &TrainConfig, args: Vec<String>) -> (Step, PathBuf) {
+    let dir = config.out_dir.join(&config.name);
+    let mut owes = vec![dir.join("model").join("model.safetensors")];
+    if config.ema.enabled {
+        owes.push(dir.join("ema").join("model.safetensors"));
+    }
+    let step = Step {
+        what: format!("{name}: train"),
+        stage: Stage::Train,
+        args,
+        owes,
+        checkpoint: Some(dir.join("checkpoint")),
+    };
+    (step, dir)
+}
+
+impl Plan {
+    pub fn new(config_path: &Path, overrides: &[String], aligned: Option<&Path>) -> Result<Self> {
+        let sweep = SweepConfig::load(config_path)?;
+        let mut overrides = overrides.to_vec();
+        if let Some(m) = aligned {
+            if !m.exists() {
+                bail!(
+                    "ALIGNED_MODEL / --aligned-model {}: no such file or directory",
+                    m.display()
+                );
+            }
+            overrides.push(format!("model={}", m.display()));
+        }
+        let mut stage0 = Vec::new();
+        match (&sweep.stage0, aligned) {
+            (Some(_), Some(m)) => {
+                eprintln!("aligned model {}: stage 0 skipped", m.display());
+            }
+            (Some(s), None) => {
+                if let Some(base) = &s.base_model {
+                    let out = s
+                        .base_eval
+                        .clone()
+                        .unwrap_or_else(|| "runs/base/eval/model".into());
+                    stage0.push(Job {
+                        name: "original".into(),
+                        train: None,
+                        evaluate: evaluations(
+                            &sweep,
+                            "original",
+                            Target::Model {
+                                path: base.clone(),
+                                out,
+                            },
+                        ),
+                    });
+                }
+                let c: TrainConfig = basin_lm::config::load(Some(&s.train_config), &[])
+                    .with_context(|| format!("{}: [stage0]", config_path.display()))?;
+                c.validate()
+                    .with_context(|| format!("stage 0 ({})", s.train_config.display()))?;
+                let args = vec!["--config".into(), s.train_config.display().to_string()];
+                let (train, dir) = training("stage 0", &c, args);
+                let ema = c.ema.enabled;
+                stage0.push(Job {
+                    name: "stage 0".into(),
+                    train: Some(train),
+                    evaluate: evaluations(&sweep, "stage 0", Target::Run { dir, ema }),
+                });
+            }
+            (None, _) => {}
+        }
+        let mut points = Vec::new();
+        let mut dirs = Vec::new();
+        for job in sweep.jobs()? {
+            let sets: Vec<String> = sweep
+                .set
+                .iter()
+                .chain(&overrides)
+                .chain(&job.set)
+                .cloned()
+                .chain([format!("name={}", job.run)])
+                .collect();
+            let c: TrainConfig = basin_lm::config::load(Some(&sweep.train_config), &sets)
+                .with_context(|| format!("{}: point {}", config_path.display(), job.run))?;
+            c.validate().with_context(|| format!("point {}", job.run))?;
+            let (train, dir) = training(&job.run, &c, sweep.train_args(&job, &overrides));
+            let ema = c.ema.enabled;
+            points.push(Job {
+                name: job.run.clone(),
+                train: Some(train),
+                evaluate: evaluations(
+                    &sweep,
+                    &job.run,
+                    Target::Run {
+                        dir: dir.clone(),
+                        ema,
+                    },
+                ),
+            });
+            dirs.push(dir);
+        }
+        Ok(Self {
+            sweep,
+            stage0,
+            points,
+            dirs,
+        })
+    }
+
+    /// The report's command line over the points evaluated so far.
+    pub fn report_args(&self) -> Result<Vec<String>> {
+        let mut args = vec!["report".to_string()];
+        for d in &self.dirs {
+            if d.join("eval").join("model").join("scores.json").exists() {
+                args.push(d.display().to_string());
+            }
+        }
+        if args.len() == 1 {
+            bail!("no evaluated runs of sweep '{}' yet", self.sweep.name);
+        }
+        let r = &self.sweep.report;
+        for reference in &r.references {
+            // A reference that was not evaluated (e.g. stage 0 skipped for your own model) is left out.
+            let dir = reference
+                .split_once('=')
+                .map_or(reference.as_str(), |(_, d)| d);
+            if Path::new(dir).join("scores.json").exists() {
+                args.extend(["--reference".into(), reference.clone()]);
+            } else {
+                eprintln!("report: reference {reference} has no scores.json; left out");
+            }
+        }
+        let title = if r.title.is_empty() {
+            format!("basin sweep {}", self.sweep.name)
+        } else {
+            r.title.clone()
+        };
+        args.extend([
+            "--out".into(),
+            format!("reports/{}", self.sweep.name),
+            "--title".into(),
+            title,
+        ]);
+        if !r.note.is_empty() {
+            args.extend(["--note".into(), r.note.clone()]);
+        }
+        Ok(args)
+    }
+}
+
+/// A stage binary next to this executable.
+fn sibling(stage: Stage) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe.with_file_name(stage.name());
+    if !p.exists() {
+        bail!(
+            "{} not found next to {} (build the stages: `just build`)",
+            stage.name(),
+            exe.display()
+        );
+    }
+    Ok(p)
+}
+
+fn call(stage: Stage, args: &[String], what: &str) -> Result<()> {
+    let exe = sibling(stage)?;
+    let status = Command::new(&exe)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    if !status.success() {
+        bail!(
+            "{what} failed ({status}): {} {}",
+            exe.display(),
+            args.iter()
+                .map(|a| shell_quote(a))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Runs a job's steps that are not done; a training run that runs makes its evaluations
+/// run again.
+fn run_job(job: &Job, tag: &str) -> Result<()> {
+    if job.done() {
+        eprintln!("{tag} {}: done already, skipped", job.name);
+        return Ok(());
+    }
+    let mut retrained = false;
+    if let Some(t) = job.train.as_ref().filter(|t| !t.done()) {
+        eprintln!("{tag} {}", t.what);
+        call(t.stage, &t.run_args(), &t.what)?;
+        retrained = true;
+    }
+    for e in job.evaluate.iter().filter(|e| retrained || !e.done()) {
+        eprintln!("{tag} {}", e.what);
+        call(e.stage, &e.run_args(), &e.what)?;
+    }
+    Ok(())
+}
+
+/// What the `sweep` command did.
+pub struct Summary {
+    /// Jobs whose steps all exist now.
+    pub done: usize,
+    pub report: Option<PathBuf>,
+}
+
+pub fn run(args: &Args) -> Result<Summary> {
+    let aligned = args
+        .aligned_model
+        .as_deref()
+        .filter(|p| !p.as_os_str().is_empty());
+    let plan = Plan::new(&args.config, &args.overrides, aligned)?;
+    let mut extra = args.overrides.clone();
+    if let Some(m) = aligned {
+        extra.push(format!("model={}", m.display()));
+    }
+    let report = PathBuf::from("reports")
+        .join(&plan.sweep.name)
+        .join("summary.md");
+    if args.list {
+        let all = plan.stage0.iter().chain(&plan.points);
+        for (i, job) in all.enumerate() {
+            for s in job.train.iter().chain(&job.evaluate) {
+                let line: Vec<String> = s.args.iter().map(|a| shell_quote(a)).collect();
+                let state = if s.done() { "done" } else { "todo" };
+                println!(
+                    "{i}\t{state}\t{}\t{} {}",
+                    s.what,
+                    s.stage.name(),
+                    line.join(" ")
+                );
+            }
+        }
+        return Ok(Summary {
+            done: 0,
+            report: None,
+        });
+    }
+    if let Some(path) = &args.slurm {
+        let exe = std::env::current_exe()?;
+        let root = std::env::current_dir()?;
+        let n = plan.points.len();
+        let script = slurm_script(&exe, &args.config, &root, n, &plan.sweep.name, &extra);
+        basin_lm::fsutil::write_bytes_atomic(path, script.as_bytes())?;
+        println!(
+            "wrote {} ({n} array tasks): sbatch {}",
+            path.display(),
+            path.display()
+        );
+        if plan.stage0.iter().any(|j| !j.done()) {
+            println!(
+                "stage 0 is not done: run `sweep --config {} --stage0` first",
+                args.config.display()
+            );
+        }
+        return Ok(Summary {
+            done: 0,
+            report: None,
+        });
+    }
+    if args.report_only {
+        call(Stage::Evaluate, &plan.report_args()?, "the report")?;
+        return Ok(Summary {
+            done: 0,
+            report: Some(report),
+        });
+    }
+    let n = plan.points.len();
+    if let Some(i) = args.index {
+        // An array task runs its point alone: stage 0 ran before the array was submitted.
+        let Some(job) = plan.points.get(i) else {
+            bail!("--index {i}: the sweep has {n} points (0..{n})");
+        };
+        if plan.stage0.iter().any(|j| !j.done()) {
+            bail!(
+                "--index {i}: stage 0 is not done; run `sweep --config {} --stage0` first",
+                args.config.display()
+            );
+        }
+        run_job(job, &format!("[{}/{n}]", i + 1))?;
+        return Ok(Summary {
+            done: 1,
+            report: None,
+        });
+    }
+    let n0 = plan.stage0.len();
+    for (i, job) in plan.stage0.iter().enumerate() {
+        run_job(job, &format!("[stage 0: {}/{n0}]", i + 1))?;
+    }
+    if args.stage0 {
+        return Ok(Summary {
+            done: n0,
+            report: None,
+        });
+    }
+    for (i, job) in plan.points.iter().enumerate() {
+        run_job(job, &format!("[{}/{n}]", i + 1))?;
+    }
+    call(Stage::Evaluate, &plan.report_args()?, "the report")?;
+    Ok(Summary {
+        done: n0 + n,
+        report: Some(report),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sweep with stage 0 and two points, in `dir` (runs go to dir/runs).
+    fn plan(dir: &Path, aligned: Option<&Path>) -> Plan {
+        let runs = dir.join("runs");
+        std::fs::write(
+            dir.join("align.toml"),
+            format!(
+                "name = \"align\"\nout_dir = {:?}\n",
+                runs.display().to_string()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("smoke.toml"),
+            format!("out_dir = {:?}\n", runs.display().to_string()),
+        )
+        .unwrap();
+        let sweep = format!(
+            r#"name = "s"
+train_config = {smoke:?}
+set = ["ema.enabled=true"]
+[[point]]
+label = "a"
+set = ["lr=1e-4"]
+[[point]]
+label = "b"
+[stage0]
+train_config = {align:?}
+base_model = "m.gguf"
+base_eval = {base:?}
+[evaluate]
+safety = ["--limit", "4"]
+utility = ["--sets", "dolly"]
+"#,
+            smoke = dir.join("smoke.toml").display().to_string(),
+            align = dir.join("align.toml").display().to_string(),
+            base = runs.join("base").display().to_string(),
+        );
+        std::fs::write(dir.join("s.toml"), sweep).unwrap();
+        Plan::new(&dir.join("s.toml"), &[], aligned).unwrap()
+    }
+
+    fn touch(p: &Path) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, "").unwrap();
+    }
+
+    #[test]
+    fn stage0_evaluates_the_original_then_trains_and_evaluates_the_aligned_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = plan(dir.path(), None);
+        let runs = dir.path().join("runs");
+        assert_eq!(p.stage0.len(), 2);
+        let original = &p.stage0[0];
+        assert!(original.train.is_none());
+        assert_eq!(
+            original.evaluate[0].args[..5],
+            [
+                "safety",
+                "--model",
+                "m.gguf",
+                "--out",
+                &runs.join("base").display().to_string()
+            ]
+        );
+        let align = &p.stage0[1];
+        assert_eq!(
+            align.train.as_ref().unwrap().owes,
+            [runs.join("align/model/model.safetensors")]
+        );
+        // No EMA in stage 0: only model/ is owed.
+        assert_eq!(
+            align.evaluate[0].owes,
+            [runs.join("align/eval/model/scores.json")]
+        );
+        assert_eq!(p.points.len(), 2);
+    }
+
+    #[test]
+    fn a_point_is_done_only_when_every_output_it_owes_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("runs/s-a");
+        let owes = |p: &Plan| -> Vec<PathBuf> {
+            let j = &p.points[0];
+            j.train
+                .iter()
+                .chain(&j.evaluate)
+                .flat_map(|s| s.owes.clone())
+                .collect()
+        };
+        let p = plan(dir.path(), None);
+        assert_eq!(
+            owes(&p).len(),
+            2 + 2 + 2,
+            "θ and θ̄: weights, scores, utility"
+        );
+        for f in [
+            "model/model.safetensors",
+            "ema/model.safetensors",
+            "eval/model/scores.json",
+            "eval/model/utility.json",
+            "eval/ema/utility.json",
+        ] {
+            touch(&run.join(f));
+        }
+        // The EMA's scores are missing (an evaluation cut off between model/ and ema/).
+        assert!(!p.points[0].done());
+        let missing: Vec<&Step> = p.points[0].evaluate.iter().filter(|s| !s.done()).collect();
+        assert_eq!(missing.len(), 1);
+        assert!(missing[0].args[0] == "safety");
+        touch(&run.join("eval/ema/scores.json"));
+        assert!(p.points[0].done());
+        // A checkpoint left behind: training is unfinished, and resumes.
+        touch(&run.join("checkpoint/progress.json"));
+        let t = p.points[0].train.as_ref().unwrap();
+        assert!(!t.done() && t.run_args().last().unwrap() == "--resume");
+    }
+
+    #[test]
+    fn your_own_aligned_model_skips_stage0_and_is_every_points_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = dir.path().join("mine.gguf");
+        touch(&mine);
+        let p = plan(dir.path(), Some(&mine));
+        assert!(p.stage0.is_empty());
+        let args = &p.points[1].train.as_ref().unwrap().args;
+        let want = format!("model={}", mine.display());
+        assert!(args.contains(&want), "{args:?}");
+        let missing = dir.path().join("nope");
+        let e = Plan::new(&dir.path().join("s.toml"), &[], Some(&missing))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("no such file"), "{e}");
+    }
+}
