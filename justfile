@@ -5,7 +5,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 export DATA_MIRROR := env_var_or_default("DATA_MIRROR", if path_exists(justfile_directory() / "../shared/data") == "true" { justfile_directory() / "../shared/data" } else { "" })
 
 # For the recipes that run models: glibc keeps freed tensors instead of returning each to
-# the kernel. Measured on 3 CPU training steps: 130 s -> 87 s wall (page faults 91 s -> 32 s).
+# the kernel (fewer page faults; docs/performance.md has the measurement).
 malloc := "MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184"
 
 # Release binaries land here; CI points CARGO_TARGET_DIR at a cache that outlives clones.

@@ -3,11 +3,9 @@
 //!
 //!   dx = dy · w,      dw = dyᵀ · x.
 //!
-//! candle writes x · wᵀ as a product with the transposed view w.t(); its gradient then
-//! arrives as [in, out] and is added into w's [out, in] gradient through the transpose,
-//! element by element with a stride of `out`: 1.3-4x the time of a contiguous add, for
-//! every weight matrix every step (the tied embedding's alone: 123 vs 45 ms). Here dw is
-//! computed as [out, in] directly. The forward is the same GEMM candle runs (gemm crate).
+//! The written-out training pass calls [`matmul`] on strided views (its weight gradients
+//! come out as [out, in] directly); inference calls [`linear`], the same GEMM candle runs
+//! (gemm crate), with a path for a decoding step's few rows.
 
 use candle_core::{bail, DType, Layout, Result, Shape, Tensor};
 
@@ -139,9 +137,8 @@ pub fn forward(x: &[f32], w: &[f32], rows: usize, d_in: usize, out: usize) -> Ve
 /// Rows up to which [`forward`] has the GEMM write yᵀ and transposes it after (from 2: one
 /// row is the same either way, and the GEMM has its own path for it): a decoding
 /// step's few rows. With a row-major y the gemm crate swaps the operands and copies all of
-/// w into its packed layout on every call; writing yᵀ it keeps w as the right operand, and
-/// the product of 16 rows with SmolLM2's [49152, 576] embedding takes 11.2 ms instead of
-/// 15.2 (8 rows: 10.3 instead of 11.4).
+/// w into its packed layout on every call; writing yᵀ it keeps w as the right operand
+/// (docs/performance.md has the measurement).
 pub const FEW_ROWS: usize = 32;
 
 /// x [rows, in] · wᵀ for w [out, in], f32 on the CPU, for inference: no gradient flows

@@ -2,9 +2,9 @@
 //! its backward ds = scale · y ⊙ (dy − Σ dy ⊙ y).
 //!
 //! Unfused, candle runs the scale, the bias add and the softmax as 6 kernels forward and
-//! ~10 backward over [batch, heads, queries, keys] floats: ~9 ms per SmolLM2 layer at
-//! 16 × 512 tokens on an H200, more than the layer's matrix products. Fused, it is one read
-//! and one write each way. The bias [batch, 1, queries, keys] (causal + padding mask) is
+//! ~10 backward over [batch, heads, queries, keys] floats, which on a GPU took longer than
+//! the layer's matrix products (docs/performance.md). Fused, it is one read and one write
+//! each way. The bias [batch, 1, queries, keys] (causal + padding mask) is
 //! shared by the heads and gets no gradient.
 
 use crate::cpu_slice;

@@ -5,8 +5,8 @@
 //! Why: candle's backward gives every node of the graph (~40 a layer: the projections, but
 //! also every reshape, transpose, copy and the grouped-query broadcast) a fresh tensor of
 //! zeros and adds its gradient into it, and runs attention's small products one batch row
-//! at a time. On SmolLM2's shape (4 × 128 tokens, 2 CPU cores) the step took 3.5 s with
-//! autograd and takes 2.7 s written out, with the same products. Here every
+//! at a time; with the same products, the written-out step is faster (docs/performance.md
+//! has the figures). Here every
 //! gradient is written once into its own buffer, attention runs one (row, head) pair per
 //! task, and the rest is the same arithmetic as [`crate::batch::loss`] with `Pass::Train`:
 //! the gemm crate's products and basin_kernels' fused row operations (RMSNorm, RoPE,
