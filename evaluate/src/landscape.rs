@@ -16,7 +16,7 @@
 
 use crate::plots::{Chart, Heatmap, Series};
 use anyhow::{bail, Context, Result};
-use basin_kernels::multi::MultiTensor;
+use basin_kernels::optim::multi::MultiTensor;
 use basin_lm::artifacts::{Decoding, ModelHash};
 use basin_lm::model::Model;
 use basin_lm::rng::{mix64, SplitMix64};

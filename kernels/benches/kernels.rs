@@ -12,8 +12,8 @@
 //! Flags: `--torch FILE`, `--json FILE` (write the figures), `--cpu` (force the CPU),
 //! `--layers N` (fewer layers than SmolLM2's 30: a quicker check).
 
-use basin_kernels::adamw::{adamw_ema_step, AdamWParams, Step};
-use basin_kernels::multi::{AdamWTensors, MultiTensor};
+use basin_kernels::optim::adamw::{adamw_ema_step, AdamWParams, Step};
+use basin_kernels::optim::multi::{AdamWTensors, MultiTensor};
 use candle_core::{DType, Device, Tensor, Var};
 use std::time::Instant;
 
@@ -238,7 +238,13 @@ fn main() -> anyhow::Result<()> {
         for i in 0..shapes.len() {
             let mut theta = before[i].clone();
             let g = host(&bf_grad[i]);
-            basin_kernels::adamw::adamw_step(&mut theta, &g, &mut m_host[i], &mut v_host[i], &s);
+            basin_kernels::optim::adamw::adamw_step(
+                &mut theta,
+                &g,
+                &mut m_host[i],
+                &mut v_host[i],
+                &s,
+            );
             let want = host(
                 &Tensor::from_vec(theta.clone(), theta.len(), &Device::Cpu)?
                     .to_dtype(DType::BF16)?,
@@ -259,11 +265,9 @@ fn main() -> anyhow::Result<()> {
         .map(|(g, t)| (g, Some(t.as_tensor())))
         .collect();
     let got = mt.sum_squares(&norm_pairs)?;
-    let want = basin_kernels::norm::total(
-        norm_pairs
-            .iter()
-            .flat_map(|(a, b)| basin_kernels::norm::chunk_sums(&host(a), Some(&host(b.unwrap())))),
-    );
+    let want = basin_kernels::optim::norm::total(norm_pairs.iter().flat_map(|(a, b)| {
+        basin_kernels::optim::norm::chunk_sums(&host(a), Some(&host(b.unwrap())))
+    }));
     println!(
         "device vs CPU reference, Σ‖g − θ‖² in f64: {got:e} vs {want:e} ({})",
         if got.to_bits() == want.to_bits() {

@@ -1,83 +1,20 @@
-//! The hand-written kernels: the two updates the paper's method is made of, the norms that
-//! watch them, and the fused row-wise operations of a training step:
+//! The hand-written kernels, split by who uses them, each beside a plain CPU reference on
+//! flat f32 buffers (llm.c's habit) and checked against it — the optimizer's bit for bit,
+//! the fused row-wise operations to a tolerance:
 //!
-//! - [`adamw`]: one AdamW step (decoupled weight decay, bias correction), the formula of
-//!   `candle_nn::optim::AdamW`, and the fused AdamW+EMA step;
-//! - [`ema`]: the exponential moving average of the weights, θ̄ ← β·θ̄ + (1−β)·θ;
-//! - [`norm`]: Σ‖a − b‖² in f64 in a fixed order (the gradient norm, the distance from
-//!   the start);
-//! - [`softmax`] and [`cross_entropy`]: the two row-wise operations of a training step
-//!   that candle runs as long chains of elementwise kernels, fused (forward and backward)
-//!   as candle custom ops, with CPU references and CUDA kernels (`cuda/fused.cu`);
-//! - [`rms_norm`], [`rope`] and [`swiglu`]: the rest of a layer's elementwise work, fused
-//!   forward and backward, on row slices: the CPU training pass (`basin_lm::backprop`)
-//!   calls them; [`linear`]: the CPU matrix products (a strided GEMM, and x · wᵀ for
-//!   inference, which keeps a decoding step's few rows from repacking the weights);
-//! - [`multi`]: AdamW, the EMA and the sums of squares over every tensor of a model at
-//!   once — one kernel launch on a CUDA device (`cuda/optim.cu`, feature `cuda`), the CPU
-//!   references otherwise.
-//!
-//! Every kernel has a plain CPU reference on flat f32 buffers beside it (llm.c's habit), and
-//! the CUDA kernels are checked against them: the optimizer's bit for bit, the fused
-//! row-wise operations to a tolerance.
+//! - [`optim`]: the two updates the paper's method is made of and the norms that watch
+//!   them — AdamW (the one [`optim::adamw::Step`] struct from the config to the kernel), the
+//!   EMA of the weights, f64 sums of squares, and [`optim::multi`], every tensor of a model
+//!   in one call (one launch of `cuda/optim.cu` on a GPU);
+//! - [`ops`]: the model's operations — the attention softmax and the cross-entropy fused as
+//!   candle custom ops (`cuda/fused.cu`), RMSNorm, RoPE and silu(g)·u as CPU row functions
+//!   for the written-out CPU pass, and the CPU matrix products.
 
-pub mod adamw;
-pub mod cross_entropy;
-pub mod ema;
-pub mod linear;
-pub mod multi;
-pub mod norm;
-pub mod rms_norm;
-pub mod rope;
-pub mod softmax;
-pub mod swiglu;
+pub mod ops;
+pub mod optim;
 
 #[cfg(feature = "cuda")]
 mod cuda;
-
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-
-/// The values a custom op's contiguous CPU input covers (its layout may start at an offset).
-fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    Ok(&s.as_slice::<T>()?[l.start_offset()..][..l.shape().elem_count()])
-}
-
-/// An f32 op on the CPU over two inputs, without a backward: the projection of a decoding
-/// step ([`linear::linear`]). `fwd` gets the inputs' values and layouts and returns the
-/// output's values and shape.
-struct CpuOp2<F> {
-    name: &'static str,
-    fwd: F,
-}
-
-impl<F> CustomOp2 for CpuOp2<F>
-where
-    F: Fn(&[f32], &Layout, &[f32], &Layout) -> (Vec<f32>, Shape) + Send + Sync,
-{
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (values, shape) = (self.fwd)(cpu_slice(s1, l1)?, l1, cpu_slice(s2, l2)?, l2);
-        Ok((CpuStorage::F32(values), shape))
-    }
-}
-
-/// Applies `fwd` to `a` and `b` (f32, made contiguous) as a CPU op without a gradient.
-fn cpu_op2<F>(name: &'static str, a: &Tensor, b: &Tensor, fwd: F) -> Result<Tensor>
-where
-    F: Fn(&[f32], &Layout, &[f32], &Layout) -> (Vec<f32>, Shape) + Send + Sync,
-{
-    a.contiguous()?
-        .apply_op2_no_bwd(&b.contiguous()?, &CpuOp2 { name, fwd })
-}
 
 /// Elements per rayon task: large enough that scheduling costs nothing next to the work.
 const CHUNK: usize = 1 << 16;

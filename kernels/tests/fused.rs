@@ -3,10 +3,10 @@
 //! written-out CPU pass against candle's autograd); with `--features cuda` on a
 //! machine with a GPU, the device against the CPU.
 
-use basin_kernels::cross_entropy::cross_entropy_rows;
-use basin_kernels::linear::linear;
-use basin_kernels::softmax::scaled_masked_softmax;
-use basin_kernels::{rms_norm, rope, swiglu};
+use basin_kernels::ops::cross_entropy::cross_entropy_rows;
+use basin_kernels::ops::linear::linear;
+use basin_kernels::ops::softmax::scaled_masked_softmax;
+use basin_kernels::ops::{rms_norm, rope, swiglu};
 use candle_core::{DType, Device, Tensor, Var, D};
 
 fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {

@@ -1,10 +1,10 @@
-//! The multi-tensor API (`basin_kernels::multi`): on the CPU it must give exactly the
+//! The multi-tensor API (`basin_kernels::optim::multi`): on the CPU it must give exactly the
 //! references' bits; with `--features cuda` on a machine with a GPU, the device must give the
 //! same bits as the CPU (odd sizes and views included, which take the kernels' scalar path).
 
-use basin_kernels::adamw::{adamw_ema_step, adamw_step, AdamWParams, Step};
-use basin_kernels::ema::ema_blend;
-use basin_kernels::multi::{AdamWTensors, MultiTensor};
+use basin_kernels::optim::adamw::{adamw_ema_step, adamw_step, AdamWParams, Step};
+use basin_kernels::optim::ema::ema_blend;
+use basin_kernels::optim::multi::{AdamWTensors, MultiTensor};
 use candle_core::{DType, Device, Tensor, Var};
 
 fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {

@@ -1,8 +1,8 @@
 //! The CPU references against candle_nn's AdamW, and the fused step against the two
 //! separate ones.
 
-use basin_kernels::adamw::{adamw_ema_step, adamw_step, AdamWParams, Step};
-use basin_kernels::ema::ema_blend;
+use basin_kernels::optim::adamw::{adamw_ema_step, adamw_step, AdamWParams, Step};
+use basin_kernels::optim::ema::ema_blend;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 

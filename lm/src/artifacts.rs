@@ -15,7 +15,7 @@
 //! there. The Parquet rows' schema is [`crate::schema`].)
 
 use anyhow::{bail, Context, Result};
-use basin_kernels::adamw::AdamWParams;
+use basin_kernels::optim::adamw::AdamWParams;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -23,8 +23,8 @@
 use crate::batch::Batch;
 use crate::llama::Llama;
 use anyhow::{bail, Result};
-use basin_kernels::linear::{matmul, View};
-use basin_kernels::{cross_entropy, rms_norm, rope, softmax, swiglu};
+use basin_kernels::ops::linear::{matmul, View};
+use basin_kernels::ops::{cross_entropy, rms_norm, rope, softmax, swiglu};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
@@ -196,7 +196,7 @@ pub struct Trace<'m> {
 
 /// y [rows, out] = x [rows, d_in] · wᵀ, w [out, d_in].
 fn project(x: &[f32], w: &[f32], rows: usize, d_in: usize, out: usize) -> Vec<f32> {
-    basin_kernels::linear::forward(x, w, rows, d_in, out)
+    basin_kernels::ops::linear::forward(x, w, rows, d_in, out)
 }
 
 /// dx (+)= dy · w: the input's gradient of [`project`].

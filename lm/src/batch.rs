@@ -74,7 +74,10 @@ pub fn mean_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     } else {
         // One fused kernel each way over the rows (f64, the gradient checks', keeps the
         // plain ops).
-        basin_kernels::cross_entropy::cross_entropy_rows(&logits.to_dtype(DType::F32)?, targets)?
+        basin_kernels::ops::cross_entropy::cross_entropy_rows(
+            &logits.to_dtype(DType::F32)?,
+            targets,
+        )?
     };
     Ok(nll.mean_all()?)
 }

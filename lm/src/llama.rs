@@ -194,7 +194,7 @@ fn project(x: &Tensor, w: &Tensor, pass: Pass) -> Result<Tensor> {
     let x = x.reshape((rows, d_in))?;
     let y = if pass == Pass::Infer && x.dtype() == DType::F32 && x.device().is_cpu() {
         // The CPU GEMM that keeps a decoding step's few rows from repacking w (linear.rs).
-        basin_kernels::linear::linear(&x, w)?
+        basin_kernels::ops::linear::linear(&x, w)?
     } else {
         x.matmul(&w.t()?)?
     };
@@ -376,7 +376,7 @@ impl Llama {
             // One fused kernel each way instead of candle's chain of elementwise ops (f64,
             // the gradient checks' precision, keeps the plain ops).
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-            basin_kernels::softmax::scaled_masked_softmax(&f32(&raw)?, &f32(bias)?, scale)?
+            basin_kernels::ops::softmax::scaled_masked_softmax(&f32(&raw)?, &f32(bias)?, scale)?
                 .to_dtype(raw.dtype())?
         } else {
             softmax(&(raw * scale)?.broadcast_add(bias)?, pass)?

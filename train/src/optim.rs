@@ -1,9 +1,9 @@
 //! The optimizer, in one place: the learning-rate schedule, gradient clipping, AdamW's
 //! per-step constants and the EMA's schedule and feedback. [`step`] turns the run's config
 //! and a step number into the one [`Step`] that the CPU loop and the CUDA kernel both take
-//! unchanged ([`basin_kernels::adamw`]); [`crate::state`] applies it.
+//! unchanged ([`basin_kernels::optim::adamw`]); [`crate::state`] applies it.
 
-use basin_kernels::adamw::{AdamWParams, Step};
+use basin_kernels::optim::adamw::{AdamWParams, Step};
 use basin_lm::artifacts::TrainConfig;
 
 /// The learning rate at optimizer step `t` (1-based) of `total`: linear warm-up, then

@@ -1,14 +1,14 @@
 //! Everything a run carries from step to step, as tensors on the model's device: the f32
 //! master weights θ, AdamW's moments m and v, the EMA θ̄, the pre-trained θ₀ (for ‖θ−θ₀‖),
 //! and the gradient accumulator. One multi-tensor call updates them all
-//! ([`basin_kernels::multi`]: one CUDA launch on a GPU, the CPU references otherwise).
+//! ([`basin_kernels::optim::multi`]: one CUDA launch on a GPU, the CPU references otherwise).
 //!
 //! When the model computes in f32, θ *is* the model's variable; in bf16, θ is a separate
 //! f32 tensor and the step rewrites the model's bf16 copy from it.
 
 use anyhow::{anyhow, bail, Context, Result};
-use basin_kernels::adamw::{AdamWTensors, Step};
-use basin_kernels::multi::MultiTensor;
+use basin_kernels::optim::adamw::{AdamWTensors, Step};
+use basin_kernels::optim::multi::MultiTensor;
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use std::collections::HashMap;

@@ -7,7 +7,7 @@
 //! The bias corrections depend on the step only, so the host computes them once per step
 //! ([`Step`]), as llm.c does.
 
-use crate::ema::blend;
+use crate::optim::ema::blend;
 use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

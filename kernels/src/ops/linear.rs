@@ -160,7 +160,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let (rows, d_in, out) = (lx.dims()[0], lx.dims()[1], lw.dims()[0]);
         (forward(x, w, rows, d_in, out), Shape::from((rows, out)))
     };
-    crate::cpu_op2("linear", x, w, fwd)
+    super::cpu_op2("linear", x, w, fwd)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! each way. The bias [batch, 1, queries, keys] (causal + padding mask) is
 //! shared by the heads and gets no gradient.
 
-use crate::cpu_slice;
+use super::cpu_slice;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -117,14 +117,7 @@ impl CustomOp2 for Forward {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let n = l1.dims()[3];
         let rows = l1.shape().elem_count() / n;
-        let y = crate::cuda::softmax_forward(
-            s1,
-            l1,
-            s2,
-            l2,
-            [rows, n, self.heads, self.tq],
-            self.scale,
-        )?;
+        let y = cuda::softmax_forward(s1, l1, s2, l2, [rows, n, self.heads, self.tq], self.scale)?;
         Ok((y, l1.shape().clone()))
     }
 
@@ -179,7 +172,89 @@ impl CustomOp2 for Backward {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let n = *l1.dims().last().expect("rank 4");
         let rows = l1.shape().elem_count() / n;
-        let ds = crate::cuda::softmax_backward(s1, l1, s2, l2, [rows, n], self.scale)?;
+        let ds = cuda::softmax_backward(s1, l1, s2, l2, [rows, n], self.scale)?;
         Ok((ds, l1.shape().clone()))
+    }
+}
+/// The CUDA launchers of this op (kernels in `cuda/fused.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::super::fused_func;
+    use crate::cuda::{u32_arg, view};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{bail, Result};
+
+    /// One warp per row, 8 rows per block.
+    fn warp_rows(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// fused.cu's softmax_fwd; `dims` = [rows, n, heads, tq].
+    pub(super) fn softmax_forward(
+        s: &candle_core::CudaStorage,
+        ls: &candle_core::Layout,
+        bias: &candle_core::CudaStorage,
+        lb: &candle_core::Layout,
+        dims: [usize; 4],
+        scale: f32,
+    ) -> Result<candle_core::CudaStorage> {
+        let dev = &s.device;
+        let (x, b) = (view::<f32>(s, ls)?, view::<f32>(bias, lb)?);
+        let [rows, n, heads, tq] = dims;
+        // SAFETY: every element is written by the kernel before it is read.
+        let mut y = unsafe { dev.alloc::<f32>(rows * n) }?;
+        let func = fused_func(dev, "softmax_fwd")?;
+        let stream = dev.cuda_stream();
+        let mut a = stream.launch_builder(&func);
+        let (r, n, h, t) = (
+            u32_arg(rows, "rows")?,
+            u32_arg(n, "keys")?,
+            u32_arg(heads, "heads")?,
+            u32_arg(tq, "queries")?,
+        );
+        a.arg(&x)
+            .arg(&b)
+            .arg(&mut y)
+            .arg(&r)
+            .arg(&n)
+            .arg(&h)
+            .arg(&t)
+            .arg(&scale);
+        // SAFETY: the arguments match softmax_fwd's signature; x and y hold rows·n floats and
+        // the bias (checked [batch, 1, tq, n] by the caller) every row's bias row.
+        unsafe { a.launch(warp_rows(rows)) }.w()?;
+        Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+
+    /// fused.cu's softmax_bwd; `dims` = [rows, n].
+    pub(super) fn softmax_backward(
+        dy: &candle_core::CudaStorage,
+        ldy: &candle_core::Layout,
+        y: &candle_core::CudaStorage,
+        ly: &candle_core::Layout,
+        dims: [usize; 2],
+        scale: f32,
+    ) -> Result<candle_core::CudaStorage> {
+        let dev = &dy.device;
+        let (g, p) = (view::<f32>(dy, ldy)?, view::<f32>(y, ly)?);
+        let [rows, n] = dims;
+        if p.len() != rows * n {
+            bail!("softmax backward: y and dy differ in size")
+        }
+        // SAFETY: every element is written by the kernel before it is read.
+        let mut ds = unsafe { dev.alloc::<f32>(rows * n) }?;
+        let func = fused_func(dev, "softmax_bwd")?;
+        let stream = dev.cuda_stream();
+        let mut a = stream.launch_builder(&func);
+        let (r, n) = (u32_arg(rows, "rows")?, u32_arg(n, "keys")?);
+        a.arg(&g).arg(&p).arg(&mut ds).arg(&r).arg(&n).arg(&scale);
+        // SAFETY: the arguments match softmax_bwd's signature; all three hold rows·n floats.
+        unsafe { a.launch(warp_rows(rows)) }.w()?;
+        Ok(candle_core::CudaStorage::wrap_cuda_slice(ds, dev.clone()))
     }
 }

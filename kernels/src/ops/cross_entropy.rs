@@ -6,7 +6,7 @@
 //! passes over its [8192, 49152] logits (1.6 GB each). Fused, the forward reads the logits
 //! once and the backward twice, writing the gradient once (docs/performance.md).
 
-use crate::cpu_slice;
+use super::cpu_slice;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -97,7 +97,7 @@ impl CustomOp2 for Forward {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, v) = l1.shape().dims2()?;
-        let nll = crate::cuda::xent_forward(s1, l1, s2, l2, rows, v)?;
+        let nll = cuda::xent_forward(s1, l1, s2, l2, rows, v)?;
         Ok((nll, Shape::from(rows)))
     }
 
@@ -151,7 +151,82 @@ impl CustomOp3 for Backward {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, v) = l1.shape().dims2()?;
-        let d = crate::cuda::xent_backward(s1, l1, s2, l2, s3, l3, rows, v)?;
+        let d = cuda::xent_backward(s1, l1, s2, l2, s3, l3, rows, v)?;
         Ok((d, l1.shape().clone()))
+    }
+}
+/// The CUDA launchers of this op (kernels in `cuda/fused.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::super::fused_func;
+    use crate::cuda::{u32_arg, view};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{bail, Result};
+
+    /// One block of `XENT_THREADS` (fused.cu) per row.
+    fn block_rows(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// fused.cu's xent_fwd over `rows` rows of `v` logits.
+    pub(super) fn xent_forward(
+        logits: &candle_core::CudaStorage,
+        ll: &candle_core::Layout,
+        targets: &candle_core::CudaStorage,
+        lt: &candle_core::Layout,
+        rows: usize,
+        v: usize,
+    ) -> Result<candle_core::CudaStorage> {
+        let dev = &logits.device;
+        let (x, t) = (view::<f32>(logits, ll)?, view::<u32>(targets, lt)?);
+        // SAFETY: the kernel writes every row's value.
+        let mut nll = unsafe { dev.alloc::<f32>(rows) }?;
+        let func = fused_func(dev, "xent_fwd")?;
+        let stream = dev.cuda_stream();
+        let mut a = stream.launch_builder(&func);
+        let v = u32_arg(v, "vocabulary")?;
+        a.arg(&x).arg(&t).arg(&mut nll).arg(&v);
+        // SAFETY: the arguments match xent_fwd's signature: rows·v logits, rows targets (the
+        // kernel checks each against v), rows outputs.
+        unsafe { a.launch(block_rows(rows)) }.w()?;
+        Ok(candle_core::CudaStorage::wrap_cuda_slice(nll, dev.clone()))
+    }
+
+    /// fused.cu's xent_bwd: the gradient of the logits from the gradient of each row's nll.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn xent_backward(
+        logits: &candle_core::CudaStorage,
+        ll: &candle_core::Layout,
+        targets: &candle_core::CudaStorage,
+        lt: &candle_core::Layout,
+        grad: &candle_core::CudaStorage,
+        lg: &candle_core::Layout,
+        rows: usize,
+        v: usize,
+    ) -> Result<candle_core::CudaStorage> {
+        let dev = &logits.device;
+        let (x, t, g) = (
+            view::<f32>(logits, ll)?,
+            view::<u32>(targets, lt)?,
+            view::<f32>(grad, lg)?,
+        );
+        if t.len() != rows || g.len() != rows {
+            bail!("cross-entropy backward: expected {rows} targets and gradients")
+        }
+        // SAFETY: the kernel writes every element.
+        let mut d = unsafe { dev.alloc::<f32>(rows * v) }?;
+        let func = fused_func(dev, "xent_bwd")?;
+        let stream = dev.cuda_stream();
+        let mut a = stream.launch_builder(&func);
+        let v = u32_arg(v, "vocabulary")?;
+        a.arg(&x).arg(&t).arg(&g).arg(&mut d).arg(&v);
+        // SAFETY: the arguments match xent_bwd's signature; sizes checked above.
+        unsafe { a.launch(block_rows(rows)) }.w()?;
+        Ok(candle_core::CudaStorage::wrap_cuda_slice(d, dev.clone()))
     }
 }

@@ -2,13 +2,13 @@
 //!
 //! On a CUDA device every tensor of the list is updated by one kernel launch
 //! (`cuda/optim.cu`, a table of pointers and lengths), on candle's stream, over candle's own
-//! buffers. On the CPU the same call runs the references of [`crate::adamw`] and
-//! [`crate::ema`] tensor by tensor. Both give the same bits (the device check compares them).
+//! buffers. On the CPU the same call runs the references of [`crate::optim::adamw`] and
+//! [`crate::optim::ema`] tensor by tensor. Both give the same bits (the device check compares them).
 
-pub use crate::adamw::AdamWTensors;
-use crate::adamw::{adamw_ema_step, adamw_step, Step};
-use crate::ema::ema_blend;
-use crate::norm::{chunk_sums, total};
+pub use crate::optim::adamw::AdamWTensors;
+use crate::optim::adamw::{adamw_ema_step, adamw_step, Step};
+use crate::optim::ema::ema_blend;
+use crate::optim::norm::{chunk_sums, total};
 use candle_core::{bail, CpuStorage, DType, Device, InplaceOp1, Layout, Result, Tensor, Var};
 use std::cell::RefCell;
 
@@ -17,7 +17,7 @@ use std::cell::RefCell;
 #[derive(Default)]
 pub struct MultiTensor {
     #[cfg(feature = "cuda")]
-    cuda: Option<crate::cuda::Launcher>,
+    cuda: Option<super::launch::Launcher>,
 }
 
 impl MultiTensor {
@@ -71,7 +71,7 @@ impl MultiTensor {
     }
 
     /// Σ over pairs of ‖a − b‖² (b = 0 when absent), in f64 and in the fixed order of
-    /// [`crate::norm`]: the same bits on the CPU and on a GPU. `a` is f32 or bf16, `b` f32.
+    /// [`crate::optim::norm`]: the same bits on the CPU and on a GPU. `a` is f32 or bf16, `b` f32.
     pub fn sum_squares(&mut self, pairs: &[(&Tensor, Option<&Tensor>)]) -> Result<f64> {
         let Some(first) = pairs.first() else {
             return Ok(0.0);
@@ -103,9 +103,9 @@ impl MultiTensor {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda(&mut self, dev: &candle_core::CudaDevice) -> Result<&mut crate::cuda::Launcher> {
+    fn cuda(&mut self, dev: &candle_core::CudaDevice) -> Result<&mut super::launch::Launcher> {
         if self.cuda.is_none() {
-            self.cuda = Some(crate::cuda::Launcher::new(dev)?);
+            self.cuda = Some(super::launch::Launcher::new(dev)?);
         }
         Ok(self.cuda.as_mut().expect("just set"))
     }

@@ -1,0 +1,78 @@
+//! The model's operations, each beside its CPU reference: the attention softmax and the
+//! cross-entropy of a training step fused forward and backward as candle custom ops (CUDA
+//! kernels in `cuda/fused.cu`, each op's launcher in its file); RMSNorm, RoPE and
+//! silu(g)·u as CPU row functions, forward and backward, for the written-out CPU pass; the
+//! CPU matrix products ([`linear`]).
+
+pub mod cross_entropy;
+pub mod linear;
+pub mod rms_norm;
+pub mod rope;
+pub mod softmax;
+pub mod swiglu;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+/// The values a custom op's contiguous CPU input covers (its layout may start at an offset).
+pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Result<&'a [T]> {
+    Ok(&s.as_slice::<T>()?[l.start_offset()..][..l.shape().elem_count()])
+}
+
+/// An f32 op on the CPU over two inputs, without a backward: the projection of a decoding
+/// step ([`linear::linear`]). `fwd` gets the inputs' values and layouts and returns the
+/// output's values and shape.
+struct CpuOp2<F> {
+    name: &'static str,
+    fwd: F,
+}
+
+impl<F> CustomOp2 for CpuOp2<F>
+where
+    F: Fn(&[f32], &Layout, &[f32], &Layout) -> (Vec<f32>, Shape) + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (values, shape) = (self.fwd)(cpu_slice(s1, l1)?, l1, cpu_slice(s2, l2)?, l2);
+        Ok((CpuStorage::F32(values), shape))
+    }
+}
+
+/// Applies `fwd` to `a` and `b` (f32, made contiguous) as a CPU op without a gradient.
+pub(crate) fn cpu_op2<F>(name: &'static str, a: &Tensor, b: &Tensor, fwd: F) -> Result<Tensor>
+where
+    F: Fn(&[f32], &Layout, &[f32], &Layout) -> (Vec<f32>, Shape) + Send + Sync,
+{
+    a.contiguous()?
+        .apply_op2_no_bwd(&b.contiguous()?, &CpuOp2 { name, fwd })
+}
+
+/// A kernel of fused.cu (the softmax and cross-entropy of a training step).
+#[cfg(feature = "cuda")]
+fn fused_func(
+    dev: &candle_core::CudaDevice,
+    name: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+    static PTX: crate::cuda::Compiled = std::sync::OnceLock::new();
+    let ptx = crate::cuda::compile(
+        &PTX,
+        dev,
+        "kernels/cuda/fused.cu",
+        include_str!("../../cuda/fused.cu"),
+        false,
+    )?;
+    Ok(dev
+        .get_or_load_custom_func(name, "basin_fused", ptx)?
+        .into_cuda_function())
+}

@@ -1,0 +1,12 @@
+//! The optimizer's kernels, each beside its CPU reference: the AdamW step and the one
+//! [`adamw::Step`] struct it reads, the EMA blend, the f64 sums of squares (gradient norm,
+//! distance from the start), and [`multi`], which updates every tensor of a model in one
+//! call: one launch of `cuda/optim.cu` on a GPU (`launch.rs`), the references on the CPU.
+
+pub mod adamw;
+pub mod ema;
+pub mod multi;
+pub mod norm;
+
+#[cfg(feature = "cuda")]
+mod launch;
