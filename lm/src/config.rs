@@ -55,6 +55,14 @@ pub fn load<T: DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> R
     T::deserialize(Value::Table(table)).map_err(|e| anyhow!("{name}: {e}"))
 }
 
+/// A path from the environment variable `name`, when it is set and not empty (the justfile
+/// exports an empty one for "none").
+pub fn env_path(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+}
+
 /// The resolved config as TOML, written next to a stage's outputs.
 pub fn to_toml<T: serde::Serialize>(config: &T) -> Result<String> {
     Ok(toml::to_string_pretty(config)?)

@@ -43,8 +43,9 @@ enum Command {
         sources: PathBuf,
         #[arg(long, default_value = "data/cache")]
         cache: PathBuf,
-        /// Directory laid out like the cache, tried first.
-        #[arg(long, env = "DATA_MIRROR")]
+        /// Directory laid out like the cache, tried first (default: $DATA_MIRROR when it is
+        /// set and not empty).
+        #[arg(long)]
         mirror: Option<PathBuf>,
         /// Use only the mirror (no PyPI, no URLs).
         #[arg(long)]
@@ -84,6 +85,7 @@ fn run(cli: Cli) -> Result<()> {
             only,
         } => {
             let sources = Sources::load(&sources)?;
+            let mirror = mirror.or_else(|| basin_lm::config::env_path("DATA_MIRROR"));
             let mut fetcher = Fetcher::new(cache, mirror, !offline)?;
             let assets = sources.select(&only)?;
             let mut failures = Vec::new();

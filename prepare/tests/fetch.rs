@@ -139,3 +139,31 @@ fn an_empty_mirror_setting_means_no_mirror() {
     let e = format!("{:#}", f.fetch(&asset("x.csv", b"x")).unwrap_err());
     assert!(e.contains("mirror: none given"), "{e}");
 }
+
+/// The justfile exports `DATA_MIRROR=""` when there is no mirror: the command takes that
+/// as "no mirror" (it used to stop at the argument parser: "a value is required").
+#[test]
+fn an_empty_data_mirror_variable_is_no_mirror_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = dir.path().join("sources.toml");
+    std::fs::write(
+        &sources,
+        format!(
+            "[[asset]]\nname = \"x\"\nrole = \"instruct\"\nfile = \"x.csv\"\nsha256 = \"{}\"\nbytes = 1\nlicence = \"MIT\"\norigin = \"test\"\n",
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prepare"))
+        .args(["fetch", "--offline", "--sources"])
+        .arg(&sources)
+        .arg("--cache")
+        .arg(dir.path().join("cache"))
+        .env("DATA_MIRROR", "")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!err.contains("a value is required"), "{err}");
+    assert!(err.contains("none given"), "{err}");
+}

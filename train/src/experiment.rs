@@ -23,8 +23,8 @@ pub struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Your own aligned model (a .gguf or Hugging Face directory): stage 0 is skipped and
-    /// every point fine-tunes this model.
-    #[arg(long, env = "ALIGNED_MODEL")]
+    /// every point fine-tunes this model (default: $ALIGNED_MODEL when set and not empty).
+    #[arg(long)]
     pub aligned_model: Option<PathBuf>,
     /// Print the steps (and whether each is done) and stop.
     #[arg(long)]
@@ -372,9 +372,11 @@ pub struct Summary {
 }
 
 pub fn run(args: &Args) -> Result<Summary> {
+    let aligned_env = basin_lm::config::env_path("ALIGNED_MODEL");
     let aligned = args
         .aligned_model
         .as_deref()
+        .or(aligned_env.as_deref())
         .filter(|p| !p.as_os_str().is_empty());
     let plan = Plan::new(&args.config, &args.overrides, aligned)?;
     let mut extra = args.overrides.clone();
