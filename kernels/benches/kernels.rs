@@ -12,8 +12,8 @@
 //! Flags: `--torch FILE`, `--json FILE` (write the figures), `--cpu` (force the CPU),
 //! `--layers N` (fewer layers than SmolLM2's 30: a quicker check).
 
-use basin_kernels::optim::adamw::{adamw_ema_step, AdamWParams, Step};
-use basin_kernels::optim::multi::{AdamWTensors, MultiTensor};
+use basin_kernels::optim::adamw::{adamw_ema_step, AdamWParams, AdamWTensors, Step};
+use basin_kernels::optim::multi::MultiTensor;
 use candle_core::{DType, Device, Tensor, Var};
 use std::time::Instant;
 

@@ -2,9 +2,9 @@
 //! references' bits; with `--features cuda` on a machine with a GPU, the device must give the
 //! same bits as the CPU (odd sizes and views included, which take the kernels' scalar path).
 
-use basin_kernels::optim::adamw::{adamw_ema_step, adamw_step, AdamWParams, Step};
+use basin_kernels::optim::adamw::{adamw_ema_step, adamw_step, AdamWParams, AdamWTensors, Step};
 use basin_kernels::optim::ema::ema_blend;
-use basin_kernels::optim::multi::{AdamWTensors, MultiTensor};
+use basin_kernels::optim::multi::MultiTensor;
 use candle_core::{DType, Device, Tensor, Var};
 
 fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {

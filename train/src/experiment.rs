@@ -111,6 +111,9 @@ pub struct Plan {
     pub points: Vec<Job>,
     /// Each point's run directory.
     pub dirs: Vec<PathBuf>,
+    /// The overrides every point gets on top of the sweep's own (`--set`, and the aligned
+    /// model's `model=` when one is given).
+    pub overrides: Vec<String>,
 }
 
 /// The evaluation steps of a model: `evaluate safety` (and `utility` when the sweep has
@@ -267,6 +270,7 @@ impl Plan {
             stage0,
             points,
             dirs,
+            overrides,
         })
     }
 
@@ -379,10 +383,6 @@ pub fn run(args: &Args) -> Result<Summary> {
         .or(aligned_env.as_deref())
         .filter(|p| !p.as_os_str().is_empty());
     let plan = Plan::new(&args.config, &args.overrides, aligned)?;
-    let mut extra = args.overrides.clone();
-    if let Some(m) = aligned {
-        extra.push(format!("model={}", m.display()));
-    }
     let report = PathBuf::from("reports")
         .join(&plan.sweep.name)
         .join("summary.md");
@@ -409,7 +409,14 @@ pub fn run(args: &Args) -> Result<Summary> {
         let exe = std::env::current_exe()?;
         let root = std::env::current_dir()?;
         let n = plan.points.len();
-        let script = slurm_script(&exe, &args.config, &root, n, &plan.sweep.name, &extra);
+        let script = slurm_script(
+            &exe,
+            &args.config,
+            &root,
+            n,
+            &plan.sweep.name,
+            &plan.overrides,
+        );
         basin_lm::fsutil::write_bytes_atomic(path, script.as_bytes())?;
         println!(
             "wrote {} ({n} array tasks): sbatch {}",

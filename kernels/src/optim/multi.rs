@@ -5,7 +5,7 @@
 //! buffers. On the CPU the same call runs the references of [`crate::optim::adamw`] and
 //! [`crate::optim::ema`] tensor by tensor. Both give the same bits (the device check compares them).
 
-pub use crate::optim::adamw::AdamWTensors;
+use crate::optim::adamw::AdamWTensors;
 use crate::optim::adamw::{adamw_ema_step, adamw_step, Step};
 use crate::optim::ema::ema_blend;
 use crate::optim::norm::{chunk_sums, total};
