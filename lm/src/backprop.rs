@@ -21,7 +21,7 @@
 //! ```
 
 use crate::batch::Batch;
-use crate::llama::Llama;
+use crate::llama::{Layer, Llama, Proj};
 use anyhow::{bail, Result};
 use basin_kernels::ops::linear::{matmul, View};
 use basin_kernels::ops::{cross_entropy, rms_norm, rope, softmax, swiglu};
@@ -79,43 +79,28 @@ impl<'a> Held<'a> {
     }
 }
 
-/// Every tensor the passes read: the embedding, RoPE's tables, the final norm, the output
-/// projection, then each layer's nine weights in [`Layer`]'s order.
-fn held(model: &Llama) -> Result<Vec<Held<'_>>> {
-    let mut tensors = vec![
+/// The tensors the passes read outside the layers: the embedding, RoPE's tables, the final
+/// norm, the output projection.
+fn held_globals(model: &Llama) -> Result<Vec<Held<'_>>> {
+    [
         &model.embed,
         &model.cos,
         &model.sin,
         &model.norm,
         &model.lm_head,
-    ];
-    for b in &model.blocks {
-        tensors.extend([
-            &b.attn_norm,
-            &b.q,
-            &b.k,
-            &b.v,
-            &b.o,
-            &b.mlp_norm,
-            &b.gate,
-            &b.up,
-            &b.down,
-        ]);
-    }
-    tensors.into_iter().map(Held::new).collect()
+    ]
+    .into_iter()
+    .map(Held::new)
+    .collect()
 }
 
-/// One layer's weights (or their gradients).
-struct Layer<T> {
-    attn_norm: T,
-    q: T,
-    k: T,
-    v: T,
-    o: T,
-    mlp_norm: T,
-    gate: T,
-    up: T,
-    down: T,
+/// Each layer's tensors, held.
+fn held_layers(model: &Llama) -> Result<Vec<Layer<Held<'_>>>> {
+    model
+        .blocks
+        .iter()
+        .map(|b| b.as_ref().try_map(Held::new))
+        .collect()
 }
 
 struct Weights<'a> {
@@ -128,30 +113,19 @@ struct Weights<'a> {
 }
 
 impl<'a> Weights<'a> {
-    fn new(held: &'a [Held<'_>]) -> Self {
-        let v = |i: usize| held[i].values();
-        let layers = (5..held.len())
-            .step_by(9)
-            .map(|i| Layer {
-                attn_norm: v(i),
-                q: v(i + 1),
-                k: v(i + 2),
-                v: v(i + 3),
-                o: v(i + 4),
-                mlp_norm: v(i + 5),
-                gate: v(i + 6),
-                up: v(i + 7),
-                down: v(i + 8),
-            })
-            .collect();
-        Weights {
+    fn new(globals: &'a [Held<'_>], layers: &'a [Layer<Held<'_>>]) -> Result<Self> {
+        let v = |i: usize| globals[i].values();
+        Ok(Weights {
             embed: v(0),
             cos: v(1),
             sin: v(2),
             norm: v(3),
             head: v(4),
-            layers,
-        }
+            layers: layers
+                .iter()
+                .map(|l| l.as_ref().try_map(|h| Ok(h.values())))
+                .collect::<Result<_>>()?,
+        })
     }
 }
 
@@ -194,9 +168,35 @@ pub struct Trace<'m> {
     loss: f64,
 }
 
-/// y [rows, out] = x [rows, d_in] · wᵀ, w [out, d_in].
-fn project(x: &[f32], w: &[f32], rows: usize, d_in: usize, out: usize) -> Vec<f32> {
-    basin_kernels::ops::linear::forward(x, w, rows, d_in, out)
+/// y [rows, out] = x [rows, d_in] · wᵀ (+ b), w [out, d_in].
+fn project(x: &[f32], p: &Proj<&[f32]>, rows: usize, d_in: usize, out: usize) -> Vec<f32> {
+    let mut y = basin_kernels::ops::linear::forward(x, p.w, rows, d_in, out);
+    if let Some(b) = p.b {
+        y.par_chunks_mut(out)
+            .for_each(|row| row.iter_mut().zip(b.iter()).for_each(|(y, b)| *y += b));
+    }
+    y
+}
+
+/// The gradients of a projection's weight (dyᵀ · x) and bias (dy summed over rows).
+fn project_param_grads(
+    dy: &[f32],
+    x: &[f32],
+    p: &Proj<&[f32]>,
+    rows: usize,
+    d_in: usize,
+    out: usize,
+) -> Proj<Vec<f32>> {
+    Proj {
+        w: project_weight_grad(dy, x, rows, d_in, out),
+        b: p.b.map(|_| {
+            let mut db = vec![0f32; out];
+            for row in dy.chunks(out) {
+                db.iter_mut().zip(row).for_each(|(a, g)| *a += g);
+            }
+            db
+        }),
+    }
 }
 
 /// dx (+)= dy · w: the input's gradient of [`project`].
@@ -384,8 +384,8 @@ pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
         vocab: c.vocab_size,
         eps: c.rms_norm_eps as f32,
     };
-    let held = held(model)?;
-    let w = Weights::new(&held);
+    let (globals, layer_held) = (held_globals(model)?, held_layers(model)?);
+    let w = Weights::new(&globals, &layer_held)?;
     let ids: Vec<u32> = flat(&batch.ids)?;
     let positions: Vec<u32> = flat(&batch.positions)?;
     let bias: Vec<f32> = flat(&batch.bias.to_dtype(DType::F32)?)?;
@@ -394,13 +394,8 @@ pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
         Vec::with_capacity(d.n * half),
         Vec::with_capacity(d.n * half),
     );
+    model.check_positions(positions.iter().copied().max().unwrap_or(0) as usize)?;
     for &p in &positions {
-        if p as usize >= c.max_position_embeddings {
-            bail!(
-                "position {p} is past the model's {} positions",
-                c.max_position_embeddings
-            );
-        }
         cos.extend_from_slice(&w.cos[p as usize * half..][..half]);
         sin.extend_from_slice(&w.sin[p as usize * half..][..half]);
     }
@@ -416,18 +411,18 @@ pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
     for l in &w.layers {
         let a = rms_norm::forward(&x, l.attn_norm, d.eps);
         let rot = Some((cos.as_slice(), sin.as_slice(), 1.0));
-        let q = to_heads(&project(&a, l.q, d.n, d.h, qd), d, d.nh, rot);
-        let k = to_heads(&project(&a, l.k, d.n, d.h, kvd), d, d.nkv, rot);
-        let v = to_heads(&project(&a, l.v, d.n, d.h, kvd), d, d.nkv, None);
+        let q = to_heads(&project(&a, &l.q, d.n, d.h, qd), d, d.nh, rot);
+        let k = to_heads(&project(&a, &l.k, d.n, d.h, kvd), d, d.nkv, rot);
+        let v = to_heads(&project(&a, &l.v, d.n, d.h, kvd), d, d.nkv, None);
         let (p, yh) = attention(&q, &k, &v, &bias, d);
         let y = from_heads(&yh, d, d.nh, None);
-        let mut x_mid = project(&y, l.o, d.n, qd, d.h);
+        let mut x_mid = project(&y, &l.o, d.n, qd, d.h);
         add_into(&mut x_mid, &x);
         let m = rms_norm::forward(&x_mid, l.mlp_norm, d.eps);
-        let g = project(&m, l.gate, d.n, d.h, d.ff);
-        let u = project(&m, l.up, d.n, d.h, d.ff);
+        let g = project(&m, &l.gate, d.n, d.h, d.ff);
+        let u = project(&m, &l.up, d.n, d.h, d.ff);
         let s = swiglu::forward(&g, &u);
-        let mut x_out = project(&s, l.down, d.n, d.ff, d.h);
+        let mut x_out = project(&s, &l.down, d.n, d.ff, d.h);
         add_into(&mut x_out, &x_mid);
         layers.push(Saved {
             x: std::mem::replace(&mut x, x_out),
@@ -452,11 +447,12 @@ pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
         x_loss.extend_from_slice(&x[r as usize * d.h..][..d.h]);
     }
     let normed = rms_norm::forward(&x_loss, w.norm, d.eps);
-    let logits = project(&normed, w.head, loss_rows.len(), d.h, d.vocab);
+    let head = Proj { w: w.head, b: None };
+    let logits = project(&normed, &head, loss_rows.len(), d.h, d.vocab);
     let nll = cross_entropy::forward(&logits, &targets, d.vocab);
     let loss = nll.iter().map(|&v| v as f64).sum::<f64>() / nll.len() as f64;
     drop(w);
-    drop(held);
+    drop((globals, layer_held));
     Ok(Trace {
         model,
         d,
@@ -484,8 +480,8 @@ impl Trace<'_> {
     /// the embedding's).
     pub fn backward(self, scale: f64) -> Result<GradStore> {
         let d = self.d;
-        let held = held(self.model)?;
-        let w = Weights::new(&held);
+        let (globals, layer_held) = (held_globals(self.model)?, held_layers(self.model)?);
+        let w = Weights::new(&globals, &layer_held)?;
         let rows = self.loss_rows.len();
         let g = vec![(scale / rows as f64) as f32; rows];
         let dlogits = cross_entropy::backward(&self.logits, &self.targets, &g, d.vocab);
@@ -505,32 +501,32 @@ impl Trace<'_> {
         for (s, l) in self.layers.iter().zip(&w.layers).rev() {
             // The MLP: dx is the gradient of its output (and of the stream after attention).
             let mut ds = vec![0f32; d.n * d.ff];
-            project_input_grad(&mut ds, &dx, l.down, d.n, d.ff, d.h, false);
-            let down = project_weight_grad(&dx, &s.s, d.n, d.ff, d.h);
+            project_input_grad(&mut ds, &dx, l.down.w, d.n, d.ff, d.h, false);
+            let down = project_param_grads(&dx, &s.s, &l.down, d.n, d.ff, d.h);
             let dgu = swiglu::backward(&ds, &s.g, &s.u);
             let (dg, du) = dgu.split_at(d.n * d.ff);
             let mut dm = vec![0f32; d.n * d.h];
-            project_input_grad(&mut dm, dg, l.gate, d.n, d.h, d.ff, false);
-            project_input_grad(&mut dm, du, l.up, d.n, d.h, d.ff, true);
-            let gate = project_weight_grad(dg, &s.m, d.n, d.h, d.ff);
-            let up = project_weight_grad(du, &s.m, d.n, d.h, d.ff);
+            project_input_grad(&mut dm, dg, l.gate.w, d.n, d.h, d.ff, false);
+            project_input_grad(&mut dm, du, l.up.w, d.n, d.h, d.ff, true);
+            let gate = project_param_grads(dg, &s.m, &l.gate, d.n, d.h, d.ff);
+            let up = project_param_grads(du, &s.m, &l.up, d.n, d.h, d.ff);
             let (dx_mid, mlp_norm) = rms_norm::backward(&dm, &s.x_mid, l.mlp_norm, d.eps);
             add_into(&mut dx, &dx_mid);
             // Attention: dx is now the gradient of its output (and of the layer's input).
             let mut dy = vec![0f32; d.n * qd];
-            project_input_grad(&mut dy, &dx, l.o, d.n, qd, d.h, false);
-            let o = project_weight_grad(&dx, &s.y, d.n, qd, d.h);
+            project_input_grad(&mut dy, &dx, l.o.w, d.n, qd, d.h, false);
+            let o = project_param_grads(&dx, &s.y, &l.o, d.n, qd, d.h);
             let (dqh, dkh, dvh) = attention_backward(&to_heads(&dy, d, d.nh, None), s, d);
             let dq = from_heads(&dqh, d, d.nh, back);
             let dk = from_heads(&dkh, d, d.nkv, back);
             let dv = from_heads(&dvh, d, d.nkv, None);
             let mut da = vec![0f32; d.n * d.h];
-            project_input_grad(&mut da, &dq, l.q, d.n, d.h, qd, false);
-            project_input_grad(&mut da, &dk, l.k, d.n, d.h, kvd, true);
-            project_input_grad(&mut da, &dv, l.v, d.n, d.h, kvd, true);
-            let q = project_weight_grad(&dq, &s.a, d.n, d.h, qd);
-            let k = project_weight_grad(&dk, &s.a, d.n, d.h, kvd);
-            let v = project_weight_grad(&dv, &s.a, d.n, d.h, kvd);
+            project_input_grad(&mut da, &dq, l.q.w, d.n, d.h, qd, false);
+            project_input_grad(&mut da, &dk, l.k.w, d.n, d.h, kvd, true);
+            project_input_grad(&mut da, &dv, l.v.w, d.n, d.h, kvd, true);
+            let q = project_param_grads(&dq, &s.a, &l.q, d.n, d.h, qd);
+            let k = project_param_grads(&dk, &s.a, &l.k, d.n, d.h, kvd);
+            let v = project_param_grads(&dv, &s.a, &l.v, d.n, d.h, kvd);
             let (dx_in, attn_norm) = rms_norm::backward(&da, &s.x, l.attn_norm, d.eps);
             add_into(&mut dx, &dx_in);
             grads.push(Layer {
@@ -553,14 +549,19 @@ impl Trace<'_> {
         } else {
             (vec![0f32; d.vocab * d.h], Some(d_head))
         };
+        // The padding token's row gets nothing from lookups (transformers' padding_idx).
+        let pad = self.model.config.pad_token_id;
         for (r, &id) in self.ids.iter().enumerate() {
+            if Some(id) == pad {
+                continue;
+            }
             let row = &mut d_embed[id as usize * d.h..][..d.h];
             row.iter_mut()
                 .zip(&dx[r * d.h..][..d.h])
                 .for_each(|(a, g)| *a += g);
         }
         drop(w);
-        drop(held);
+        drop((globals, layer_held));
         let m = self.model;
         let mut store = GradStore::default();
         let mut put = |t: &Tensor, g: Vec<f32>| -> Result<()> {
@@ -573,15 +574,9 @@ impl Trace<'_> {
         }
         put(&m.norm, d_norm)?;
         for (b, g) in m.blocks.iter().zip(grads) {
-            put(&b.attn_norm, g.attn_norm)?;
-            put(&b.q, g.q)?;
-            put(&b.k, g.k)?;
-            put(&b.v, g.v)?;
-            put(&b.o, g.o)?;
-            put(&b.mlp_norm, g.mlp_norm)?;
-            put(&b.gate, g.gate)?;
-            put(&b.up, g.up)?;
-            put(&b.down, g.down)?;
+            for (t, g) in b.as_ref().into_vec().into_iter().zip(g.into_vec()) {
+                put(t, g)?;
+            }
         }
         Ok(store)
     }

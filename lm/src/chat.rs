@@ -50,7 +50,9 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles a Hugging Face style Jinja chat template (`messages`, `add_generation_prompt`,
-    /// `bos_token`, `eos_token`, `raise_exception`).
+    /// `bos_token`, `eos_token`, and transformers' functions `raise_exception` and
+    /// `strftime_now`: the local time now, so a template that writes the date, as Llama 3.x's
+    /// does, renders today's date as transformers would).
     pub fn from_jinja(name: &str, source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
         let mut env = Environment::new();
         // transformers renders chat templates with trim_blocks and lstrip_blocks on.
@@ -61,6 +63,20 @@ impl ChatTemplate {
             "raise_exception",
             |msg: String| -> Result<String, minijinja::Error> {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_function(
+            "strftime_now",
+            |format: String| -> Result<String, minijinja::Error> {
+                use std::fmt::Write;
+                let mut out = String::new();
+                write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+                    minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("strftime_now: '{format}' is not a strftime format"),
+                    )
+                })?;
+                Ok(out)
             },
         );
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
@@ -185,6 +201,24 @@ mod tests {
             .render_prompt(&conv(Some("Be brief."), "Q", None))
             .unwrap();
         assert_eq!(own, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nQ [/INST]");
+    }
+
+    #[test]
+    fn strftime_now_writes_todays_date_as_llama3_templates_expect() {
+        // The idiom of Llama 3.x's template: today's date when strftime_now is defined.
+        let src = "{%- if strftime_now is defined %}{%- set d = strftime_now('%d %b %Y') %}\
+                   {%- else %}{%- set d = '26 Jul 2024' %}{%- endif %}\
+                   Today Date: {{ d }}|{{ messages[0]['content'] }}";
+        let t = ChatTemplate::from_jinja("t", src, "", "").unwrap();
+        let before = chrono::Local::now().format("%d %b %Y").to_string();
+        let out = t.render_prompt(&conv(None, "Q", None)).unwrap();
+        let after = chrono::Local::now().format("%d %b %Y").to_string();
+        assert!(
+            out == format!("Today Date: {before}|Q") || out == format!("Today Date: {after}|Q"),
+            "{out}"
+        );
+        let bad = ChatTemplate::from_jinja("t", "{{ strftime_now('%Q') }}", "", "").unwrap();
+        assert!(bad.render_prompt(&conv(None, "Q", None)).is_err());
     }
 
     #[test]

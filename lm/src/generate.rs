@@ -53,11 +53,12 @@ pub fn generate(
     let device = model.device().clone();
     let b = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if width + opts.max_new_tokens > model.config.max_position_embeddings {
+    if width + opts.max_new_tokens > model.config.max_positions() {
         bail!(
-            "prompt of {width} tokens + {} new exceeds the model's {} positions",
+            "prompt of {width} tokens + {} new exceeds the model's {} positions ({})",
             opts.max_new_tokens,
-            model.config.max_position_embeddings
+            model.config.max_positions(),
+            model.config.positions_reason()
         );
     }
     let mut ids = Vec::with_capacity(b * width);

@@ -1,7 +1,10 @@
 //! basin-lm: everything about the model that more than one pipeline stage needs.
 //!
-//! - [`llama`]: the Llama-family decoder (trains and generates); [`weights`] loads it from
-//!   GGUF or a Hugging Face directory and saves it as the latter; [`batch`] builds
+//! - [`architecture`]: the families basin runs (Llama, Mistral, Qwen2, Phi-3), read strictly
+//!   from `config.json` or GGUF metadata, and the tensors each holds.
+//! - [`llama`]: the decoder all of them share (trains and generates); [`weights`] loads it
+//!   from GGUF or a Hugging Face directory, refusing any tensor mismatch, and saves it as the
+//!   latter in the model's own layout; [`batch`] builds
 //!   training batches and the masked loss; [`backprop`] is the loss and its gradients
 //!   written out by hand for an f32 model on the CPU; [`generate`] decodes batches with a
 //!   KV cache.
@@ -21,6 +24,7 @@
 //! - [`tiny`]: a tiny tokenizer and chat template for fast tests.
 //! - [`provenance`]: the git commit recorded with every output; [`rng`]: seeded numbers.
 
+pub mod architecture;
 pub mod artifacts;
 pub mod backprop;
 pub mod batch;

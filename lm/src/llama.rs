@@ -5,126 +5,17 @@
 //!   h   = h' + W_down(silu(W_gate x) * W_up x),  x = RMSNorm(h')
 //!   logits = RMSNorm(h_L) W_head^T        W_head = E when the embeddings are tied
 //!
+//! Mistral, Qwen2 and Phi-3 are the same network with the differences [`ModelConfig`]
+//! records (biases, head size, RoPE scaling, a bound on positions).
+//!
 //! Every op on the training path has a backward. candle-nn's fused rms_norm, softmax and
 //! rope have none, so they are used only when `Pass::Infer` asks for them (generation).
 //! Weights use Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...).
 
-use anyhow::{bail, Result};
+pub use crate::architecture::ModelConfig;
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{VarBuilder, VarMap};
-use serde::{Deserialize, Serialize};
-
-/// The architecture, in Hugging Face `config.json` terms.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct LlamaConfig {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
-    pub rope_theta: f64,
-    pub rms_norm_eps: f64,
-    pub tie_word_embeddings: bool,
-    pub max_position_embeddings: usize,
-}
-
-impl LlamaConfig {
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        let c = self;
-        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
-            bail!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                c.hidden_size,
-                c.num_attention_heads
-            );
-        }
-        if c.num_key_value_heads == 0
-            || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
-        {
-            bail!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                c.num_attention_heads,
-                c.num_key_value_heads
-            );
-        }
-        if !c.head_dim().is_multiple_of(2) {
-            bail!("head_dim {} must be even for RoPE", c.head_dim());
-        }
-        Ok(())
-    }
-
-    /// Reads a Hugging Face `config.json` (defaults as `transformers.LlamaConfig`).
-    pub fn from_hf_json(text: &str) -> Result<Self> {
-        #[derive(Deserialize)]
-        struct Hf {
-            vocab_size: usize,
-            hidden_size: usize,
-            intermediate_size: usize,
-            num_hidden_layers: usize,
-            num_attention_heads: usize,
-            num_key_value_heads: Option<usize>,
-            rope_theta: Option<f64>,
-            rms_norm_eps: Option<f64>,
-            tie_word_embeddings: Option<bool>,
-            max_position_embeddings: Option<usize>,
-            rope_scaling: Option<serde_json::Value>,
-        }
-        let hf: Hf = serde_json::from_str(text)?;
-        if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            bail!("config.json: rope_scaling is not supported yet");
-        }
-        let c = Self {
-            vocab_size: hf.vocab_size,
-            hidden_size: hf.hidden_size,
-            intermediate_size: hf.intermediate_size,
-            num_hidden_layers: hf.num_hidden_layers,
-            num_attention_heads: hf.num_attention_heads,
-            num_key_value_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            rope_theta: hf.rope_theta.unwrap_or(10_000.0),
-            rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
-            max_position_embeddings: hf.max_position_embeddings.unwrap_or(2048),
-        };
-        c.validate()?;
-        Ok(c)
-    }
-
-    /// A Hugging Face `config.json` that `transformers` loads as `LlamaForCausalLM`.
-    pub fn to_hf_json(
-        &self,
-        dtype: DType,
-        bos: Option<u32>,
-        eos: Option<u32>,
-    ) -> serde_json::Value {
-        serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_act": "silu",
-            "attention_bias": false,
-            "mlp_bias": false,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim(),
-            "rope_theta": self.rope_theta,
-            "rope_scaling": null,
-            "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "bos_token_id": bos,
-            "eos_token_id": eos,
-            "torch_dtype": match dtype { DType::BF16 => "bfloat16", DType::F16 => "float16", _ => "float32" },
-        })
-    }
-}
+use candle_nn::VarMap;
 
 /// Which kernels a forward pass may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,17 +26,91 @@ pub enum Pass {
     Infer,
 }
 
-pub(crate) struct Block {
-    pub(crate) attn_norm: Tensor,
-    pub(crate) q: Tensor,
-    pub(crate) k: Tensor,
-    pub(crate) v: Tensor,
-    pub(crate) o: Tensor,
-    pub(crate) mlp_norm: Tensor,
-    pub(crate) gate: Tensor,
-    pub(crate) up: Tensor,
-    pub(crate) down: Tensor,
+/// A projection: its weight [out, in] and, in the families that have one, its bias [out].
+#[derive(Clone, Debug)]
+pub struct Proj<T> {
+    pub w: T,
+    pub b: Option<T>,
 }
+
+/// One decoder layer's tensors (or their gradients, or views of their values).
+#[derive(Clone, Debug)]
+pub struct Layer<T> {
+    pub attn_norm: T,
+    pub q: Proj<T>,
+    pub k: Proj<T>,
+    pub v: Proj<T>,
+    pub o: Proj<T>,
+    pub mlp_norm: T,
+    pub gate: Proj<T>,
+    pub up: Proj<T>,
+    pub down: Proj<T>,
+}
+
+impl<T> Proj<T> {
+    fn as_ref(&self) -> Proj<&T> {
+        Proj {
+            w: &self.w,
+            b: self.b.as_ref(),
+        }
+    }
+
+    fn try_map<U>(self, mut f: impl FnMut(T) -> Result<U>) -> Result<Proj<U>> {
+        Ok(Proj {
+            w: f(self.w)?,
+            b: self.b.map(f).transpose()?,
+        })
+    }
+}
+
+impl<T> Layer<T> {
+    pub fn as_ref(&self) -> Layer<&T> {
+        Layer {
+            attn_norm: &self.attn_norm,
+            q: self.q.as_ref(),
+            k: self.k.as_ref(),
+            v: self.v.as_ref(),
+            o: self.o.as_ref(),
+            mlp_norm: &self.mlp_norm,
+            gate: self.gate.as_ref(),
+            up: self.up.as_ref(),
+            down: self.down.as_ref(),
+        }
+    }
+
+    /// Applies `f` to every tensor, in [`Self::into_vec`]'s order.
+    pub fn try_map<U>(self, mut f: impl FnMut(T) -> Result<U>) -> Result<Layer<U>> {
+        Ok(Layer {
+            attn_norm: f(self.attn_norm)?,
+            q: self.q.try_map(&mut f)?,
+            k: self.k.try_map(&mut f)?,
+            v: self.v.try_map(&mut f)?,
+            o: self.o.try_map(&mut f)?,
+            mlp_norm: f(self.mlp_norm)?,
+            gate: self.gate.try_map(&mut f)?,
+            up: self.up.try_map(&mut f)?,
+            down: self.down.try_map(&mut f)?,
+        })
+    }
+
+    /// Every tensor (biases where present), in one fixed order.
+    pub fn into_vec(self) -> Vec<T> {
+        let mut out = Vec::with_capacity(16);
+        out.push(self.attn_norm);
+        for p in [self.q, self.k, self.v, self.o] {
+            out.push(p.w);
+            out.extend(p.b);
+        }
+        out.push(self.mlp_norm);
+        for p in [self.gate, self.up, self.down] {
+            out.push(p.w);
+            out.extend(p.b);
+        }
+        out
+    }
+}
+
+pub(crate) type Block = Layer<Tensor>;
 
 /// Keys and values of the positions seen so far, per layer: [batch, kv_heads, time, head_dim].
 #[derive(Default)]
@@ -167,25 +132,21 @@ impl KvCache {
 }
 
 pub struct Llama {
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     pub(crate) embed: Tensor,
     pub(crate) blocks: Vec<Block>,
     pub(crate) norm: Tensor,
     pub(crate) lm_head: Tensor,
-    /// RoPE's cos and sin of every position's angles, [max_position_embeddings, head_dim / 2].
+    /// RoPE's cos and sin of every position's angles, [max_positions, head_dim / 2].
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
-}
-
-/// A projection's weight [out, in] (no bias in Llama).
-fn linear(vb: &VarBuilder, out_dim: usize, in_dim: usize, name: &str) -> Result<Tensor> {
-    Ok(vb.get((out_dim, in_dim), &format!("{name}.weight"))?)
 }
 
 /// x [.., in] · wᵀ for w [out, in], as one 2-D matmul over every row. Broadcasting w over
 /// the batch instead (candle-nn's Linear) makes its gradient a batch of per-row GEMMs and a
 /// sum over the batch: [batch, in, out] floats written and read again for every weight.
-fn project(x: &Tensor, w: &Tensor, pass: Pass) -> Result<Tensor> {
+fn project(x: &Tensor, p: &Proj<Tensor>, pass: Pass) -> Result<Tensor> {
+    let w = &p.w;
     let dims = x.dims();
     let (rows, d_in) = (
         dims[..dims.len() - 1].iter().product::<usize>(),
@@ -198,54 +159,69 @@ fn project(x: &Tensor, w: &Tensor, pass: Pass) -> Result<Tensor> {
     } else {
         x.matmul(&w.t()?)?
     };
+    let y = match &p.b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = w.dim(0)?;
     Ok(y.reshape(out)?)
 }
 
 impl Llama {
-    /// Builds the model over the weights in `vb` (Hugging Face names).
-    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    /// Builds the model over the variables of `varmap` (basin's names:
+    /// [`ModelConfig::tensors`]), which must hold exactly those tensors with those shapes.
+    pub fn new(config: &ModelConfig, varmap: &VarMap) -> Result<Self> {
         config.validate()?;
         let c = config;
-        let (h, hd) = (c.hidden_size, c.head_dim());
-        let m = vb.pp("model");
-        let embed = m.get((c.vocab_size, h), "embed_tokens.weight")?;
-        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
-            let l = m.pp(format!("layers.{i}"));
-            let a = l.pp("self_attn");
-            let f = l.pp("mlp");
-            blocks.push(Block {
-                attn_norm: l.get(h, "input_layernorm.weight")?,
-                q: linear(&a, c.num_attention_heads * hd, h, "q_proj")?,
-                k: linear(&a, c.num_key_value_heads * hd, h, "k_proj")?,
-                v: linear(&a, c.num_key_value_heads * hd, h, "v_proj")?,
-                o: linear(&a, h, c.num_attention_heads * hd, "o_proj")?,
-                mlp_norm: l.get(h, "post_attention_layernorm.weight")?,
-                gate: linear(&f, c.intermediate_size, h, "gate_proj")?,
-                up: linear(&f, c.intermediate_size, h, "up_proj")?,
-                down: linear(&f, h, c.intermediate_size, "down_proj")?,
-            });
-        }
-        let norm = m.get(h, "norm.weight")?;
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow!("varmap lock poisoned"))?;
+        let found: std::collections::BTreeMap<String, Vec<usize>> = data
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+            .collect();
+        crate::architecture::check_tensors(&c.tensors(), &found, "the model's weights")?;
+        let get = |name: &str| data[name].as_tensor().clone();
+        let proj = |p: &str, bias: bool| Proj {
+            w: get(&format!("{p}.weight")),
+            b: bias.then(|| get(&format!("{p}.bias"))),
+        };
+        let embed = get("model.embed_tokens.weight");
+        let blocks = (0..c.num_hidden_layers)
+            .map(|i| {
+                let l = format!("model.layers.{i}");
+                Block {
+                    attn_norm: get(&format!("{l}.input_layernorm.weight")),
+                    q: proj(&format!("{l}.self_attn.q_proj"), c.qkv_bias),
+                    k: proj(&format!("{l}.self_attn.k_proj"), c.qkv_bias),
+                    v: proj(&format!("{l}.self_attn.v_proj"), c.qkv_bias),
+                    o: proj(&format!("{l}.self_attn.o_proj"), c.o_bias),
+                    mlp_norm: get(&format!("{l}.post_attention_layernorm.weight")),
+                    gate: proj(&format!("{l}.mlp.gate_proj"), c.mlp_bias),
+                    up: proj(&format!("{l}.mlp.up_proj"), c.mlp_bias),
+                    down: proj(&format!("{l}.mlp.down_proj"), c.mlp_bias),
+                }
+            })
+            .collect();
+        let norm = get("model.norm.weight");
         let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
-            vb.get((c.vocab_size, h), "lm_head.weight")?
+            get("lm_head.weight")
         };
-        // RoPE angles θ_{p,i} = p · theta^(-2i/hd), computed in f64 then cast.
-        let half = hd / 2;
-        let n_pos = c.max_position_embeddings;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f64 / hd as f64))
-            .collect();
+        // RoPE angles θ_{p,i} = p · inv_freq_i (scaled as the config says), in f64 then cast.
+        let (device, dtype) = (embed.device().clone(), embed.dtype());
+        let half = c.head_dim() / 2;
+        let n_pos = c.max_positions();
+        let inv_freq = c.rope_inv_freq();
         let angles: Vec<f64> = (0..n_pos)
             .flat_map(|p| inv_freq.iter().map(move |f| p as f64 * f))
             .collect();
         let table = |f: fn(f64) -> f64| -> Result<Tensor> {
             let v: Vec<f32> = angles.iter().map(|&a| f(a) as f32).collect();
-            Ok(Tensor::from_vec(v, (n_pos, half), vb.device())?.to_dtype(vb.dtype())?)
+            Ok(Tensor::from_vec(v, (n_pos, half), &device)?.to_dtype(dtype)?)
         };
         Ok(Self {
             config: c.clone(),
@@ -256,6 +232,19 @@ impl Llama {
             norm,
             lm_head,
         })
+    }
+
+    /// Refuses positions at or past the model's bound ([`ModelConfig::max_positions`]).
+    pub fn check_positions(&self, max_position: usize) -> Result<()> {
+        let c = &self.config;
+        if max_position >= c.max_positions() {
+            bail!(
+                "position {max_position} is past the model's {} positions ({})",
+                c.max_positions(),
+                c.positions_reason()
+            );
+        }
+        Ok(())
     }
 
     pub fn dtype(&self) -> DType {
@@ -279,6 +268,11 @@ impl Llama {
         pass: Pass,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        // A row's positions never pass its key index (left padding only lowers them).
+        let keys = t + cache.as_deref().map_or(0, KvCache::len);
+        if keys > 0 {
+            self.check_positions(keys - 1)?;
+        }
         let half = self.config.head_dim() / 2;
         let flat = positions.flatten_all()?;
         let cos = self.cos.index_select(&flat, 0)?.reshape((b, t, half))?;
@@ -286,11 +280,9 @@ impl Llama {
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.blocks.len(), || None);
         }
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.config.hidden_size,
-        ))?;
+        let mut x = self
+            .embed(&ids.flatten_all()?)?
+            .reshape((b, t, self.config.hidden_size))?;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let a = self.attention(
@@ -317,6 +309,18 @@ impl Llama {
         rms_norm(&x, &self.norm, self.config.rms_norm_eps, pass)
     }
 
+    /// The embeddings of `ids` [n]. The padding token's row (`pad_token_id`) is read
+    /// detached, so that, as in transformers, no gradient reaches it through a lookup.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = self.embed.index_select(ids, 0)?;
+        let Some(pad) = self.config.pad_token_id else {
+            return Ok(x);
+        };
+        let is_pad = ids.eq(pad)?.unsqueeze(1)?.broadcast_as(x.shape())?;
+        let fixed = self.embed.detach().index_select(ids, 0)?;
+        Ok(is_pad.where_cond(&fixed, &x)?)
+    }
+
     /// Next-token logits [vocab] (f32) after one whole sequence, without a cache.
     pub fn next_token_logits(&self, ids: &[u32], pass: Pass) -> Result<Vec<f32>> {
         let t = ids.len();
@@ -338,7 +342,11 @@ impl Llama {
     /// Logits [.., vocab] of hidden states [.., hidden].
     pub fn logits(&self, hidden: &Tensor, pass: Pass) -> Result<Tensor> {
         // contiguous(): CUDA matmul needs it, and the last position of a batch is a strided view.
-        project(&hidden.contiguous()?, &self.lm_head, pass)
+        let head = Proj {
+            w: self.lm_head.clone(),
+            b: None,
+        };
+        project(&hidden.contiguous()?, &head, pass)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -482,63 +490,15 @@ pub fn attention_bias(
 /// Seeded N(0, std²) initial weights (norms at 1) for a model of `config`, as a VarMap of
 /// trainable variables: the tiny test models, reproducible without candle's device RNG.
 pub fn random_weights(
-    config: &LlamaConfig,
+    config: &ModelConfig,
     seed: u64,
     dtype: DType,
     device: &Device,
 ) -> Result<VarMap> {
     let varmap = VarMap::new();
-    let c = config;
-    let hd = c.head_dim();
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![(
-        "model.embed_tokens.weight".into(),
-        vec![c.vocab_size, c.hidden_size],
-    )];
-    for i in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        shapes.extend([
-            (format!("{p}.input_layernorm.weight"), vec![c.hidden_size]),
-            (
-                format!("{p}.self_attn.q_proj.weight"),
-                vec![c.num_attention_heads * hd, c.hidden_size],
-            ),
-            (
-                format!("{p}.self_attn.k_proj.weight"),
-                vec![c.num_key_value_heads * hd, c.hidden_size],
-            ),
-            (
-                format!("{p}.self_attn.v_proj.weight"),
-                vec![c.num_key_value_heads * hd, c.hidden_size],
-            ),
-            (
-                format!("{p}.self_attn.o_proj.weight"),
-                vec![c.hidden_size, c.num_attention_heads * hd],
-            ),
-            (
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![c.hidden_size],
-            ),
-            (
-                format!("{p}.mlp.gate_proj.weight"),
-                vec![c.intermediate_size, c.hidden_size],
-            ),
-            (
-                format!("{p}.mlp.up_proj.weight"),
-                vec![c.intermediate_size, c.hidden_size],
-            ),
-            (
-                format!("{p}.mlp.down_proj.weight"),
-                vec![c.hidden_size, c.intermediate_size],
-            ),
-        ]);
-    }
-    shapes.push(("model.norm.weight".into(), vec![c.hidden_size]));
-    if !c.tie_word_embeddings {
-        shapes.push(("lm_head.weight".into(), vec![c.vocab_size, c.hidden_size]));
-    }
     let mut rng = crate::rng::SplitMix64::new(seed);
     let mut data = varmap.data().lock().expect("fresh varmap");
-    for (name, shape) in shapes {
+    for (name, shape) in config.tensors() {
         let n: usize = shape.iter().product();
         let values: Vec<f32> = if name.ends_with("norm.weight") {
             vec![1.0; n]

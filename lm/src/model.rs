@@ -1,13 +1,14 @@
 //! A model opened for use: its text side (tokenizer, chat template), its weights as
 //! trainable variables, and the network over them.
 
+use crate::architecture::ModelConfig;
 use crate::chat::{ChatTemplate, Conversation};
 use crate::generate::{generate, GenerateOptions, Generated};
-use crate::llama::{Llama, LlamaConfig};
+use crate::llama::Llama;
 use crate::source::ModelText;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use std::path::{Path, PathBuf};
 
 /// Where `just setup` puts the embedded default model.
@@ -16,7 +17,7 @@ pub const DEFAULT_MODEL: &str = "data/cache/model/SmolLM2-135M-Instruct.Q4_1.ggu
 pub struct Model {
     pub path: PathBuf,
     pub text: ModelText,
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     pub varmap: VarMap,
     pub llama: Llama,
 }
@@ -32,7 +33,7 @@ impl Model {
         }
         let text = ModelText::open(path)?;
         let (config, varmap) = crate::weights::load(path, dtype, device)?;
-        let llama = Llama::new(&config, VarBuilder::from_varmap(&varmap, dtype, device))?;
+        let llama = Llama::new(&config, &varmap)?;
         Ok(Self {
             path: path.to_path_buf(),
             text,
@@ -42,18 +43,18 @@ impl Model {
         })
     }
 
-    /// Options for decoding with this model's end-of-turn token.
+    /// Options for decoding that stops at any of this model's end-of-turn tokens.
     pub fn options(&self, max_new_tokens: usize) -> Result<GenerateOptions> {
-        let eos = self
+        let first = *self
             .text
-            .tokenizer
-            .eos_id()
+            .stop_ids
+            .first()
             .ok_or_else(|| anyhow!("model {} has no end-of-turn token", self.path.display()))?;
         Ok(GenerateOptions {
             max_new_tokens,
             sampling: None,
-            stop: vec![eos],
-            pad_id: eos,
+            stop: self.text.stop_ids.clone(),
+            pad_id: first,
         })
     }
 

@@ -1,7 +1,10 @@
 //! Opens a model by path and gives what the text side needs: tokenizer and chat template.
 //!
 //! A model is either a GGUF file (tokenizer and template from its metadata) or a Hugging
-//! Face directory (`tokenizer.json`, `tokenizer_config.json`).
+//! Face directory (`tokenizer.json`, `tokenizer_config.json`, and transformers 5.x's
+//! `chat_template.jinja`). The tokens that end a reply are the tokenizer's end-of-sequence
+//! token plus every `eos_token_id` of `generation_config.json` and `config.json` (Llama 3
+//! instruct models end turns with `<|eot_id|>`, not their `eos_token`).
 
 use crate::chat::ChatTemplate;
 use crate::gguf_meta::GgufMeta;
@@ -43,6 +46,9 @@ pub struct ModelText {
     pub tokenizer: TextTokenizer,
     /// The model's own Jinja chat template, when it ships one.
     pub chat_template: Option<String>,
+    /// Tokens that end a reply (generation stops at any of them), the tokenizer's
+    /// end-of-sequence token first.
+    pub stop_ids: Vec<u32>,
 }
 
 impl ModelText {
@@ -51,9 +57,15 @@ impl ModelText {
             Self::open_hf_dir(path)
         } else if path.extension().is_some_and(|e| e == "gguf") {
             let meta = GgufMeta::open(path)?;
+            let tokenizer = TextTokenizer::from_gguf(&meta)?;
+            let listed = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+                .iter()
+                .filter_map(|k| meta.opt_u32(k))
+                .collect();
             Ok(Self {
                 path: path.to_path_buf(),
-                tokenizer: TextTokenizer::from_gguf(&meta)?,
+                stop_ids: stop_ids(&tokenizer, listed),
+                tokenizer,
                 chat_template: meta.opt_string("tokenizer.chat_template"),
             })
         } else if !path.exists() {
@@ -92,18 +104,36 @@ impl ModelText {
             special("bos_token"),
             special("eos_token"),
         )?;
-        let chat_template = match &config["chat_template"] {
-            Value::String(s) => Some(s.clone()),
-            // Newer configs list named templates; the one named "default" is the chat one.
-            Value::Array(list) => list
-                .iter()
-                .find(|t| t["name"] == "default")
-                .and_then(|t| t["template"].as_str())
-                .map(str::to_string),
-            _ => None,
+        // transformers 5.x writes the template to its own file, which it reads first.
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = if jinja.exists() {
+            Some(
+                std::fs::read_to_string(&jinja)
+                    .with_context(|| format!("cannot read {}", jinja.display()))?,
+            )
+        } else {
+            match &config["chat_template"] {
+                Value::String(s) => Some(s.clone()),
+                // A list of named templates; the one named "default" is the chat one.
+                Value::Array(list) => list
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .and_then(|t| t["template"].as_str())
+                    .map(str::to_string),
+                Value::Null => None,
+                other => bail!(
+                    "{}: chat_template should be a string or a list of {{name, template}}, found {other}",
+                    config_path.display()
+                ),
+            }
         };
+        let mut listed = Vec::new();
+        for name in ["generation_config.json", "config.json"] {
+            listed.extend(eos_ids_of(&dir.join(name))?);
+        }
         Ok(Self {
             path: dir.to_path_buf(),
+            stop_ids: stop_ids(&tokenizer, listed),
             tokenizer,
             chat_template,
         })
@@ -139,4 +169,45 @@ impl ModelText {
             None => template,
         })
     }
+}
+
+/// The tokenizer's end-of-sequence token, then the `listed` ids, each once.
+fn stop_ids(tokenizer: &TextTokenizer, listed: Vec<u32>) -> Vec<u32> {
+    let mut out: Vec<u32> = tokenizer.eos_id().into_iter().collect();
+    for id in listed {
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    out
+}
+
+/// `eos_token_id` of a JSON file (one id or a list), none when the file or the key is absent.
+fn eos_ids_of(path: &Path) -> Result<Vec<u32>> {
+    if !path.exists() {
+        return Ok(vec![]);
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Ids {
+        One(u32),
+        Many(Vec<u32>),
+    }
+    #[derive(serde::Deserialize)]
+    struct Eos {
+        eos_token_id: Option<Ids>,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let eos: Eos = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: eos_token_id should be a token id or a list of them",
+            path.display()
+        )
+    })?;
+    Ok(match eos.eos_token_id {
+        None => vec![],
+        Some(Ids::One(i)) => vec![i],
+        Some(Ids::Many(v)) => v,
+    })
 }

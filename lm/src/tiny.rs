@@ -75,7 +75,7 @@ pub fn write_tiny_model_dir(dir: &Path) -> Result<()> {
 
 /// [`write_tiny_model_dir`] plus random weights of `config` (usually [`tiny_config`]) from
 /// `seed`: a whole model a test can open by path.
-pub fn write_tiny_model(dir: &Path, config: &crate::llama::LlamaConfig, seed: u64) -> Result<()> {
+pub fn write_tiny_model(dir: &Path, config: &crate::llama::ModelConfig, seed: u64) -> Result<()> {
     use candle_core::{DType, Device};
     write_tiny_model_dir(dir)?;
     let text = crate::source::ModelText::open(dir)?;
@@ -85,19 +85,19 @@ pub fn write_tiny_model(dir: &Path, config: &crate::llama::LlamaConfig, seed: u6
 
 /// A tiny Llama for tests: the tiny tokenizer's vocabulary, 2 layers, grouped-query
 /// attention (4 query heads over 2 key/value heads), tied embeddings.
-pub fn tiny_config() -> crate::llama::LlamaConfig {
-    crate::llama::LlamaConfig {
-        vocab_size: TINY_SPECIALS.len() + 256,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        rope_theta: 10_000.0,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: true,
-        max_position_embeddings: 256,
-    }
+pub fn tiny_config() -> crate::llama::ModelConfig {
+    crate::llama::ModelConfig::llama(
+        TINY_SPECIALS.len() + 256,
+        32,
+        64,
+        2,
+        4,
+        2,
+        10_000.0,
+        1e-5,
+        true,
+        256,
+    )
 }
 
 #[cfg(test)]

@@ -1,18 +1,20 @@
 //! Model weights in and out: GGUF files (dequantized into trainable variables) and Hugging
 //! Face directories (config.json + safetensors), saved back as a Hugging Face directory.
 
+use crate::architecture::{check_tensors, to_checkpoint, to_internal, ModelConfig};
 use crate::gguf_meta::GgufMeta;
-use crate::llama::LlamaConfig;
 use crate::source::ModelText;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 
 /// Reads the architecture and all weights of a model (GGUF file or HF directory) as
-/// trainable variables of `dtype` on `device`, under Hugging Face names.
-pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<(LlamaConfig, VarMap)> {
+/// trainable variables of `dtype` on `device`, under basin's names
+/// ([`ModelConfig::tensors`]). Strict: every tensor the architecture needs is there with its
+/// shape and every tensor of the files is used, or the error names those that are not.
+pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<(ModelConfig, VarMap)> {
     let (config, tensors) = if path.is_dir() {
         load_hf_dir(path, device)?
     } else {
@@ -28,55 +30,93 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<(LlamaConfig, 
     Ok((config, varmap))
 }
 
-fn gguf_config(meta: &GgufMeta) -> Result<LlamaConfig> {
+/// GGUF `llama.*` keys basin reads; any other one is refused (it may change the maths).
+const GGUF_KEYS: &[&str] = &[
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.layer_norm_rms_epsilon",
+    "attention.key_length",
+    "attention.value_length",
+    "rope.freq_base",
+    "rope.dimension_count",
+    "rope.scaling.type",
+    "vocab_size",
+];
+
+fn gguf_config(meta: &GgufMeta) -> Result<ModelConfig> {
+    let path = meta.path.display();
     let arch = meta.string("general.architecture")?;
     if arch != "llama" {
         bail!(
-            "{}: architecture '{arch}' is not supported (only llama)",
-            meta.path.display()
+            "{path}: GGUF architecture '{arch}' is not supported (basin reads llama GGUF files; give other families as a Hugging Face directory)"
         );
+    }
+    let unknown: Vec<&String> = meta
+        .content
+        .metadata
+        .keys()
+        .filter(|k| {
+            k.strip_prefix("llama.")
+                .is_some_and(|k| !GGUF_KEYS.contains(&k))
+        })
+        .collect();
+    if !unknown.is_empty() {
+        bail!("{path}: metadata {unknown:?} not known to basin (it may change what the model computes)");
+    }
+    if let Some(t) = meta.opt_string("llama.rope.scaling.type") {
+        if t != "none" {
+            bail!("{path}: llama.rope.scaling.type '{t}' is not implemented for GGUF files");
+        }
     }
     let u = |key: &str| {
         meta.opt_u32(&format!("llama.{key}"))
             .map(|v| v as usize)
-            .ok_or_else(|| {
-                anyhow!(
-                    "{}: metadata key 'llama.{key}' is missing",
-                    meta.path.display()
-                )
-            })
+            .ok_or_else(|| anyhow!("{path}: metadata key 'llama.{key}' is missing"))
     };
     let f = |key: &str| match meta.get(&format!("llama.{key}")) {
         Some(v) => v
             .to_f32()
             .map(|x| x as f64)
-            .map_err(|e| anyhow!("llama.{key}: {e}")),
-        None => bail!(
-            "{}: metadata key 'llama.{key}' is missing",
-            meta.path.display()
-        ),
+            .map_err(|e| anyhow!("{path}: llama.{key}: {e}")),
+        None => bail!("{path}: metadata key 'llama.{key}' is missing"),
     };
     let vocab_size = match u("vocab_size") {
         Ok(v) => v,
         Err(_) => meta.string_array("tokenizer.ggml.tokens")?.len(),
     };
     let heads = u("attention.head_count")?;
-    let c = LlamaConfig {
+    let mut c = ModelConfig::llama(
         vocab_size,
-        hidden_size: u("embedding_length")?,
-        intermediate_size: u("feed_forward_length")?,
-        num_hidden_layers: u("block_count")?,
-        num_attention_heads: heads,
-        num_key_value_heads: u("attention.head_count_kv").unwrap_or(heads),
-        rope_theta: f("rope.freq_base").unwrap_or(10_000.0),
-        rms_norm_eps: f("attention.layer_norm_rms_epsilon")?,
-        tie_word_embeddings: !meta.content.tensor_infos.contains_key("output.weight"),
-        max_position_embeddings: u("context_length").unwrap_or(2048),
-    };
-    c.validate()?;
+        u("embedding_length")?,
+        u("feed_forward_length")?,
+        u("block_count")?,
+        heads,
+        u("attention.head_count_kv").unwrap_or(heads),
+        f("rope.freq_base").unwrap_or(10_000.0),
+        f("attention.layer_norm_rms_epsilon")?,
+        !meta.content.tensor_infos.contains_key("output.weight"),
+        u("context_length").unwrap_or(2048),
+    );
+    if let Ok(k) = u("attention.key_length") {
+        c.head_dim = k;
+    }
+    for key in ["attention.value_length", "rope.dimension_count"] {
+        if let Ok(v) = u(key) {
+            if v != c.head_dim {
+                bail!(
+                    "{path}: llama.{key} {v} differs from the head size {}: not implemented",
+                    c.head_dim
+                );
+            }
+        }
+    }
+    c.validate().with_context(|| format!("{path}"))?;
     Ok(c)
 }
-
 /// The Hugging Face name of a GGUF llama tensor.
 fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
@@ -117,14 +157,20 @@ fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
-fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
+fn load_gguf(path: &Path, device: &Device) -> Result<(ModelConfig, HashMap<String, Tensor>)> {
     let meta = GgufMeta::open(path)?;
     let config = gguf_config(&meta)?;
+    let mut found = BTreeMap::new();
+    for (name, info) in &meta.content.tensor_infos {
+        // A GGUF name basin cannot place keeps its own name: the check reports it unexpected.
+        let hf = hf_name(name).unwrap_or_else(|| name.clone());
+        found.insert(hf, info.shape.dims().to_vec());
+    }
+    check_tensors(&config.tensors(), &found, &path.display().to_string())?;
     let mut file = std::fs::File::open(path)?;
     let mut tensors = HashMap::new();
     for name in meta.content.tensor_infos.keys() {
-        let hf = hf_name(name)
-            .ok_or_else(|| anyhow!("{}: unexpected tensor '{name}'", path.display()))?;
+        let hf = hf_name(name).expect("checked above");
         let q = meta
             .content
             .tensor(&mut file, name, device)
@@ -140,55 +186,94 @@ fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, HashMap<Strin
     Ok((config, tensors))
 }
 
-fn load_hf_dir(dir: &Path, device: &Device) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
+/// The safetensors files of a Hugging Face directory: model.safetensors, or the shards its
+/// index names.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index_path).with_context(|| {
+        format!(
+            "{}: neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        )
+    })?;
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let index: Index = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected {{\"weight_map\": {{...}}}}",
+            index_path.display()
+        )
+    })?;
+    let shards: BTreeSet<&String> = index.weight_map.values().collect();
+    Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+}
+
+fn load_hf_dir(dir: &Path, device: &Device) -> Result<(ModelConfig, HashMap<String, Tensor>)> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .with_context(|| format!("cannot read {}", config_path.display()))?;
     let config =
-        LlamaConfig::from_hf_json(&text).with_context(|| format!("{}", config_path.display()))?;
-    let single = dir.join("model.safetensors");
-    let files: Vec<std::path::PathBuf> = if single.exists() {
-        vec![single]
-    } else {
-        let index_path = dir.join("model.safetensors.index.json");
-        let index: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&index_path).with_context(|| {
-                format!(
-                    "{}: neither model.safetensors nor model.safetensors.index.json",
-                    dir.display()
-                )
-            })?)
-            .with_context(|| format!("{}: not valid JSON", index_path.display()))?;
-        let mut shards: Vec<String> = index["weight_map"]
-            .as_object()
-            .ok_or_else(|| anyhow!("{}: no weight_map", index_path.display()))?
-            .values()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect();
-        shards.sort();
-        shards.dedup();
-        shards.into_iter().map(|s| dir.join(s)).collect()
+        ModelConfig::from_hf_json(&text).with_context(|| format!("{}", config_path.display()))?;
+    let files = safetensors_files(dir)?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for f in &files {
+        let part = candle_core::safetensors::load(f, device)
+            .with_context(|| format!("cannot read {}", f.display()))?;
+        for (name, t) in part {
+            if tensors.insert(name.clone(), t).is_some() {
+                bail!("{}: tensor '{name}' appears in two files", f.display());
+            }
+        }
+    }
+    let origin = match files.as_slice() {
+        [one] => one.display().to_string(),
+        _ => format!("{} (sharded)", dir.display()),
     };
-    let mut tensors = HashMap::new();
-    for f in files {
-        tensors.extend(
-            candle_core::safetensors::load(&f, device)
-                .with_context(|| format!("cannot read {}", f.display()))?,
-        );
-    }
-    // A tied model may still ship lm_head.weight; the embeddings are what it uses.
+    // A tied model may still ship lm_head.weight: accepted only as the embeddings' copy.
     if config.tie_word_embeddings {
-        tensors.remove("lm_head.weight");
+        if let Some(head) = tensors.remove("lm_head.weight") {
+            let same = match tensors.get("model.embed_tokens.weight") {
+                Some(e) => identical(e, &head)?,
+                None => true, // reported missing below
+            };
+            if !same {
+                bail!(
+                    "{origin}: tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight"
+                );
+            }
+        }
     }
-    Ok((config, tensors))
+    let found = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect();
+    check_tensors(&config.checkpoint_tensors(), &found, &origin)?;
+    Ok((config.clone(), to_internal(&config, tensors)?))
 }
 
-/// Writes a Hugging Face model directory: model.safetensors (HF names, `dtype`),
-/// config.json, tokenizer.json, tokenizer_config.json (with the chat template). Each file
-/// is written to a temporary name and renamed.
+/// Whether two tensors hold the same shape and values.
+fn identical(a: &Tensor, b: &Tensor) -> Result<bool> {
+    if a.dims() != b.dims() {
+        return Ok(false);
+    }
+    let v =
+        |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?) };
+    Ok(v(a)? == v(b)?)
+}
+
+/// Writes a Hugging Face model directory in the model's own family and layout (a Phi-3 stays
+/// fused): model.safetensors (`dtype`), config.json, generation_config.json (its end-of-turn
+/// ids), tokenizer.json, tokenizer_config.json (with the chat template). Each file is
+/// written to a temporary name and renamed.
 pub fn save_hf_dir(
     dir: &Path,
-    config: &LlamaConfig,
+    config: &ModelConfig,
     varmap: &VarMap,
     text: &ModelText,
     dtype: DType,
@@ -201,10 +286,13 @@ pub fn save_hf_dir(
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(dtype)?)))
         .collect::<Result<_>>()?;
-    save_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    save_safetensors(
+        &dir.join("model.safetensors"),
+        &to_checkpoint(config, tensors)?,
+    )?;
     let tok = &text.tokenizer;
-    let id = |t: &Option<String>| t.as_deref().and_then(|t| tok.token_id(t));
-    let hf_config = config.to_hf_json(dtype, id(&tok.bos_token), id(&tok.eos_token));
+    let bos = tok.bos_token.as_deref().and_then(|t| tok.token_id(t));
+    let hf_config = config.to_hf_json(dtype, bos, &text.stop_ids);
     let write_json = |name: &str, v: &serde_json::Value| {
         crate::fsutil::write_bytes_atomic(
             &dir.join(name),
@@ -212,6 +300,10 @@ pub fn save_hf_dir(
         )
     };
     write_json("config.json", &hf_config)?;
+    write_json(
+        "generation_config.json",
+        &serde_json::json!({"bos_token_id": bos, "eos_token_id": hf_config["eos_token_id"]}),
+    )?;
     crate::fsutil::write_bytes_atomic(&dir.join("tokenizer.json"), tok.to_json()?.as_bytes())?;
     write_json(
         "tokenizer_config.json",

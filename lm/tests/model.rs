@@ -4,15 +4,14 @@
 use basin_lm::backprop;
 use basin_lm::batch::{loss, Batch};
 use basin_lm::generate::{generate, GenerateOptions, Sampling};
-use basin_lm::llama::{random_weights, Llama, LlamaConfig, Pass};
+use basin_lm::llama::{random_weights, Llama, ModelConfig, Pass};
 use basin_lm::tiny::tiny_config;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 
-fn model(config: &LlamaConfig, seed: u64, dtype: DType) -> (Llama, VarMap) {
+fn model(config: &ModelConfig, seed: u64, dtype: DType) -> (Llama, VarMap) {
     let varmap = random_weights(config, seed, dtype, &Device::Cpu).unwrap();
-    let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
-    (Llama::new(config, vb).unwrap(), varmap)
+    (Llama::new(config, &varmap).unwrap(), varmap)
 }
 
 fn rows() -> Vec<(Vec<u32>, usize)> {
@@ -33,7 +32,7 @@ fn scalar(t: &Tensor) -> f64 {
 }
 
 /// Central differences in f64 on a few coordinates of every weight tensor.
-fn check_gradients(config: &LlamaConfig) {
+fn check_gradients(config: &ModelConfig) {
     let (m, varmap) = model(config, 3, DType::F64);
     let b = batch(&rows(), DType::F64);
     let grads = loss(&m, &b, Pass::Train).unwrap().backward().unwrap();
@@ -93,7 +92,7 @@ fn gradients_match_finite_differences_tied() {
 
 #[test]
 fn gradients_match_finite_differences_untied() {
-    check_gradients(&LlamaConfig {
+    check_gradients(&ModelConfig {
         tie_word_embeddings: false,
         ..tiny_config()
     });
@@ -137,7 +136,7 @@ fn f32_autograd_pass_with_fused_softmax_and_cross_entropy_has_the_f64_gradients(
 
 /// The written-out f32 CPU passes against candle's autograd of the f64 model (its plain
 /// ops, checked by the finite-difference tests): the loss and every weight's gradient.
-fn check_written_out_backprop(config: &LlamaConfig) {
+fn check_written_out_backprop(config: &ModelConfig) {
     let scale = 0.5;
     let (m64, vars64) = model(config, 5, DType::F64);
     let l64 = loss(&m64, &batch(&rows(), DType::F64), Pass::Train).unwrap();
@@ -190,7 +189,7 @@ fn written_out_cpu_backprop_has_autograds_loss_and_gradients_tied() {
 #[test]
 fn written_out_cpu_backprop_has_autograds_loss_and_gradients_untied() {
     // One key/value head for all four query heads, the other extreme of grouped queries.
-    check_written_out_backprop(&LlamaConfig {
+    check_written_out_backprop(&ModelConfig {
         tie_word_embeddings: false,
         num_key_value_heads: 1,
         ..tiny_config()
@@ -361,11 +360,7 @@ fn saved_hf_directory_loads_back_identically() {
     basin_lm::weights::save_hf_dir(dir.path(), &config, &varmap, &text, DType::F32).unwrap();
     let (config2, varmap2) = basin_lm::weights::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(config2, config);
-    let m2 = Llama::new(
-        &config2,
-        VarBuilder::from_varmap(&varmap2, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    let m2 = Llama::new(&config2, &varmap2).unwrap();
     let b = batch(&rows(), DType::F32);
     let l1 = scalar(&loss(&m, &b, Pass::Train).unwrap());
     let l2 = scalar(&loss(&m2, &b, Pass::Train).unwrap());
@@ -373,4 +368,52 @@ fn saved_hf_directory_loads_back_identically() {
     let reopened = basin_lm::source::ModelText::open(dir.path()).unwrap();
     assert_eq!(reopened.chat_template, text.chat_template);
     assert_eq!(reopened.tokenizer.eos_token.as_deref(), Some("<|im_end|>"));
+}
+
+/// The architecture of a family fixture (lm/tests/fixtures/families/, saved by transformers).
+fn family(name: &str) -> ModelConfig {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/families")
+        .join(name)
+        .join("config.json");
+    ModelConfig::from_hf_json(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn written_out_backprop_has_autograds_gradients_in_every_family() {
+    // Biases everywhere (llama-bias-4x), q/k/v biases (qwen2), llama3 RoPE scaling and a
+    // head size that is not hidden / heads (llama3, mistral), Phi-3's split projections.
+    for name in ["llama3", "llama-bias-4x", "qwen2", "phi3", "mistral"] {
+        eprintln!("{name}:");
+        check_written_out_backprop(&family(name));
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_with_biases() {
+    check_gradients(&family("llama-bias-4x"));
+}
+
+#[test]
+fn the_padding_tokens_embedding_gets_no_gradient_from_lookups() {
+    // Token 40 is input in rows(); untied, so lookups are the embedding's only gradient.
+    let config = ModelConfig {
+        tie_word_embeddings: false,
+        pad_token_id: Some(40),
+        ..tiny_config()
+    };
+    check_written_out_backprop(&config);
+    let (m, varmap) = model(&config, 2, DType::F32);
+    let grads = loss(&m, &batch(&rows(), DType::F32), Pass::Train)
+        .unwrap()
+        .backward()
+        .unwrap();
+    let embed = varmap.data().lock().unwrap()["model.embed_tokens.weight"].clone();
+    let g = grads
+        .get(embed.as_tensor())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert!(g[40].iter().all(|&v| v == 0.0));
+    assert!(g[41].iter().any(|&v| v != 0.0));
 }

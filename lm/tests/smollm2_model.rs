@@ -8,7 +8,6 @@ use basin_lm::generate::{generate, GenerateOptions};
 use basin_lm::llama::{Llama, Pass};
 use basin_lm::source::{ModelText, TemplateChoice};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use std::path::{Path, PathBuf};
 
 fn gguf() -> Option<PathBuf> {
@@ -24,11 +23,7 @@ fn gguf() -> Option<PathBuf> {
 
 fn ours(path: &Path) -> Llama {
     let (config, varmap) = basin_lm::weights::load(path, DType::F32, &Device::Cpu).unwrap();
-    Llama::new(
-        &config,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )
-    .unwrap()
+    Llama::new(&config, &varmap).unwrap()
 }
 
 fn prompt_ids(text: &ModelText, user: &str) -> Vec<u32> {

@@ -16,28 +16,16 @@
 use basin_lm::backprop;
 use basin_lm::batch::{loss, Batch};
 use basin_lm::generate::{generate, GenerateOptions};
-use basin_lm::llama::{random_weights, Llama, LlamaConfig, Pass};
+use basin_lm::llama::{random_weights, Llama, ModelConfig, Pass};
 use basin_lm::rng::SplitMix64;
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 use std::time::Instant;
 use train::config::TrainConfig;
 use train::state::TrainState;
 
-fn smollm2() -> LlamaConfig {
+fn smollm2() -> ModelConfig {
     let layers = arg("--layers").and_then(|v| v.parse().ok()).unwrap_or(30);
-    LlamaConfig {
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: layers,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        rope_theta: 100000.0,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: true,
-        max_position_embeddings: 2048,
-    }
+    ModelConfig::llama(49152, 576, 1536, layers, 9, 3, 100000.0, 1e-5, true, 2048)
 }
 
 fn arg(name: &str) -> Option<String> {
@@ -77,7 +65,7 @@ fn train_step(
 ) -> anyhow::Result<(f64, Phases)> {
     let cfg = smollm2();
     let varmap = random_weights(&cfg, 0, dtype, dev)?;
-    let model = Llama::new(&cfg, VarBuilder::from_varmap(&varmap, dtype, dev))?;
+    let model = Llama::new(&cfg, &varmap)?;
     let mut state = TrainState::new(&varmap, false)?;
     let config = TrainConfig {
         lr: 1e-5,
@@ -130,7 +118,7 @@ fn train_step(
 fn generation(dev: &Device, b: usize) -> anyhow::Result<f64> {
     let cfg = smollm2();
     let varmap = random_weights(&cfg, 0, DType::F32, dev)?;
-    let model = Llama::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+    let model = Llama::new(&cfg, &varmap)?;
     let prompts: Vec<Vec<u32>> = (0..b)
         .map(|i| random_ids(64, 10 + i as u64, cfg.vocab_size))
         .collect();

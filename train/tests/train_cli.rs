@@ -14,9 +14,16 @@ struct Setup {
 impl Setup {
     /// A tiny random model as a HF directory and a prepared file of byte-token rows.
     fn new() -> Self {
+        Self::with_model(|model| {
+            basin_lm::tiny::write_tiny_model(model, &basin_lm::tiny::tiny_config(), 21).unwrap()
+        })
+    }
+
+    /// The same, with the model directory written by `write`.
+    fn with_model(write: impl FnOnce(&Path)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("model");
-        basin_lm::tiny::write_tiny_model(&model, &basin_lm::tiny::tiny_config(), 21).unwrap();
+        write(&model);
         let text = basin_lm::source::ModelText::open(&model).unwrap();
         let rows: Vec<PreparedRow> = (0..40)
             .map(|i| {
@@ -138,6 +145,71 @@ fn learns_and_writes_its_outputs() {
         .collect();
     assert_eq!(steps, [0, 1, 2]);
     assert!(!run.join("ema").exists(), "the earlier run's EMA is gone");
+}
+
+#[test]
+fn other_families_train_and_save_in_their_own_layout() {
+    // transformers' tiny Phi-3 (fused projections) and Qwen2 (q/k/v biases, tied), with the
+    // tiny tokenizer (lm/tests/fixtures/families/).
+    for (family, fused) in [
+        ("phi3", "model.layers.0.self_attn.qkv_proj.weight"),
+        ("qwen2", "model.layers.0.self_attn.q_proj.bias"),
+    ] {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../lm/tests/fixtures/families")
+            .join(family);
+        let s = Setup::with_model(|model| {
+            std::fs::create_dir_all(model).unwrap();
+            for f in ["config.json", "model.safetensors"] {
+                std::fs::copy(fixture.join(f), model.join(f)).unwrap();
+            }
+            basin_lm::tiny::write_tiny_model_dir(model).unwrap();
+        });
+        ok(&s.train(
+            "f",
+            &[
+                "ema.enabled=true",
+                "ema.beta=0.9",
+                "steps=4",
+                "eval_every=4",
+            ],
+        ));
+        let m = metrics(&s.path("runs/f"));
+        let val = |r: &serde_json::Value| r["val_loss"].as_f64().unwrap();
+        assert!(
+            val(m.last().unwrap()) < val(&m[0]),
+            "{family} did not learn"
+        );
+        for out in ["model", "ema"] {
+            let dir = s.path("runs/f").join(out);
+            let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+            assert!(
+                config.contains(&format!("\"model_type\": \"{family}\"")),
+                "{config}"
+            );
+            let saved = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+            assert!(saved.contains_key(fused), "{family} {out}: no {fused}");
+            let start =
+                candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu)
+                    .unwrap();
+            assert_eq!(
+                saved.keys().collect::<std::collections::BTreeSet<_>>(),
+                start.keys().collect(),
+                "{family} {out}: the tensors differ from the checkpoint's"
+            );
+            let moved = (&saved[fused] - &start[fused])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(moved > 0.0, "{family} {out}: {fused} did not train");
+            basin_lm::model::Model::open(&dir, DType::F32, &Device::Cpu).unwrap();
+        }
+    }
 }
 
 #[test]

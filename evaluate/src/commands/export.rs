@@ -1,5 +1,6 @@
 //! `evaluate export`: a model (GGUF or HF directory) written as a Hugging Face directory
-//! that `transformers` loads: model.safetensors, config.json, tokenizer files.
+//! that `transformers` loads as the model's own class, in its own layout:
+//! model.safetensors, config.json, generation_config.json, tokenizer files.
 
 use anyhow::Result;
 use basin_lm::model::{parse_dtype, Model, DEFAULT_MODEL};
@@ -25,8 +26,9 @@ pub fn run(args: &Args) -> Result<Summary> {
     let model = Model::open(&args.model, dtype, &candle_core::Device::Cpu)?;
     basin_lm::weights::save_hf_dir(&args.out, &model.config, &model.varmap, &model.text, dtype)?;
     eprintln!(
-        "wrote {} (Hugging Face LlamaForCausalLM, {dtype:?})",
-        args.out.display()
+        "wrote {} (Hugging Face {}, {dtype:?})",
+        args.out.display(),
+        model.config.family.class()
     );
     Ok(Summary {
         out: args.out.clone(),
