@@ -308,31 +308,22 @@ impl ModelConfig {
         out
     }
 
-    /// Every tensor of a checkpoint of this family, in its own layout (Phi-3: fused).
+    /// Every tensor of a checkpoint of this family, in its own layout (Phi-3: fused): basin's
+    /// tensors with each group of [`Self::fusions`] replaced by its fused tensor.
     pub fn checkpoint_tensors(&self) -> Vec<(String, Vec<usize>)> {
-        if self.family != Family::Phi3 {
-            return self.tensors();
-        }
-        let (h, ff, qd) = (
-            self.hidden_size,
-            self.intermediate_size,
-            self.num_attention_heads * self.head_dim,
-        );
-        let kvd = self.num_key_value_heads * self.head_dim;
+        let fusions = self.fusions();
         let mut out = Vec::new();
         for (name, shape) in self.tensors() {
-            if let Some(p) = name.strip_suffix(".self_attn.q_proj.weight") {
-                out.push((
-                    format!("{p}.self_attn.qkv_proj.weight"),
-                    vec![qd + 2 * kvd, h],
-                ));
-            } else if let Some(p) = name.strip_suffix(".mlp.gate_proj.weight") {
-                out.push((format!("{p}.mlp.gate_up_proj.weight"), vec![2 * ff, h]));
-            } else if !(name.ends_with(".k_proj.weight")
-                || name.ends_with(".v_proj.weight")
-                || name.ends_with(".up_proj.weight"))
+            match fusions
+                .iter()
+                .find(|(_, parts)| parts.iter().any(|(n, _)| *n == name))
             {
-                out.push((name, shape));
+                None => out.push((name, shape)),
+                Some((fused, parts)) if parts[0].0 == name => {
+                    let rows = parts.iter().map(|(_, r)| r).sum();
+                    out.push((fused.clone(), vec![rows, shape[1]]));
+                }
+                Some(_) => {}
             }
         }
         out
