@@ -68,19 +68,15 @@ bench *ARGS:
     cargo bench -p basin-lm --bench generate
     {{malloc}} cargo bench -p train --bench step {{ARGS}}
 
-# torch is installed for this only, in TORCH_VENV (default ~/.cache/basin/torch-cpu-venv).
+# torch + transformers from scripts/hf-venv.sh (TORCH_VENV, default ~/.cache/basin/torch-cpu-venv).
 # 6 timed steps each: PyTorch's first few are slower than its steady state.
 # The CPU step bench beside PyTorch + transformers on the same shapes and cores
 bench-cpu-torch:
     #!/usr/bin/env bash
     set -euo pipefail
-    venv="${TORCH_VENV:-$HOME/.cache/basin/torch-cpu-venv}"
-    if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install --quiet torch transformers
-    fi
+    py=$(scripts/hf-venv.sh)
     mkdir -p "{{target}}/bench"
-    "$venv/bin/python" scripts/torch_cpu_bench.py "{{target}}/bench/torch-cpu.json" --iters 6
+    "$py" scripts/torch_cpu_bench.py "{{target}}/bench/torch-cpu.json" --iters 6
     {{malloc}} cargo bench -p train --bench step -- --cpu --iters 6 --torch "{{target}}/bench/torch-cpu.json"
 
 # ms and GB/s against the copy bandwidth. On a GPU box: just bench-kernels --features cuda
@@ -102,9 +98,24 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Fetches the assets first so the tests on real data and the real GGUF run; tests whose
-# assets could not be fetched say SKIPPED.
+# Fetches the assets and the transformers venv (scripts/hf-venv.sh, once) first, so the tests
+# on real data, the real GGUF and transformers run; a test whose asset is missing says
+# SKIPPED, and fails where BASIN_REQUIRE_ASSETS is set (CI sets it). Ends with the count.
 # Every test
-test:
-    cargo run --quiet -p prepare -- fetch || echo "warning: some assets are missing; the tests that need them will say SKIPPED" >&2
-    cargo test --workspace
+test *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    required="${BASIN_REQUIRE_ASSETS:-}"
+    if ! cargo run --quiet -p prepare -- fetch; then
+        [ -z "$required" ] || { echo "error: assets missing and BASIN_REQUIRE_ASSETS is set" >&2; exit 1; }
+        echo "warning: some assets are missing; the tests that need them will say SKIPPED" >&2
+    fi
+    if py=$(scripts/hf-venv.sh); then
+        export BASIN_HF_PYTHON="$py"
+    else
+        [ -z "$required" ] || { echo "error: no transformers venv and BASIN_REQUIRE_ASSETS is set" >&2; exit 1; }
+        echo "warning: no transformers venv; the export checks will say SKIPPED" >&2
+    fi
+    export BASIN_TEST_LOG="$(mktemp)"
+    trap 'scripts/test-summary.sh "$BASIN_TEST_LOG"; rm -f "$BASIN_TEST_LOG"' EXIT
+    cargo test --workspace {{ARGS}}

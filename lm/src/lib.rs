@@ -21,7 +21,8 @@
 //!   manifest, a run's config, run.json and metrics, scores, utility).
 //! - [`config`]: TOML config files with `key=value` overrides from the command line.
 //! - [`fsutil`]: sha256 and atomic (temp file + rename) writes.
-//! - [`tiny`]: a tiny tokenizer and chat template for fast tests.
+//! - [`tiny`]: a tiny tokenizer and chat template for fast tests; [`testkit`]: the real
+//!   assets tests need (a missing one fails in CI) and the count of tests that ran.
 //! - [`provenance`]: the git commit recorded with every output; [`rng`]: seeded numbers.
 
 pub mod architecture;
@@ -39,6 +40,7 @@ pub mod provenance;
 pub mod rng;
 pub mod schema;
 pub mod source;
+pub mod testkit;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;

@@ -118,20 +118,26 @@ fn all_gradients(dtype: DType) -> Vec<(String, Vec<f64>)> {
     out
 }
 
+/// About 10x the measured error (7.7e-7; the test prints it).
+const TOL_F32_AUTOGRAD: f64 = 1e-5;
+
 #[test]
 fn f32_autograd_pass_with_fused_softmax_and_cross_entropy_has_the_f64_gradients() {
     // The autograd pass (a GPU's, and the real-model test's reference) in f32 runs the fused
     // attention softmax and cross-entropy; f64 runs candle's ops, whose gradients the
     // finite-difference tests check.
     let (fused, plain) = (all_gradients(DType::F32), all_gradients(DType::F64));
+    let mut worst = 0f64;
     for ((name, a), (_, b)) in fused.iter().zip(&plain) {
         let scale = b.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
         let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        worst = worst.max(diff / scale);
         assert!(
-            diff / scale < 1e-3,
+            diff / scale < TOL_F32_AUTOGRAD,
             "{name}: max difference {diff} (largest |g| {scale})"
         );
     }
+    eprintln!("f32 fused autograd vs f64: worst {worst:.1e} of the largest gradient (tolerance {TOL_F32_AUTOGRAD:.0e})");
 }
 
 /// The written-out f32 CPU passes against candle's autograd of the f64 model (its plain
@@ -271,7 +277,9 @@ fn fused_inference_path_matches_differentiable_path() {
             .hidden(&b.ids, &b.positions, &b.bias, None, Pass::Infer)
             .unwrap();
         let diff = scalar(&(train - infer).unwrap().abs().unwrap().max_all().unwrap());
-        let tol = if dtype == DType::F32 { 1e-4 } else { 0.1 };
+        // About 10x the measured error (f32 7.2e-7, bf16 1.6e-2; printed below).
+        let tol = if dtype == DType::F32 { 1e-5 } else { 0.1 };
+        eprintln!("{dtype:?}: fused vs differentiable hidden states, max |diff| {diff:.1e} (tolerance {tol:.0e})");
         assert!(diff < tol, "{dtype:?}: max difference {diff}");
     }
 }

@@ -1,24 +1,20 @@
 //! Our model on the real SmolLM2-135M-Instruct GGUF: logits against candle-transformers'
-//! quantized_llama on the same file, and a sensible greedy answer. Runs when `just setup`
-//! has fetched the GGUF.
+//! quantized_llama on the same file, and a sensible greedy answer. Needs the GGUF (`just
+//! setup`): SKIPPED without it, a failure in CI ([`basin_lm::testkit`]).
 
 use basin_lm::chat::Conversation;
-use basin_lm::fsutil::locate_asset;
 use basin_lm::generate::{generate, GenerateOptions};
 use basin_lm::llama::{Llama, Pass};
 use basin_lm::source::{ModelText, TemplateChoice};
+use basin_lm::testkit::{real_asset, workspace_root};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
 fn gguf() -> Option<PathBuf> {
-    let p = locate_asset(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+    real_asset(
+        &workspace_root(env!("CARGO_MANIFEST_DIR")),
         "model/SmolLM2-135M-Instruct.Q4_1.gguf",
-    );
-    if p.is_none() {
-        eprintln!("SKIPPED: SmolLM2 GGUF not fetched (run `just setup`)");
-    }
-    p
+    )
 }
 
 fn ours(path: &Path) -> Llama {
@@ -218,8 +214,9 @@ fn written_out_backprop_matches_autograd_on_the_real_model() {
             .iter()
             .zip(&b)
             .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        // About 10x the measured worst (4.6e-5 of the largest; printed below).
         assert!(
-            largest > 0.0 && diff <= 1e-3 * largest,
+            largest > 0.0 && diff <= 5e-4 * largest,
             "{g:?}: {diff} of {largest}"
         );
         worst = worst.max((diff / largest) as f64);
@@ -231,4 +228,36 @@ fn written_out_backprop_matches_autograd_on_the_real_model() {
         "embedding (tied head), final norm, 9 per layer"
     );
     eprintln!("{n} gradients, worst difference {worst:.1e} of the largest");
+}
+
+/// transformers loads the real model as basin exports it (as `evaluate export` writes it) and
+/// computes the float64 reference's logits and the same answer (scripts/check_hf_export.py).
+#[test]
+fn transformers_loads_the_exported_model() {
+    let Some(path) = gguf() else { return };
+    let Some(py) = basin_lm::testkit::hf_python() else {
+        return;
+    };
+    let model = basin_lm::model::Model::open(&path, DType::F32, &Device::Cpu).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    basin_lm::weights::save_hf_dir(
+        out.path(),
+        &model.config,
+        &model.varmap,
+        &model.text,
+        DType::F32,
+    )
+    .unwrap();
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let run = std::process::Command::new(&py)
+        .arg(here.join("../scripts/check_hf_export.py"))
+        .arg(out.path())
+        .arg(here.join("tests/fixtures/smollm2_logits.json"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&run.stdout);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{said}\n{err}");
+    eprintln!("{said}");
+    assert!(said.contains("OK: transformers loads the export"), "{said}");
 }

@@ -1,24 +1,19 @@
 //! The tokenizer and chat template built from the real SmolLM2 GGUF against references
-//! made in Python (tests/fixtures/make_fixtures.py). Runs when `just setup` has fetched
-//! the GGUF; says so and passes vacuously otherwise.
+//! made in Python (tests/fixtures/make_fixtures.py). Needs the GGUF (`just setup`): SKIPPED
+//! without it, a failure in CI ([`basin_lm::testkit`]).
 
 use basin_lm::chat::Conversation;
-use basin_lm::fsutil::locate_asset;
 use basin_lm::source::{ModelText, TemplateChoice};
+use basin_lm::testkit::{real_asset, real_assets, workspace_root};
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    workspace_root(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn smollm2() -> Option<ModelText> {
-    match locate_asset(&root(), "model/SmolLM2-135M-Instruct.Q4_1.gguf") {
-        Some(p) => Some(ModelText::open(&p).expect("GGUF opens")),
-        None => {
-            eprintln!("SKIPPED: SmolLM2 GGUF not fetched (run `just setup`)");
-            None
-        }
-    }
+    real_asset(&root(), "model/SmolLM2-135M-Instruct.Q4_1.gguf")
+        .map(|p| ModelText::open(&p).expect("GGUF opens"))
 }
 
 fn fixture(name: &str) -> serde_json::Value {
@@ -91,11 +86,13 @@ fn gguf_chat_template_matches_jinja2() {
 #[test]
 fn gguf_tokenizer_matches_reference_tokenizer_on_data() {
     let Some(model) = smollm2() else { return };
-    let (Some(reference), Some(dolly)) = (
-        locate_asset(&root(), "reference/smollm2_tokenizer_from_gguf.json"),
-        locate_asset(&root(), "instruct/dolly15k_sample.jsonl"),
+    let Some([reference, dolly]) = real_assets(
+        &root(),
+        [
+            "reference/smollm2_tokenizer_from_gguf.json",
+            "instruct/dolly15k_sample.jsonl",
+        ],
     ) else {
-        eprintln!("SKIPPED: reference tokenizer or Dolly not in the cache or DATA_MIRROR");
         return;
     };
     let reference = tokenizers::Tokenizer::from_file(reference).unwrap();

@@ -1,7 +1,8 @@
 //! Every data set of data/sources.toml read from the cache or DATA_MIRROR (CI sets it to the
 //! public data mirror): record counts as listed, and the safety filter measured.
 
-use basin_lm::fsutil::{locate_asset, sha256_file};
+use basin_lm::fsutil::sha256_file;
+use basin_lm::testkit::real_asset;
 use prepare::assets::Sources;
 use prepare::filters::KeywordFilter;
 use prepare::formats::read_records;
@@ -17,11 +18,7 @@ fn sources() -> Sources {
 
 fn located(name: &str) -> Option<PathBuf> {
     let s = sources();
-    let p = locate_asset(&root(), &s.get(name).unwrap().file);
-    if p.is_none() {
-        eprintln!("SKIPPED: asset '{name}' not in data/cache or DATA_MIRROR");
-    }
-    p
+    real_asset(&root(), &s.get(name).unwrap().file)
 }
 
 #[test]

@@ -41,6 +41,10 @@ pub struct Args {
     /// Only write the report from the runs already done.
     #[arg(long)]
     pub report_only: bool,
+    /// Train again (from the start) the runs whose directory holds another config than the
+    /// sweep resolves now; without it such a run stops the sweep before anything runs.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// A stage binary.
@@ -69,6 +73,9 @@ pub struct Step {
     pub owes: Vec<PathBuf>,
     /// A training run's checkpoint: while it exists the run is unfinished (and resumes).
     pub checkpoint: Option<PathBuf>,
+    /// A training run's resolved config, which its directory's config.toml must equal for
+    /// anything there to count as done.
+    pub config: Option<Box<TrainConfig>>,
 }
 
 impl Step {
@@ -86,6 +93,23 @@ impl Step {
         }
         a
     }
+
+    /// How the run directory's config.toml differs from the config this step trains with
+    /// (empty when it matches, or when there is no run there yet).
+    pub fn changed(&self) -> Vec<String> {
+        let Some(want) = &self.config else {
+            return Vec::new();
+        };
+        let dir = want.out_dir.join(&want.name);
+        if !dir.join("config.toml").exists() {
+            return Vec::new();
+        }
+        match TrainConfig::read_run(&dir) {
+            Ok(have) => basin_lm::config::differences(&have, want.as_ref())
+                .unwrap_or_else(|e| vec![format!("cannot compare the configs: {e:#}")]),
+            Err(e) => vec![format!("{e:#}")],
+        }
+    }
 }
 
 /// A unit of the experiment: an optional training run, then its evaluations.
@@ -98,7 +122,12 @@ pub struct Job {
 
 impl Job {
     pub fn done(&self) -> bool {
-        self.train.iter().chain(&self.evaluate).all(Step::done)
+        self.changed().is_empty() && self.train.iter().chain(&self.evaluate).all(Step::done)
+    }
+
+    /// How its run directory's config differs from the one the sweep resolves now.
+    pub fn changed(&self) -> Vec<String> {
+        self.train.as_ref().map_or(Vec::new(), Step::changed)
     }
 }
 
@@ -154,6 +183,7 @@ fn evaluations(sweep: &SweepConfig, name: &str, target: Target) -> Vec<Step> {
                 args: a,
                 owes: dirs.iter().map(|d| d.join(file)).collect(),
                 checkpoint: None,
+                config: None,
             }
         })
         .collect()
@@ -179,6 +209,7 @@ fn training(name: &str, config: &TrainConfig, args: Vec<String>) -> (Step, PathB
         args,
         owes,
         checkpoint: Some(dir.join("checkpoint")),
+        config: Some(Box::new(config.clone())),
     };
     (step, dir)
 }
@@ -348,17 +379,52 @@ fn call(stage: Stage, args: &[String], what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Stops before anything runs when a job's run directory was made with another config
+/// (its outputs would pass for this config's), unless `force` says to train it again.
+fn check_unchanged<'a>(jobs: impl Iterator<Item = &'a Job>, force: bool) -> Result<()> {
+    let mut report = String::new();
+    for job in jobs {
+        let changed = job.changed();
+        if changed.is_empty() {
+            continue;
+        }
+        let dir = job.train.as_ref().and_then(|t| t.config.as_ref());
+        let dir = dir.map_or(PathBuf::new(), |c| c.out_dir.join(&c.name));
+        report.push_str(&format!(
+            "\n  {} ({}): {}",
+            job.name,
+            dir.display(),
+            changed.join("; ")
+        ));
+    }
+    if report.is_empty() {
+        return Ok(());
+    }
+    if force {
+        eprintln!("--force: these runs are trained again from the start:{report}");
+        return Ok(());
+    }
+    bail!(
+        "runs made with another config than the sweep's now (on disk -> now):{report}\n\
+         Their results would pass for the new settings. Train them again with --force (their \
+         outputs are replaced), or restore the settings they were made with."
+    )
+}
+
 /// Runs a job's steps that are not done; a training run that runs makes its evaluations
-/// run again.
+/// run again. A run whose directory holds another config (allowed by `--force`) is trained
+/// again from the start.
 fn run_job(job: &Job, tag: &str) -> Result<()> {
     if job.done() {
         eprintln!("{tag} {}: done already, skipped", job.name);
         return Ok(());
     }
+    let fresh = !job.changed().is_empty();
     let mut retrained = false;
-    if let Some(t) = job.train.as_ref().filter(|t| !t.done()) {
+    if let Some(t) = job.train.as_ref().filter(|t| fresh || !t.done()) {
         eprintln!("{tag} {}", t.what);
-        call(t.stage, &t.run_args(), &t.what)?;
+        let args = if fresh { t.args.clone() } else { t.run_args() };
+        call(t.stage, &args, &t.what)?;
         retrained = true;
     }
     for e in job.evaluate.iter().filter(|e| retrained || !e.done()) {
@@ -391,7 +457,13 @@ pub fn run(args: &Args) -> Result<Summary> {
         for (i, job) in all.enumerate() {
             for s in job.train.iter().chain(&job.evaluate) {
                 let line: Vec<String> = s.args.iter().map(|a| shell_quote(a)).collect();
-                let state = if s.done() { "done" } else { "todo" };
+                let state = if !job.changed().is_empty() {
+                    "changed"
+                } else if s.done() {
+                    "done"
+                } else {
+                    "todo"
+                };
                 println!(
                     "{i}\t{state}\t{}\t{} {}",
                     s.what,
@@ -453,6 +525,7 @@ pub fn run(args: &Args) -> Result<Summary> {
                 args.config.display()
             );
         }
+        check_unchanged(std::iter::once(job), args.force)?;
         run_job(job, &format!("[{}/{n}]", i + 1))?;
         return Ok(Summary {
             done: 1,
@@ -460,6 +533,12 @@ pub fn run(args: &Args) -> Result<Summary> {
         });
     }
     let n0 = plan.stage0.len();
+    let points = if args.stage0 {
+        &[][..]
+    } else {
+        &plan.points[..]
+    };
+    check_unchanged(plan.stage0.iter().chain(points), args.force)?;
     for (i, job) in plan.stage0.iter().enumerate() {
         run_job(job, &format!("[stage 0: {}/{n0}]", i + 1))?;
     }
@@ -598,6 +677,68 @@ utility = ["--sets", "dolly"]
         touch(&run.join("checkpoint/progress.json"));
         let t = p.points[0].train.as_ref().unwrap();
         assert!(!t.done() && t.run_args().last().unwrap() == "--resume");
+    }
+
+    #[test]
+    fn a_run_made_with_another_config_is_not_done_and_stops_the_sweep_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = plan(dir.path(), None);
+        let run = dir.path().join("runs/s-a");
+        let job = &p.points[0];
+        let want = job
+            .train
+            .as_ref()
+            .unwrap()
+            .config
+            .as_deref()
+            .unwrap()
+            .clone();
+        for f in [
+            "model/model.safetensors",
+            "ema/model.safetensors",
+            "eval/model/scores.json",
+            "eval/ema/scores.json",
+            "eval/model/utility.json",
+            "eval/ema/utility.json",
+        ] {
+            touch(&run.join(f));
+        }
+        // Every output is there; no config.toml is read as "nothing to compare".
+        assert!(job.done());
+        let write = |c: &TrainConfig| {
+            std::fs::write(
+                run.join("config.toml"),
+                basin_lm::config::to_toml(c).unwrap(),
+            )
+            .unwrap()
+        };
+        write(&want);
+        assert!(job.done() && job.changed().is_empty());
+        // The same run name, made with another learning rate and EMA β.
+        let mut old = want.clone();
+        old.lr = 1e-3;
+        old.ema.beta = 0.5;
+        write(&old);
+        assert_eq!(
+            job.changed(),
+            ["ema.beta: 0.5 -> 0.999", "lr: 0.001 -> 0.0001"]
+        );
+        assert!(!job.done(), "stale outputs do not count as done");
+        let e = check_unchanged(p.points.iter(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("s-a") && e.contains("lr: 0.001 -> 0.0001") && e.contains("--force"),
+            "{e}"
+        );
+        check_unchanged(p.points.iter(), true).unwrap();
+        // A config.toml that is not a training config is a difference too.
+        std::fs::write(run.join("config.toml"), "lr = \"fast\"\n").unwrap();
+        assert!(
+            job.changed()[0].contains("not a training config"),
+            "{:?}",
+            job.changed()
+        );
     }
 
     #[test]

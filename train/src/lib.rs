@@ -216,7 +216,6 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
             );
         }
         step += 1;
-        let lr = optim::lr_at(config, step, total);
         let update = optim::step(config, step, total, grad_norm);
         state.step(&update, optim::feedback_due(config, step))?;
         let secs = started.elapsed().as_secs_f64();
@@ -224,7 +223,8 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         let mut record = MetricsRecord {
             step,
             loss: Some(train_loss),
-            lr: Some(lr),
+            // The rate the step applied (f32, as the kernels take it).
+            lr: Some(f64::from(update.lr)),
             grad_norm: Some(grad_norm),
             tokens: Some(tokens),
             tokens_per_s: Some(seen as f64 / secs),

@@ -331,3 +331,195 @@ fn max_seq_len_cuts_the_training_rows() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no reply token is left"), "{err}");
 }
+
+/// Every tensor of a safetensors file, by name, as f32 values.
+fn weights(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            let v = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            (k, v.to_vec1::<f32>().unwrap())
+        })
+        .collect()
+}
+
+/// A metrics field at every step that has it.
+fn series(run: &Path, field: &str) -> Vec<(u64, f64)> {
+    metrics(run)
+        .iter()
+        .filter_map(|m| Some((m["step"].as_u64()?, m[field].as_f64()?)))
+        .collect()
+}
+
+/// "model/ is the setting without the EMA": turning the EMA on (with θ̄ swapped into the
+/// model for every validation) leaves θ and its validation losses bit for bit as they are
+/// without it.
+#[test]
+fn the_ema_leaves_theta_bitwise_as_a_run_without_it() {
+    let s = Setup::new();
+    ok(&s.train("plain", &["eval_every=2"]));
+    ok(&s.train("ema", &["eval_every=2", "ema.enabled=true", "ema.beta=0.8"]));
+    let (plain, ema) = (s.path("runs/plain"), s.path("runs/ema"));
+    let a = std::fs::read(plain.join("model/model.safetensors")).unwrap();
+    let b = std::fs::read(ema.join("model/model.safetensors")).unwrap();
+    assert!(a == b, "θ differs when the EMA is on");
+    assert_eq!(series(&plain, "val_loss"), series(&ema, "val_loss"));
+    assert_eq!(series(&plain, "loss"), series(&ema, "loss"));
+    let steps: Vec<u64> = series(&ema, "val_loss_ema").iter().map(|p| p.0).collect();
+    assert_eq!(steps, [2, 4, 6, 8]);
+}
+
+/// θ̄ blends on the steps `ema.start` and `ema.every` name, by θ̄ + (1−β)(θ − θ̄): with
+/// start 1 and every 3 over 4 steps that is step 4 alone, so θ̄ = θ₀ + ¼(θ₄ − θ₀) bit for
+/// bit. Before any blend θ̄ is θ₀, and `val_loss_ema` is θ₀'s validation loss.
+#[test]
+fn ema_start_and_every_blend_on_the_steps_they_name() {
+    let s = Setup::new();
+    let ema = ["ema.enabled=true", "ema.beta=0.75", "steps=4"];
+    ok(&s.train(
+        "blend",
+        &[&ema[..], &["ema.start=1", "ema.every=3"]].concat(),
+    ));
+    let start = weights(&s.path("model/model.safetensors"));
+    let theta = weights(&s.path("runs/blend/model/model.safetensors"));
+    let bar = weights(&s.path("runs/blend/ema/model.safetensors"));
+    assert_eq!(
+        start.keys().collect::<Vec<_>>(),
+        bar.keys().collect::<Vec<_>>()
+    );
+    for (name, t0) in &start {
+        let want: Vec<f32> = t0
+            .iter()
+            .zip(&theta[name])
+            .map(|(&s0, &t4)| 0.25f32.mul_add(t4 - s0, s0))
+            .collect();
+        assert!(bar[name] == want, "{name}: θ̄ is not θ₀ + ¼(θ₄ − θ₀)");
+        assert!(theta[name] != *t0, "{name}: θ did not move");
+    }
+    // No step after the start: θ̄ stays θ₀ and its loss is the loss at step 0.
+    ok(&s.train("none", &[&ema[..], &["ema.start=4"]].concat()));
+    assert_eq!(weights(&s.path("runs/none/ema/model.safetensors")), start);
+    let run = s.path("runs/none");
+    let at_start = series(&run, "val_loss")[0];
+    assert_eq!(at_start.0, 0);
+    assert_eq!(series(&run, "val_loss_ema"), [(4, at_start.1)]);
+    assert_ne!(series(&run, "val_loss").last().unwrap().1, at_start.1);
+}
+
+/// `ema.feedback_every` copies θ̄ into θ after the blend: at the last step θ is θ̄ (weights
+/// and validation loss); an earlier copy changes the rest of θ's path.
+#[test]
+fn ema_feedback_copies_the_average_into_the_weights() {
+    let s = Setup::new();
+    let ema = ["ema.enabled=true", "ema.beta=0.75", "steps=4"];
+    ok(&s.train("last", &[&ema[..], &["ema.feedback_every=4"]].concat()));
+    let run = s.path("runs/last");
+    let a = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    let b = std::fs::read(run.join("ema/model.safetensors")).unwrap();
+    assert!(a == b, "after feedback at the last step θ is θ̄");
+    assert_eq!(
+        series(&run, "val_loss").last(),
+        series(&run, "val_loss_ema").last()
+    );
+    ok(&s.train("none", &ema));
+    ok(&s.train("mid", &[&ema[..], &["ema.feedback_every=2"]].concat()));
+    let theta = |r: &str| std::fs::read(s.path(r).join("model/model.safetensors")).unwrap();
+    assert!(theta("runs/none") != theta("runs/mid"));
+    assert!(theta("runs/none") != theta("runs/last"));
+}
+
+/// The learning rate each step applied, against the schedule worked out by hand: warm-up
+/// 2 steps, then linear or cosine from lr to min_lr_ratio·lr over the other 4.
+#[test]
+fn the_learning_rate_follows_warmup_then_the_schedule() {
+    let s = Setup::new();
+    let common = ["steps=6", "warmup_steps=2", "min_lr_ratio=0.1", "lr=3e-3"];
+    ok(&s.train("linear", &[&common[..], &["schedule=\"linear\""]].concat()));
+    ok(&s.train("cosine", &[&common[..], &["schedule=\"cosine\""]].concat()));
+    let (lr, floor) = (3e-3f64, 3e-4f64);
+    let warm = [lr / 2.0, lr];
+    let linear: Vec<f64> = (1..=4)
+        .map(|i| floor + (lr - floor) * (1.0 - i as f64 / 4.0))
+        .collect();
+    let cosine: Vec<f64> = (1..=4)
+        .map(|i| floor + (lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * i as f64 / 4.0).cos()))
+        .collect();
+    for (run, tail) in [("runs/linear", linear), ("runs/cosine", cosine)] {
+        let got = series(&s.path(run), "lr");
+        let want: Vec<f64> = warm.iter().chain(&tail).copied().collect();
+        assert_eq!(got.len(), 6, "{run}: {got:?}");
+        for ((step, g), w) in got.iter().zip(&want) {
+            // The step applies the rate in f32.
+            assert!(
+                (g - w).abs() <= 1e-7 * w,
+                "{run} step {step}: lr {g}, by hand {w}"
+            );
+        }
+    }
+}
+
+/// Gradient accumulation weighs each micro-batch by its share of the batch's reply tokens:
+/// one micro-batch of 4 rows and four of 1 row (rows of different lengths) give the same
+/// loss and gradient norm, and the same weights up to f32 rounding.
+#[test]
+fn micro_batches_weigh_by_their_share_of_reply_tokens() {
+    let s = Setup::new();
+    ok(&s.train("whole", &["micro_batch=4", "steps=2"]));
+    ok(&s.train("split", &["micro_batch=1", "steps=2"]));
+    let (whole, split) = (s.path("runs/whole"), s.path("runs/split"));
+    let mut worst = 0f64;
+    for field in ["loss", "grad_norm"] {
+        for ((_, a), (_, b)) in series(&whole, field).iter().zip(series(&split, field)) {
+            worst = worst.max((a - b).abs() / a.abs());
+        }
+    }
+    eprintln!("micro-batches 1 vs 4: loss and gradient norm within {worst:.1e} (relative)");
+    // About 10x the measured difference (2.2e-8: f32 sums in another order).
+    assert!(worst < 2e-7, "loss or gradient norm differ by {worst:.1e}");
+    let (a, b) = (
+        weights(&whole.join("model/model.safetensors")),
+        weights(&split.join("model/model.safetensors")),
+    );
+    let diff = a
+        .iter()
+        .flat_map(|(k, v)| v.iter().zip(&b[k]).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    eprintln!("micro-batches 1 vs 4: weights within {diff:.1e}");
+    // About 10x the measured difference (2.5e-7).
+    assert!(diff < 2.5e-6, "weights differ by {diff}");
+}
+
+/// Clipping scales the gradient by clip/‖g‖ before AdamW. With ε far above every |g| the
+/// first AdamW step is nearly linear in the gradient (lr·g/(|g| + ε)), so the clipped run
+/// moves the weights by clip/‖g‖ of the free run's move.
+#[test]
+fn gradient_clipping_scales_the_gradient_by_clip_over_its_norm() {
+    let s = Setup::new();
+    let common = ["steps=1", "lr=1.0", "eps=100.0", "weight_decay=0.0"];
+    ok(&s.train("free", &[&common[..], &["grad_clip=0.0"]].concat()));
+    let norm = series(&s.path("runs/free"), "grad_norm")[0].1;
+    let clip = norm / 4.0;
+    ok(&s.train(
+        "clipped",
+        &[&common[..], &[&format!("grad_clip={clip}")[..]]].concat(),
+    ));
+    assert_eq!(
+        series(&s.path("runs/clipped"), "grad_norm")[0].1,
+        norm,
+        "the norm logged is before clipping"
+    );
+    let start = weights(&s.path("model/model.safetensors"));
+    let moved = |run: &str| -> f64 {
+        let w = weights(&s.path(run).join("model/model.safetensors"));
+        start
+            .iter()
+            .flat_map(|(k, v)| v.iter().zip(&w[k]).map(|(a, b)| ((b - a) as f64).powi(2)))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let ratio = moved("runs/clipped") / moved("runs/free");
+    eprintln!("‖g‖ = {norm:.4}, clip = ‖g‖/4: the clipped step is {ratio:.5} of the free one");
+    // About 10x the measured departure from 1/4 (2.7e-4: ε is finite).
+    assert!((ratio - 0.25).abs() < 2.5e-3, "ratio {ratio}, want 0.25");
+}
