@@ -219,7 +219,12 @@ fn mean(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
 /// Rows pooled by setting: one group per (setting, steps taken, weights), in that order
 /// (a run's θ, then its EMA).
 pub fn group(rows: &[Row]) -> Vec<Group> {
-    type Key<'a> = (&'a BTreeMap<String, String>, Option<u64>, bool, &'static str);
+    type Key<'a> = (
+        &'a BTreeMap<String, String>,
+        Option<u64>,
+        bool,
+        &'static str,
+    );
     let mut groups: BTreeMap<Key, Vec<Row>> = BTreeMap::new();
     for r in rows {
         groups
