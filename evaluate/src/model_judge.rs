@@ -65,10 +65,12 @@ impl ModelJudge {
                     user: p.clone(),
                     assistant: Some(r.clone()),
                 };
-                self.model
-                    .text
-                    .tokenizer
-                    .encode(&self.template.render_for_judge(&conv)?)
+                let tok = &self.model.text.tokenizer;
+                tok.encode_rendered(
+                    &self
+                        .template
+                        .render_for_judge(&tok.disarm_conversation(&conv))?,
+                )
             })
             .collect::<Result<_>>()?;
         let opts = self.model.options(ANSWER_TOKENS)?;

@@ -2,7 +2,8 @@
 
 mod common;
 use basin_lm::artifacts::{self, Generation, Scores, SetKind, Utility};
-use common::{evaluate, prepared_row, tiny_model_dir, write_manifest, write_tiny_model};
+use basin_lm::testkit::write_manifest;
+use common::{evaluate, prepared_row, tiny_model_dir, write_tiny_model};
 
 #[test]
 fn generates_for_each_prompt_reproducibly() {
@@ -157,7 +158,8 @@ fn safety_scores_prepared_sets() {
     write_manifest(
         prepared.path(),
         &[("harm", "harmful"), ("x", "overrefusal"), ("u", "utility")],
-    );
+    )
+    .unwrap();
     let out = tempfile::tempdir().unwrap();
     let (m, p, o) = (
         model.path().to_str().unwrap(),

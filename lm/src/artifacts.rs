@@ -148,6 +148,10 @@ pub struct ManifestSet {
     pub dropped_unfinished_reply: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped_refusal: Option<usize>,
+    /// Made with `--allow-modified`: an input may differ from what sources.toml lists
+    /// (`input.sha256` is the file's own).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_modified: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -23,7 +23,8 @@
 //! - [`fsutil`]: sha256 and atomic (temp file + rename) writes.
 //! - [`tiny`]: a tiny tokenizer and chat template for fast tests; [`testkit`]: the real
 //!   assets tests need (a missing one fails in CI) and the count of tests that ran.
-//! - [`provenance`]: the git commit recorded with every output; [`rng`]: seeded numbers.
+//! - [`provenance`]: the git commit recorded with every output; [`rng`]: seeded numbers;
+//!   [`runlock`]: one process at a time in a run directory.
 
 pub mod architecture;
 pub mod artifacts;
@@ -38,6 +39,7 @@ pub mod llama;
 pub mod model;
 pub mod provenance;
 pub mod rng;
+pub mod runlock;
 pub mod schema;
 pub mod source;
 pub mod testkit;

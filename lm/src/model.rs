@@ -69,7 +69,10 @@ impl Model {
     ) -> Result<Vec<(String, Generated)>> {
         let prompts: Vec<Vec<u32>> = conversations
             .iter()
-            .map(|c| self.text.tokenizer.encode(&template.render_prompt(c)?))
+            .map(|c| {
+                let tok = &self.text.tokenizer;
+                tok.encode_rendered(&template.render_prompt(&tok.disarm_conversation(c))?)
+            })
             .collect::<Result<_>>()?;
         self.replies_to_ids(&prompts, opts, batch_size, on_batch)
     }

@@ -1,11 +1,13 @@
-//! What the tests on real assets share: finding an asset, and saying whether the test ran.
+//! What tests share: real assets (found, or SKIPPED and counted), a tiny data set, a
+//! prepared directory's manifest.
 //!
 //! A test that needs a fetched asset (the SmolLM2 GGUF, a data set of the mirror) asks
 //! [`real_asset`] for it. When the asset is there the test runs and is counted; when it is
 //! missing the test says SKIPPED and returns — unless `BASIN_REQUIRE_ASSETS` is set (CI sets
 //! it), where a missing asset is a failure naming the asset. With `BASIN_TEST_LOG=FILE`
 //! every such test appends one line `ran|skipped <TAB> test <TAB> asset` to FILE, from which
-//! `just test` prints how many real-asset tests ran.
+//! `just test` prints how many real-asset tests ran. [`write_manifest`] gives command tests
+//! a prepared directory's manifest.
 
 use crate::fsutil::locate_asset;
 use std::io::Write;
@@ -132,6 +134,90 @@ pub fn hf_python() -> Option<PathBuf> {
 pub fn skipped(reason: &str) {
     eprintln!("SKIPPED {}: {reason}", test_name());
     Env::from_process().log("skipped", reason);
+}
+
+/// A manifest.json in `prepared` naming these sets with these roles (the other fields are
+/// placeholders the commands under test do not read).
+pub fn write_manifest(prepared: &Path, roles: &[(&str, &str)]) -> anyhow::Result<()> {
+    use crate::artifacts::{
+        FileHash, Manifest, ManifestSet, SetStats, TemplateInfo, TokenizerInfo,
+    };
+    let hash = |file: &str| FileHash {
+        file: file.into(),
+        sha256: "0".repeat(64),
+    };
+    let sets = roles
+        .iter()
+        .map(|(name, role)| {
+            let entry = ManifestSet {
+                role: role.to_string(),
+                licence: "test".into(),
+                input: hash("input"),
+                output: hash(&format!("{name}.parquet")),
+                tokenizer: TokenizerInfo {
+                    model: "tiny".into(),
+                    sha256: "0".repeat(64),
+                },
+                template: TemplateInfo {
+                    name: "tiny".into(),
+                    sha256: "0".repeat(64),
+                    default_system: None,
+                },
+                max_seq_len: 512,
+                val_fraction: 0.1,
+                seed: 0,
+                safety_filter: None,
+                dedup_against: Vec::new(),
+                git_commit: "test".into(),
+                stats: SetStats::default(),
+                distilled: None,
+                dropped_unfinished_reply: None,
+                dropped_refusal: None,
+                allow_modified: false,
+            };
+            (name.to_string(), entry)
+        })
+        .collect();
+    Manifest {
+        schema: crate::artifacts::MANIFEST_SCHEMA.into(),
+        sets,
+    }
+    .write(prepared)?;
+    Ok(())
+}
+
+/// Training rows for the tiny model in `model_dir` (`tiny::write_tiny_model`): chat-template
+/// prompts "say N" and replies "the answer is N" with 0-2 "!" (lengths differ), every
+/// eighth row held out as `val`.
+pub fn tiny_training_rows(
+    model_dir: &Path,
+    n: usize,
+) -> anyhow::Result<Vec<crate::schema::PreparedRow>> {
+    let text = crate::source::ModelText::open(model_dir)?;
+    (0..n)
+        .map(|i| {
+            let prompt = format!(
+                "<|im_start|>user\nsay {}<|im_end|>\n<|im_start|>assistant\n",
+                i % 5
+            );
+            let reply = format!("the answer is {}{}<|im_end|>", i % 5, "!".repeat(i % 3));
+            let mut ids = text.tokenizer.encode(&prompt)?;
+            let prompt_len = ids.len() as u32;
+            ids.extend(text.tokenizer.encode(&reply)?);
+            Ok(crate::schema::PreparedRow {
+                id: format!("t-{i}"),
+                source: "t".into(),
+                split: if i % 8 == 0 { "val" } else { "train" }.into(),
+                system: None,
+                user: prompt,
+                assistant: Some(reply),
+                label: None,
+                input_ids: ids,
+                prompt_len,
+                truncated: false,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

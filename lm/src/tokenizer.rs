@@ -11,7 +11,16 @@ pub struct TextTokenizer {
     pub inner: tokenizers::Tokenizer,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
+    /// The same tokenizer with special tokens read as plain text (for content).
+    plain: tokenizers::Tokenizer,
+    /// The special (control) tokens' strings, longest first, with their ids.
+    special: Vec<(String, u32)>,
 }
+
+/// Marks a control token's string inside content so that no tokenizer matches it: the
+/// character goes after the token's first character, and is taken out again before the
+/// content is tokenized as plain text (a private-use code point no data set uses as text).
+const DISARM: char = '\u{E000}';
 
 /// GGUF token type of control tokens (llama.cpp's `LLAMA_TOKEN_TYPE_CONTROL`).
 const GGUF_TOKEN_TYPE_CONTROL: i64 = 3;
@@ -27,11 +36,30 @@ impl TextTokenizer {
     ) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
-        Ok(Self {
+        Ok(Self::new(inner, bos_token, eos_token))
+    }
+
+    fn new(
+        inner: tokenizers::Tokenizer,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Self {
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let mut special: Vec<(String, u32)> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        special.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        Self {
             inner,
             bos_token,
             eos_token,
-        })
+            plain,
+            special,
+        }
     }
 
     /// Builds the tokenizer a GGUF file describes (GPT-2-style byte-level BPE only).
@@ -48,11 +76,11 @@ impl TextTokenizer {
             meta.opt_u32(key)
                 .and_then(|id| tokens.get(id as usize).cloned())
         };
-        Ok(Self {
+        Ok(Self::new(
             inner,
-            bos_token: token_at("tokenizer.ggml.bos_token_id"),
-            eos_token: token_at("tokenizer.ggml.eos_token_id"),
-        })
+            token_at("tokenizer.ggml.bos_token_id"),
+            token_at("tokenizer.ggml.eos_token_id"),
+        ))
     }
 
     /// Token ids of `text`; special tokens written in the text map to their ids.
@@ -62,6 +90,99 @@ impl TextTokenizer {
             .encode_fast(text, false)
             .map_err(|e| anyhow!("tokenizer failed: {e}"))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// `text` as content: every control token written in it (`<|im_end|>`, `<s>`) is
+    /// marked so that it stays text when a chat template renders it and
+    /// [`Self::encode_rendered`] tokenizes the result. Text without one comes back as it is.
+    pub fn disarm(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            match self
+                .special
+                .iter()
+                .find(|(s, _)| rest.starts_with(s.as_str()))
+            {
+                Some((s, _)) => {
+                    out.push(c);
+                    out.push(DISARM);
+                    out.push_str(&s[c.len_utf8()..]);
+                    rest = &rest[s.len()..];
+                }
+                None => {
+                    out.push(c);
+                    rest = &rest[c.len_utf8()..];
+                }
+            }
+        }
+        out
+    }
+
+    /// A conversation whose every text is [`Self::disarm`]ed: render it, then tokenize with
+    /// [`Self::encode_rendered`], and only the template's own markup becomes control tokens.
+    pub fn disarm_conversation(
+        &self,
+        conv: &crate::chat::Conversation,
+    ) -> crate::chat::Conversation {
+        crate::chat::Conversation {
+            system: conv.system.as_deref().map(|s| self.disarm(s)),
+            user: self.disarm(&conv.user),
+            assistant: conv.assistant.as_deref().map(|s| self.disarm(s)),
+        }
+    }
+
+    /// Token ids of a chat template's rendering of a [`Self::disarm_conversation`]: the
+    /// control tokens in it are the template's own; each stretch of text between them is
+    /// tokenized with its disarmed control tokens put back as plain text. Without any
+    /// disarmed token this is exactly [`Self::encode`].
+    pub fn encode_rendered(&self, rendered: &str) -> Result<Vec<u32>> {
+        if !rendered.contains(DISARM) {
+            return self.encode(rendered);
+        }
+        let enc = self
+            .inner
+            .encode(rendered, false)
+            .map_err(|e| anyhow!("tokenizer failed: {e}"))?;
+        let is_control = |id: u32| self.special.iter().any(|(_, s)| *s == id);
+        let mut ids = Vec::with_capacity(enc.len());
+        let mut text_from: Option<usize> = None;
+        let mut text_to = 0;
+        let flush = |from: Option<usize>, to: usize, ids: &mut Vec<u32>| -> Result<()> {
+            if let Some(from) = from {
+                let piece = self.rearm(&rendered[from..to]);
+                let enc = self
+                    .plain
+                    .encode_fast(piece.as_str(), false)
+                    .map_err(|e| anyhow!("tokenizer failed: {e}"))?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+            Ok(())
+        };
+        for (&id, &(start, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+            if is_control(id) {
+                flush(text_from.take(), text_to, &mut ids)?;
+                ids.push(id);
+            } else {
+                text_from.get_or_insert(start);
+                text_to = end;
+            }
+        }
+        flush(text_from, text_to, &mut ids)?;
+        Ok(ids)
+    }
+
+    /// Disarmed control tokens back to their text.
+    fn rearm(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (s, _) in &self.special {
+            let c = s.chars().next().expect("not empty");
+            let disarmed = format!("{c}{DISARM}{}", &s[c.len_utf8()..]);
+            if out.contains(&disarmed) {
+                out = out.replace(&disarmed, s);
+            }
+        }
+        out
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {

@@ -194,6 +194,27 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     let index_path = dir.join("model.safetensors.index.json");
+    if !index_path.exists() {
+        // PyTorch's pickle checkpoints can run code when they are read: never loaded here.
+        let pickles: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth"))
+            .collect();
+        if !pickles.is_empty() {
+            bail!(
+                "{}: holds {} but no safetensors. basin reads only safetensors and GGUF, which \
+                 cannot run code when loaded (a PyTorch pickle can). Convert it once, where you \
+                 trust the file: python -c \"from transformers import AutoModelForCausalLM as M; \
+                 M.from_pretrained('{dir}').save_pretrained('{dir}-safetensors')\"",
+                dir.display(),
+                pickles.join(", "),
+                dir = dir.display()
+            );
+        }
+    }
     let text = std::fs::read_to_string(&index_path).with_context(|| {
         format!(
             "{}: neither model.safetensors nor model.safetensors.index.json",

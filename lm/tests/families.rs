@@ -311,6 +311,14 @@ fn broken_checkpoints_are_refused_naming_the_problem() {
         })
     });
     assert!(e.contains("unexpected: model.extra.weight"), "{e}");
+    // Loads run no code: a directory with only a PyTorch pickle is refused with the fix.
+    let e = refusal("qwen2", |d| {
+        std::fs::rename(d.join("model.safetensors"), d.join("pytorch_model.bin")).unwrap();
+    });
+    assert!(
+        e.contains("holds pytorch_model.bin but no safetensors") && e.contains("save_pretrained"),
+        "{e}"
+    );
     let e = refusal("llama3", |d| {
         edit_tensors(d, |t| {
             let w = t["model.layers.0.mlp.up_proj.weight"]

@@ -36,6 +36,9 @@ pub struct PrepareConfig {
     pub sets: Vec<String>,
     /// Sets made by `prepare distill`: project-written prompts, the model's own replies.
     pub distill: Vec<DistillSpec>,
+    /// Use cached assets whose sha256 is not the one sources.toml lists (`--allow-modified`;
+    /// recorded in the manifest). Off: such a file is an error.
+    pub allow_modified: bool,
 }
 
 impl Default for PrepareConfig {
@@ -58,6 +61,7 @@ impl Default for PrepareConfig {
             dedup_against_eval: true,
             sets: Vec::new(),
             distill: Vec::new(),
+            allow_modified: false,
         }
     }
 }

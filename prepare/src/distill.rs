@@ -13,7 +13,7 @@
 use crate::config::{DistillSpec, PrepareConfig};
 use crate::filters::{normalise_prompt, read_keyword_list};
 use crate::formats::{read_records, Record};
-use crate::pipeline::{cached, SetInfo, Setup};
+use crate::pipeline::{cached, in_cache, SetInfo, Setup};
 use anyhow::{bail, Context, Result};
 use basin_lm::artifacts::{DistillRecipe, FileHash, Manifest, ModelHash};
 use basin_lm::chat::Conversation;
@@ -145,7 +145,7 @@ fn overrefusal_prompts(config: &PrepareConfig, setup: &Setup) -> Result<Vec<(Str
         .iter()
         .filter(|a| a.role == "overrefusal")
     {
-        let (Some(spec), Ok(path)) = (&a.read, cached(config, a)) else {
+        let (Some(spec), Some(path)) = (&a.read, in_cache(config, a)?) else {
             eprintln!(
                 "warning: over-refusal set '{}' is not fetched: the near-duplicate check \
                  cannot cover it (`prepare fetch --only {}`)",

@@ -33,6 +33,10 @@ struct StageArgs {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    /// Use cached assets that differ from the sha256 in sources.toml (edited on purpose);
+    /// the manifest records it. Same as --set allow_modified=true.
+    #[arg(long)]
+    allow_modified: bool,
 }
 
 #[derive(Subcommand)]
@@ -126,7 +130,11 @@ fn run(cli: Cli) -> Result<()> {
             mut overrides,
             only,
             quiet,
+            allow_modified,
         }) => {
+            if allow_modified {
+                overrides.push("allow_modified=true".into());
+            }
             if !only.is_empty() {
                 let list: Vec<String> = only.iter().map(|s| format!("{s:?}")).collect();
                 overrides.push(format!("sets=[{}]", list.join(",")));
@@ -150,10 +158,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Distill(StageArgs {
             config,
-            overrides,
+            mut overrides,
             only,
             quiet,
+            allow_modified,
         }) => {
+            if allow_modified {
+                overrides.push("allow_modified=true".into());
+            }
             let config: PrepareConfig = basin_lm::config::load(config.as_deref(), &overrides)?;
             for d in prepare::distill::run(&config, &only, !quiet)? {
                 let what = if d.skipped { "up to date" } else { "written" };

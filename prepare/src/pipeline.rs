@@ -19,21 +19,22 @@ use std::path::{Path, PathBuf};
 pub use basin_lm::artifacts::SetStats;
 
 /// Renders and tokenizes one conversation: prompt ids then reply ids, each encoded on its
-/// own so the boundary is exact; the reply is cut at `max_len` for training rows.
+/// own so the boundary is exact. Control tokens written in the data stay text: only the
+/// template's own markup becomes control tokens.
 pub fn encode_conversation(
     tok: &TextTokenizer,
     template: &ChatTemplate,
     record: &Record,
 ) -> Result<(Vec<u32>, u32)> {
-    let conv = &record.conversation;
+    let conv = &tok.disarm_conversation(&record.conversation);
     if conv.assistant.is_some() {
         let (prompt, completion) = template.render_split(conv)?;
-        let mut ids = tok.encode(&prompt)?;
+        let mut ids = tok.encode_rendered(&prompt)?;
         let prompt_len = ids.len() as u32;
-        ids.extend(tok.encode(&completion)?);
+        ids.extend(tok.encode_rendered(&completion)?);
         Ok((ids, prompt_len))
     } else {
-        let ids = tok.encode(&template.render_prompt(conv)?)?;
+        let ids = tok.encode_rendered(&template.render_prompt(conv)?)?;
         let n = ids.len() as u32;
         Ok((ids, n))
     }
@@ -71,17 +72,46 @@ pub struct Setup {
     safety: Option<KeywordFilter>,
 }
 
-/// An asset's file in the cache, or an error that says how to get it there.
+/// An asset's file in the cache, or an error that says how to get it there. The file must
+/// still be what `sources.toml` lists ([`in_cache`]).
 pub fn cached(config: &PrepareConfig, a: &Asset) -> Result<PathBuf> {
-    let p = config.cache.join(&a.file);
-    if !p.is_file() {
-        bail!(
+    match in_cache(config, a)? {
+        Some(p) => Ok(p),
+        None => bail!(
             "asset '{}' is not in the cache ({}): run `prepare fetch` (or `just setup`) first",
             a.name,
-            p.display()
-        );
+            config.cache.join(&a.file).display()
+        ),
     }
-    Ok(p)
+}
+
+/// An asset's file in the cache (None when it was not fetched), checked against the sha256
+/// `sources.toml` lists for it: a file changed since `prepare fetch` is an error, unless
+/// `allow_modified` (then a warning, and the manifest says so).
+pub fn in_cache(config: &PrepareConfig, a: &Asset) -> Result<Option<PathBuf>> {
+    let p = config.cache.join(&a.file);
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let found = sha256_file(&p)?;
+    if found != a.sha256 {
+        let what = format!(
+            "{}: sha256 {found} is not the {} that {} lists for '{}'",
+            p.display(),
+            a.sha256,
+            config.sources.display(),
+            a.name
+        );
+        if !config.allow_modified {
+            bail!(
+                "{what}: run `prepare fetch` again to restore it, update the asset's sha256 if \
+                 the change is meant, or pass --allow-modified to use it as it is (recorded \
+                 in the manifest)"
+            );
+        }
+        eprintln!("warning: {what}; used as it is (--allow-modified)");
+    }
+    Ok(Some(p))
 }
 
 impl Setup {
@@ -116,7 +146,7 @@ impl Setup {
                 .iter()
                 .filter(|a| EVAL_ROLES.contains(&a.role.as_str()))
             {
-                let (Some(spec), Ok(path)) = (&a.read, cached(config, a)) else {
+                let (Some(spec), Some(path)) = (&a.read, in_cache(config, a)?) else {
                     continue;
                 };
                 for r in read_records(&path, spec)? {
@@ -212,6 +242,7 @@ impl Setup {
             distilled: None,
             dropped_unfinished_reply: None,
             dropped_refusal: None,
+            allow_modified: config.allow_modified,
         })
     }
 }
@@ -245,16 +276,6 @@ pub fn run(config: &PrepareConfig, progress: bool) -> Result<Prepared> {
     let mut built = Vec::new();
     for asset in selected {
         let input = cached(config, asset)?;
-        let found = sha256_file(&input)?;
-        if found != asset.sha256 {
-            bail!(
-                "{}: sha256 {found} is not the {} that {} gives for '{}': run `prepare fetch` again",
-                input.display(),
-                asset.sha256,
-                config.sources.display(),
-                asset.name
-            );
-        }
         let spec = asset
             .read
             .as_ref()
@@ -273,7 +294,7 @@ pub fn run(config: &PrepareConfig, progress: bool) -> Result<Prepared> {
             SetInfo::of(asset, &input),
             FileHash {
                 file: asset.file.clone(),
-                sha256: asset.sha256.clone(),
+                sha256: sha256_file(&input)?,
             },
             &out,
             &stats,

@@ -174,9 +174,14 @@ fn filters_can_be_switched_off() {
 }
 
 fn prepare_cli(ws: &Workspace, out: &str) -> std::process::Output {
+    prepare_cli_with(ws, out, &[])
+}
+
+fn prepare_cli_with(ws: &Workspace, out: &str, flags: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_prepare"))
         .arg("run")
         .arg("--quiet")
+        .args(flags)
         .args([
             "--set",
             &format!(
@@ -248,4 +253,47 @@ fn cli_succeeds_and_rejects_a_tampered_cache_file() {
         "{err}"
     );
     assert!(!Path::new(&ws.root.join("out2/bench.parquet")).exists());
+}
+
+/// Every input is checked against sources.toml, not only the sets prepared: an edited
+/// keyword list (which decides what is filtered) stops the run; `--allow-modified` uses the
+/// edited files and the manifest records it with the files' own hashes.
+#[test]
+fn an_edited_input_of_any_kind_is_refused_unless_allowed_and_recorded() {
+    let ws = workspace(&bench_lines());
+    let kw = ws.root.join("cache/sub/kw.json");
+    std::fs::write(&kw, r#"{"qi": {"list": ["Illegal", "lock"]}}"#).unwrap();
+    let out = prepare_cli(&ws, "out");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kw.json: sha256") && err.contains("'kw'") && err.contains("--allow-modified"),
+        "{err}"
+    );
+    assert!(!ws.root.join("out").exists(), "nothing written");
+    let bench = ws.root.join("cache/sub/bench.jsonl");
+    let mut text = std::fs::read_to_string(&bench).unwrap();
+    text.push_str(&format!(
+        "\n{}",
+        line("An appended question?", "An answer.")
+    ));
+    std::fs::write(&bench, text).unwrap();
+    let out = prepare_cli_with(&ws, "out", &["--allow-modified"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("bench.jsonl"),
+        "{err}"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.root.join("out/manifest.json")).unwrap())
+            .unwrap();
+    let m = &manifest["sets"]["bench"];
+    assert_eq!(m["allow_modified"], true);
+    assert_eq!(m["input"]["sha256"], sha256_file(&bench).unwrap());
+    assert_eq!(m["stats"]["records_read"], 25);
 }

@@ -12,6 +12,7 @@ use crate::sweep::{shell_quote, slurm_script, SweepConfig};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The `sweep` command's arguments.
 #[derive(clap::Args, Clone, Debug)]
@@ -305,12 +306,22 @@ impl Plan {
         })
     }
 
-    /// The report's command line over the points evaluated so far.
-    pub fn report_args(&self) -> Result<Vec<String>> {
+    /// The report's command line over the points evaluated so far; the points not in it
+    /// are named in its note, with the error of those that `failed` in this sweep.
+    pub fn report_args(&self, failed: &[(String, String)]) -> Result<Vec<String>> {
         let mut args = vec!["report".to_string()];
-        for d in &self.dirs {
-            if d.join("eval").join("model").join("scores.json").exists() {
+        let mut missing = Vec::new();
+        for (d, job) in self.dirs.iter().zip(&self.points) {
+            if d.join("eval").join("model").join("scores.json").exists() && job.done() {
                 args.push(d.display().to_string());
+            } else {
+                let why = failed
+                    .iter()
+                    .find(|(n, _)| *n == job.name)
+                    .map_or("not trained and evaluated yet".to_string(), |(_, e)| {
+                        format!("failed: {}", e.lines().next().unwrap_or(e))
+                    });
+                missing.push(format!("- **{}** is missing: {why}", job.name));
             }
         }
         if args.len() == 1 {
@@ -339,8 +350,17 @@ impl Plan {
             "--title".into(),
             title,
         ]);
-        if !r.note.is_empty() {
-            args.extend(["--note".into(), r.note.clone()]);
+        let mut note = r.note.clone();
+        if !missing.is_empty() {
+            note = format!(
+                "{note}\n\n**Points of the sweep not in this report** ({} of {}):\n\n{}",
+                missing.len(),
+                self.points.len(),
+                missing.join("\n")
+            );
+        }
+        if !note.trim().is_empty() {
+            args.extend(["--note".into(), note.trim().to_string()]);
         }
         Ok(args)
     }
@@ -360,12 +380,54 @@ fn sibling(stage: Stage) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn call(stage: Stage, args: &[String], what: &str) -> Result<()> {
+/// The sweep stopped on SIGTERM/SIGINT (its running stage checkpointed or stopped too);
+/// `sweep` exits with [`crate::Interrupted::EXIT_CODE`].
+#[derive(Debug)]
+pub struct Stopped {
+    pub during: String,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted during {}: run the same command again to continue (a training run \
+             resumes from its checkpoint)",
+            self.during
+        )
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// Runs a stage binary to its end. A signal to the sweep is passed on to the stage (SIGTERM:
+/// train checkpoints and stops), and the sweep then stops with [`Stopped`].
+fn call(stage: Stage, args: &[String], what: &str, stop: &AtomicBool) -> Result<()> {
     let exe = sibling(stage)?;
-    let status = Command::new(&exe)
+    let mut child = Command::new(&exe)
         .args(args)
-        .status()
+        .spawn()
         .with_context(|| format!("cannot start {}", exe.display()))?;
+    let mut passed_on = false;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if stop.load(Ordering::Relaxed) && !passed_on {
+            // The stage may have had the signal too (Ctrl-C, Slurm): a second TERM is harmless.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            passed_on = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    if stop.load(Ordering::Relaxed) || status.code() == Some(crate::Interrupted::EXIT_CODE) {
+        return Err(Stopped {
+            during: what.to_string(),
+        }
+        .into());
+    }
     if !status.success() {
         bail!(
             "{what} failed ({status}): {} {}",
@@ -414,22 +476,30 @@ fn check_unchanged<'a>(jobs: impl Iterator<Item = &'a Job>, force: bool) -> Resu
 /// Runs a job's steps that are not done; a training run that runs makes its evaluations
 /// run again. A run whose directory holds another config (allowed by `--force`) is trained
 /// again from the start.
-fn run_job(job: &Job, tag: &str) -> Result<()> {
+fn run_job(job: &Job, tag: &str, stop: &AtomicBool) -> Result<()> {
     if job.done() {
         eprintln!("{tag} {}: done already, skipped", job.name);
         return Ok(());
     }
+    // The run is this sweep's while its steps run (its `train` child goes ahead under it).
+    let _lock = match job.train.as_ref().and_then(|t| t.config.as_ref()) {
+        Some(c) => Some(basin_lm::runlock::RunLock::acquire(
+            &c.out_dir.join(&c.name),
+            "sweep",
+        )?),
+        None => None,
+    };
     let fresh = !job.changed().is_empty();
     let mut retrained = false;
     if let Some(t) = job.train.as_ref().filter(|t| fresh || !t.done()) {
         eprintln!("{tag} {}", t.what);
         let args = if fresh { t.args.clone() } else { t.run_args() };
-        call(t.stage, &args, &t.what)?;
+        call(t.stage, &args, &t.what, stop)?;
         retrained = true;
     }
     for e in job.evaluate.iter().filter(|e| retrained || !e.done()) {
         eprintln!("{tag} {}", e.what);
-        call(e.stage, &e.run_args(), &e.what)?;
+        call(e.stage, &e.run_args(), &e.what, stop)?;
     }
     Ok(())
 }
@@ -449,6 +519,7 @@ pub fn run(args: &Args) -> Result<Summary> {
         .or(aligned_env.as_deref())
         .filter(|p| !p.as_os_str().is_empty());
     let plan = Plan::new(&args.config, &args.overrides, aligned)?;
+    let stop = crate::stop_flag()?;
     let report = PathBuf::from("reports")
         .join(&plan.sweep.name)
         .join("summary.md");
@@ -507,7 +578,12 @@ pub fn run(args: &Args) -> Result<Summary> {
         });
     }
     if args.report_only {
-        call(Stage::Evaluate, &plan.report_args()?, "the report")?;
+        call(
+            Stage::Evaluate,
+            &plan.report_args(&[])?,
+            "the report",
+            &stop,
+        )?;
         return Ok(Summary {
             done: 0,
             report: Some(report),
@@ -526,7 +602,7 @@ pub fn run(args: &Args) -> Result<Summary> {
             );
         }
         check_unchanged(std::iter::once(job), args.force)?;
-        run_job(job, &format!("[{}/{n}]", i + 1))?;
+        run_job(job, &format!("[{}/{n}]", i + 1), &stop)?;
         return Ok(Summary {
             done: 1,
             report: None,
@@ -539,8 +615,9 @@ pub fn run(args: &Args) -> Result<Summary> {
         &plan.points[..]
     };
     check_unchanged(plan.stage0.iter().chain(points), args.force)?;
+    // Stage 0 makes the points' model: a failure there stops the sweep.
     for (i, job) in plan.stage0.iter().enumerate() {
-        run_job(job, &format!("[stage 0: {}/{n0}]", i + 1))?;
+        run_job(job, &format!("[stage 0: {}/{n0}]", i + 1), &stop)?;
     }
     if args.stage0 {
         return Ok(Summary {
@@ -548,10 +625,37 @@ pub fn run(args: &Args) -> Result<Summary> {
             report: None,
         });
     }
+    // A point that fails is recorded and the others go on; an interruption stops the sweep.
+    let mut failed = Vec::new();
     for (i, job) in plan.points.iter().enumerate() {
-        run_job(job, &format!("[{}/{n}]", i + 1))?;
+        let tag = format!("[{}/{n}]", i + 1);
+        match run_job(job, &tag, &stop) {
+            Ok(()) => {}
+            Err(e) if e.is::<Stopped>() => return Err(e),
+            Err(e) => {
+                eprintln!(
+                    "{tag} {}: FAILED, going on with the other points: {e:#}",
+                    job.name
+                );
+                failed.push((job.name.clone(), format!("{e:#}")));
+            }
+        }
     }
-    call(Stage::Evaluate, &plan.report_args()?, "the report")?;
+    call(
+        Stage::Evaluate,
+        &plan.report_args(&failed)?,
+        "the report",
+        &stop,
+    )?;
+    if !failed.is_empty() {
+        let names: Vec<&str> = failed.iter().map(|(n, _)| n.as_str()).collect();
+        bail!(
+            "{} of {n} points failed ({}); the report marks them. Run the same command again \
+             to retry them (the done points are skipped)",
+            failed.len(),
+            names.join(", ")
+        );
+    }
     Ok(Summary {
         done: n0 + n,
         report: Some(report),

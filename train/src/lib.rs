@@ -40,6 +40,45 @@ struct Progress {
     config: TrainConfig,
 }
 
+/// Why `train` stopped early on SIGTERM/SIGINT (the checkpoint is written): the binaries
+/// exit with [`Interrupted::EXIT_CODE`] so a sweep or a Slurm script can tell it from a
+/// failure.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub step: usize,
+    pub total: usize,
+    pub checkpoint: PathBuf,
+}
+
+impl Interrupted {
+    /// EX_TEMPFAIL: run the same command again (`--resume` for train) to continue.
+    pub const EXIT_CODE: i32 = 75;
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted at step {} of {}; the checkpoint is in {}: --resume continues",
+            self.step,
+            self.total,
+            self.checkpoint.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// A flag that SIGTERM and SIGINT set (the process is not stopped by them).
+pub fn stop_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, flag.clone())
+            .context("cannot install the SIGTERM/SIGINT handler")?;
+    }
+    Ok(flag)
+}
+
 pub struct Options {
     pub resume: bool,
     pub progress: bool,
@@ -91,6 +130,10 @@ fn mean_loss(model: &Model, rows: &[&PreparedRow], config: &TrainConfig, pad: u3
 pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
     config.validate()?;
     let run_dir = config.out_dir.join(&config.name);
+    // Before anything in the run directory is read, deleted or written.
+    let _lock = basin_lm::runlock::RunLock::acquire(&run_dir, "train")?;
+    // SIGTERM/SIGINT (preemption, Ctrl-C) end the current step, then checkpoint and stop.
+    let stop = stop_flag()?;
     let ckpt_dir = run_dir.join("checkpoint");
     let device = parse_device(&config.device)?;
     let model = Model::open(&config.model, parse_dtype(&config.dtype)?, &device)?;
@@ -261,6 +304,24 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         }
         if opts.crash_after == Some(step) {
             std::process::abort();
+        }
+        if step < total && stop.load(std::sync::atomic::Ordering::Relaxed) {
+            bar.finish_and_clear();
+            save_checkpoint(
+                &ckpt_dir,
+                &state,
+                &Progress {
+                    step,
+                    position: pos,
+                    config: config.clone(),
+                },
+            )?;
+            return Err(Interrupted {
+                step,
+                total,
+                checkpoint: ckpt_dir,
+            }
+            .into());
         }
     }
     bar.finish_and_clear();

@@ -31,7 +31,12 @@ struct Cli {
 fn main() {
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let interrupted = e.downcast_ref::<train::Interrupted>().is_some();
+        std::process::exit(if interrupted {
+            train::Interrupted::EXIT_CODE
+        } else {
+            1
+        });
     }
 }
 

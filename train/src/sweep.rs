@@ -241,16 +241,28 @@ pub fn slurm_script(
          # Submit: sbatch {{this file}}; then `sweep --config {cfg} --report-only` for the report.\n\
          # Edit the resources below for your cluster; every task trains one grid point and\n\
          # evaluates it, and skips what is already done (resubmitting is safe).\n\
+         # Preempted, or 2 minutes before its time limit (SIGTERM), a task checkpoints, exits\n\
+         # with 75 and is requeued; the next attempt resumes from the checkpoint.\n\
          #SBATCH --job-name=basin-{name}\n\
          #SBATCH --array=0-{last}\n\
          #SBATCH --gres=gpu:1\n\
          #SBATCH --cpus-per-task=8\n\
          #SBATCH --mem=64G\n\
          #SBATCH --time=04:00:00\n\
+         #SBATCH --requeue\n\
+         #SBATCH --signal=B:TERM@120\n\
+         #SBATCH --open-mode=append\n\
          #SBATCH --output=runs/slurm-{name}-%A_%a.log\n\
-         set -euo pipefail\n\
+         set -uo pipefail\n\
          cd {root}\n\
-         exec {exe} --config {cfg} --index \"$SLURM_ARRAY_TASK_ID\"{extra}\n",
+         {exe} --config {cfg} --index \"$SLURM_ARRAY_TASK_ID\"{extra} &\n\
+         pid=$!\n\
+         trap 'kill -TERM \"$pid\" 2>/dev/null' TERM INT\n\
+         wait \"$pid\"; rc=$?\n\
+         # wait returns when a trapped signal arrives: wait for the sweep to checkpoint.\n\
+         while kill -0 \"$pid\" 2>/dev/null; do wait \"$pid\"; rc=$?; done\n\
+         if [ \"$rc\" -eq 75 ]; then scontrol requeue \"$SLURM_JOB_ID\"; fi\n\
+         exit \"$rc\"\n",
         last = n_jobs.saturating_sub(1),
         root = shell_quote(&root.display().to_string()),
         exe = shell_quote(&sweep_exe.display().to_string()),
@@ -345,6 +357,10 @@ set = ["lr=3e-4"]
             &["model=my model".into()],
         );
         assert!(s.contains("#SBATCH --array=0-11"), "{s}");
-        assert!(s.contains("exec /x/sweep --config configs/paper.toml --index \"$SLURM_ARRAY_TASK_ID\" --set 'model=my model'"), "{s}");
+        assert!(s.contains("/x/sweep --config configs/paper.toml --index \"$SLURM_ARRAY_TASK_ID\" --set 'model=my model' &"), "{s}");
+        assert!(
+            s.contains("#SBATCH --requeue") && s.contains("scontrol requeue"),
+            "{s}"
+        );
     }
 }

@@ -59,3 +59,79 @@ fn an_empty_aligned_model_runs_stage0_and_a_set_one_skips_it() {
         "{stdout}"
     );
 }
+
+/// A sweep whose point fails goes on with the others: the failed point is named on stderr
+/// and in the report's note, the sweep exits non-zero, and the good point is reported.
+#[test]
+fn a_failing_point_is_recorded_and_the_others_go_on() {
+    let sweep_exe = Path::new(env!("CARGO_BIN_EXE_sweep"));
+    if !sweep_exe.with_file_name("evaluate").exists() {
+        basin_lm::testkit::skipped(
+            "the evaluate binary is not built next to sweep (`cargo test --workspace` builds it)",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    basin_lm::tiny::write_tiny_model(&root.join("model"), &basin_lm::tiny::tiny_config(), 3)
+        .unwrap();
+    let rows = basin_lm::testkit::tiny_training_rows(&root.join("model"), 24).unwrap();
+    basin_lm::schema::write_parquet(&root.join("data.parquet"), &rows).unwrap();
+    // A harmful set to evaluate on: the rows' prompts.
+    let prepared = root.join("prepared");
+    std::fs::create_dir_all(&prepared).unwrap();
+    let harm: Vec<_> = rows
+        .iter()
+        .take(3)
+        .map(|r| basin_lm::schema::PreparedRow {
+            split: "eval".into(),
+            assistant: None,
+            input_ids: r.input_ids[..r.prompt_len as usize].to_vec(),
+            ..r.clone()
+        })
+        .collect();
+    basin_lm::schema::write_parquet(&prepared.join("advbench.parquet"), &harm).unwrap();
+    basin_lm::testkit::write_manifest(&prepared, &[("advbench", "harmful")]).unwrap();
+    std::fs::write(
+        root.join("smoke.toml"),
+        "model = \"model\"\ndata = [\"data.parquet\"]\nbatch_size = 4\nmicro_batch = 2\nsteps = 2\nlr = 1e-3\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("s.toml"),
+        r#"name = "s"
+train_config = "smoke.toml"
+[[point]]
+label = "good"
+[[point]]
+label = "bad"
+set = ["lr=1e30", "grad_clip=0.0"]
+[evaluate]
+safety = ["--prepared", "prepared", "--sets", "advbench", "--max-new-tokens", "4"]
+"#,
+    )
+    .unwrap();
+    let out = Command::new(sweep_exe)
+        .args(["--config", "s.toml"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("s-bad: FAILED, going on with the other points")
+            && err.contains("1 of 2 points failed (s-bad)"),
+        "{err}"
+    );
+    let md = std::fs::read_to_string(root.join("reports/s/summary.md")).unwrap();
+    assert!(md.contains("| θ |"), "the good point is reported: {md}");
+    assert!(
+        md.contains("**s-bad** is missing: failed: s-bad: train failed"),
+        "the report marks the failed point: {md}"
+    );
+    assert!(root.join("runs/s-good/eval/model/scores.json").exists());
+    assert!(
+        !root.join("runs/s-good/lock").exists(),
+        "no lock left behind"
+    );
+}

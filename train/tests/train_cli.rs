@@ -2,7 +2,7 @@
 //! anchor, `--resume` after an abort gives bitwise the same weights, and a divergence
 //! stops the run with the last checkpoint kept.
 
-use basin_lm::schema::{write_parquet, PreparedRow};
+use basin_lm::schema::write_parquet;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -24,31 +24,7 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("model");
         write(&model);
-        let text = basin_lm::source::ModelText::open(&model).unwrap();
-        let rows: Vec<PreparedRow> = (0..40)
-            .map(|i| {
-                let prompt = format!(
-                    "<|im_start|>user\nsay {}<|im_end|>\n<|im_start|>assistant\n",
-                    i % 5
-                );
-                let reply = format!("the answer is {}{}<|im_end|>", i % 5, "!".repeat(i % 3));
-                let mut ids = text.tokenizer.encode(&prompt).unwrap();
-                let prompt_len = ids.len() as u32;
-                ids.extend(text.tokenizer.encode(&reply).unwrap());
-                PreparedRow {
-                    id: format!("t-{i}"),
-                    source: "t".into(),
-                    split: if i % 8 == 0 { "val" } else { "train" }.into(),
-                    system: None,
-                    user: prompt,
-                    assistant: Some(reply),
-                    label: None,
-                    input_ids: ids,
-                    prompt_len,
-                    truncated: false,
-                }
-            })
-            .collect();
+        let rows = basin_lm::testkit::tiny_training_rows(&model, 40).unwrap();
         write_parquet(&dir.path().join("data.parquet"), &rows).unwrap();
         Self { dir }
     }
@@ -63,10 +39,16 @@ impl Setup {
 
     /// `train --quiet FLAGS` with the setup's paths, a small batch, and `extra` overrides.
     fn train_with(&self, flags: &[&str], name: &str, extra: &[&str]) -> Output {
+        let mut cmd = self.train_command(name, extra);
+        cmd.args(flags);
+        cmd.output().unwrap()
+    }
+
+    /// The `train` command of [`Self::train_with`], not run yet.
+    fn train_command(&self, name: &str, extra: &[&str]) -> Command {
         let q = |p: PathBuf| format!("{:?}", p.display().to_string());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
         cmd.arg("--quiet")
-            .args(flags)
             .args(["--set", &format!("name={name}")])
             .args(["--set", &format!("out_dir={}", q(self.path("runs")))])
             .args(["--set", &format!("model={}", q(self.path("model")))])
@@ -84,7 +66,7 @@ impl Setup {
         for e in extra {
             cmd.args(["--set", e]);
         }
-        cmd.output().unwrap()
+        cmd
     }
 }
 
@@ -251,6 +233,18 @@ fn resume_after_abort_gives_bitwise_the_same_weights() {
         !s.path("runs/broken/checkpoint").exists(),
         "a finished run drops its checkpoint"
     );
+    // Resuming with another config is refused (the checkpoint belongs to the first).
+    let crashed = s.train_with(&["--crash-after-step", "4"], "again", &common);
+    assert!(!crashed.status.success());
+    let other = s.train_with(
+        &["--resume"],
+        "again",
+        &[&common[..], &["lr=1e-2"]].concat(),
+    );
+    assert_eq!(other.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(err.contains("made with a different config"), "{err}");
+    assert!(s.path("runs/again/checkpoint/state.safetensors").exists());
     let steps: Vec<u64> = metrics(&s.path("runs/broken"))
         .iter()
         .filter_map(|m| m["step"].as_u64())
@@ -522,4 +516,145 @@ fn gradient_clipping_scales_the_gradient_by_clip_over_its_norm() {
     eprintln!("‖g‖ = {norm:.4}, clip = ‖g‖/4: the clipped step is {ratio:.5} of the free one");
     // About 10x the measured departure from 1/4 (2.7e-4: ε is finite).
     assert!((ratio - 0.25).abs() < 2.5e-3, "ratio {ratio}, want 0.25");
+}
+
+/// Two runs of one name: while a live process holds `runs/<name>/lock`, a second `train`
+/// of that name refuses, naming the holder, and touches nothing of the run; once the
+/// holder is gone its lock is taken over.
+#[test]
+fn a_run_in_use_by_another_process_is_refused_and_left_alone() {
+    let s = Setup::new();
+    ok(&s.train("busy", &["steps=2"]));
+    let run = s.path("runs/busy");
+    let before = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    // A live process on this host holds the run (as a running train would).
+    let mut holder = Command::new("sleep").arg("30").spawn().unwrap();
+    let host = basin_lm::runlock::host();
+    std::fs::write(
+        run.join("lock"),
+        format!(
+            r#"{{"pid":{},"host":"{host}","since":1,"command":"train"}}"#,
+            holder.id()
+        ),
+    )
+    .unwrap();
+    let out = s.train("busy", &["steps=3"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("in use by train (pid {} on {host}", holder.id())),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(run.join("model/model.safetensors")).unwrap(),
+        before
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("config.toml")).unwrap(),
+        config
+    );
+    // The holder ends without removing its lock (killed): the next run takes it over.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let out = s.train("busy", &["steps=3"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("taking over the lock"));
+    assert!(!run.join("lock").exists(), "a finished run leaves no lock");
+    // A sweep holds the run for the train it starts: the child goes ahead, the lock stays.
+    let mut cmd = s.train_command("busy", &["steps=2"]);
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| format!("'{}'", a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    cmd = Command::new("sh");
+    cmd.args(["-c", &format!("sleep 1; {line}")]);
+    let parent = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    std::fs::write(
+        run.join("lock"),
+        format!(
+            r#"{{"pid":{},"host":"{host}","since":1,"command":"sweep"}}"#,
+            parent.id()
+        ),
+    )
+    .unwrap();
+    ok(&parent.wait_with_output().unwrap());
+    assert!(
+        run.join("lock").exists(),
+        "the sweep's lock is the sweep's to remove"
+    );
+    // A requeued attempt of the same Slurm job takes over its earlier attempt's lock (on
+    // any node); another job is refused.
+    let slurm = |job: &str| {
+        std::fs::write(
+            run.join("lock"),
+            r#"{"pid":1,"host":"node-a","since":1,"command":"sweep","slurm_job":"77"}"#,
+        )
+        .unwrap();
+        s.train_command("busy", &["steps=1"])
+            .env("SLURM_JOB_ID", job)
+            .output()
+            .unwrap()
+    };
+    let out = slurm("78");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pid 1 on node-a"));
+    let out = slurm("77");
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("an earlier attempt of this Slurm job"));
+}
+
+/// Preemption with a real signal: SIGTERM in the middle of training ends the current step,
+/// writes a checkpoint and exits with 75 saying how to continue; `--resume` then gives
+/// bitwise the weights of a run that was never stopped.
+#[test]
+fn sigterm_checkpoints_and_resume_gives_the_same_weights() {
+    let s = Setup::new();
+    let common = ["steps=150", "ema.enabled=true", "ema.beta=0.9"];
+    ok(&s.train("whole", &common));
+    let child = s
+        .train_command("stopped", &common)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = s.path("runs/stopped");
+    // Wait for a few steps of metrics, then send SIGTERM.
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 4 {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "no training steps within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        err.contains("interrupted at step") && err.contains("--resume continues"),
+        "{err}"
+    );
+    let progress: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("checkpoint/progress.json")).unwrap(),
+    )
+    .unwrap();
+    let at = progress["step"].as_u64().unwrap();
+    assert!(at > 0 && at < 150, "stopped at step {at}");
+    assert!(
+        err.contains(&format!("interrupted at step {at} of 150")),
+        "{err}"
+    );
+    assert!(!run.join("model").exists() && !run.join("lock").exists());
+    ok(&s.train_with(&["--resume"], "stopped", &common));
+    for f in ["model/model.safetensors", "ema/model.safetensors"] {
+        let a = std::fs::read(s.path("runs/whole").join(f)).unwrap();
+        let b = std::fs::read(run.join(f)).unwrap();
+        assert!(a == b, "{f} differs after the interruption and --resume");
+    }
 }

@@ -25,7 +25,12 @@ fn main() {
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::exit(1);
+            let stopped = e.downcast_ref::<train::experiment::Stopped>().is_some();
+            std::process::exit(if stopped {
+                train::Interrupted::EXIT_CODE
+            } else {
+                1
+            });
         }
     }
 }
