@@ -291,7 +291,10 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         metrics.flush()?;
         bar.set_message(format!("loss {train_loss:.4}"));
         bar.inc(1);
-        if config.checkpoint_every > 0 && step % config.checkpoint_every == 0 && step < total {
+        // SIGTERM/SIGINT since the last step: checkpoint now and stop.
+        let interrupted = step < total && stop.load(std::sync::atomic::Ordering::Relaxed);
+        let due = config.checkpoint_every > 0 && step % config.checkpoint_every == 0;
+        if (due && step < total) || interrupted {
             save_checkpoint(
                 &ckpt_dir,
                 &state,
@@ -305,17 +308,8 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         if opts.crash_after == Some(step) {
             std::process::abort();
         }
-        if step < total && stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if interrupted {
             bar.finish_and_clear();
-            save_checkpoint(
-                &ckpt_dir,
-                &state,
-                &Progress {
-                    step,
-                    position: pos,
-                    config: config.clone(),
-                },
-            )?;
             return Err(Interrupted {
                 step,
                 total,

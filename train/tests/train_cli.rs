@@ -531,14 +531,14 @@ fn a_run_in_use_by_another_process_is_refused_and_left_alone() {
     // A live process on this host holds the run (as a running train would).
     let mut holder = Command::new("sleep").arg("30").spawn().unwrap();
     let host = basin_lm::runlock::host();
-    std::fs::write(
-        run.join("lock"),
-        format!(
-            r#"{{"pid":{},"host":"{host}","since":1,"command":"train"}}"#,
-            holder.id()
-        ),
-    )
-    .unwrap();
+    let hold = |pid: u32, command: &str| {
+        std::fs::write(
+            run.join("lock"),
+            format!(r#"{{"pid":{pid},"host":"{host}","since":1,"command":"{command}"}}"#),
+        )
+        .unwrap()
+    };
+    hold(holder.id(), "train");
     let out = s.train("busy", &["steps=3"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -571,14 +571,7 @@ fn a_run_in_use_by_another_process_is_refused_and_left_alone() {
     cmd = Command::new("sh");
     cmd.args(["-c", &format!("sleep 1; {line}")]);
     let parent = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
-    std::fs::write(
-        run.join("lock"),
-        format!(
-            r#"{{"pid":{},"host":"{host}","since":1,"command":"sweep"}}"#,
-            parent.id()
-        ),
-    )
-    .unwrap();
+    hold(parent.id(), "sweep");
     ok(&parent.wait_with_output().unwrap());
     assert!(
         run.join("lock").exists(),
