@@ -44,9 +44,16 @@ align: prepare
 all: prepare
     {{malloc}} {{bin}}/sweep --config configs/all.toml
 
-# Stage 0 with configs/align-gpu.toml, then every grid point, then reports/paper/.
-# The paper's grid on a GPU (configs/paper.toml, after `just build-cuda`)
-paper:
+# The paper's full data sets (Dolly-15k, Stanford Alpaca, Intel orca_dpo_pairs; needs network):
+# fetched, pinned in data/sources.lock on first use (commit it), prepared. Uses the built
+# binaries as they are (CPU or CUDA).
+setup-full:
+    {{bin}}/prepare fetch --only dolly-full,alpaca-full,orca-full
+    {{bin}}/prepare run --config configs/prepare.toml --only dolly-full,alpaca-full,orca-full
+
+# Stage 0 with configs/align-gpu.toml, then every grid point on the full sets, then reports/paper/.
+# The paper's grid on a GPU (configs/paper.toml, after `just build-cuda` and `just setup`)
+paper: setup-full
     {{malloc}} {{bin}}/sweep --config configs/paper.toml
 
 # The safety basin: loss landscapes around the aligned model, e.g. just landscape --to runs/all-aggressive

@@ -152,6 +152,9 @@ pub struct ManifestSet {
     /// (`input.sha256` is the file's own).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_modified: bool,
+    /// The input is a sample of a larger public set (the data mirror's), not the whole set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sample: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -174,6 +174,7 @@ pub fn write_manifest(prepared: &Path, roles: &[(&str, &str)]) -> anyhow::Result
                 dropped_unfinished_reply: None,
                 dropped_refusal: None,
                 allow_modified: false,
+                sample: false,
             };
             (name.to_string(), entry)
         })

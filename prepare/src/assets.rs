@@ -21,7 +21,11 @@ pub struct Asset {
     pub role: String,
     /// Path relative to the cache (and to a mirror directory).
     pub file: String,
+    /// Empty: not pinned in sources.toml; the first `prepare fetch` pins it in sources.lock
+    /// ([`Lock`]), and every later fetch checks against that.
+    #[serde(default)]
     pub sha256: String,
+    #[serde(default)]
     pub bytes: u64,
     pub records: Option<u64>,
     pub licence: String,
@@ -30,6 +34,84 @@ pub struct Asset {
     pub pypi: Option<PypiMember>,
     /// How prepare reads it into conversations; absent for assets that are not data sets.
     pub read: Option<crate::formats::ReadSpec>,
+    /// Fetched and prepared only when named (`--only NAME`): the paper's full data sets,
+    /// which the offline data mirror does not hold.
+    #[serde(default)]
+    pub optional: bool,
+    /// A sample of a larger public set (the data mirror's): said wherever a run uses it.
+    #[serde(default)]
+    pub sample: bool,
+    /// Its sha256 comes from sources.lock (set by [`Sources::load`], not read from the file).
+    #[serde(skip)]
+    pub pinned_in_lock: bool,
+}
+
+/// `data/sources.lock`: the sha256 of each asset that sources.toml leaves unpinned, written
+/// by the `prepare fetch` that first fetched it (commit it, like a Cargo.lock).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lock {
+    #[serde(default)]
+    pub pin: Vec<Pin>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    pub name: String,
+    pub file: String,
+    /// The URL (or `pypi:package==version/member`) it was fetched from.
+    pub from: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+impl Asset {
+    /// Where the asset comes from when no mirror has it (what a pin records).
+    pub fn origin_key(&self) -> String {
+        match (&self.url, &self.pypi) {
+            (Some(u), _) => u.clone(),
+            (None, Some(p)) => format!("pypi:{}=={}/{}", p.package, p.version, p.member),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+impl Lock {
+    /// The lock beside a sources.toml (`sources.lock`).
+    pub fn path(sources: &Path) -> PathBuf {
+        sources.with_extension("lock")
+    }
+
+    pub fn read(sources: &Path) -> Result<Self> {
+        let path = Self::path(sources);
+        if !path.exists() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Records (or replaces) the pin of `asset`, whose cached file has `sha256` and `bytes`.
+    pub fn record(sources: &Path, asset: &Asset, sha256: &str, bytes: u64) -> Result<()> {
+        let mut lock = Self::read(sources)?;
+        lock.pin.retain(|p| p.name != asset.name);
+        lock.pin.push(Pin {
+            name: asset.name.clone(),
+            file: asset.file.clone(),
+            from: asset.origin_key(),
+            sha256: sha256.to_string(),
+            bytes,
+        });
+        lock.pin.sort_by(|a, b| a.name.cmp(&b.name));
+        let text = format!(
+            "# Pinned by `prepare fetch` on first use: the sha256 of each asset that sources.toml\n\
+             # leaves unpinned. Commit it; `prepare fetch --update NAME` re-pins on purpose.\n\n{}",
+            toml::to_string_pretty(&lock)?
+        );
+        basin_lm::fsutil::write_bytes_atomic(&Self::path(sources), text.as_bytes())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -75,7 +157,11 @@ impl Sources {
             if !ROLES.contains(&a.role.as_str()) {
                 bail!("{at}: role '{}' is not one of {}", a.role, ROLES.join(", "));
             }
-            if a.sha256.len() != 64 || !a.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if a.sha256.is_empty() {
+                if a.url.is_none() && a.pypi.is_none() {
+                    bail!("{at}: no sha256 and no url or pypi to fetch and pin it from");
+                }
+            } else if a.sha256.len() != 64 || !a.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 bail!("{at}: sha256 should be 64 hex digits, found '{}'", a.sha256);
             }
             if Path::new(&a.file).is_absolute() || a.file.split('/').any(|p| p == "..") {
@@ -84,6 +170,29 @@ impl Sources {
                     a.file
                 );
             }
+        }
+        let mut sources = sources;
+        let lock = Lock::read(path)?;
+        for a in sources.asset.iter_mut().filter(|a| a.sha256.is_empty()) {
+            let Some(pin) = lock.pin.iter().find(|p| p.name == a.name) else {
+                continue;
+            };
+            if pin.file != a.file || pin.from != a.origin_key() {
+                bail!(
+                    "{}: the pin of '{}' was made for {} from {}; sources.toml now says {} from {}. \
+                     `prepare fetch --update {}` pins the new one",
+                    Lock::path(path).display(),
+                    a.name,
+                    pin.file,
+                    pin.from,
+                    a.file,
+                    a.origin_key(),
+                    a.name
+                );
+            }
+            a.sha256 = pin.sha256.clone();
+            a.bytes = pin.bytes;
+            a.pinned_in_lock = true;
         }
         Ok(sources)
     }
@@ -98,10 +207,10 @@ impl Sources {
         })
     }
 
-    /// The assets named in `only`, or all of them when `only` is empty.
+    /// The assets named in `only`, or all but the optional ones when `only` is empty.
     pub fn select(&self, only: &[String]) -> Result<Vec<&Asset>> {
         if only.is_empty() {
-            return Ok(self.asset.iter().collect());
+            return Ok(self.asset.iter().filter(|a| !a.optional).collect());
         }
         only.iter().map(|n| self.get(n)).collect()
     }
@@ -155,7 +264,7 @@ impl Fetcher {
     /// Makes sure `asset` is in the cache with the right hash.
     pub fn fetch(&mut self, asset: &Asset) -> Result<Fetched> {
         let dest = self.path(asset);
-        if dest.exists() && sha256_file(&dest)? == asset.sha256 {
+        if !asset.sha256.is_empty() && dest.exists() && sha256_file(&dest)? == asset.sha256 {
             return Ok(Fetched::Cached);
         }
         let mut tried = Vec::new();
@@ -284,10 +393,20 @@ where
         use std::io::{Seek, SeekFrom};
         f.seek(SeekFrom::Start(0))?;
         let found = basin_lm::fsutil::sha256_reader(f)?;
-        if found != asset.sha256 {
+        // Not pinned yet: whatever arrives is pinned (by the caller).
+        if !asset.sha256.is_empty() && found != asset.sha256 {
+            let fix = if asset.pinned_in_lock {
+                format!(
+                    "the file changed since it was pinned in sources.lock; `prepare fetch \
+                     --update {}` pins the new one on purpose",
+                    asset.name
+                )
+            } else {
+                "a different version of the file".to_string()
+            };
             bail!(
                 "asset '{}': {from} has the wrong sha256\n  expected {}\n  found    {}\n\
-                 (a different version of the file; nothing was written to {})",
+                 ({fix}; nothing was written to {})",
                 asset.name,
                 asset.sha256,
                 found,

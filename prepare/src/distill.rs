@@ -336,6 +336,7 @@ pub fn run(config: &PrepareConfig, only: &[String], progress: bool) -> Result<Ve
             role: "instruct-contrast",
             licence: &spec.licence,
             input: &spec.prompts,
+            sample: false,
         };
         let (rows, stats) = setup.build(config, set, records, progress)?;
         write_parquet(&out, &rows)?;

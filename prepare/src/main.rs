@@ -54,9 +54,14 @@ enum Command {
         /// Use only the mirror (no PyPI, no URLs).
         #[arg(long)]
         offline: bool,
-        /// Only these assets (comma-separated names).
+        /// Only these assets (comma-separated names); optional assets (the full data sets)
+        /// are fetched only when named.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Fetch these assets again and pin what arrives in sources.lock (a deliberate
+        /// update of an asset pinned on first use).
+        #[arg(long, value_delimiter = ',')]
+        update: Vec<String>,
     },
     /// Tokenize data sets into Parquet (data/prepared/<set>.parquet + manifest.json).
     Run(StageArgs),
@@ -87,14 +92,48 @@ fn run(cli: Cli) -> Result<()> {
             mirror,
             offline,
             only,
+            update,
         } => {
-            let sources = Sources::load(&sources)?;
+            let sources_path = sources;
+            let mut sources = Sources::load(&sources_path)?;
+            for name in &update {
+                let a = sources.asset.iter_mut().find(|a| &a.name == name);
+                let Some(a) = a else {
+                    anyhow::bail!(
+                        "--update {name}: no such asset in {}",
+                        sources_path.display()
+                    );
+                };
+                if !a.pinned_in_lock && !a.sha256.is_empty() {
+                    anyhow::bail!(
+                        "--update {name}: its sha256 is written in {} itself; edit it there",
+                        sources_path.display()
+                    );
+                }
+                a.sha256.clear();
+            }
             let mirror = mirror.or_else(|| basin_lm::config::env_path("DATA_MIRROR"));
             let mut fetcher = Fetcher::new(cache, mirror, !offline)?;
-            let assets = sources.select(&only)?;
+            let names: Vec<String> = only.iter().chain(&update).cloned().collect();
+            let assets = sources.select(&names)?;
             let mut failures = Vec::new();
             for a in &assets {
-                match fetcher.fetch(a) {
+                let fetched = fetcher.fetch(a).and_then(|how| {
+                    if a.sha256.is_empty() {
+                        // Pinned on first use (or --update): what arrived is now the asset.
+                        let path = fetcher.path(a);
+                        let sha = basin_lm::fsutil::sha256_file(&path)?;
+                        let bytes = std::fs::metadata(&path)?.len();
+                        prepare::assets::Lock::record(&sources_path, a, &sha, bytes)?;
+                        eprintln!(
+                            "pin {:<28} sha256 {sha} ({bytes} bytes) in {}: commit it",
+                            a.name,
+                            prepare::assets::Lock::path(&sources_path).display()
+                        );
+                    }
+                    Ok(how)
+                });
+                match fetched {
                     Ok(how) => {
                         let how = match how {
                             Fetched::Cached => "cached",
@@ -184,13 +223,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::List { sources, cache } => {
             let sources = Sources::load(&sources)?;
             for a in &sources.asset {
-                let here = if cache.join(&a.file).is_file() {
-                    "cached"
+                let here = match (cache.join(&a.file).is_file(), a.optional) {
+                    (true, _) => "cached",
+                    (false, true) => "optional",
+                    (false, false) => "-",
+                };
+                let pin = if a.sha256.is_empty() {
+                    " (not pinned yet)"
+                } else if a.pinned_in_lock {
+                    " (pinned in sources.lock)"
                 } else {
-                    "-"
+                    ""
                 };
                 println!(
-                    "{:<28} {:<18} {:<16} {:>7} {}",
+                    "{:<28} {:<18} {:<16} {:>8} {}{pin}",
                     a.name, a.role, a.licence, here, a.file
                 );
             }

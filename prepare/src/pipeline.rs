@@ -93,6 +93,15 @@ pub fn in_cache(config: &PrepareConfig, a: &Asset) -> Result<Option<PathBuf>> {
     if !p.is_file() {
         return Ok(None);
     }
+    if a.sha256.is_empty() {
+        bail!(
+            "asset '{}' is not pinned: `prepare fetch --only {}` fetches it and pins its sha256 \
+             in {}",
+            a.name,
+            a.name,
+            crate::assets::Lock::path(&config.sources).display()
+        );
+    }
     let found = sha256_file(&p)?;
     if found != a.sha256 {
         let what = format!(
@@ -243,6 +252,7 @@ impl Setup {
             dropped_unfinished_reply: None,
             dropped_refusal: None,
             allow_modified: config.allow_modified,
+            sample: set.sample,
         })
     }
 }
@@ -255,7 +265,7 @@ pub fn run(config: &PrepareConfig, progress: bool) -> Result<Prepared> {
             .sources
             .asset
             .iter()
-            .filter(|a| a.read.is_some())
+            .filter(|a| a.read.is_some() && !a.optional)
             .collect()
     } else {
         setup.sources.select(&config.sets)?
@@ -313,6 +323,8 @@ pub struct SetInfo<'a> {
     pub role: &'a str,
     pub licence: &'a str,
     pub input: &'a Path,
+    /// The asset is a sample of a larger public set.
+    pub sample: bool,
 }
 
 impl<'a> SetInfo<'a> {
@@ -322,6 +334,7 @@ impl<'a> SetInfo<'a> {
             role: &asset.role,
             licence: &asset.licence,
             input,
+            sample: asset.sample,
         }
     }
 }

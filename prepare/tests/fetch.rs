@@ -18,6 +18,9 @@ fn asset(file: &str, bytes: &[u8]) -> Asset {
         url: None,
         pypi: None,
         read: None,
+        optional: false,
+        sample: false,
+        pinned_in_lock: false,
     }
 }
 
@@ -166,4 +169,126 @@ fn an_empty_data_mirror_variable_is_no_mirror_on_the_command_line() {
     assert!(!out.status.success());
     assert!(!err.contains("a value is required"), "{err}");
     assert!(err.contains("none given"), "{err}");
+}
+
+/// `prepare fetch` as a user runs it, with a `file://` URL standing in for the remote.
+fn fetch_cli(root: &Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_prepare"))
+        .arg("fetch")
+        .arg("--sources")
+        .arg(root.join("sources.toml"))
+        .arg("--cache")
+        .arg(root.join("cache"))
+        .args(extra)
+        .env("DATA_MIRROR", "")
+        .output()
+        .unwrap()
+}
+
+/// Pin on first use: an asset without a sha256 is fetched once and pinned in sources.lock;
+/// later fetches check against the pin, a changed upstream file is refused with both hashes,
+/// `--update` re-pins on purpose, and `prepare run` refuses an asset not pinned yet. An
+/// optional asset is fetched only when named.
+#[test]
+fn unpinned_assets_are_pinned_on_first_use_and_checked_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let upstream = root.join("upstream.jsonl");
+    std::fs::write(&upstream, "{\"q\": \"one\", \"a\": \"1\"}\n").unwrap();
+    let url = format!("file://{}", upstream.display());
+    std::fs::write(
+        root.join("sources.toml"),
+        format!(
+            "[[asset]]\nname = \"big\"\nrole = \"instruct\"\nfile = \"big.jsonl\"\nlicence = \"MIT\"\n\
+             origin = \"test\"\nurl = \"{url}\"\noptional = true\n"
+        ),
+    )
+    .unwrap();
+    let lock = root.join("sources.lock");
+    // Optional: not fetched unless named.
+    let out = fetch_cli(root, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!lock.exists() && !root.join("cache/big.jsonl").exists());
+    let out = fetch_cli(root, &["--only", "big"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let first = sha256_bytes(&std::fs::read(&upstream).unwrap());
+    assert!(
+        err.contains("pin big") && err.contains(&first),
+        "{err}"
+    );
+    let pinned = prepare::assets::Lock::read(&root.join("sources.toml")).unwrap();
+    assert_eq!(pinned.pin.len(), 1);
+    assert_eq!(
+        (pinned.pin[0].sha256.as_str(), pinned.pin[0].from.as_str()),
+        (first.as_str(), url.as_str())
+    );
+    let sources = prepare::assets::Sources::load(&root.join("sources.toml")).unwrap();
+    assert!(sources.asset[0].pinned_in_lock && sources.asset[0].sha256 == first);
+    // Cached and pinned: nothing fetched again.
+    let out = fetch_cli(root, &["--only", "big"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cached"));
+    // Upstream changes: refused with both hashes and the way to re-pin; the cache keeps the pinned file.
+    std::fs::write(&upstream, "{\"q\": \"two\", \"a\": \"2\"}\n").unwrap();
+    std::fs::remove_file(root.join("cache/big.jsonl")).unwrap();
+    let out = fetch_cli(root, &["--only", "big"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let second = sha256_bytes(&std::fs::read(&upstream).unwrap());
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("expected {first}"))
+            && err.contains(&format!("found    {second}"))
+            && err.contains("--update big"),
+        "{err}"
+    );
+    assert!(!root.join("cache/big.jsonl").exists(), "nothing written");
+    // --update pins the new file on purpose.
+    let out = fetch_cli(root, &["--update", "big"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pinned = prepare::assets::Lock::read(&root.join("sources.toml")).unwrap();
+    assert_eq!(pinned.pin[0].sha256, second);
+    // prepare reads a pinned asset, and refuses one that is not pinned.
+    let config = prepare::config::PrepareConfig {
+        sources: root.join("sources.toml"),
+        cache: root.join("cache"),
+        ..Default::default()
+    };
+    let mut big = prepare::assets::Sources::load(&root.join("sources.toml"))
+        .unwrap()
+        .asset[0]
+        .clone();
+    assert!(prepare::pipeline::in_cache(&config, &big)
+        .unwrap()
+        .is_some());
+    big.sha256.clear();
+    let e = prepare::pipeline::in_cache(&config, &big)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'big' is not pinned") && e.contains("--only big"),
+        "{e}"
+    );
+    // A sources.toml that moves the asset to another URL needs a new pin.
+    let text = std::fs::read_to_string(root.join("sources.toml")).unwrap();
+    std::fs::write(
+        root.join("sources.toml"),
+        text.replace("upstream.jsonl", "elsewhere.jsonl"),
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        prepare::assets::Sources::load(&root.join("sources.toml")).unwrap_err()
+    );
+    assert!(
+        e.contains("the pin of 'big' was made for") && e.contains("--update big"),
+        "{e}"
+    );
 }

@@ -306,6 +306,48 @@ impl Plan {
         })
     }
 
+    /// One line per data file the points fine-tune on: its set, how many records it was
+    /// prepared from, and whether that is the whole public set or the data mirror's sample
+    /// (from prepare's manifest).
+    pub fn data_lines(&self) -> Vec<String> {
+        let mut files: Vec<&PathBuf> = self
+            .points
+            .iter()
+            .filter_map(|j| j.train.as_ref()?.config.as_deref())
+            .flat_map(|c| &c.data)
+            .collect();
+        files.sort();
+        files.dedup();
+        files
+            .into_iter()
+            .map(|f| {
+                let set = f
+                    .file_stem()
+                    .map_or(String::new(), |s| s.to_string_lossy().into());
+                let dir = f.parent().unwrap_or(Path::new("."));
+                let manifest = basin_lm::artifacts::Manifest::read_or_empty(dir);
+                match manifest.ok().and_then(|m| m.sets.get(&set).cloned()) {
+                    None => format!(
+                        "data {}: not prepared yet (no entry in {})",
+                        f.display(),
+                        basin_lm::artifacts::Manifest::path(dir).display()
+                    ),
+                    Some(e) => format!(
+                        "data {set}: {} records of {} ({}) -> {} training rows",
+                        e.stats.records_read,
+                        e.input.file,
+                        if e.sample {
+                            "a SAMPLE of the public set, from the data mirror"
+                        } else {
+                            "the whole file"
+                        },
+                        e.stats.rows_train
+                    ),
+                }
+            })
+            .collect()
+    }
+
     /// The report's command line over the points evaluated so far; the points not in it
     /// are named in its note, with the error of those that `failed` in this sweep.
     pub fn report_args(&self, failed: &[(String, String)]) -> Result<Vec<String>> {
@@ -519,6 +561,9 @@ pub fn run(args: &Args) -> Result<Summary> {
         .or(aligned_env.as_deref())
         .filter(|p| !p.as_os_str().is_empty());
     let plan = Plan::new(&args.config, &args.overrides, aligned)?;
+    for line in plan.data_lines() {
+        eprintln!("{line}");
+    }
     let stop = crate::stop_flag()?;
     let report = PathBuf::from("reports")
         .join(&plan.sweep.name)
@@ -843,6 +888,27 @@ utility = ["--sets", "dolly"]
             "{:?}",
             job.changed()
         );
+    }
+
+    #[test]
+    fn the_plan_names_each_data_file_and_whether_it_is_a_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let prepared = dir.path().join("prepared");
+        basin_lm::testkit::write_manifest(&prepared, &[("dolly", "instruct")]).unwrap();
+        let mut m = basin_lm::artifacts::Manifest::read_or_empty(&prepared).unwrap();
+        let e = m.sets.get_mut("dolly").unwrap();
+        (e.sample, e.stats.records_read, e.stats.rows_train) = (true, 1259, 1069);
+        m.write(&prepared).unwrap();
+        let data = |f: &str| format!("data=[{:?}]", prepared.join(f).display().to_string());
+        plan(dir.path(), None); // writes the sweep's files
+        let sets = [data("dolly.parquet"), data("alpaca-full.parquet")];
+        let with_sample = Plan::new(&dir.path().join("s.toml"), &sets[..1], None).unwrap();
+        assert_eq!(
+            with_sample.data_lines(),
+            ["data dolly: 1259 records of input (a SAMPLE of the public set, from the data mirror) -> 1069 training rows"]
+        );
+        let missing = Plan::new(&dir.path().join("s.toml"), &sets[1..], None).unwrap();
+        assert!(missing.data_lines()[0].contains("alpaca-full.parquet: not prepared yet"));
     }
 
     #[test]
