@@ -70,12 +70,23 @@ where
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut tmp = tempfile::Builder::new()
+    let mut tmp = staged_file(dir)?;
+    write(tmp.as_file_mut())?;
+    publish(tmp, path)
+}
+
+/// A temporary file in `dir` (`.basin-*.tmp`, removed when dropped) to be [`publish`]ed:
+/// for outputs written in several steps that must appear whole or not at all.
+pub fn staged_file(dir: &Path) -> Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
         .prefix(".basin-")
         .suffix(".tmp")
         .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    write(tmp.as_file_mut())?;
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))
+}
+
+/// Moves a finished [`staged_file`] to `path` (flushed, synced, mode 0644).
+pub fn publish(mut tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
     // Temporary files are private (0600); the finished file gets the usual 0644.
     #[cfg(unix)]
     {

@@ -123,17 +123,48 @@ fn to_batch(rows: &[PreparedRow]) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(Arc::new(schema()), columns)?)
 }
 
+/// Rows in a Parquet row group: what a writer holds before it writes them out (a set of
+/// millions of rows is written in groups of this size, with memory bounded by one).
+pub const ROW_GROUP_ROWS: usize = 65_536;
+
+/// Prepared rows written to an open file batch by batch (snappy, row groups of
+/// [`ROW_GROUP_ROWS`]). The same rows give the same bytes however they are batched within a
+/// row group.
+pub struct RowWriter<W: std::io::Write + Send> {
+    writer: ArrowWriter<W>,
+}
+
+impl<W: std::io::Write + Send> RowWriter<W> {
+    pub fn new(out: W) -> Result<Self> {
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .build();
+        Ok(Self {
+            writer: ArrowWriter::try_new(out, Arc::new(schema()), Some(props))?,
+        })
+    }
+
+    pub fn write(&mut self, rows: &[PreparedRow]) -> Result<()> {
+        if !rows.is_empty() {
+            self.writer.write(&to_batch(rows)?)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the footer; the file is complete.
+    pub fn close(self) -> Result<()> {
+        self.writer.close()?;
+        Ok(())
+    }
+}
+
 /// Writes rows as one Parquet file (snappy), atomically. The same rows give the same bytes.
 pub fn write_parquet(path: &Path, rows: &[PreparedRow]) -> Result<()> {
-    let batch = to_batch(rows)?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .build();
     crate::fsutil::write_atomic(path, |file| {
-        let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props))?;
-        writer.write(&batch)?;
-        writer.close()?;
-        Ok(())
+        let mut w = RowWriter::new(file)?;
+        w.write(rows)?;
+        w.close()
     })
     .with_context(|| format!("cannot write {}", path.display()))
 }
@@ -156,13 +187,27 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str, path: &Path) -> Re
 
 /// Reads a prepared Parquet file back into rows, checking the schema.
 pub fn read_parquet(path: &Path) -> Result<Vec<PreparedRow>> {
+    let mut rows = Vec::new();
+    for_each_batch(path, |batch| {
+        rows.extend(batch);
+        Ok(())
+    })?;
+    Ok(rows)
+}
+
+/// Reads a prepared Parquet file batch by batch (memory bounded by a batch), checking the
+/// schema; `f` gets each batch's rows in file order.
+pub fn for_each_batch(
+    path: &Path,
+    mut f: impl FnMut(Vec<PreparedRow>) -> Result<()>,
+) -> Result<()> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open prepared data {}", path.display()))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .with_context(|| format!("{}: not a Parquet file", path.display()))?
         .build()?;
-    let mut rows = Vec::new();
     for batch in reader {
+        let mut rows = Vec::with_capacity(batch.as_ref().map_or(0, |b| b.num_rows()));
         let batch = batch.with_context(|| format!("{}: cannot decode", path.display()))?;
         let text = |name| column::<StringArray>(&batch, name, path);
         let (id, source, split, system, user, assistant, label) = (
@@ -207,8 +252,9 @@ pub fn read_parquet(path: &Path) -> Result<Vec<PreparedRow>> {
                 truncated: truncated.value(i),
             });
         }
+        f(rows)?;
     }
-    Ok(rows)
+    Ok(())
 }
 
 #[cfg(test)]

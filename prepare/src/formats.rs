@@ -61,44 +61,90 @@ pub struct Record {
 
 /// Reads every record of `path` as `spec` says.
 pub fn read_records(path: &Path, spec: &ReadSpec) -> Result<Vec<Record>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
-    if text.trim().is_empty() {
-        bail!(
-            "{} is empty: expected {:?} records",
-            path.display(),
-            spec.format
-        );
-    }
+    let mut records = Vec::new();
+    for_each_record(path, spec, |r| {
+        records.push(r);
+        Ok(())
+    })?;
+    Ok(records)
+}
+
+/// Hands every record of `path` to `f`, in file order. JSONL and line files are read a line
+/// at a time (memory bounded by a record, whatever the file's size); the other formats are
+/// parsed whole. Returns how many records `f` got.
+pub fn for_each_record(
+    path: &Path,
+    spec: &ReadSpec,
+    mut f: impl FnMut(Record) -> Result<()>,
+) -> Result<usize> {
     if spec.user.is_empty() {
         bail!("{}: the read spec names no user field", path.display());
     }
-    let objects = match spec.format {
-        Format::Jsonl => jsonl_objects(path, &text)?,
-        Format::Json => json_objects(path, &text)?,
-        Format::Csv => csv_objects(path, &text)?,
-        Format::Lines => text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| (format!("line {}", i + 1), obj([("line", l.trim_end())])))
-            .collect(),
-        Format::JsonFieldList => field_list_objects(path, &text, &spec.user[0])?,
+    let empty = || {
+        anyhow!(
+            "{} is empty: expected {:?} records",
+            path.display(),
+            spec.format
+        )
     };
-    let mut records = Vec::with_capacity(objects.len());
-    for (index, (at, object)) in objects.into_iter().enumerate() {
+    let (mut index, mut given) = (0, 0);
+    let mut take = |at: String, object: Value| -> Result<()> {
         let at = format!("{}: {at}", path.display());
+        let i = index;
+        index += 1;
         if let Some(k) = &spec.keep_if {
             if string_field(&object, &k.field, &at)? != k.equals {
-                continue;
+                return Ok(());
             }
         }
-        records.push(to_record(index, &object, spec, &at)?);
+        given += 1;
+        f(to_record(i, &object, spec, &at)?)
+    };
+    match spec.format {
+        Format::Jsonl | Format::Lines => {
+            use std::io::BufRead;
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
+            let mut seen_text = false;
+            for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+                let line =
+                    line.with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                seen_text = true;
+                let at = format!("line {}", i + 1);
+                let object = if spec.format == Format::Lines {
+                    obj([("line", line.trim_end())])
+                } else {
+                    jsonl_object(path, &at, &line)?
+                };
+                take(at, object)?;
+            }
+            if !seen_text {
+                return Err(empty());
+            }
+        }
+        _ => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
+            if text.trim().is_empty() {
+                return Err(empty());
+            }
+            let objects = match spec.format {
+                Format::Json => json_objects(path, &text)?,
+                Format::Csv => csv_objects(path, &text)?,
+                _ => field_list_objects(path, &text, &spec.user[0])?,
+            };
+            for (at, object) in objects {
+                take(at, object)?;
+            }
+        }
     }
-    if records.is_empty() {
+    if given == 0 {
         bail!("{}: no record left to read", path.display());
     }
-    Ok(records)
+    Ok(given)
 }
 
 fn obj<const N: usize>(pairs: [(&str, &str); N]) -> Value {
@@ -204,25 +250,18 @@ fn string_field(object: &Value, field: &str, at: &str) -> Result<String> {
     }
 }
 
-fn jsonl_objects(path: &Path, text: &str) -> Result<Vec<(String, Value)>> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = format!("line {}", i + 1);
-        let v: Value = serde_json::from_str(line)
-            .map_err(|e| anyhow!("{}: {at}: not valid JSON: {e}", path.display()))?;
-        if !v.is_object() {
-            bail!(
-                "{}: {at}: expected a JSON object, found {}",
-                path.display(),
-                kind(&v)
-            );
-        }
-        out.push((at, v));
+/// One line of a JSONL file as its object.
+fn jsonl_object(path: &Path, at: &str, line: &str) -> Result<Value> {
+    let v: Value = serde_json::from_str(line)
+        .map_err(|e| anyhow!("{}: {at}: not valid JSON: {e}", path.display()))?;
+    if !v.is_object() {
+        bail!(
+            "{}: {at}: expected a JSON object, found {}",
+            path.display(),
+            kind(&v)
+        );
     }
-    Ok(out)
+    Ok(v)
 }
 
 fn json_objects(path: &Path, text: &str) -> Result<Vec<(String, Value)>> {

@@ -3,13 +3,13 @@
 use crate::assets::{Asset, Sources, EVAL_ROLES, TRAIN_ROLES};
 use crate::config::PrepareConfig;
 use crate::filters::{normalise_prompt, KeywordFilter};
-use crate::formats::{read_records, Record};
+use crate::formats::{for_each_record, read_records, Record};
 use anyhow::{bail, Context, Result};
 use basin_lm::artifacts::{FileHash, Manifest, ManifestSet, TemplateInfo, TokenizerInfo};
 use basin_lm::chat::ChatTemplate;
 use basin_lm::fsutil::sha256_file;
 use basin_lm::rng::mix64;
-use basin_lm::schema::{write_parquet, PreparedRow};
+use basin_lm::schema::{self, PreparedRow};
 use basin_lm::source::{ModelText, TemplateChoice};
 use basin_lm::tokenizer::TextTokenizer;
 use rayon::prelude::*;
@@ -200,15 +200,68 @@ impl Setup {
         records: Vec<Record>,
         progress: bool,
     ) -> Result<(Vec<PreparedRow>, SetStats)> {
-        build_set(
+        let mut b = self.builder(config, set, records.len() as u64, progress);
+        let mut rows = b.push(records)?;
+        let (val, stats) = b.finish()?;
+        mark_val(&mut rows, &val, &mut 0);
+        Ok((rows, stats))
+    }
+
+    fn builder<'a>(
+        &'a self,
+        config: &'a PrepareConfig,
+        set: SetInfo<'a>,
+        records: u64,
+        progress: bool,
+    ) -> SetBuilder<'a> {
+        SetBuilder {
             set,
-            records,
             config,
-            &self.model.tokenizer,
-            &self.template,
-            self.filters(),
-            progress,
-        )
+            tokenizer: &self.model.tokenizer,
+            template: &self.template,
+            filters: self.filters(),
+            is_train: TRAIN_ROLES.contains(&set.role),
+            stats: SetStats::default(),
+            row_record_index: Vec::new(),
+            bar: crate::progress_bar(progress, records, set.name),
+        }
+    }
+
+    /// One set streamed from its input into `out` (a file in the output directory, renamed
+    /// into place by the caller): chunks of records built and written as they are read to a
+    /// first file, then copied with the validation rows marked. Memory: a chunk, a row group,
+    /// and the index of every row.
+    fn stream(
+        &self,
+        config: &PrepareConfig,
+        set: SetInfo,
+        spec: &crate::formats::ReadSpec,
+        records: Option<u64>,
+        out: &mut std::fs::File,
+        progress: bool,
+    ) -> Result<SetStats> {
+        let mut b = self.builder(config, set, records.unwrap_or(0), progress);
+        let first = basin_lm::fsutil::staged_file(&config.out)?;
+        let mut w = schema::RowWriter::new(first.as_file().try_clone()?)?;
+        let mut chunk = Vec::with_capacity(CHUNK_RECORDS);
+        for_each_record(set.input, spec, |r| {
+            chunk.push(r);
+            if chunk.len() == CHUNK_RECORDS {
+                w.write(&b.push(std::mem::take(&mut chunk))?)?;
+            }
+            Ok(())
+        })?;
+        w.write(&b.push(chunk)?)?;
+        w.close()?;
+        let (val, stats) = b.finish()?;
+        let mut w = schema::RowWriter::new(out.try_clone()?)?;
+        let mut seen = 0;
+        schema::for_each_batch(first.path(), |mut rows| {
+            mark_val(&mut rows, &val, &mut seen);
+            w.write(&rows)
+        })?;
+        w.close()?;
+        Ok(stats)
     }
 
     /// The manifest entry of a set written to `out`: where its rows came from and how they
@@ -281,24 +334,43 @@ pub fn run(config: &PrepareConfig, progress: bool) -> Result<Prepared> {
     }
 
     let mut manifest = Manifest::read_or_empty(&config.out)?;
-    // Read, filter and tokenize every set before writing any: bad input anywhere leaves
-    // the output directory as it was.
+    let created_out = !config.out.exists();
+    std::fs::create_dir_all(&config.out)
+        .with_context(|| format!("cannot create {}", config.out.display()))?;
+    // Every set is built into a file of its own beside its output, and only when all are
+    // built are they renamed into place: bad input anywhere leaves the directory as it was.
     let mut built = Vec::new();
-    for asset in selected {
+    let staged: Result<()> = selected.iter().try_for_each(|asset| {
         let input = cached(config, asset)?;
         let spec = asset
             .read
             .as_ref()
             .expect("only sets with a read spec are selected");
-        let records = read_records(&input, spec)?;
-        let (rows, stats) = setup.build(config, SetInfo::of(asset, &input), records, progress)?;
-        built.push((asset, input, rows, stats));
+        let mut file = basin_lm::fsutil::staged_file(&config.out)?;
+        let set = SetInfo::of(asset, &input);
+        let stats = setup.stream(
+            config,
+            set,
+            spec,
+            asset.records,
+            file.as_file_mut(),
+            progress,
+        )?;
+        built.push((*asset, input, file, stats));
+        Ok(())
+    });
+    if let Err(e) = staged {
+        drop(built);
+        if created_out {
+            let _ = std::fs::remove_dir(&config.out);
+        }
+        return Err(e);
     }
 
     let mut outputs = Vec::new();
-    for (asset, input, rows, stats) in built {
+    for (asset, input, file, stats) in built {
         let out = config.out.join(format!("{}.parquet", asset.name));
-        write_parquet(&out, &rows)?;
+        basin_lm::fsutil::publish(file, &out)?;
         let entry = setup.manifest_entry(
             config,
             SetInfo::of(asset, &input),
@@ -346,101 +418,131 @@ struct Filters<'a> {
     eval_prompts: &'a HashSet<String>,
 }
 
-/// One set's rows: records filtered, tokenized, cut to length and split.
-fn build_set(
-    set: SetInfo,
-    records: Vec<Record>,
-    config: &PrepareConfig,
-    tokenizer: &TextTokenizer,
-    template: &ChatTemplate,
-    filters: Filters,
-    progress: bool,
-) -> Result<(Vec<PreparedRow>, SetStats)> {
-    let is_train = TRAIN_ROLES.contains(&set.role);
-    let mut stats = SetStats {
-        records_read: records.len(),
-        ..Default::default()
-    };
-    let kept: Vec<Record> = records
-        .into_iter()
-        .filter(|r| {
-            if let (true, Some(f)) = (set.role == "instruct", filters.safety) {
-                if f.hit(&r.conversation).is_some() {
-                    stats.dropped_safety_keyword += 1;
+/// Builds one set's rows chunk by chunk: records filtered, tokenized and cut to length
+/// ([`Self::push`]); the validation rows are drawn once every chunk is in
+/// ([`Self::finish`]), so a set of any size goes through with memory bounded by a chunk.
+struct SetBuilder<'a> {
+    set: SetInfo<'a>,
+    config: &'a PrepareConfig,
+    tokenizer: &'a TextTokenizer,
+    template: &'a ChatTemplate,
+    filters: Filters<'a>,
+    is_train: bool,
+    stats: SetStats,
+    /// The record index of every row so far, in row order (what the validation draw needs).
+    row_record_index: Vec<usize>,
+    bar: indicatif::ProgressBar,
+}
+
+impl<'a> SetBuilder<'a> {
+    /// The rows of a chunk of records (split `train` or `eval`; `val` comes at the end).
+    fn push(&mut self, records: Vec<Record>) -> Result<Vec<PreparedRow>> {
+        let (set, stats, filters) = (self.set, &mut self.stats, self.filters);
+        stats.records_read += records.len();
+        let kept: Vec<Record> = records
+            .into_iter()
+            .filter(|r| {
+                if let (true, Some(f)) = (set.role == "instruct", filters.safety) {
+                    if f.hit(&r.conversation).is_some() {
+                        stats.dropped_safety_keyword += 1;
+                        return false;
+                    }
+                }
+                if self.is_train
+                    && filters
+                        .eval_prompts
+                        .contains(&normalise_prompt(&r.conversation.user))
+                {
+                    stats.dropped_eval_overlap += 1;
                     return false;
                 }
-            }
-            if is_train
-                && filters
-                    .eval_prompts
-                    .contains(&normalise_prompt(&r.conversation.user))
-            {
-                stats.dropped_eval_overlap += 1;
-                return false;
-            }
-            true
-        })
-        .collect();
+                true
+            })
+            .collect();
+        let encoded: Vec<(Vec<u32>, u32)> = kept
+            .par_iter()
+            .map(|r| {
+                let out = encode_conversation(self.tokenizer, self.template, r)
+                    .with_context(|| format!("{}: record {}", set.input.display(), r.index));
+                self.bar.inc(1);
+                out
+            })
+            .collect::<Result<_>>()?;
 
-    let bar = crate::progress_bar(progress, kept.len() as u64, set.name);
-    let encoded: Vec<(Vec<u32>, u32)> = kept
-        .par_iter()
-        .map(|r| {
-            let out = encode_conversation(tokenizer, template, r)
-                .with_context(|| format!("{}: record {}", set.input.display(), r.index));
-            bar.inc(1);
-            out
-        })
-        .collect::<Result<_>>()?;
-    bar.finish_and_clear();
+        let mut rows = Vec::with_capacity(kept.len());
+        for (r, (mut ids, prompt_len)) in kept.into_iter().zip(encoded) {
+            let mut truncated = false;
+            if self.is_train {
+                if prompt_len as usize >= self.config.max_seq_len {
+                    self.stats.dropped_prompt_too_long += 1;
+                    continue;
+                }
+                if ids.len() > self.config.max_seq_len {
+                    ids.truncate(self.config.max_seq_len);
+                    truncated = true;
+                    self.stats.truncated += 1;
+                }
+            } else if ids.len() > self.config.max_seq_len {
+                self.stats.eval_over_max_len += 1;
+            }
+            self.stats.tokens_total += ids.len();
+            self.stats.reply_tokens_total += ids.len() - prompt_len as usize;
+            self.stats.tokens_max = self.stats.tokens_max.max(ids.len());
+            self.row_record_index.push(r.index);
+            rows.push(PreparedRow {
+                id: format!("{}-{}", set.name, r.index),
+                source: set.name.to_string(),
+                split: if self.is_train { "train" } else { "eval" }.into(),
+                system: r.conversation.system,
+                user: r.conversation.user,
+                assistant: r.conversation.assistant,
+                label: r.label,
+                input_ids: ids,
+                prompt_len,
+                truncated,
+            });
+        }
+        Ok(rows)
+    }
 
-    let mut rows = Vec::with_capacity(kept.len());
-    let mut row_record_index = Vec::with_capacity(kept.len());
-    for (r, (mut ids, prompt_len)) in kept.iter().zip(encoded) {
-        let mut truncated = false;
-        if is_train {
-            if prompt_len as usize >= config.max_seq_len {
-                stats.dropped_prompt_too_long += 1;
-                continue;
-            }
-            if ids.len() > config.max_seq_len {
-                ids.truncate(config.max_seq_len);
-                truncated = true;
-                stats.truncated += 1;
-            }
-        } else if ids.len() > config.max_seq_len {
-            stats.eval_over_max_len += 1;
+    /// The positions (in row order) of the validation rows, and the set's counts.
+    fn finish(mut self) -> Result<(HashSet<usize>, SetStats)> {
+        self.bar.finish_and_clear();
+        let n = self.row_record_index.len();
+        if n == 0 {
+            bail!(
+                "set '{}': every record was dropped; nothing to write",
+                self.set.name
+            );
         }
-        stats.tokens_total += ids.len();
-        stats.reply_tokens_total += ids.len() - prompt_len as usize;
-        stats.tokens_max = stats.tokens_max.max(ids.len());
-        row_record_index.push(r.index);
-        rows.push(PreparedRow {
-            id: format!("{}-{}", set.name, r.index),
-            source: set.name.to_string(),
-            split: if is_train { "train" } else { "eval" }.into(),
-            system: r.conversation.system.clone(),
-            user: r.conversation.user.clone(),
-            assistant: r.conversation.assistant.clone(),
-            label: r.label.clone(),
-            input_ids: ids,
-            prompt_len,
-            truncated,
-        });
-    }
-    if is_train {
-        for pos in validation_indices(&row_record_index, config.val_fraction, config.seed) {
-            rows[pos].split = "val".into();
+        let val = if self.is_train {
+            validation_indices(
+                &self.row_record_index,
+                self.config.val_fraction,
+                self.config.seed,
+            )
+        } else {
+            HashSet::new()
+        };
+        let s = &mut self.stats;
+        if self.is_train {
+            (s.rows_train, s.rows_val) = (n - val.len(), val.len());
+        } else {
+            s.rows_eval = n;
         }
+        Ok((val, self.stats))
     }
-    stats.rows_train = rows.iter().filter(|r| r.split == "train").count();
-    stats.rows_val = rows.iter().filter(|r| r.split == "val").count();
-    stats.rows_eval = rows.iter().filter(|r| r.split == "eval").count();
-    if rows.is_empty() {
-        bail!(
-            "set '{}': every record was dropped; nothing to write",
-            set.name
-        );
-    }
-    Ok((rows, stats))
 }
+
+/// The rows of a chunk marked `val` where `val` says, counting positions from `*seen`.
+fn mark_val(rows: &mut [PreparedRow], val: &HashSet<usize>, seen: &mut usize) {
+    for r in rows {
+        if val.contains(seen) {
+            r.split = "val".into();
+        }
+        *seen += 1;
+    }
+}
+
+/// Records read and built per chunk by [`run`].
+const CHUNK_RECORDS: usize = 16_384;

@@ -217,10 +217,7 @@ fn unpinned_assets_are_pinned_on_first_use_and_checked_after() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let first = sha256_bytes(&std::fs::read(&upstream).unwrap());
-    assert!(
-        err.contains("pin big") && err.contains(&first),
-        "{err}"
-    );
+    assert!(err.contains("pin big") && err.contains(&first), "{err}");
     let pinned = prepare::assets::Lock::read(&root.join("sources.toml")).unwrap();
     assert_eq!(pinned.pin.len(), 1);
     assert_eq!(

@@ -297,3 +297,69 @@ fn an_edited_input_of_any_kind_is_refused_unless_allowed_and_recorded() {
     assert_eq!(m["input"]["sha256"], sha256_file(&bench).unwrap());
     assert_eq!(m["stats"]["records_read"], 25);
 }
+
+/// A set larger than a chunk (and a row group) streams through `prepare run` into exactly
+/// the rows the whole-set build gives: the same filtering, tokens and validation draw.
+#[test]
+fn a_set_streamed_in_chunks_equals_the_whole_set_built_at_once() {
+    let n = 40_000; // > 2 chunks of records
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            line(
+                &format!("Question {i} about {}?", i % 97),
+                &"a".repeat(i % 50),
+            )
+        })
+        .chain([line("Is jaywalking illegal?", "Maybe.")])
+        .collect();
+    let ws = workspace(&lines);
+    let config = PrepareConfig {
+        sets: vec!["bench".into()],
+        ..config(&ws, "out")
+    };
+    let done = run(&config, false).unwrap();
+    let streamed = read_parquet(&ws.root.join("out/bench.parquet")).unwrap();
+    let setup = prepare::pipeline::Setup::open(&config).unwrap();
+    let asset = setup.sources.get("bench").unwrap().clone();
+    let input = ws.root.join("cache").join(&asset.file);
+    let records = prepare::formats::read_records(&input, asset.read.as_ref().unwrap()).unwrap();
+    let (whole, stats) = setup
+        .build(
+            &config,
+            prepare::pipeline::SetInfo::of(&asset, &input),
+            records,
+            false,
+        )
+        .unwrap();
+    assert_eq!(streamed.len(), whole.len());
+    assert!(
+        streamed == whole,
+        "the streamed rows differ from the whole-set build"
+    );
+    assert_eq!(done.outputs[0].2, stats);
+    assert_eq!(stats.records_read, n + 1);
+    assert_eq!(stats.dropped_safety_keyword, 1);
+    assert!(stats.rows_val > 0 && stats.rows_train + stats.rows_val == n);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(ws.root.join("out/bench.parquet"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o644,
+            "a finished output is readable like any file"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(ws.root.join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left.len(),
+        2,
+        "only bench.parquet and manifest.json: {left:?}"
+    );
+}
