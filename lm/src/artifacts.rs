@@ -327,6 +327,11 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Where the run writes everything: `<out_dir>/<name>`.
+    pub fn run_dir(&self) -> PathBuf {
+        self.out_dir.join(&self.name)
+    }
+
     /// The run directory's config.toml.
     pub fn read_run(run: &Path) -> Result<Self> {
         let path = run.join("config.toml");

@@ -159,12 +159,12 @@ mod tests {
 
     #[test]
     fn flatten_and_differences_name_dotted_keys() {
-        #[derive(Serialize)]
+        #[derive(Clone, Serialize)]
         struct Ema {
             beta: f64,
             every: usize,
         }
-        #[derive(Serialize)]
+        #[derive(Clone, Serialize)]
         struct Run {
             lr: f64,
             data: Vec<String>,
@@ -195,15 +195,7 @@ mod tests {
                 beta: 0.999,
                 every: 1,
             },
-            ..a
-        };
-        let a = Run {
-            lr: 1e-4,
-            data: vec!["d.parquet".into()],
-            ema: Ema {
-                beta: 0.99,
-                every: 1,
-            },
+            ..a.clone()
         };
         assert_eq!(differences(&a, &b).unwrap(), ["ema.beta: 0.99 -> 0.999"]);
         assert!(differences(&a, &a).unwrap().is_empty());

@@ -15,6 +15,8 @@ pub struct TextTokenizer {
     plain: tokenizers::Tokenizer,
     /// The special (control) tokens' strings, longest first, with their ids.
     special: Vec<(String, u32)>,
+    /// The characters they start with: [`Self::disarm`] looks for a token only there.
+    special_starts: Vec<char>,
 }
 
 /// Marks a control token's string inside content so that no tokenizer matches it: the
@@ -53,12 +55,19 @@ impl TextTokenizer {
             .map(|(id, t)| (t.content, id))
             .collect();
         special.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let mut special_starts: Vec<char> = special
+            .iter()
+            .filter_map(|(s, _)| s.chars().next())
+            .collect();
+        special_starts.sort_unstable();
+        special_starts.dedup();
         Self {
             inner,
             bos_token,
             eos_token,
             plain,
             special,
+            special_starts,
         }
     }
 
@@ -99,11 +108,14 @@ impl TextTokenizer {
         let mut out = String::with_capacity(text.len());
         let mut rest = text;
         while let Some(c) = rest.chars().next() {
-            match self
-                .special
-                .iter()
-                .find(|(s, _)| rest.starts_with(s.as_str()))
-            {
+            let token = match self.special_starts.binary_search(&c) {
+                Ok(_) => self
+                    .special
+                    .iter()
+                    .find(|(s, _)| rest.starts_with(s.as_str())),
+                Err(_) => None,
+            };
+            match token {
                 Some((s, _)) => {
                     out.push(c);
                     out.push(DISARM);

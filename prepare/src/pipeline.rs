@@ -376,7 +376,12 @@ pub fn run(config: &PrepareConfig, progress: bool) -> Result<Prepared> {
             SetInfo::of(asset, &input),
             FileHash {
                 file: asset.file.clone(),
-                sha256: sha256_file(&input)?,
+                // `in_cache` checked it against the pin; only an allowed edit needs hashing.
+                sha256: if config.allow_modified {
+                    sha256_file(&input)?
+                } else {
+                    asset.sha256.clone()
+                },
             },
             &out,
             &stats,

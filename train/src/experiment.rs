@@ -101,7 +101,7 @@ impl Step {
         let Some(want) = &self.config else {
             return Vec::new();
         };
-        let dir = want.out_dir.join(&want.name);
+        let dir = want.run_dir();
         if !dir.join("config.toml").exists() {
             return Vec::new();
         }
@@ -199,7 +199,7 @@ enum Target {
 
 /// A training run's step, from its resolved config.
 fn training(name: &str, config: &TrainConfig, args: Vec<String>) -> (Step, PathBuf) {
-    let dir = config.out_dir.join(&config.name);
+    let dir = config.run_dir();
     let mut owes = vec![dir.join("model").join("model.safetensors")];
     if config.ema.enabled {
         owes.push(dir.join("ema").join("model.safetensors"));
@@ -354,7 +354,8 @@ impl Plan {
         let mut args = vec!["report".to_string()];
         let mut missing = Vec::new();
         for (d, job) in self.dirs.iter().zip(&self.points) {
-            if d.join("eval").join("model").join("scores.json").exists() && job.done() {
+            // Done: every file it owes (θ's scores among them) exists for this config.
+            if job.done() {
                 args.push(d.display().to_string());
             } else {
                 let why = failed
@@ -493,7 +494,7 @@ fn check_unchanged<'a>(jobs: impl Iterator<Item = &'a Job>, force: bool) -> Resu
             continue;
         }
         let dir = job.train.as_ref().and_then(|t| t.config.as_ref());
-        let dir = dir.map_or(PathBuf::new(), |c| c.out_dir.join(&c.name));
+        let dir = dir.map_or(PathBuf::new(), |c| c.run_dir());
         report.push_str(&format!(
             "\n  {} ({}): {}",
             job.name,
@@ -525,10 +526,7 @@ fn run_job(job: &Job, tag: &str, stop: &AtomicBool) -> Result<()> {
     }
     // The run is this sweep's while its steps run (its `train` child goes ahead under it).
     let _lock = match job.train.as_ref().and_then(|t| t.config.as_ref()) {
-        Some(c) => Some(basin_lm::runlock::RunLock::acquire(
-            &c.out_dir.join(&c.name),
-            "sweep",
-        )?),
+        Some(c) => Some(basin_lm::runlock::RunLock::acquire(&c.run_dir(), "sweep")?),
         None => None,
     };
     let fresh = !job.changed().is_empty();
@@ -571,9 +569,11 @@ pub fn run(args: &Args) -> Result<Summary> {
     if args.list {
         let all = plan.stage0.iter().chain(&plan.points);
         for (i, job) in all.enumerate() {
+            // One read of the run's config.toml per job, not per step.
+            let changed = !job.changed().is_empty();
             for s in job.train.iter().chain(&job.evaluate) {
                 let line: Vec<String> = s.args.iter().map(|a| shell_quote(a)).collect();
-                let state = if !job.changed().is_empty() {
+                let state = if changed {
                     "changed"
                 } else if s.done() {
                     "done"

@@ -129,7 +129,7 @@ fn mean_loss(model: &Model, rows: &[&PreparedRow], config: &TrainConfig, pad: u3
 /// Runs (or resumes) training as `config` says; writes everything under the run directory.
 pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
     config.validate()?;
-    let run_dir = config.out_dir.join(&config.name);
+    let run_dir = config.run_dir();
     // Before anything in the run directory is read, deleted or written.
     let _lock = basin_lm::runlock::RunLock::acquire(&run_dir, "train")?;
     // SIGTERM/SIGINT (preemption, Ctrl-C) end the current step, then checkpoint and stop.
