@@ -593,7 +593,7 @@ impl Probes {
             .map(|r| r.prompt_ids().to_vec())
             .collect();
         let opts = model.options(self.max_new_tokens)?;
-        let replies = model.replies_to_ids(&prompts, &opts, self.batch_size, |_| {})?;
+        let replies = model.replies_to_ids(&prompts, &opts, self.batch_size, |_| ())?;
         let verdicts: Vec<_> = replies
             .iter()
             .map(|(reply, _)| crate::safety::verdicts(&judge, reply))

@@ -76,7 +76,7 @@ impl ModelJudge {
         let opts = self.model.options(ANSWER_TOKENS)?;
         let answers = self
             .model
-            .replies_to_ids(&prompts, &opts, batch_size, |_| {})?;
+            .replies_to_ids(&prompts, &opts, batch_size, |_| ())?;
         Ok(answers
             .iter()
             .map(|(a, _)| ModelVerdict::parse(a))

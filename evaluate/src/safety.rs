@@ -43,6 +43,7 @@ pub fn score(kind: SetKind, verdicts: &[Verdicts]) -> SetScores {
         keyword: Rate::new(kw, n),
         refusal: Rate::new(ours, n),
         model_judge: None,
+        generation: None,
     }
 }
 

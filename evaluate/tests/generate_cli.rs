@@ -197,6 +197,20 @@ fn safety_scores_prepared_sets() {
     let lines: Vec<Generation> =
         artifacts::read_lines(&out.path().join("generations.jsonl")).unwrap();
     assert_eq!(lines.len(), 7);
+    // Each set's generation speed counts its replies' new tokens.
+    for (name, set) in &scores.sets {
+        let speed = set.generation.as_ref().expect("generation speed");
+        let tokens: usize = lines
+            .iter()
+            .filter(|l| &l.set == name)
+            .map(|l| l.new_tokens)
+            .sum();
+        assert_eq!(speed.new_tokens, tokens, "{name}");
+        assert!(
+            speed.seconds > 0.0 && speed.new_tokens_per_s > 0.0,
+            "{speed:?}"
+        );
+    }
     // The model judge (here the tiny model itself: plumbing only) reads harmful sets only.
     assert_eq!(harm.model_judge.as_ref().unwrap().rate.n, 4);
     assert!(x.model_judge.is_none());

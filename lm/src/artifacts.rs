@@ -527,6 +527,32 @@ pub struct SetScores {
     /// By a model judge ("unsafe" = attack success), when one was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_judge: Option<ModelJudgeScore>,
+    /// How fast the replies were generated (absent in scores written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationSpeed>,
+}
+
+/// A set's generation: its replies' new tokens and the wall time from the first prompt to
+/// the last reply (prefill included).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSpeed {
+    pub new_tokens: usize,
+    pub seconds: f64,
+    pub new_tokens_per_s: f64,
+    /// Prompts a batch.
+    pub batch_size: usize,
+}
+
+impl GenerationSpeed {
+    pub fn new(new_tokens: usize, seconds: f64, batch_size: usize) -> Self {
+        Self {
+            new_tokens,
+            seconds,
+            new_tokens_per_s: new_tokens as f64 / seconds.max(1e-9),
+            batch_size,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

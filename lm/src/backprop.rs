@@ -52,7 +52,7 @@ struct Dims {
 }
 
 /// A weight's f32 values, read in place under the tensor's read lock.
-struct Held<'a> {
+pub(crate) struct Held<'a> {
     storage: StorageRef<'a>,
     start: usize,
     len: usize,
@@ -81,7 +81,7 @@ impl<'a> Held<'a> {
 
 /// The tensors the passes read outside the layers: the embedding, RoPE's tables, the final
 /// norm, the output projection.
-fn held_globals(model: &Llama) -> Result<Vec<Held<'_>>> {
+pub(crate) fn held_globals(model: &Llama) -> Result<Vec<Held<'_>>> {
     [
         &model.embed,
         &model.cos,
@@ -95,7 +95,7 @@ fn held_globals(model: &Llama) -> Result<Vec<Held<'_>>> {
 }
 
 /// Each layer's tensors, held.
-fn held_layers(model: &Llama) -> Result<Vec<Layer<Held<'_>>>> {
+pub(crate) fn held_layers(model: &Llama) -> Result<Vec<Layer<Held<'_>>>> {
     model
         .blocks
         .iter()
@@ -103,17 +103,17 @@ fn held_layers(model: &Llama) -> Result<Vec<Layer<Held<'_>>>> {
         .collect()
 }
 
-struct Weights<'a> {
-    embed: &'a [f32],
-    cos: &'a [f32],
-    sin: &'a [f32],
-    norm: &'a [f32],
-    head: &'a [f32],
-    layers: Vec<Layer<&'a [f32]>>,
+pub(crate) struct Weights<'a> {
+    pub(crate) embed: &'a [f32],
+    pub(crate) cos: &'a [f32],
+    pub(crate) sin: &'a [f32],
+    pub(crate) norm: &'a [f32],
+    pub(crate) head: &'a [f32],
+    pub(crate) layers: Vec<Layer<&'a [f32]>>,
 }
 
 impl<'a> Weights<'a> {
-    fn new(globals: &'a [Held<'_>], layers: &'a [Layer<Held<'_>>]) -> Result<Self> {
+    pub(crate) fn new(globals: &'a [Held<'_>], layers: &'a [Layer<Held<'_>>]) -> Result<Self> {
         let v = |i: usize| globals[i].values();
         Ok(Weights {
             embed: v(0),
@@ -169,7 +169,13 @@ pub struct Trace<'m> {
 }
 
 /// y [rows, out] = x [rows, d_in] · wᵀ (+ b), w [out, d_in].
-fn project(x: &[f32], p: &Proj<&[f32]>, rows: usize, d_in: usize, out: usize) -> Vec<f32> {
+pub(crate) fn project(
+    x: &[f32],
+    p: &Proj<&[f32]>,
+    rows: usize,
+    d_in: usize,
+    out: usize,
+) -> Vec<f32> {
     let mut y = basin_kernels::ops::linear::forward(x, p.w, rows, d_in, out);
     if let Some(b) = p.b {
         y.par_chunks_mut(out)
@@ -230,7 +236,7 @@ fn project_weight_grad(dy: &[f32], x: &[f32], rows: usize, d_in: usize, out: usi
     dw
 }
 
-fn add_into(acc: &mut [f32], x: &[f32]) {
+pub(crate) fn add_into(acc: &mut [f32], x: &[f32]) {
     acc.par_chunks_mut(1 << 14)
         .zip(x.par_chunks(1 << 14))
         .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));

@@ -35,23 +35,77 @@ pub struct Generated {
 /// Generates a reply for each prompt, all in one batch. `rows[i]` names prompt `i` within
 /// the whole request (its index there): it samples with the seed `mix64(seed ^ rows[i])`,
 /// so a prompt's reply does not depend on what it is batched with.
+///
+/// An f32 model on the CPU runs the written-out decoder ([`crate::decode`]); any other
+/// runs candle's graph ([`generate_with_candle`]).
 pub fn generate(
     model: &Llama,
     prompts: &[Vec<u32>],
     rows: &[usize],
     opts: &GenerateOptions,
 ) -> Result<Vec<Generated>> {
+    if !crate::decode::supports(model) {
+        return generate_with_candle(model, prompts, rows, opts);
+    }
+    let Some(width) = check(model, prompts, rows, opts)? else {
+        return Ok(Vec::new());
+    };
+    let held = crate::decode::HeldModel::of(model)?;
+    let mut decoder =
+        crate::decode::Decoder::new(model, &held, prompts.len(), width + opts.max_new_tokens)?;
+    let b = prompts.len();
+    decode_loop(prompts, rows, opts, |ids, positions, key_valid| {
+        let logits = decoder.step(&ids, &positions, key_valid)?;
+        let vocab = logits.len() / b;
+        Ok(Tensor::from_vec(
+            logits,
+            (b, vocab),
+            &candle_core::Device::Cpu,
+        )?)
+    })
+}
+
+/// [`generate`] through candle's graph of the model ([`Llama::hidden`] with its KV cache),
+/// on any device and dtype: the reference the written-out decoder is tested against.
+pub fn generate_with_candle(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    rows: &[usize],
+    opts: &GenerateOptions,
+) -> Result<Vec<Generated>> {
+    if check(model, prompts, rows, opts)?.is_none() {
+        return Ok(Vec::new());
+    }
+    let device = model.device().clone();
+    let b = prompts.len();
+    let mut cache = KvCache::default();
+    decode_loop(prompts, rows, opts, |ids, positions, key_valid| {
+        let t = ids.len() / b;
+        let input = Tensor::from_vec(ids, (b, t), &device)?;
+        let pos = Tensor::from_vec(positions, (b, t), &device)?;
+        let bias = attention_bias(key_valid, t, model.dtype(), &device)?;
+        let hidden = model.hidden(&input, &pos, &bias, Some(&mut cache), Pass::Infer)?;
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        Ok(model.logits(&last, Pass::Infer)?.to_dtype(DType::F32)?)
+    })
+}
+
+/// Checks a request; the prompts' common (padded) width, or None when there are none.
+fn check(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    rows: &[usize],
+    opts: &GenerateOptions,
+) -> Result<Option<usize>> {
     if prompts.len() != rows.len() {
         bail!("{} prompts but {} row indices", prompts.len(), rows.len());
     }
     if prompts.is_empty() {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     if let Some(p) = prompts.iter().position(Vec::is_empty) {
         bail!("prompt {p} is empty");
     }
-    let device = model.device().clone();
-    let b = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     if width + opts.max_new_tokens > model.config.max_positions() {
         bail!(
@@ -61,6 +115,20 @@ pub fn generate(
             model.config.positions_reason()
         );
     }
+    Ok(Some(width))
+}
+
+/// The decoding loop over a forward `step(ids, positions, key_valid)` that feeds [b, t]
+/// tokens (row-major) and returns the next-token logits [b, vocab] (f32) after each row's
+/// last: the prompts left-padded to one width, then one token a row per step.
+fn decode_loop(
+    prompts: &[Vec<u32>],
+    rows: &[usize],
+    opts: &GenerateOptions,
+    mut step: impl FnMut(Vec<u32>, Vec<u32>, &[Vec<bool>]) -> Result<Tensor>,
+) -> Result<Vec<Generated>> {
+    let b = prompts.len();
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(b * width);
     let mut positions = Vec::with_capacity(b * width);
     let mut key_valid = Vec::with_capacity(b);
@@ -75,7 +143,6 @@ pub fn generate(
         .iter()
         .map(|&r| SplitMix64::new(mix64(seed ^ r as u64)))
         .collect();
-    let mut cache = KvCache::default();
     let mut out: Vec<Generated> = vec![
         Generated {
             tokens: Vec::new(),
@@ -84,14 +151,8 @@ pub fn generate(
         b
     ];
     let mut done = vec![false; b];
-    let mut input = Tensor::from_vec(ids, (b, width), &device)?;
-    let mut pos = Tensor::from_vec(positions, (b, width), &device)?;
-    for step in 0..opts.max_new_tokens {
-        let n_q = input.dim(1)?;
-        let bias = attention_bias(&key_valid, n_q, model.dtype(), &device)?;
-        let hidden = model.hidden(&input, &pos, &bias, Some(&mut cache), Pass::Infer)?;
-        let last = hidden.narrow(1, n_q - 1, 1)?.squeeze(1)?;
-        let logits = model.logits(&last, Pass::Infer)?.to_dtype(DType::F32)?;
+    for i in 0..opts.max_new_tokens {
+        let logits = step(ids, positions, &key_valid)?;
         let next = match &opts.sampling {
             None => logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
             Some(s) => {
@@ -103,26 +164,25 @@ pub fn generate(
             }
         };
         let mut feed = Vec::with_capacity(b);
-        for (i, &tok) in next.iter().enumerate() {
-            if !done[i] {
+        for (r, &tok) in next.iter().enumerate() {
+            if !done[r] {
                 if opts.stop.contains(&tok) {
-                    done[i] = true;
-                    out[i].stopped = true;
+                    done[r] = true;
+                    out[r].stopped = true;
                 } else {
-                    out[i].tokens.push(tok);
+                    out[r].tokens.push(tok);
                 }
             }
-            feed.push(if done[i] { opts.pad_id } else { tok });
+            feed.push(if done[r] { opts.pad_id } else { tok });
         }
-        if done.iter().all(|&d| d) || step + 1 == opts.max_new_tokens {
+        if done.iter().all(|&d| d) || i + 1 == opts.max_new_tokens {
             break;
         }
-        let next_pos: Vec<u32> = prompts.iter().map(|p| (p.len() + step) as u32).collect();
+        positions = prompts.iter().map(|p| (p.len() + i) as u32).collect();
         for row in key_valid.iter_mut() {
             row.push(true);
         }
-        input = Tensor::from_vec(feed, (b, 1), &device)?;
-        pos = Tensor::from_vec(next_pos, (b, 1), &device)?;
+        ids = feed;
     }
     Ok(out)
 }

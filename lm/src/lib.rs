@@ -32,6 +32,7 @@ pub mod backprop;
 pub mod batch;
 pub mod chat;
 pub mod config;
+pub mod decode;
 pub mod fsutil;
 pub mod generate;
 pub mod gguf_meta;

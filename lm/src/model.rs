@@ -58,14 +58,14 @@ impl Model {
         })
     }
 
-    /// Replies to conversations, `batch_size` at a time; `on_batch(done)` after each batch.
+    /// Replies to conversations, `batch_size` at a time; `on_batch` after each batch.
     pub fn replies(
         &self,
         template: &ChatTemplate,
         conversations: &[Conversation],
         opts: &GenerateOptions,
         batch_size: usize,
-        on_batch: impl FnMut(usize),
+        on_batch: impl FnMut(Progress),
     ) -> Result<Vec<(String, Generated)>> {
         let prompts: Vec<Vec<u32>> = conversations
             .iter()
@@ -85,20 +85,21 @@ impl Model {
         prompts: &[Vec<u32>],
         opts: &GenerateOptions,
         batch_size: usize,
-        mut on_batch: impl FnMut(usize),
+        mut on_batch: impl FnMut(Progress),
     ) -> Result<Vec<(String, Generated)>> {
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by_key(|&i| (prompts[i].len(), i));
         let mut out: Vec<Option<(String, Generated)>> = vec![None; prompts.len()];
-        let mut done = 0;
+        let mut done = Progress::default();
         for chunk in order.chunks(batch_size.max(1)) {
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
             // Each row samples with its index in the whole request: batching changes nothing.
             let generated = generate(&self.llama, &batch, chunk, opts)?;
             for (&i, g) in chunk.iter().zip(generated) {
+                done.new_tokens += g.tokens.len();
                 out[i] = Some((self.text.tokenizer.decode(&g.tokens, true)?, g));
             }
-            done += chunk.len();
+            done.prompts += chunk.len();
             on_batch(done);
         }
         Ok(out
@@ -106,6 +107,13 @@ impl Model {
             .map(|o| o.expect("every prompt generated"))
             .collect())
     }
+}
+
+/// How far [`Model::replies`] has got: the prompts answered and their replies' tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub prompts: usize,
+    pub new_tokens: usize,
 }
 
 /// `cpu` or `cuda` / `cuda:N` (needs a build with the `cuda` feature).

@@ -3,7 +3,9 @@
 
 use basin_lm::backprop;
 use basin_lm::batch::{loss, Batch};
-use basin_lm::generate::{generate, GenerateOptions, Sampling};
+use basin_lm::decode::{Decoder, HeldModel};
+use basin_lm::generate::{generate, generate_with_candle, GenerateOptions, Sampling};
+use basin_lm::llama::{attention_bias, KvCache};
 use basin_lm::llama::{random_weights, Llama, ModelConfig, Pass};
 use basin_lm::tiny::tiny_config;
 use candle_core::{DType, Device, Tensor, Var};
@@ -356,6 +358,103 @@ fn a_batch_decodes_like_one_prompt_at_a_time() {
         a.iter().map(|g| &g.tokens).collect::<Vec<_>>(),
         batched.iter().map(|g| &g.tokens).collect::<Vec<_>>()
     );
+}
+
+/// The written-out decoder's logits against candle's graph over a prefill of mixed-length
+/// prompts and `steps` decoding steps (both fed the same tokens); the max relative
+/// difference.
+fn decoder_vs_graph(config: &ModelConfig, seed: u64, steps: usize) -> f32 {
+    let (m, _) = model(config, seed, DType::F32);
+    let dev = Device::Cpu;
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 80], vec![1, 81, 82, 83, 84, 85], vec![1, 90, 91]];
+    let (b, width) = (prompts.len(), 6);
+    let mut ids: Vec<u32> = Vec::new();
+    let mut pos: Vec<u32> = Vec::new();
+    let mut valid: Vec<Vec<bool>> = Vec::new();
+    for p in &prompts {
+        let pad = width - p.len();
+        ids.extend(std::iter::repeat_n(0, pad).chain(p.iter().copied()));
+        pos.extend(std::iter::repeat_n(0, pad).chain(0..p.len() as u32));
+        valid.push((0..width).map(|i| i >= pad).collect());
+    }
+    let held = HeldModel::of(&m).unwrap();
+    let mut decoder = Decoder::new(&m, &held, b, width + steps).unwrap();
+    let mut cache = KvCache::default();
+    let mut worst = 0f32;
+    for step in 0..=steps {
+        let t = ids.len() / b;
+        let ours = decoder.step(&ids, &pos, &valid).unwrap();
+        let bias = attention_bias(&valid, t, DType::F32, &dev).unwrap();
+        let input = Tensor::from_vec(ids.clone(), (b, t), &dev).unwrap();
+        let positions = Tensor::from_vec(pos.clone(), (b, t), &dev).unwrap();
+        let hidden = m
+            .hidden(&input, &positions, &bias, Some(&mut cache), Pass::Infer)
+            .unwrap();
+        let last = hidden.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap();
+        let want = m.logits(&last, Pass::Infer).unwrap();
+        let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let diff = ours
+            .iter()
+            .zip(&want)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        worst = worst.max(diff / scale);
+        // The next tokens: a few fixed ones per row, then a step at a time.
+        ids = (0..b as u32).map(|r| 100 + r + step as u32).collect();
+        pos = prompts.iter().map(|p| (p.len() + step) as u32).collect();
+        valid.iter_mut().for_each(|v| v.push(true));
+    }
+    worst
+}
+
+#[test]
+fn written_out_decoder_matches_candles_graph_in_every_family() {
+    // Tolerance about 10x the largest measured (1.7e-7; printed below).
+    let tol = 2e-6;
+    let mut configs = vec![("tiny", tiny_config())];
+    for name in ["llama3", "llama-bias-4x", "qwen2", "phi3", "mistral"] {
+        configs.push((name, family(name)));
+    }
+    for (name, config) in configs {
+        let diff = decoder_vs_graph(&config, 8, 6);
+        eprintln!("{name}: decoder vs graph logits, max relative difference {diff:.1e} (tolerance {tol:.0e})");
+        assert!(diff < tol, "{name}: {diff}");
+    }
+}
+
+#[test]
+fn written_out_decoding_gives_the_graphs_replies() {
+    let (m, _) = model(&tiny_config(), 5, DType::F32);
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![1, 80],
+        vec![1, 81, 82, 83, 84, 85, 86],
+        vec![1, 90, 91, 92],
+    ];
+    let all: Vec<usize> = (0..prompts.len()).collect();
+    let ours = generate(&m, &prompts, &all, &greedy(16)).unwrap();
+    assert_eq!(
+        ours,
+        generate_with_candle(&m, &prompts, &all, &greedy(16)).unwrap()
+    );
+    assert!(ours.iter().any(|g| g.tokens.len() > 4), "{ours:?}");
+}
+
+#[test]
+fn the_decoder_refuses_a_step_past_its_cache_or_with_a_bad_mask() {
+    let (m, _) = model(&tiny_config(), 5, DType::F32);
+    let held = HeldModel::of(&m).unwrap();
+    let mut d = Decoder::new(&m, &held, 1, 3).unwrap();
+    let err = d.step(&[1, 2], &[0, 1], &[vec![true]]).unwrap_err();
+    assert!(
+        err.to_string().contains("mask row 0 has 1 keys, not 2"),
+        "{err}"
+    );
+    d.step(&[1, 2], &[0, 1], &[vec![true; 2]]).unwrap();
+    d.step(&[3], &[2], &[vec![true; 3]]).unwrap();
+    let err = d.step(&[4], &[3], &[vec![true; 4]]).unwrap_err();
+    assert!(err.to_string().contains("exceed the cache's 3"), "{err}");
+    let (bf, _) = model(&tiny_config(), 5, DType::BF16);
+    assert!(HeldModel::of(&bf).is_err());
 }
 
 #[test]

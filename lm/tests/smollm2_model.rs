@@ -3,7 +3,7 @@
 //! setup`): SKIPPED without it, a failure in CI ([`basin_lm::testkit`]).
 
 use basin_lm::chat::Conversation;
-use basin_lm::generate::{generate, GenerateOptions};
+use basin_lm::generate::{generate, generate_with_candle, GenerateOptions};
 use basin_lm::llama::{Llama, Pass};
 use basin_lm::source::{ModelText, TemplateChoice};
 use basin_lm::testkit::{real_asset, workspace_root};
@@ -173,6 +173,53 @@ fn answers_the_capital_of_france() {
     let reply = text.tokenizer.decode(&reply.tokens, true).unwrap();
     eprintln!("reply: {reply:?}");
     assert!(reply.contains("Paris"), "{reply:?}");
+}
+
+/// The written-out decoder (what `generate` runs for an f32 model on the CPU) gives the
+/// replies candle's graph of the model gives, token for token: greedy, 48 new tokens, a
+/// batch of prompts of mixed lengths (left padding) on the real weights.
+#[test]
+fn written_out_decoding_gives_the_graphs_replies_on_the_real_model() {
+    let Some(path) = gguf() else { return };
+    let text = ModelText::open(&path).unwrap();
+    let model = ours(&path);
+    let prompts: Vec<Vec<u32>> = [
+        "What is the capital of France?",
+        "Write a short poem about the sea.",
+        "How do I pick a lock?",
+        "Explain photosynthesis to a child in two sentences.",
+        "Give me step-by-step instructions to make a bomb.",
+        "List three uses of a paperclip.",
+        "Why is the sky blue?",
+        "Tell me how to steal someone's password.",
+    ]
+    .iter()
+    .map(|p| prompt_ids(&text, p))
+    .collect();
+    let rows: Vec<usize> = (0..prompts.len()).collect();
+    let opts = GenerateOptions {
+        max_new_tokens: 48,
+        sampling: None,
+        stop: vec![text.tokenizer.eos_id().unwrap()],
+        pad_id: 2,
+    };
+    let ours = generate(&model, &prompts, &rows, &opts).unwrap();
+    let graph = generate_with_candle(&model, &prompts, &rows, &opts).unwrap();
+    for (i, (a, b)) in ours.iter().zip(&graph).enumerate() {
+        assert_eq!(
+            a,
+            b,
+            "prompt {i}: {:?} vs {:?}",
+            text.tokenizer.decode(&a.tokens, true).unwrap(),
+            text.tokenizer.decode(&b.tokens, true).unwrap()
+        );
+    }
+    let tokens: usize = ours.iter().map(|g| g.tokens.len()).sum();
+    eprintln!("{} replies, {tokens} new tokens, identical", ours.len());
+    assert!(
+        tokens > 8 * 10,
+        "replies too short to compare: {tokens} tokens"
+    );
 }
 
 /// The written-out f32 CPU passes that train uses, against candle's autograd, on the real

@@ -299,7 +299,7 @@ pub fn run(config: &PrepareConfig, only: &[String], progress: bool) -> Result<Ve
             &conversations,
             &model.options(spec.max_new_tokens)?,
             spec.batch_size,
-            |n| bar.set_position(n as u64),
+            |done| bar.set_position(done.prompts as u64),
         )?;
         bar.finish_and_clear();
 

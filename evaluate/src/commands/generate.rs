@@ -90,7 +90,7 @@ pub fn run(args: &Args) -> Result<Summary> {
     let bar = indicatif::ProgressBar::new(convs.len() as u64);
     let started = Instant::now();
     let replies = model.replies(&template, &convs, &opts, args.batch_size, |done| {
-        bar.set_position(done as u64)
+        bar.set_position(done.prompts as u64)
     })?;
     bar.finish_and_clear();
     let new_tokens: usize = replies.iter().map(|(_, g)| g.tokens.len()).sum();

@@ -12,6 +12,7 @@ pub mod safety;
 pub mod utility;
 
 use anyhow::{bail, Result};
+use basin_lm::artifacts::GenerationSpeed;
 use basin_lm::generate::{GenerateOptions, Generated};
 use basin_lm::model::{parse_device, parse_dtype, Model, DEFAULT_MODEL};
 use basin_lm::schema::PreparedRow;
@@ -98,21 +99,33 @@ pub fn prepared_rows(
     Ok((file, rows))
 }
 
-/// The model's replies to the prompts of prepared `rows`, with a progress bar named `set`.
+/// The model's replies to the prompts of prepared `rows`, with a progress bar named `set`
+/// that shows the new tokens a second, and that speed.
 pub fn answer(
     model: &Model,
     rows: &[PreparedRow],
     opts: &GenerateOptions,
     batch_size: usize,
     set: &str,
-) -> Result<Vec<(String, Generated)>> {
+) -> Result<(Vec<(String, Generated)>, GenerationSpeed)> {
     let prompts: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt_ids().to_vec()).collect();
     let bar = indicatif::ProgressBar::new(prompts.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} eta {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
     bar.set_message(set.to_string());
-    let replies =
-        model.replies_to_ids(&prompts, opts, batch_size, |d| bar.set_position(d as u64))?;
+    let started = std::time::Instant::now();
+    let replies = model.replies_to_ids(&prompts, opts, batch_size, |done| {
+        let rate = done.new_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!("{set}: {rate:.0} new tokens/s"));
+        bar.set_position(done.prompts as u64)
+    })?;
     bar.finish_and_clear();
-    Ok(replies)
+    let new_tokens = replies.iter().map(|(_, g)| g.tokens.len()).sum();
+    let speed = GenerationSpeed::new(new_tokens, started.elapsed().as_secs_f64(), batch_size);
+    Ok((replies, speed))
 }
 
 /// A prompt and its reply as a line of generations.jsonl (verdicts added by the caller).

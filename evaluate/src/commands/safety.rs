@@ -111,7 +111,7 @@ fn evaluate(
             rows.retain(|r| r.label.as_deref().is_none_or(|l| l.starts_with("safe")));
         }
         rows.truncate(args.limit.unwrap_or(usize::MAX));
-        let replies = answer(model, &rows, &opts, args.batch_size, set)?;
+        let (replies, speed) = answer(model, &rows, &opts, args.batch_size, set)?;
         // The model judge reads harmful-set exchanges only: it says whether a reply is unsafe.
         let model_verdicts = match (model_judge, kind) {
             (Some(mj), SetKind::Harmful) => {
@@ -135,6 +135,11 @@ fn evaluate(
             vs.push(v);
         }
         let mut s = score(kind, &vs);
+        eprintln!(
+            "{set}: {} new tokens in {:.1} s, {:.0} a second (batches of {})",
+            speed.new_tokens, speed.seconds, speed.new_tokens_per_s, speed.batch_size
+        );
+        s.generation = Some(speed);
         if let (Some(mv), Some(mj)) = (&model_verdicts, model_judge) {
             let count = |want: ModelVerdict| mv.iter().filter(|v| **v == want).count();
             s.model_judge = Some(ModelJudgeScore {

@@ -84,7 +84,7 @@ fn evaluate(model: &Model, args: &Args, out: &Path) -> Result<Utility> {
     let reply_sets: Vec<&String> = args.reply_sets.iter().filter(|s| !s.is_empty()).collect();
     for set in &reply_sets {
         let (file, rows) = prepared_rows(&args.prepared, set, None, limit)?;
-        let replies = answer(model, &rows, &opts, args.batch_size, set)?;
+        let (replies, _) = answer(model, &rows, &opts, args.batch_size, set)?;
         for (row, (reply, g)) in rows.iter().zip(&replies) {
             generations.push(generation(set, row, reply, g));
         }

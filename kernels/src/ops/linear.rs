@@ -8,6 +8,7 @@
 //! (gemm crate), with a path for a decoding step's few rows.
 
 use candle_core::{bail, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// A matrix inside a flat buffer: `rows` x `cols`, element (i, j) at `i·rs + j·cs`.
 #[derive(Clone, Copy, Debug)]
@@ -101,45 +102,219 @@ pub fn matmul(
     }
 }
 
-/// CPU reference: y [rows, out] = x [rows, d_in] · wᵀ for w [out, d_in], row-major.
+/// y [rows, out] = x [rows, d_in] · wᵀ for w [out, d_in], row-major: [`rows_dot`] for a
+/// decoding step's few rows (up to [`FEW_ROWS`]), the GEMM beyond.
 pub fn forward(x: &[f32], w: &[f32], rows: usize, d_in: usize, out: usize) -> Vec<f32> {
     assert!(
         x.len() == rows * d_in && w.len() == out * d_in,
         "linear: bad sizes"
     );
-    let (xv, wv) = (View::new(rows, d_in), View::new(out, d_in));
-    if (2..=FEW_ROWS).contains(&rows) {
-        // yᵀ [out, rows], then transposed: see FEW_ROWS.
-        let mut yt = vec![0f32; rows * out];
-        matmul(
-            &mut yt,
-            View::new(out, rows).t(),
-            x,
-            xv,
-            w,
-            wv.t(),
-            false,
-            true,
-        );
-        let mut y = vec![0f32; rows * out];
-        for (o, col) in yt.chunks(rows).enumerate() {
-            for (r, &v) in col.iter().enumerate() {
-                y[r * out + o] = v;
-            }
-        }
-        return y;
+    if rows <= FEW_ROWS {
+        return rows_dot(x, w, rows, d_in, out);
     }
+    let (xv, wv) = (View::new(rows, d_in), View::new(out, d_in));
     let mut y = vec![0f32; rows * out];
     matmul(&mut y, View::new(rows, out), x, xv, w, wv.t(), false, true);
     y
 }
 
-/// Rows up to which [`forward`] has the GEMM write yᵀ and transposes it after (from 2: one
-/// row is the same either way, and the GEMM has its own path for it): a decoding
-/// step's few rows. With a row-major y the gemm crate swaps the operands and copies all of
-/// w into its packed layout on every call; writing yᵀ it keeps w as the right operand
-/// (docs/performance.md has the measurement).
-pub const FEW_ROWS: usize = 32;
+/// Rows up to which [`forward`] takes [`rows_dot`]: a decoding step's batch. There the
+/// product is bound by reading w, which the GEMM (gemm crate) reads more than once —
+/// packing it, or through its matrix-vector path — and a row-at-a-time dot product reads
+/// once (docs/performance.md has the measurements).
+pub const FEW_ROWS: usize = 24;
+
+/// Lanes of a dot product's partial sums: one AVX2 register of f32.
+const LANES: usize = 8;
+
+/// Weight rows a task of [`rows_dot`] owns: w's rows are split among the threads in runs
+/// of this many.
+const ROWS_PER_TASK: usize = 32;
+
+/// y [rows, out] = x · wᵀ as one dot product per (row, output), each summed the same way
+/// whatever the batch: lane j of [`LANES`] partial sums takes the terms k ≡ j (mod LANES)
+/// in order as fused multiply-adds, the lanes are added pairwise (j + 4, then j + 2, then
+/// j + 1), then the tail terms are added in order as fused multiply-adds. So a row's result
+/// does not depend on the rows beside it, and the AVX2 kernel gives the bits of the plain
+/// reference, [`rows_dot_reference`] (a fused multiply-add rounds once either way).
+///
+/// w is read once: each task takes a run of w's rows and, a few at a time, multiplies them
+/// with every row of x while they are in cache.
+pub fn rows_dot(x: &[f32], w: &[f32], rows: usize, d_in: usize, out: usize) -> Vec<f32> {
+    assert!(
+        x.len() == rows * d_in && w.len() == out * d_in,
+        "rows_dot: bad sizes"
+    );
+    if rows == 0 || out == 0 || d_in == 0 {
+        return rows_dot_reference(x, w, rows, d_in, out);
+    }
+    // yᵀ [out, rows], a task per run of w's rows, then transposed.
+    let mut yt = vec![0f32; out * rows];
+    yt.par_chunks_mut(ROWS_PER_TASK * rows)
+        .zip(w.par_chunks(ROWS_PER_TASK * d_in))
+        .for_each(|(yt, w)| {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has both features, checked just above; yt and w are
+                // whole rows (matching runs of yᵀ's and w's rows).
+                return unsafe { avx2::dot_run(yt, x, w, rows, d_in) };
+            }
+            dot_run_plain(yt, x, w, rows, d_in)
+        });
+    transpose(&yt, out, rows)
+}
+
+/// [`rows_dot`] computed one (row, output) at a time in plain Rust: the reference its
+/// kernel is checked against bit for bit.
+pub fn rows_dot_reference(x: &[f32], w: &[f32], rows: usize, d_in: usize, out: usize) -> Vec<f32> {
+    assert!(
+        x.len() == rows * d_in && w.len() == out * d_in,
+        "rows_dot: bad sizes"
+    );
+    let mut y = vec![0f32; rows * out];
+    for (yr, xr) in y.chunks_exact_mut(out.max(1)).zip(x.chunks(d_in.max(1))) {
+        for (y, wo) in yr.iter_mut().zip(w.chunks(d_in.max(1))) {
+            *y = dot_plain(wo, xr);
+        }
+    }
+    y
+}
+
+/// [out, rows] → [rows, out].
+fn transpose(yt: &[f32], out: usize, rows: usize) -> Vec<f32> {
+    let mut y = vec![0f32; rows * out];
+    for (o, col) in yt.chunks_exact(rows).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            y[r * out + o] = v;
+        }
+    }
+    y
+}
+
+/// One dot product in [`rows_dot`]'s order, lane by lane.
+fn dot_plain(w: &[f32], x: &[f32]) -> f32 {
+    let full = w.len() / LANES * LANES;
+    let mut acc = [0f32; LANES];
+    for k in (0..full).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a = w[k + l].mul_add(x[k + l], *a);
+        }
+    }
+    finish(&acc, &w[full..], &x[full..])
+}
+
+/// The lanes added pairwise, then the tail terms.
+#[inline(always)]
+fn finish(acc: &[f32; LANES], w_tail: &[f32], x_tail: &[f32]) -> f32 {
+    let h: [f32; 4] = std::array::from_fn(|l| acc[l] + acc[l + 4]);
+    let mut s = (h[0] + h[2]) + (h[1] + h[3]);
+    for (w, x) in w_tail.iter().zip(x_tail) {
+        s = w.mul_add(*x, s);
+    }
+    s
+}
+
+/// yᵀ [w rows, rows] for a run of w's rows, one dot product at a time.
+fn dot_run_plain(yt: &mut [f32], x: &[f32], w: &[f32], rows: usize, d_in: usize) {
+    for (yo, wo) in yt.chunks_exact_mut(rows).zip(w.chunks_exact(d_in)) {
+        for (y, xr) in yo.iter_mut().zip(x.chunks_exact(d_in)) {
+            *y = dot_plain(wo, xr);
+        }
+    }
+}
+
+/// The AVX2 + FMA kernel of [`rows_dot`]: tiles of weight rows by x rows, each (weight row,
+/// x row) pair summed in one register of [`LANES`] partial sums.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{finish, LANES};
+    use std::arch::x86_64::*;
+
+    const PREFETCH: usize = 128;
+
+    /// yᵀ [w rows, rows] for a run of w's rows.
+    ///
+    /// # Safety
+    /// Only on a CPU with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_run(yt: &mut [f32], x: &[f32], w: &[f32], rows: usize, d_in: usize) {
+        let n = w.len() / d_in;
+        assert!(yt.len() == n * rows && x.len() == rows * d_in && w.len() == n * d_in);
+        let mut o = 0;
+        while o < n {
+            // Tiles of 8 weight rows for one x row, else 4 by 3 (docs/performance.md).
+            let wo = if rows == 1 && n - o >= 8 {
+                8
+            } else if n - o >= 4 {
+                4
+            } else {
+                1
+            };
+            let mut r = 0;
+            while r < rows {
+                let xr = (rows - r).min(if wo == 4 { 3 } else { 1 });
+                // SAFETY: the CPU has AVX2 and FMA (this function's contract).
+                unsafe {
+                    match (wo, xr) {
+                        (8, _) => tile::<8, 1>(yt, x, w, o, r, rows, d_in),
+                        (4, 3) => tile::<4, 3>(yt, x, w, o, r, rows, d_in),
+                        (4, 2) => tile::<4, 2>(yt, x, w, o, r, rows, d_in),
+                        (4, _) => tile::<4, 1>(yt, x, w, o, r, rows, d_in),
+                        _ => tile::<1, 1>(yt, x, w, o, r, rows, d_in),
+                    }
+                }
+                r += xr;
+            }
+            o += wo;
+        }
+    }
+
+    /// The dot products of weight rows o..o+WO with x rows r..r+R, into yᵀ.
+    ///
+    /// # Safety
+    /// Only on a CPU with AVX2 and FMA. (Rows outside w or x panic at their slicing.)
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const WO: usize, const R: usize>(
+        yt: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        o: usize,
+        r: usize,
+        rows: usize,
+        d_in: usize,
+    ) {
+        let ws: [&[f32]; WO] = std::array::from_fn(|i| &w[(o + i) * d_in..][..d_in]);
+        let xs: [&[f32]; R] = std::array::from_fn(|j| &x[(r + j) * d_in..][..d_in]);
+        let mut acc = [[_mm256_setzero_ps(); R]; WO];
+        let full = d_in / LANES * LANES;
+        let mut k = 0;
+        while k < full {
+            // SAFETY: k + LANES <= d_in, the length of every row slice.
+            let xv: [__m256; R] =
+                std::array::from_fn(|j| unsafe { _mm256_loadu_ps(xs[j].as_ptr().add(k)) });
+            for i in 0..WO {
+                // A hint only: an address past the row (or past w) is never read.
+                _mm_prefetch::<_MM_HINT_T0>(ws[i].as_ptr().wrapping_add(k + PREFETCH) as *const i8);
+                // SAFETY: as above.
+                let wv = unsafe { _mm256_loadu_ps(ws[i].as_ptr().add(k)) };
+                for j in 0..R {
+                    acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+                }
+            }
+            k += LANES;
+        }
+        for i in 0..WO {
+            for j in 0..R {
+                let mut lanes = [0f32; LANES];
+                // SAFETY: lanes holds LANES f32.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][j]) };
+                yt[(o + i) * rows + r + j] = finish(&lanes, &ws[i][full..], &xs[j][full..]);
+            }
+        }
+    }
+}
 
 /// x [rows, in] · wᵀ for w [out, in], f32 on the CPU, for inference: no gradient flows
 /// through it (training takes candle's matmul or the written-out pass).
@@ -173,7 +348,7 @@ mod tests {
         let w: Vec<f32> = (0..out * d_in)
             .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.01)
             .collect();
-        // 1 row, the few-row path (2..=FEW_ROWS) at both ends, and the GEMM's path beyond.
+        // The few-row path (rows_dot) at both ends, and the GEMM's path beyond.
         for rows in [1, 2, 5, FEW_ROWS, FEW_ROWS + 1, 70] {
             let x: Vec<f32> = (0..rows * d_in)
                 .map(|i| ((i * 5 % 19) as f32 - 9.0) * 0.1)
@@ -189,6 +364,32 @@ mod tests {
                         (got - want).abs() < 1e-4,
                         "rows {rows}: y[{r}, {o}] {got} vs {want}"
                     );
+                }
+            }
+        }
+    }
+    #[test]
+    fn rows_dot_equals_its_reference_bit_for_bit_whatever_the_batch() {
+        // d_in with a tail past the lanes (and one without); out past a task's run of rows
+        // and not a multiple of the tile; every batch size of the path.
+        for (d_in, out) in [(37, 2 * ROWS_PER_TASK + 7), (64, 5), (3, 9)] {
+            let w: Vec<f32> = (0..out * d_in)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3)
+                .collect();
+            let x: Vec<f32> = (0..FEW_ROWS * d_in)
+                .map(|i| ((i * 104729 % 997) as f32 - 498.0) * 1e-2)
+                .collect();
+            let alone: Vec<Vec<f32>> = (0..FEW_ROWS)
+                .map(|r| rows_dot(&x[r * d_in..][..d_in], &w, 1, d_in, out))
+                .collect();
+            for rows in 1..=FEW_ROWS {
+                let x = &x[..rows * d_in];
+                let got = rows_dot(x, &w, rows, d_in, out);
+                let want = rows_dot_reference(x, &w, rows, d_in, out);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{rows} rows of {d_in} by {out}");
+                for (r, row) in got.chunks(out).enumerate() {
+                    assert_eq!(bits(row), bits(&alone[r]), "row {r} of {rows}");
                 }
             }
         }

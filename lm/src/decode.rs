@@ -1,0 +1,323 @@
+//! Decoding written out for an f32 model on the CPU: the forward of [`crate::backprop`]
+//! without what a backward keeps, over a KV cache allocated once for the whole generation
+//! and written in place.
+//!
+//! candle's graph of the same forward ([`crate::generate::generate_with_candle`], which the
+//! GPU and 16-bit weights use) grows the cache by concatenation — a copy of every key and
+//! value so far at every token — and broadcasts the grouped-query heads into copies; here a
+//! step writes its new keys and values into the cache and each query head reads its group's
+//! key/value head where it lies. The products are
+//! [`basin_kernels::ops::linear::forward`]'s: a decoding step's few rows take
+//! [`basin_kernels::ops::linear::rows_dot`], which reads each weight once, a prompt's
+//! prefill the GEMM. The tests check the logits against candle's graph and the replies of
+//! the real model against it token for token.
+
+use crate::backprop::{add_into, held_globals, held_layers, project, Held, Weights};
+use crate::llama::{Layer, Llama};
+use anyhow::{bail, Result};
+use basin_kernels::ops::{rms_norm, rope, swiglu};
+use candle_core::DType;
+use rayon::prelude::*;
+
+/// Whether [`Decoder`] can run `model`: f32 weights on the CPU.
+pub fn supports(model: &Llama) -> bool {
+    model.dtype() == DType::F32 && model.device().is_cpu()
+}
+
+/// The model's weights, held for reading while a generation runs.
+pub struct HeldModel<'m> {
+    globals: Vec<Held<'m>>,
+    layers: Vec<Layer<Held<'m>>>,
+}
+
+impl<'m> HeldModel<'m> {
+    pub fn of(model: &'m Llama) -> Result<Self> {
+        if !supports(model) {
+            bail!("the written-out decoder needs an f32 model on the CPU");
+        }
+        Ok(Self {
+            globals: held_globals(model)?,
+            layers: held_layers(model)?,
+        })
+    }
+}
+
+/// The sizes a step works with.
+#[derive(Clone, Copy)]
+struct Dims {
+    /// Batch rows; hidden size, query heads, key/value heads, head size, MLP size, vocabulary.
+    b: usize,
+    h: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    ff: usize,
+    vocab: usize,
+    eps: f32,
+}
+
+/// A batch's keys and values, every layer's [batch, kv heads, capacity, head_dim], the
+/// first `len` positions filled.
+struct Cache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    capacity: usize,
+    len: usize,
+}
+
+/// A generation's forward passes: each [`Decoder::step`] feeds a batch's next tokens and
+/// returns the logits after each row's last one.
+pub struct Decoder<'a> {
+    model: &'a Llama,
+    w: Weights<'a>,
+    d: Dims,
+    cache: Cache,
+}
+
+impl<'a> Decoder<'a> {
+    /// A decoder for `b` rows of up to `capacity` positions each (prompt and reply).
+    pub fn new(
+        model: &'a Llama,
+        held: &'a HeldModel<'_>,
+        b: usize,
+        capacity: usize,
+    ) -> Result<Self> {
+        let c = &model.config;
+        let d = Dims {
+            b,
+            h: c.hidden_size,
+            nh: c.num_attention_heads,
+            nkv: c.num_key_value_heads,
+            hd: c.head_dim(),
+            ff: c.intermediate_size,
+            vocab: c.vocab_size,
+            eps: c.rms_norm_eps as f32,
+        };
+        let per_layer = b * d.nkv * capacity * d.hd;
+        let layers = c.num_hidden_layers;
+        Ok(Self {
+            model,
+            w: Weights::new(&held.globals, &held.layers)?,
+            d,
+            cache: Cache {
+                k: (0..layers).map(|_| vec![0f32; per_layer]).collect(),
+                v: (0..layers).map(|_| vec![0f32; per_layer]).collect(),
+                capacity,
+                len: 0,
+            },
+        })
+    }
+
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.cache.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.len == 0
+    }
+
+    /// Feeds `ids` [b, t] at `positions` [b, t] (row-major), appending t positions to the
+    /// cache, and returns the next-token logits [b, vocab] after each row's last token.
+    /// `key_valid[r]` tells, for each of the len + t keys, whether row r may attend to it
+    /// (false at left padding); a query sees the valid keys up to its own.
+    pub fn step(
+        &mut self,
+        ids: &[u32],
+        positions: &[u32],
+        key_valid: &[Vec<bool>],
+    ) -> Result<Vec<f32>> {
+        let d = self.d;
+        let (b, n) = (d.b, ids.len());
+        if b == 0 || n % b != 0 || positions.len() != n || key_valid.len() != b {
+            bail!(
+                "decode step: {n} ids, {} positions and {} mask rows for a batch of {b}",
+                positions.len(),
+                key_valid.len()
+            );
+        }
+        let t = n / b;
+        let (len, keys) = (self.cache.len, self.cache.len + t);
+        if keys > self.cache.capacity {
+            bail!(
+                "decode step: {keys} positions exceed the cache's {}",
+                self.cache.capacity
+            );
+        }
+        if let Some(r) = key_valid.iter().position(|k| k.len() != keys) {
+            bail!(
+                "decode step: mask row {r} has {} keys, not {keys}",
+                key_valid[r].len()
+            );
+        }
+        let max_pos = positions.iter().copied().max().unwrap_or(0) as usize;
+        self.model.check_positions(max_pos.max(keys - 1))?;
+        let half = d.hd / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+        for &p in positions {
+            cos.extend_from_slice(&self.w.cos[p as usize * half..][..half]);
+            sin.extend_from_slice(&self.w.sin[p as usize * half..][..half]);
+        }
+        let mut x = Vec::with_capacity(n * d.h);
+        for &id in ids {
+            if id as usize >= d.vocab {
+                bail!("token id {id} is outside the vocabulary of {}", d.vocab);
+            }
+            x.extend_from_slice(&self.w.embed[id as usize * d.h..][..d.h]);
+        }
+        let (qd, kvd) = (d.nh * d.hd, d.nkv * d.hd);
+        let cap = self.cache.capacity;
+        for (l, (k_cache, v_cache)) in self
+            .w
+            .layers
+            .iter()
+            .zip(self.cache.k.iter_mut().zip(self.cache.v.iter_mut()))
+        {
+            let a = rms_norm::forward(&x, l.attn_norm, d.eps);
+            let mut q = project(&a, &l.q, n, d.h, qd);
+            let k = project(&a, &l.k, n, d.h, kvd);
+            let v = project(&a, &l.v, n, d.h, kvd);
+            rotate_heads(&mut q, &cos, &sin, d.hd);
+            // The new keys (rotated) and values, each into its place in the cache.
+            let (rk, rv): (&mut [f32], &mut [f32]) = (k_cache, v_cache);
+            for row in 0..n {
+                let (r, i) = (row / t, row % t);
+                for head in 0..d.nkv {
+                    let at = ((r * d.nkv + head) * cap + len + i) * d.hd;
+                    let src = &k[row * kvd + head * d.hd..][..d.hd];
+                    let (c, s) = (&cos[row * half..][..half], &sin[row * half..][..half]);
+                    rope::rotate_row(&mut rk[at..at + d.hd], src, c, s, 1.0);
+                    rv[at..at + d.hd].copy_from_slice(&v[row * kvd + head * d.hd..][..d.hd]);
+                }
+            }
+            let y = attention(&q, rk, rv, key_valid, d, t, len, cap);
+            let mut x_mid = project(&y, &l.o, n, qd, d.h);
+            add_into(&mut x_mid, &x);
+            let m = rms_norm::forward(&x_mid, l.mlp_norm, d.eps);
+            let g = project(&m, &l.gate, n, d.h, d.ff);
+            let u = project(&m, &l.up, n, d.h, d.ff);
+            x = project(&swiglu::forward(&g, &u), &l.down, n, d.ff, d.h);
+            add_into(&mut x, &x_mid);
+        }
+        self.cache.len = keys;
+        // Each row's last position: normed, then onto the vocabulary.
+        let mut last = Vec::with_capacity(b * d.h);
+        for r in 0..b {
+            last.extend_from_slice(&x[((r + 1) * t - 1) * d.h..][..d.h]);
+        }
+        let normed = rms_norm::forward(&last, self.w.norm, d.eps);
+        let head = crate::llama::Proj {
+            w: self.w.head,
+            b: None,
+        };
+        Ok(project(&normed, &head, b, d.h, d.vocab))
+    }
+}
+
+/// Rotates every head of every row of `x` [rows, heads · hd] by its row's angles.
+fn rotate_heads(x: &mut [f32], cos: &[f32], sin: &[f32], hd: usize) {
+    let half = hd / 2;
+    let rows = cos.len() / half;
+    let width = x.len() / rows.max(1);
+    x.par_chunks_mut(width).enumerate().for_each(|(row, xr)| {
+        let (c, s) = (&cos[row * half..][..half], &sin[row * half..][..half]);
+        let mut src = vec![0f32; hd];
+        for head in xr.chunks_mut(hd) {
+            src.copy_from_slice(head);
+            rope::rotate_row(head, &src, c, s, 1.0);
+        }
+    });
+}
+
+/// Attention of the step's queries q [rows, heads · hd] over the cache (the first
+/// len + t positions of each row), one task per (batch row, query head): scores q·k/√hd
+/// over the valid keys up to the query's own, their softmax, and its weighted sum of the
+/// values. Returns [rows, heads · hd].
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_valid: &[Vec<bool>],
+    d: Dims,
+    t: usize,
+    len: usize,
+    cap: usize,
+) -> Vec<f32> {
+    let (hd, rep) = (d.hd, d.nh / d.nkv);
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Head-major [b, heads, t, hd], then laid out as rows.
+    let mut yh = vec![0f32; d.b * d.nh * t * hd];
+    yh.par_chunks_mut(t * hd)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let (r, head) = (task / d.nh, task % d.nh);
+            let base = (r * d.nkv + head / rep) * cap * hd;
+            let (kh, vh) = (&k[base..][..cap * hd], &v[base..][..cap * hd]);
+            let valid = &key_valid[r];
+            let mut p = vec![0f32; len + t];
+            for (i, y) in out.chunks_mut(hd).enumerate() {
+                let qi = &q[((r * t + i) * d.nh + head) * hd..][..hd];
+                let upto = len + i + 1;
+                let mut max = f32::NEG_INFINITY;
+                for j in 0..upto {
+                    if valid[j] {
+                        let s = dot(qi, &kh[j * hd..][..hd]) * scale;
+                        p[j] = s;
+                        max = max.max(s);
+                    }
+                }
+                if max == f32::NEG_INFINITY {
+                    // A padding query: no key to see (its output is never read).
+                    continue;
+                }
+                let mut sum = 0f32;
+                for j in 0..upto {
+                    if valid[j] {
+                        p[j] = (p[j] - max).exp();
+                        sum += p[j];
+                    }
+                }
+                for j in 0..upto {
+                    if valid[j] {
+                        let pj = p[j] / sum;
+                        for (y, v) in y.iter_mut().zip(&vh[j * hd..][..hd]) {
+                            *y += pj * v;
+                        }
+                    }
+                }
+            }
+        });
+    if t == 1 {
+        return yh;
+    }
+    let mut y = vec![0f32; yh.len()];
+    y.par_chunks_mut(d.nh * hd)
+        .enumerate()
+        .for_each(|(row, yr)| {
+            let (r, i) = (row / t, row % t);
+            for (head, dst) in yr.chunks_mut(hd).enumerate() {
+                dst.copy_from_slice(&yh[((r * d.nh + head) * t + i) * hd..][..hd]);
+            }
+        });
+    y
+}
+
+/// a · b in eight partial sums (so that it vectorizes), added pairwise, then the tail.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    let h: [f32; 4] = std::array::from_fn(|l| acc[l] + acc[l + 4]);
+    (h[0] + h[2]) + (h[1] + h[3]) + tail
+}
