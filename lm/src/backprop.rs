@@ -34,21 +34,39 @@ pub fn supports(model: &Llama) -> bool {
     model.dtype() == DType::F32 && model.device().is_cpu()
 }
 
-/// The sizes of one pass.
+/// The sizes of one pass (the written-out decoder's steps too).
 #[derive(Clone, Copy)]
-struct Dims {
+pub(crate) struct Dims {
     /// Batch rows, time steps, rows · time.
-    b: usize,
-    t: usize,
-    n: usize,
+    pub(crate) b: usize,
+    pub(crate) t: usize,
+    pub(crate) n: usize,
     /// Hidden size, query heads, key/value heads, head size, MLP size, vocabulary.
-    h: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-    ff: usize,
-    vocab: usize,
-    eps: f32,
+    pub(crate) h: usize,
+    pub(crate) nh: usize,
+    pub(crate) nkv: usize,
+    pub(crate) hd: usize,
+    pub(crate) ff: usize,
+    pub(crate) vocab: usize,
+    pub(crate) eps: f32,
+}
+
+impl Dims {
+    /// A pass of `b` rows of `t` positions through a model of `c`.
+    pub(crate) fn new(c: &crate::architecture::ModelConfig, b: usize, t: usize) -> Self {
+        Dims {
+            b,
+            t,
+            n: b * t,
+            h: c.hidden_size,
+            nh: c.num_attention_heads,
+            nkv: c.num_key_value_heads,
+            hd: c.head_dim(),
+            ff: c.intermediate_size,
+            vocab: c.vocab_size,
+            eps: c.rms_norm_eps as f32,
+        }
+    }
 }
 
 /// A weight's f32 values, read in place under the tensor's read lock.
@@ -376,20 +394,8 @@ pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
     if batch.n_loss_tokens == 0 {
         bail!("the batch has no reply tokens to compute a loss on");
     }
-    let c = &model.config;
     let (b, t) = batch.ids.dims2()?;
-    let d = Dims {
-        b,
-        t,
-        n: b * t,
-        h: c.hidden_size,
-        nh: c.num_attention_heads,
-        nkv: c.num_key_value_heads,
-        hd: c.head_dim(),
-        ff: c.intermediate_size,
-        vocab: c.vocab_size,
-        eps: c.rms_norm_eps as f32,
-    };
+    let d = Dims::new(&model.config, b, t);
     let (globals, layer_held) = (held_globals(model)?, held_layers(model)?);
     let w = Weights::new(&globals, &layer_held)?;
     let ids: Vec<u32> = flat(&batch.ids)?;

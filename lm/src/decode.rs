@@ -12,17 +12,14 @@
 //! prefill the GEMM. The tests check the logits against candle's graph and the replies of
 //! the real model against it token for token.
 
-use crate::backprop::{add_into, held_globals, held_layers, project, Held, Weights};
+use crate::backprop::{add_into, held_globals, held_layers, project, Dims, Held, Weights};
 use crate::llama::{Layer, Llama};
 use anyhow::{bail, Result};
 use basin_kernels::ops::{rms_norm, rope, swiglu};
-use candle_core::DType;
 use rayon::prelude::*;
 
-/// Whether [`Decoder`] can run `model`: f32 weights on the CPU.
-pub fn supports(model: &Llama) -> bool {
-    model.dtype() == DType::F32 && model.device().is_cpu()
-}
+/// Whether [`Decoder`] can run `model`: f32 weights on the CPU, as the training pass.
+pub use crate::backprop::supports;
 
 /// The model's weights, held for reading while a generation runs.
 pub struct HeldModel<'m> {
@@ -42,20 +39,6 @@ impl<'m> HeldModel<'m> {
     }
 }
 
-/// The sizes a step works with.
-#[derive(Clone, Copy)]
-struct Dims {
-    /// Batch rows; hidden size, query heads, key/value heads, head size, MLP size, vocabulary.
-    b: usize,
-    h: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-    ff: usize,
-    vocab: usize,
-    eps: f32,
-}
-
 /// A batch's keys and values, every layer's [batch, kv heads, capacity, head_dim], the
 /// first `len` positions filled.
 struct Cache {
@@ -70,7 +53,8 @@ struct Cache {
 pub struct Decoder<'a> {
     model: &'a Llama,
     w: Weights<'a>,
-    d: Dims,
+    /// Batch rows.
+    b: usize,
     cache: Cache,
 }
 
@@ -83,22 +67,12 @@ impl<'a> Decoder<'a> {
         capacity: usize,
     ) -> Result<Self> {
         let c = &model.config;
-        let d = Dims {
-            b,
-            h: c.hidden_size,
-            nh: c.num_attention_heads,
-            nkv: c.num_key_value_heads,
-            hd: c.head_dim(),
-            ff: c.intermediate_size,
-            vocab: c.vocab_size,
-            eps: c.rms_norm_eps as f32,
-        };
-        let per_layer = b * d.nkv * capacity * d.hd;
+        let per_layer = b * c.num_key_value_heads * capacity * c.head_dim();
         let layers = c.num_hidden_layers;
         Ok(Self {
             model,
             w: Weights::new(&held.globals, &held.layers)?,
-            d,
+            b,
             cache: Cache {
                 k: (0..layers).map(|_| vec![0f32; per_layer]).collect(),
                 v: (0..layers).map(|_| vec![0f32; per_layer]).collect(),
@@ -127,9 +101,8 @@ impl<'a> Decoder<'a> {
         positions: &[u32],
         key_valid: &[Vec<bool>],
     ) -> Result<Vec<f32>> {
-        let d = self.d;
-        let (b, n) = (d.b, ids.len());
-        if b == 0 || n % b != 0 || positions.len() != n || key_valid.len() != b {
+        let (b, n) = (self.b, ids.len());
+        if b == 0 || n == 0 || n % b != 0 || positions.len() != n || key_valid.len() != b {
             bail!(
                 "decode step: {n} ids, {} positions and {} mask rows for a batch of {b}",
                 positions.len(),
@@ -137,6 +110,7 @@ impl<'a> Decoder<'a> {
             );
         }
         let t = n / b;
+        let d = Dims::new(&self.model.config, b, t);
         let (len, keys) = (self.cache.len, self.cache.len + t);
         if keys > self.cache.capacity {
             bail!(
@@ -179,18 +153,17 @@ impl<'a> Decoder<'a> {
             let v = project(&a, &l.v, n, d.h, kvd);
             rotate_heads(&mut q, &cos, &sin, d.hd);
             // The new keys (rotated) and values, each into its place in the cache.
-            let (rk, rv): (&mut [f32], &mut [f32]) = (k_cache, v_cache);
             for row in 0..n {
                 let (r, i) = (row / t, row % t);
                 for head in 0..d.nkv {
                     let at = ((r * d.nkv + head) * cap + len + i) * d.hd;
                     let src = &k[row * kvd + head * d.hd..][..d.hd];
                     let (c, s) = (&cos[row * half..][..half], &sin[row * half..][..half]);
-                    rope::rotate_row(&mut rk[at..at + d.hd], src, c, s, 1.0);
-                    rv[at..at + d.hd].copy_from_slice(&v[row * kvd + head * d.hd..][..d.hd]);
+                    rope::rotate_row(&mut k_cache[at..at + d.hd], src, c, s, 1.0);
+                    v_cache[at..at + d.hd].copy_from_slice(&v[row * kvd + head * d.hd..][..d.hd]);
                 }
             }
-            let y = attention(&q, rk, rv, key_valid, d, t, len, cap);
+            let y = attention(&q, k_cache, v_cache, key_valid, d, len, cap);
             let mut x_mid = project(&y, &l.o, n, qd, d.h);
             add_into(&mut x_mid, &x);
             let m = rms_norm::forward(&x_mid, l.mlp_norm, d.eps);
@@ -233,18 +206,16 @@ fn rotate_heads(x: &mut [f32], cos: &[f32], sin: &[f32], hd: usize) {
 /// len + t positions of each row), one task per (batch row, query head): scores q·k/√hd
 /// over the valid keys up to the query's own, their softmax, and its weighted sum of the
 /// values. Returns [rows, heads · hd].
-#[allow(clippy::too_many_arguments)]
 fn attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     key_valid: &[Vec<bool>],
     d: Dims,
-    t: usize,
     len: usize,
     cap: usize,
 ) -> Vec<f32> {
-    let (hd, rep) = (d.hd, d.nh / d.nkv);
+    let (t, hd, rep) = (d.t, d.hd, d.nh / d.nkv);
     let scale = 1.0 / (hd as f32).sqrt();
     // Head-major [b, heads, t, hd], then laid out as rows.
     let mut yh = vec![0f32; d.b * d.nh * t * hd];

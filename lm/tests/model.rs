@@ -444,6 +444,8 @@ fn the_decoder_refuses_a_step_past_its_cache_or_with_a_bad_mask() {
     let (m, _) = model(&tiny_config(), 5, DType::F32);
     let held = HeldModel::of(&m).unwrap();
     let mut d = Decoder::new(&m, &held, 1, 3).unwrap();
+    let err = d.step(&[], &[], &[vec![]]).unwrap_err();
+    assert!(err.to_string().contains("0 ids"), "{err}");
     let err = d.step(&[1, 2], &[0, 1], &[vec![true]]).unwrap_err();
     assert!(
         err.to_string().contains("mask row 0 has 1 keys, not 2"),
