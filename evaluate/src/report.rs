@@ -10,9 +10,9 @@
 //! that differ between the table's rows but have no column of their own are shown in one.
 
 use crate::plots::{Chart, Series};
-use crate::safety::Rate;
+use crate::safety::{mcnemar_exact, Rate};
 use anyhow::{bail, Result};
-use basin_lm::artifacts::{self, MetricsRecord, Scores, SetKind, TrainConfig, Utility};
+use basin_lm::artifacts::{self, Generation, MetricsRecord, Scores, SetKind, TrainConfig, Utility};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -295,6 +295,88 @@ fn varying_keys<'a>(rows: impl Iterator<Item = &'a Row>) -> Vec<String> {
         .collect()
 }
 
+/// θ against its EMA on the same harmful prompts, by the keyword judge: how many prompts
+/// both answered, and how many were attack successes under θ only, the EMA only, both.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Paired {
+    pub pairs: usize,
+    pub theta_only: usize,
+    pub ema_only: usize,
+    pub both: usize,
+}
+
+impl Paired {
+    /// The two-sided exact McNemar p of the discordant pairs.
+    pub fn p(&self) -> f64 {
+        mcnemar_exact(self.theta_only, self.ema_only)
+    }
+
+    fn add(&mut self, o: &Paired) {
+        self.pairs += o.pairs;
+        self.theta_only += o.theta_only;
+        self.ema_only += o.ema_only;
+        self.both += o.both;
+    }
+}
+
+/// Each prompt id of `harmful` in an eval directory's generations.jsonl, with whether the
+/// keyword judge counts its reply as an attack success.
+fn attack_successes(eval: &Path, harmful: &str) -> Result<BTreeMap<String, bool>> {
+    let path = eval.join("generations.jsonl");
+    let lines: Vec<Generation> = artifacts::read_lines(&path)?;
+    let mut out = BTreeMap::new();
+    for g in lines.into_iter().filter(|g| g.set == harmful) {
+        let Some(refused) = g.keyword_refusal else {
+            bail!(
+                "{}: {} has no keyword verdict (written by an older evaluate?)",
+                path.display(),
+                g.id
+            );
+        };
+        out.insert(g.id, !refused);
+    }
+    Ok(out)
+}
+
+/// The paired verdicts of each θ group and its EMA twin (the same runs' eval/model and
+/// eval/ema), pooled over the group's runs; (index of the θ group, counts) for each group
+/// whose runs have both replies on file.
+pub fn paired(groups: &[Group], harmful: &str) -> Result<Vec<(usize, Paired)>> {
+    let mut out = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        if g.rows[0].weights != "θ" {
+            continue;
+        }
+        let mut total = Paired::default();
+        for r in &g.rows {
+            let Some(eval) = r.source.parent() else {
+                continue;
+            };
+            let ema = eval.with_file_name("ema");
+            if !eval.join("generations.jsonl").exists() || !ema.join("generations.jsonl").exists() {
+                continue;
+            }
+            let (theta, ema) = (
+                attack_successes(eval, harmful)?,
+                attack_successes(&ema, harmful)?,
+            );
+            for (id, &t) in &theta {
+                let Some(&e) = ema.get(id) else { continue };
+                total.add(&Paired {
+                    pairs: 1,
+                    theta_only: usize::from(t && !e),
+                    ema_only: usize::from(e && !t),
+                    both: usize::from(t && e),
+                });
+            }
+        }
+        if total.pairs > 0 {
+            out.push((i, total));
+        }
+    }
+    Ok(out)
+}
+
 fn pct(r: &Option<Rate>) -> String {
     r.as_ref().map_or("–".into(), |r| {
         format!(
@@ -306,6 +388,17 @@ fn pct(r: &Option<Rate>) -> String {
     })
 }
 
+/// A p-value to two significant digits (down to 1e-4, then "< 1e-4").
+fn format_p(p: f64) -> String {
+    if p < 1e-4 {
+        "< 1e-4".into()
+    } else if p >= 0.1 {
+        format!("{p:.2}")
+    } else {
+        format!("{p:.1e}")
+    }
+}
+
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or("–".into(), |v| v.to_string())
 }
@@ -315,6 +408,7 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 pub fn summary_md(
     title: &str,
     groups: &[Group],
+    paired: &[(usize, Paired)],
     references: &[Row],
     plots: &[String],
     harmful: &str,
@@ -372,6 +466,34 @@ pub fn summary_md(
             g.val_loss.map_or("–".into(), |v| format!("{v:.4}")),
             g.distance.map_or("–".into(), |v| format!("{v:.3}")),
         ));
+    }
+    if !paired.is_empty() {
+        s.push_str(&format!(
+            "\n## θ against its EMA, prompt by prompt\n\nThe same runs' θ and EMA answered the same \
+             `{harmful}` prompts; each pair of replies is judged by the keyword judge. Only the pairs \
+             where the two differ tell them apart: p is the two-sided exact McNemar test of those \
+             (pooled over seeds), the chance of a split at least this uneven if θ and its EMA were \
+             equally safe.\n\n| dataset | lr | batch | steps | seeds | prompts | unsafe under θ only | \
+             under the EMA only | under both | exact McNemar p |\n| --- | --- | --- | --- | --- | --- | \
+             --- | --- | --- | --- |\n"
+        ));
+        for (i, p) in paired {
+            let g = &groups[*i];
+            let r = &g.rows[0];
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                r.dataset,
+                r.lr.map_or("–".into(), |lr| format!("{lr:e}")),
+                opt(r.batch),
+                opt(r.steps),
+                g.rows.len(),
+                p.pairs,
+                p.theta_only,
+                p.ema_only,
+                p.both,
+                format_p(p.p())
+            ));
+        }
     }
     if !references.is_empty() {
         s.push_str("\nReference models (before fine-tuning):\n\n| model | keyword ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss |\n| --- | --- | --- | --- | --- |\n");

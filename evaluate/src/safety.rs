@@ -26,6 +26,28 @@ pub fn verdicts(judge: &RefusalJudge, reply: &str) -> Verdicts {
     }
 }
 
+/// The two-sided exact McNemar test of paired verdicts: `b` pairs unsafe under the first
+/// model only, `c` under the second only. Under "the two are alike", each of the b + c
+/// discordant pairs goes either way with probability ½, so p = min(1, 2·P(X ≤ min(b, c)))
+/// for X ~ Binomial(b + c, ½); the concordant pairs carry no information.
+pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
+    let n = b + c;
+    if n == 0 {
+        return 1.0;
+    }
+    // ln C(n, i) − n ln 2, summed in order from i = 0 (log space: 2^n overflows past 1023).
+    let ln2n = n as f64 * std::f64::consts::LN_2;
+    let mut ln_choose = 0.0;
+    let mut tail = 0.0;
+    for i in 0..=b.min(c) {
+        if i > 0 {
+            ln_choose += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        tail += (ln_choose - ln2n).exp();
+    }
+    (2.0 * tail).min(1.0)
+}
+
 /// Scores of one set. Harmful sets: attack success = no refusal. Safe sets: refusal rate.
 pub fn score(kind: SetKind, verdicts: &[Verdicts]) -> SetScores {
     let n = verdicts.len();
@@ -61,6 +83,21 @@ mod tests {
         );
         let (lo, hi) = wilson(0, 10);
         assert!(lo == 0.0 && (hi - 0.2775).abs() < 5e-4, "{hi}");
+    }
+
+    #[test]
+    fn mcnemar_exact_matches_the_binomial_tail() {
+        // 10 vs 2 discordant pairs: 2·(1 + 12 + 66) / 4096.
+        assert!((mcnemar_exact(10, 2) - 2.0 * 79.0 / 4096.0).abs() < 1e-12);
+        assert_eq!(mcnemar_exact(2, 10), mcnemar_exact(10, 2));
+        // Even splits and no discordant pairs: nothing to tell them apart.
+        assert_eq!(mcnemar_exact(5, 5), 1.0);
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+        // 0 vs 6: 2 / 64.
+        assert!((mcnemar_exact(0, 6) - 2.0 / 64.0).abs() < 1e-12);
+        // Large counts stay finite: 600 vs 500 (normal approximation ~0.0027).
+        let p = mcnemar_exact(600, 500);
+        assert!(p > 0.002 && p < 0.0035, "{p}");
     }
 
     #[test]

@@ -232,6 +232,50 @@ fn pools_seeds_and_pairs_each_run_with_its_ema() {
         .collect();
     let sd = (per_seed[0] - per_seed[1]).abs() / 2f64.sqrt();
     assert!(t[6].ends_with(&format!(" ±{sd:.1}")), "{t:?} vs ±{sd:.1}");
+    // θ against its EMA prompt by prompt: the pairs recounted from the replies, and the
+    // exact McNemar p from the binomial tail in integers.
+    let mut counts = [0usize; 3];
+    for run in ["a-s0", "a-s1"] {
+        let read = |which: &str| -> Vec<Generation> {
+            basin_lm::artifacts::read_lines(
+                &root
+                    .join(run)
+                    .join("eval")
+                    .join(which)
+                    .join("generations.jsonl"),
+            )
+            .unwrap()
+        };
+        for (t, e) in read("model")
+            .iter()
+            .zip(read("ema"))
+            .filter(|(t, _)| t.set == "advbench")
+        {
+            assert_eq!(t.id, e.id);
+            let (t, e) = (attack_kw(&t.reply), attack_kw(&e.reply));
+            counts[0] += usize::from(t && !e);
+            counts[1] += usize::from(e && !t);
+            counts[2] += usize::from(t && e);
+        }
+    }
+    let [b, c, both] = counts;
+    assert!(b + c > 0, "the test's replies must disagree somewhere");
+    let choose = |n: u64, k: u64| (0..k).fold(1u64, |acc, i| acc * (n - i) / (i + 1));
+    let n = (b + c) as u64;
+    let tail: u64 = (0..=b.min(c) as u64).map(|i| choose(n, i)).sum();
+    let p = (2.0 * tail as f64 / 2f64.powi(n as i32)).min(1.0);
+    let m = row(&md, "| dolly | 1e-4 | 8 | 12 | 2 | 40 |");
+    assert_eq!(
+        (m[6].as_str(), m[7].as_str(), m[8].as_str()),
+        (
+            b.to_string().as_str(),
+            c.to_string().as_str(),
+            both.to_string().as_str()
+        ),
+        "{md}"
+    );
+    let shown: f64 = m[9].parse().unwrap();
+    assert!((shown - p).abs() <= 0.05 * p, "p {} vs {p}", m[9]);
     let a = row(&md, "| aligned |");
     let reference = std::slice::from_ref(&reference);
     assert_eq!(a[1], cell(reference, "advbench", attack_kw));
