@@ -527,8 +527,61 @@ pub fn summary_md(
     s
 }
 
+/// The points no other point beats on both axes (lower is better on each), by x: the
+/// Pareto front of (utility loss, ASR).
+pub fn pareto_front(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut sorted: Vec<(f64, f64)> = points.to_vec();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    let mut front: Vec<(f64, f64)> = Vec::new();
+    for p in sorted {
+        // Sorted by x, a point is on the front when it is lower than every point before it.
+        if front.last().is_none_or(|last| p.1 < last.1) {
+            front.push(p);
+        }
+    }
+    front
+}
+
+/// The frontier: keyword ASR (%) against the validation loss of every evaluated model, a
+/// point per run (seeds shown) for θ and for the EMA, and the Pareto front over them all.
+fn frontier(groups: &[Group], harmful: &str) -> Chart {
+    let mut by_weights: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    for r in groups.iter().flat_map(|g| &g.rows) {
+        if let (Some(loss), Some(a)) = (r.val_loss, &r.asr_keyword) {
+            by_weights
+                .entry(r.weights)
+                .or_default()
+                .push((loss, 100.0 * a.rate));
+        }
+    }
+    let all: Vec<(f64, f64)> = by_weights.values().flatten().copied().collect();
+    // The front first, so that each model's own point is drawn over it.
+    let front = (!all.is_empty()).then(|| Series {
+        name: "Pareto front".into(),
+        points: pareto_front(&all),
+        line: true,
+    });
+    let series: Vec<Series> = front
+        .into_iter()
+        .chain(by_weights.into_iter().map(|(w, points)| Series {
+            name: format!("{w} (a point per run)"),
+            points,
+            line: false,
+        }))
+        .collect();
+    Chart {
+        stem: "frontier".into(),
+        title: "Safety against utility: lower left is better".into(),
+        x: "validation loss (lower is better)".into(),
+        y: format!("keyword ASR on {harmful} (%)"),
+        series,
+        diagonal: false,
+    }
+}
+
 /// The report's plots: keyword ASR (%) against the learning rate (a line per batch size and
-/// weights), the steps, the distance from the start; and each run's EMA against its θ.
+/// weights), the steps, the distance from the start, the validation loss (the frontier);
+/// and each run's EMA against its θ.
 pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
     type ByName = BTreeMap<String, Vec<(f64, f64)>>;
     let asr = |g: &Group| g.asr_keyword.as_ref().map(|r| 100.0 * r.rate);
@@ -616,5 +669,26 @@ pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
             "||w - w0|| (w = θ or the EMA)",
             series(by_dist, false),
         ),
+        frontier(groups, harmful),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pareto_front;
+
+    #[test]
+    fn the_pareto_front_keeps_the_points_nothing_beats_on_both_axes() {
+        // (loss, ASR): (2.0, 50) is beaten by (1.9, 40); (2.2, 40) by (1.9, 40) too.
+        let pts = [
+            (2.3, 5.0),
+            (2.0, 50.0),
+            (1.9, 40.0),
+            (2.2, 40.0),
+            (2.5, 5.0),
+            (2.1, 10.0),
+        ];
+        assert_eq!(pareto_front(&pts), [(1.9, 40.0), (2.1, 10.0), (2.3, 5.0)]);
+        assert!(pareto_front(&[]).is_empty());
+    }
 }

@@ -287,7 +287,7 @@ fn pools_seeds_and_pairs_each_run_with_its_ema() {
         "provenance: {md}"
     );
     if md.contains("## Plots") {
-        for stem in ["asr_vs_lr", "ema_vs_no_ema", "asr_vs_distance"] {
+        for stem in ["asr_vs_lr", "ema_vs_no_ema", "asr_vs_distance", "frontier"] {
             assert!(
                 out.join(format!("{stem}.svg")).exists()
                     && out.join(format!("{stem}.png")).exists()
