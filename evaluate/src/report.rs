@@ -408,7 +408,7 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 pub fn summary_md(
     title: &str,
     groups: &[Group],
-    paired: &[(usize, Paired)],
+    comparisons: &Comparisons,
     references: &[Row],
     plots: &[String],
     harmful: &str,
@@ -467,7 +467,27 @@ pub fn summary_md(
             g.distance.map_or("–".into(), |v| format!("{v:.3}")),
         ));
     }
-    if !paired.is_empty() {
+    if let Some((target, methods)) = &comparisons.matched {
+        s.push_str(&format!(
+            "\n## At matched utility\n\nEach method's keyword ASR at the validation loss of the best \
+             plain fine-tune ({target:.4}, the lowest of the θ rows), read off the method's Pareto \
+             front of (validation loss, ASR) over its settings: linear between the two front points \
+             around that loss, the interval interpolated likewise (a guide, not a test). A method \
+             whose front does not reach that loss has no value: nothing is extrapolated. With few \
+             settings the front is coarse.\n\n| method | settings on its front | their val losses | \
+             keyword ASR % at val loss {target:.4} |\n| --- | --- | --- | --- |\n"
+        ));
+        for m in methods {
+            let asr = m.asr.map_or("not reached".into(), |(r, lo, hi)| {
+                format!("{:.1} [{:.1}, {:.1}]", 100.0 * r, 100.0 * lo, 100.0 * hi)
+            });
+            s.push_str(&format!(
+                "| {} | {} | {:.4}–{:.4} | {asr} |\n",
+                m.method, m.front, m.loss_range.0, m.loss_range.1
+            ));
+        }
+    }
+    if !comparisons.paired.is_empty() {
         s.push_str(&format!(
             "\n## θ against its EMA, prompt by prompt\n\nThe same runs' θ and EMA answered the same \
              `{harmful}` prompts; each pair of replies is judged by the keyword judge. Only the pairs \
@@ -477,7 +497,7 @@ pub fn summary_md(
              under the EMA only | under both | exact McNemar p |\n| --- | --- | --- | --- | --- | --- | \
              --- | --- | --- | --- |\n"
         ));
-        for (i, p) in paired {
+        for (i, p) in &comparisons.paired {
             let g = &groups[*i];
             let r = &g.rows[0];
             s.push_str(&format!(
@@ -540,6 +560,93 @@ pub fn pareto_front(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
         }
     }
     front
+}
+
+/// What the report compares beyond the table: methods at matched utility, and each θ
+/// against its EMA on the same prompts.
+pub struct Comparisons {
+    pub matched: Option<(f64, Vec<Matched>)>,
+    pub paired: Vec<(usize, Paired)>,
+}
+
+impl Comparisons {
+    pub fn of(groups: &[Group], harmful: &str) -> Result<Self> {
+        Ok(Self {
+            matched: matched_utility(groups),
+            paired: paired(groups, harmful)?,
+        })
+    }
+}
+
+/// One method's keyword ASR at the target validation loss, read off its Pareto front.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Matched {
+    /// "θ" (plain fine-tuning) or "EMA".
+    pub method: &'static str,
+    /// Its settings (pooled over seeds) on the front, and their validation losses' range.
+    pub front: usize,
+    pub loss_range: (f64, f64),
+    /// ASR and its Wilson interval (fractions) interpolated linearly in the validation loss
+    /// between the two front points around the target; None when the target lies outside.
+    pub asr: Option<(f64, f64, f64)>,
+}
+
+/// Each method's ASR at the utility of the best plain fine-tune (the lowest validation
+/// loss of a θ setting): the target loss, and a [`Matched`] per method with a loss.
+pub fn matched_utility(groups: &[Group]) -> Option<(f64, Vec<Matched>)> {
+    let mut by_method: BTreeMap<&'static str, Vec<(f64, Rate)>> = BTreeMap::new();
+    for g in groups {
+        if let (Some(loss), Some(a)) = (g.val_loss, &g.asr_keyword) {
+            by_method
+                .entry(g.rows[0].weights)
+                .or_default()
+                .push((loss, a.clone()));
+        }
+    }
+    let target = by_method
+        .get("θ")?
+        .iter()
+        .map(|p| p.0)
+        .min_by(f64::total_cmp)?;
+    let matched = by_method
+        .into_iter()
+        .map(|(method, points)| {
+            let xy: Vec<(f64, f64)> = points.iter().map(|(l, r)| (*l, r.rate)).collect();
+            let front = pareto_front(&xy);
+            let rate_at = |p: (f64, f64)| {
+                let r = &points
+                    .iter()
+                    .find(|(l, r)| (*l, r.rate) == p)
+                    .expect("a point")
+                    .1;
+                (r.rate, r.ci95.0, r.ci95.1)
+            };
+            let asr = front.windows(2).find_map(|w| {
+                let (a, b) = (w[0], w[1]);
+                (a.0..=b.0).contains(&target).then(|| {
+                    let f = if b.0 > a.0 {
+                        (target - a.0) / (b.0 - a.0)
+                    } else {
+                        0.0
+                    };
+                    let (ra, rb) = (rate_at(a), rate_at(b));
+                    let lerp = |x: f64, y: f64| x + f * (y - x);
+                    (lerp(ra.0, rb.0), lerp(ra.1, rb.1), lerp(ra.2, rb.2))
+                })
+            });
+            let asr = asr.or_else(|| {
+                // A single point, or the target on the front's only point.
+                front.iter().find(|p| p.0 == target).map(|&p| rate_at(p))
+            });
+            Matched {
+                method,
+                front: front.len(),
+                loss_range: (front[0].0, front[front.len() - 1].0),
+                asr,
+            }
+        })
+        .collect();
+    Some((target, matched))
 }
 
 /// The frontier: keyword ASR (%) against the validation loss of every evaluated model, a
@@ -675,7 +782,60 @@ pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
 
 #[cfg(test)]
 mod tests {
-    use super::pareto_front;
+    use super::*;
+
+    /// A model of setting `lr` with `k` of 100 attack successes at validation loss `loss`.
+    fn row(weights: &'static str, lr: &str, loss: f64, k: usize) -> Row {
+        Row {
+            run: format!("run-{lr}"),
+            weights,
+            dataset: "dolly".into(),
+            lr: lr.parse().ok(),
+            batch: None,
+            steps: None,
+            seed: None,
+            ema_beta: None,
+            setting: [("lr".to_string(), lr.to_string())].into(),
+            asr_keyword: Some(Rate::new(k, 100)),
+            asr_calibrated: None,
+            overrefusal: None,
+            val_loss: Some(loss),
+            distance: None,
+            commit: None,
+            source: PathBuf::new(),
+        }
+    }
+
+    #[test]
+    fn matched_utility_reads_each_methods_front_at_the_best_plain_fine_tunes_loss() {
+        let groups = group(&[
+            row("θ", "1e-4", 2.0, 90),
+            row("θ", "1e-5", 2.4, 10),
+            // On θ's front too: a higher loss, but a lower ASR.
+            row("θ", "3e-5", 2.2, 50),
+            row("EMA", "1e-4", 1.8, 60),
+            row("EMA", "1e-5", 2.3, 10),
+            // Beaten by (2.3, 10%) on both axes: not on the EMA's front.
+            row("EMA", "3e-5", 2.35, 20),
+        ]);
+        let (target, m) = matched_utility(&groups).unwrap();
+        assert_eq!(target, 2.0);
+        let ema = m.iter().find(|m| m.method == "EMA").unwrap();
+        assert_eq!((ema.front, ema.loss_range), (2, (1.8, 2.3)));
+        // 60% at 1.8, 10% at 2.3: at 2.0, 60 - 0.4 · 50 = 40%.
+        let (r, lo, hi) = ema.asr.unwrap();
+        assert!((r - 0.40).abs() < 1e-12, "{r}");
+        let (a, b) = (Rate::new(60, 100).ci95, Rate::new(10, 100).ci95);
+        assert!((lo - (a.0 + 0.4 * (b.0 - a.0))).abs() < 1e-12);
+        assert!((hi - (a.1 + 0.4 * (b.1 - a.1))).abs() < 1e-12);
+        let theta = m.iter().find(|m| m.method == "θ").unwrap();
+        assert_eq!(theta.front, 3);
+        assert!((theta.asr.unwrap().0 - 0.90).abs() < 1e-12);
+        // A target outside a method's front gives no value.
+        let groups = group(&[row("θ", "1e-4", 2.0, 90), row("EMA", "1e-4", 2.1, 60)]);
+        let (_, m) = matched_utility(&groups).unwrap();
+        assert_eq!(m.iter().find(|m| m.method == "EMA").unwrap().asr, None);
+    }
 
     #[test]
     fn the_pareto_front_keeps_the_points_nothing_beats_on_both_axes() {

@@ -2,7 +2,7 @@
 //! fresh directory beside `out` and renamed into place: `summary.md`, `*.svg`, `*.png`.
 
 use crate::plots::{load_font, render};
-use crate::report::{charts, group, paired, reference_row, run_rows, summary_md};
+use crate::report::{charts, group, reference_row, run_rows, summary_md, Comparisons};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -51,7 +51,7 @@ pub fn run(args: &Args) -> Result<Summary> {
         })
         .collect::<Result<Vec<_>>>()?;
     let groups = group(&rows);
-    let paired = paired(&groups, &args.harmful)?;
+    let comparisons = Comparisons::of(&groups, &args.harmful)?;
     let charts = charts(&groups, &args.harmful);
     let mut drawn = Vec::new();
     basin_lm::fsutil::replace_dir(&args.out, |tmp| {
@@ -73,7 +73,7 @@ pub fn run(args: &Args) -> Result<Summary> {
         let md = summary_md(
             &args.title,
             &groups,
-            &paired,
+            &comparisons,
             &refs,
             &drawn,
             &args.harmful,
