@@ -42,6 +42,8 @@ pub struct Row {
     pub commit: Option<String>,
     /// Where the numbers come from (the scores file).
     pub source: PathBuf,
+    /// Keyword ASR on every other harmful set the scores file holds.
+    pub other_harmful: BTreeMap<String, Rate>,
 }
 
 /// What one eval directory says.
@@ -51,6 +53,7 @@ struct EvalScores {
     overrefusal: Option<Rate>,
     val_loss: Option<f64>,
     commit: Option<String>,
+    other_harmful: BTreeMap<String, Rate>,
 }
 
 /// The scores of one eval directory: ASR on the `harmful` set by both judges, the
@@ -76,12 +79,19 @@ fn scores(dir: &Path, harmful: &str) -> Result<EvalScores> {
     } else {
         None
     };
+    let other_harmful = s
+        .sets
+        .iter()
+        .filter(|(name, v)| v.kind == SetKind::Harmful && name.as_str() != harmful)
+        .map(|(name, v)| (name.clone(), v.keyword.clone()))
+        .collect();
     Ok(EvalScores {
         keyword: Some(h.keyword.clone()),
         calibrated: Some(h.refusal.clone()),
         overrefusal,
         val_loss,
         commit: Some(s.git_commit),
+        other_harmful,
     })
 }
 
@@ -149,6 +159,7 @@ pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
                 }
             }),
             commit: sc.commit,
+            other_harmful: sc.other_harmful,
             source: Scores::path(&dir),
         });
     }
@@ -181,6 +192,7 @@ pub fn reference_row(label: &str, dir: &Path, harmful: &str) -> Result<Row> {
         val_loss: sc.val_loss,
         distance: None,
         commit: sc.commit,
+        other_harmful: sc.other_harmful,
         source: Scores::path(dir),
     })
 }
@@ -516,15 +528,36 @@ pub fn summary_md(
         }
     }
     if !references.is_empty() {
-        s.push_str("\nReference models (before fine-tuning):\n\n| model | keyword ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss |\n| --- | --- | --- | --- | --- |\n");
+        // The other harmful sets any reference was scored on: how far its refusals reach.
+        let others: std::collections::BTreeSet<&String> = references
+            .iter()
+            .flat_map(|r| r.other_harmful.keys())
+            .collect();
+        let head: String = others
+            .iter()
+            .map(|o| format!(" keyword ASR % on {o} |"))
+            .collect();
+        let rule = " --- |".repeat(others.len());
+        s.push_str(&format!("\nReference models (before fine-tuning):\n\n| model | keyword ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss |{head}\n| --- | --- | --- | --- | --- |{rule}\n"));
         for r in references {
+            let cells: String = others
+                .iter()
+                .map(|o| format!(" {} |", pct(&r.other_harmful.get(*o).cloned())))
+                .collect();
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} |{cells}\n",
                 r.run,
                 pct(&r.asr_keyword),
                 pct(&r.asr_calibrated),
                 pct(&r.overrefusal),
                 r.val_loss.map_or("–".into(), |v| format!("{v:.4}"))
+            ));
+        }
+        if !others.is_empty() {
+            s.push_str(&format!(
+                "\nThe columns after the first four are the keyword ASR on the other harmful sets \
+                 the reference models were scored on (`[stage0] safety`): the table's `{harmful}` \
+                 is not the only harm they refuse, or fail to.\n"
             ));
         }
     }
@@ -803,6 +836,7 @@ mod tests {
             distance: None,
             commit: None,
             source: PathBuf::new(),
+            other_harmful: BTreeMap::new(),
         }
     }
 

@@ -32,13 +32,21 @@ fn replies(n: usize, pick: impl Fn(usize) -> usize) -> Vec<String> {
 /// An eval directory as `evaluate safety` writes it, without the model: generations.jsonl
 /// with both judges' verdicts, and scores.json from them (the library's scoring).
 fn evaluated(dir: &Path, harmful: &[String], safe: &[String]) {
+    evaluated_on(
+        dir,
+        &[
+            ("advbench", SetKind::Harmful, harmful),
+            ("xstest", SetKind::Overrefusal, safe),
+        ],
+    )
+}
+
+/// [`evaluated`] on the sets given.
+fn evaluated_on(dir: &Path, on: &[(&str, SetKind, &[String])]) {
     let judge = RefusalJudge::default();
     let mut lines = Vec::new();
     let mut sets = std::collections::BTreeMap::new();
-    for (set, kind, replies) in [
-        ("advbench", SetKind::Harmful, harmful),
-        ("xstest", SetKind::Overrefusal, safe),
-    ] {
+    for &(set, kind, replies) in on {
         let mut vs = Vec::new();
         for (i, reply) in replies.iter().enumerate() {
             let v = verdicts(&judge, reply);
@@ -172,8 +180,16 @@ fn pools_seeds_and_pairs_each_run_with_its_ema() {
     let root = dir.path();
     run(root, "a-s0", 0, 3, 2);
     run(root, "a-s1", 1, 5, 4);
+    // The aligned model was scored on a second harmful set too (`[stage0] safety`).
     let reference = root.join("aligned");
-    evaluated(&reference, &replies(20, |i| 1 + i % 2), &replies(10, |i| i));
+    evaluated_on(
+        &reference,
+        &[
+            ("advbench", SetKind::Harmful, &replies(20, |i| 1 + i % 2)),
+            ("harmbench", SetKind::Harmful, &replies(12, |i| i / 3)),
+            ("xstest", SetKind::Overrefusal, &replies(10, |i| i)),
+        ],
+    );
     let out = root.join("report");
     let o = report(&[
         root.join("a-s0").to_str().unwrap(),
@@ -281,6 +297,8 @@ fn pools_seeds_and_pairs_each_run_with_its_ema() {
     assert_eq!(a[1], cell(reference, "advbench", attack_kw));
     assert_eq!(a[2], cell(reference, "advbench", attack_cal));
     assert_eq!(a[3], cell(reference, "xstest", refused_cal));
+    assert!(md.contains("| keyword ASR % on harmbench |"), "{md}");
+    assert_eq!(a[5], cell(reference, "harmbench", attack_kw));
     assert!(!md.contains("other settings"), "one setting: {md}");
     assert!(
         md.contains("a-s1/eval/ema/scores.json") && md.contains("abc123"),

@@ -8,7 +8,7 @@
 //! again has its evaluations run again too (the old scores belong to other weights).
 
 use crate::config::TrainConfig;
-use crate::sweep::{shell_quote, slurm_script, SweepConfig};
+use crate::sweep::{shell_quote, slurm_script, EvaluateConfig, SweepConfig};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -149,8 +149,7 @@ pub struct Plan {
 /// The evaluation steps of a model: `evaluate safety` (and `utility` when the sweep has
 /// arguments for it). A run directory owes scores for each of its weights (model/, and
 /// ema/ when it trains an EMA); a single model owes them in `out`.
-fn evaluations(sweep: &SweepConfig, name: &str, target: Target) -> Vec<Step> {
-    let e = &sweep.evaluate;
+fn evaluations(e: &EvaluateConfig, name: &str, target: Target) -> Vec<Step> {
     let kinds = [
         ("safety", &e.safety, "scores.json"),
         ("utility", &e.utility, "utility.json"),
@@ -234,6 +233,10 @@ impl Plan {
                 eprintln!("aligned model {}: stage 0 skipped", m.display());
             }
             (Some(s), None) => {
+                let e = EvaluateConfig {
+                    safety: s.safety.clone().unwrap_or(sweep.evaluate.safety.clone()),
+                    ..sweep.evaluate.clone()
+                };
                 if let Some(base) = &s.base_model {
                     let out = s
                         .base_eval
@@ -243,7 +246,7 @@ impl Plan {
                         name: "original".into(),
                         train: None,
                         evaluate: evaluations(
-                            &sweep,
+                            &e,
                             "original",
                             Target::Model {
                                 path: base.clone(),
@@ -262,7 +265,7 @@ impl Plan {
                 stage0.push(Job {
                     name: "stage 0".into(),
                     train: Some(train),
-                    evaluate: evaluations(&sweep, "stage 0", Target::Run { dir, ema }),
+                    evaluate: evaluations(&e, "stage 0", Target::Run { dir, ema }),
                 });
             }
             (None, _) => {}
@@ -287,7 +290,7 @@ impl Plan {
                 name: job.run.clone(),
                 train: Some(train),
                 evaluate: evaluations(
-                    &sweep,
+                    &sweep.evaluate,
                     &job.run,
                     Target::Run {
                         dir: dir.clone(),
@@ -740,6 +743,7 @@ label = "b"
 train_config = {align:?}
 base_model = "m.gguf"
 base_eval = {base:?}
+safety = ["--limit", "4", "--sets", "advbench,harmbench"]
 [evaluate]
 safety = ["--limit", "4"]
 utility = ["--sets", "dolly"]
@@ -785,7 +789,17 @@ utility = ["--sets", "dolly"]
             align.evaluate[0].owes,
             [runs.join("align/eval/model/scores.json")]
         );
+        // Stage 0's own safety arguments (more harmful sets); the points keep [evaluate]'s.
+        for job in [original, align] {
+            assert!(job.evaluate[0]
+                .args
+                .ends_with(&["--limit", "4", "--sets", "advbench,harmbench"].map(String::from)));
+        }
         assert_eq!(p.points.len(), 2);
+        assert!(p.points[0].evaluate[0]
+            .args
+            .ends_with(&["--limit", "4"].map(String::from)));
+        assert_eq!(align.evaluate[1].args[0], "utility");
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct Stage0Config {
     pub base_model: Option<PathBuf>,
     /// Where the original model's scores go (default runs/base/eval/model).
     pub base_eval: Option<PathBuf>,
+    /// Arguments of `evaluate safety` for the two stage-0 models in place of
+    /// `[evaluate] safety`: more harmful sets, so that the report shows how far the
+    /// aligned model's refusals reach beyond the set the points are scored on.
+    pub safety: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,7 +59,7 @@ pub struct Point {
     pub set: Vec<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluateConfig {
     /// Arguments of `evaluate safety` after `--model runs/<run>` (sets, limit, device...).
