@@ -400,6 +400,17 @@ fn pct(r: &Option<Rate>) -> String {
     })
 }
 
+/// The table's first cells of a row: dataset, learning rate, batch size, steps.
+fn setting_cells(r: &Row) -> String {
+    format!(
+        "{} | {} | {} | {}",
+        r.dataset,
+        r.lr.map_or("–".into(), |lr| format!("{lr:e}")),
+        opt(r.batch),
+        opt(r.steps)
+    )
+}
+
 /// A p-value to two significant digits (down to 1e-4, then "< 1e-4").
 fn format_p(p: f64) -> String {
     if p < 1e-4 {
@@ -464,11 +475,8 @@ pub fn summary_md(
             String::new()
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} |{other_cell} {} | {}{} | {} | {} | {} | {} |\n",
-            r.dataset,
-            r.lr.map_or("–".into(), |lr| format!("{lr:e}")),
-            opt(r.batch),
-            opt(r.steps),
+            "| {} | {} |{other_cell} {} | {}{} | {} | {} | {} | {} |\n",
+            setting_cells(r),
             weights,
             g.rows.len(),
             pct(&g.asr_keyword),
@@ -513,11 +521,8 @@ pub fn summary_md(
             let g = &groups[*i];
             let r = &g.rows[0];
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-                r.dataset,
-                r.lr.map_or("–".into(), |lr| format!("{lr:e}")),
-                opt(r.batch),
-                opt(r.steps),
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                setting_cells(r),
                 g.rows.len(),
                 p.pairs,
                 p.theta_only,
