@@ -478,6 +478,7 @@ pub fn charts_1d(points: &[Point], axis: &str, pct: f64) -> Vec<Chart> {
             .filter_map(|p| f(p).map(|y| (p.a, y)))
             .collect(),
         line: true,
+        ..Default::default()
     };
     let rel = |f: fn(&Point) -> f64| {
         let min = points.iter().map(f).fold(f64::INFINITY, f64::min);
@@ -487,6 +488,7 @@ pub fn charts_1d(points: &[Point], axis: &str, pct: f64) -> Vec<Chart> {
         name: format!("basin threshold (+{pct}%)"),
         points: points.iter().map(|p| (p.a, pct)).collect(),
         line: true,
+        ..Default::default()
     };
     let mut charts = vec![
         Chart {

@@ -7,11 +7,22 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;
 
+#[derive(Default)]
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
     /// Join the points with a line (sorted by x).
     pub line: bool,
+    /// A mark for each point (none when empty): its interval and label.
+    pub marks: Vec<Mark>,
+}
+
+/// What a point shows beside its dot: a vertical interval (a 95% interval of a rate) and a
+/// short label (its setting).
+#[derive(Clone, Debug, Default)]
+pub struct Mark {
+    pub interval: Option<(f64, f64)>,
+    pub label: String,
 }
 
 pub struct Chart {
@@ -49,7 +60,15 @@ pub fn load_font() -> Option<String> {
 }
 
 fn bounds(chart: &Chart) -> (f64, f64, f64, f64) {
-    let pts = || chart.series.iter().flat_map(|s| &s.points);
+    // The points, and the ends of their intervals.
+    let ends: Vec<(f64, f64)> = chart
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().zip(&s.marks))
+        .filter_map(|(p, m)| m.interval.map(|(lo, hi)| [(p.0, lo), (p.0, hi)]))
+        .flatten()
+        .collect();
+    let pts = || chart.series.iter().flat_map(|s| &s.points).chain(&ends);
     let (mut x0, mut x1) = pts().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
     let (mut y0, mut y1) = pts().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     if x0 > x1 {
@@ -61,7 +80,13 @@ fn bounds(chart: &Chart) -> (f64, f64, f64, f64) {
     }
     let pad = |a: f64, b: f64| ((b - a).abs() * 0.08).max(1e-3);
     let (px, py) = (pad(x0, x1), pad(y0, y1));
-    (x0 - px, x1 + px, y0 - py, y1 + py)
+    // Room on the right for the labels of the rightmost points.
+    let labelled = chart
+        .series
+        .iter()
+        .any(|s| s.marks.iter().any(|m| !m.label.is_empty()));
+    let right = if labelled { 3.0 * px } else { px };
+    (x0 - px, x1 + right, y0 - py, y1 + py)
 }
 
 fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, chart: &Chart) -> Result<()>
@@ -96,6 +121,25 @@ where
             c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                 .map_err(e)?;
         }
+        let intervals = s
+            .points
+            .iter()
+            .zip(&s.marks)
+            .filter_map(|(p, m)| m.interval.map(|(lo, hi)| (p.0, lo, hi)));
+        c.draw_series(
+            intervals
+                .map(|(x, lo, hi)| PathElement::new(vec![(x, lo), (x, hi)], color.stroke_width(1))),
+        )
+        .map_err(e)?;
+        let labels = s
+            .points
+            .iter()
+            .zip(&s.marks)
+            .filter(|(_, m)| !m.label.is_empty());
+        c.draw_series(labels.map(|(&p, m)| {
+            EmptyElement::at(p) + Text::new(m.label.clone(), (7, -14), ("sans-serif", 11))
+        }))
+        .map_err(e)?;
         c.draw_series(pts.iter().map(|&p| Circle::new(p, 5, color.filled())))
             .map_err(e)?
             .label(&s.name)

@@ -9,7 +9,7 @@
 //! interval over all replies) and the spread over seeds is reported beside them. Settings
 //! that differ between the table's rows but have no column of their own are shown in one.
 
-use crate::plots::{Chart, Series};
+use crate::plots::{Chart, Mark, Series};
 use crate::safety::{mcnemar_exact, Rate};
 use anyhow::{bail, Result};
 use basin_lm::artifacts::{self, Generation, MetricsRecord, Scores, SetKind, TrainConfig, Utility};
@@ -585,6 +585,35 @@ pub fn summary_md(
     s
 }
 
+/// A point's mark: the 95% interval of `rate` (in %) and the row's setting, short.
+fn mark(r: &Row, rate: &Option<Rate>) -> Mark {
+    let mut label = r.lr.map_or(String::new(), |lr| format!("lr {lr:e}"));
+    if let Some(b) = r.batch {
+        label.push_str(&format!(" b{b}"));
+    }
+    if let Some(s) = r.steps {
+        label.push_str(&format!(" s{s}"));
+    }
+    Mark {
+        interval: rate.as_ref().map(|r| (100.0 * r.ci95.0, 100.0 * r.ci95.1)),
+        label: label.trim().to_string(),
+    }
+}
+
+/// A point (x, y) and its mark.
+type Marked = ((f64, f64), Mark);
+
+/// A series of marked points.
+fn marked(name: String, points: Vec<Marked>, line: bool) -> Series {
+    let (points, marks) = points.into_iter().unzip();
+    Series {
+        name,
+        points,
+        line,
+        marks,
+    }
+}
+
 /// The points no other point beats on both axes (lower is better on each), by x: the
 /// Pareto front of (utility loss, ASR).
 pub fn pareto_front(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
@@ -690,29 +719,30 @@ pub fn matched_utility(groups: &[Group]) -> Option<(f64, Vec<Matched>)> {
 /// The frontier: keyword ASR (%) against the validation loss of every evaluated model, a
 /// point per run (seeds shown) for θ and for the EMA, and the Pareto front over them all.
 fn frontier(groups: &[Group], harmful: &str) -> Chart {
-    let mut by_weights: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut by_weights: BTreeMap<&str, Vec<Marked>> = BTreeMap::new();
     for r in groups.iter().flat_map(|g| &g.rows) {
         if let (Some(loss), Some(a)) = (r.val_loss, &r.asr_keyword) {
             by_weights
                 .entry(r.weights)
                 .or_default()
-                .push((loss, 100.0 * a.rate));
+                .push(((loss, 100.0 * a.rate), mark(r, &r.asr_keyword)));
         }
     }
-    let all: Vec<(f64, f64)> = by_weights.values().flatten().copied().collect();
+    let all: Vec<(f64, f64)> = by_weights.values().flatten().map(|p| p.0).collect();
     // The front first, so that each model's own point is drawn over it.
     let front = (!all.is_empty()).then(|| Series {
         name: "Pareto front".into(),
         points: pareto_front(&all),
         line: true,
+        ..Default::default()
     });
     let series: Vec<Series> = front
         .into_iter()
-        .chain(by_weights.into_iter().map(|(w, points)| Series {
-            name: format!("{w} (a point per run)"),
-            points,
-            line: false,
-        }))
+        .chain(
+            by_weights
+                .into_iter()
+                .map(|(w, points)| marked(format!("{w} (a point per run)"), points, false)),
+        )
         .collect();
     Chart {
         stem: "frontier".into(),
@@ -728,12 +758,13 @@ fn frontier(groups: &[Group], harmful: &str) -> Chart {
 /// weights), the steps, the distance from the start, the validation loss (the frontier);
 /// and each run's EMA against its θ.
 pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
-    type ByName = BTreeMap<String, Vec<(f64, f64)>>;
+    type ByName = BTreeMap<String, Vec<Marked>>;
     let asr = |g: &Group| g.asr_keyword.as_ref().map(|r| 100.0 * r.rate);
     let (mut by_lr, mut by_steps, mut by_dist) = (ByName::new(), ByName::new(), ByName::new());
     for g in groups {
         let r = &g.rows[0];
         let Some(a) = asr(g) else { continue };
+        let m = mark(r, &g.asr_keyword);
         // Groups that differ in a setting without a column stay on lines of their own.
         let weights = if g.other.is_empty() {
             r.weights.to_string()
@@ -744,16 +775,16 @@ pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
             by_lr
                 .entry(format!("batch {} {weights}", r.batch.unwrap_or(0)))
                 .or_default()
-                .push((lr.log10(), a));
+                .push(((lr.log10(), a), m.clone()));
         }
         if let Some(s) = r.steps {
             by_steps
                 .entry(weights.clone())
                 .or_default()
-                .push((s as f64, a));
+                .push(((s as f64, a), m.clone()));
         }
         if let Some(d) = g.distance {
-            by_dist.entry(weights).or_default().push((d, a));
+            by_dist.entry(weights).or_default().push(((d, a), m));
         }
     }
     // EMA vs no EMA: the same runs' θ and θ̄.
@@ -764,13 +795,13 @@ pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
             let x = &e.rows[0];
             x.weights == "EMA" && x.setting == r.setting && x.steps == r.steps
         });
-        if let (Some(a), Some(b)) = (asr(g), twin.and_then(asr)) {
-            pairs.push((a, b));
+        if let (Some(a), Some(b), Some(t)) = (asr(g), twin.and_then(asr), twin) {
+            pairs.push(((a, b), mark(r, &t.asr_keyword)));
         }
     }
     let series = |m: ByName, line: bool| {
         m.into_iter()
-            .map(|(name, points)| Series { name, points, line })
+            .map(|(name, points)| marked(name, points, line))
             .collect::<Vec<_>>()
     };
     let chart = |stem: &str, title: &str, x: &str, series: Vec<Series>| Chart {
@@ -801,11 +832,7 @@ pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
                 "ema_vs_no_ema",
                 "The same runs with and without the EMA",
                 "ASR without EMA (%)",
-                vec![Series {
-                    name: "run".into(),
-                    points: pairs,
-                    line: false,
-                }],
+                vec![marked("run (bar: the EMA's interval)".into(), pairs, false)],
             )
         },
         chart(
@@ -843,6 +870,23 @@ mod tests {
             source: PathBuf::new(),
             other_harmful: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_points_mark_is_its_rates_interval_in_percent_and_its_setting() {
+        let mut r = row("θ", "1e-4", 2.0, 90);
+        (r.batch, r.steps) = (Some(4), Some(12));
+        let m = mark(&r, &r.asr_keyword);
+        let ci = Rate::new(90, 100).ci95;
+        assert_eq!(m.interval, Some((100.0 * ci.0, 100.0 * ci.1)));
+        assert_eq!(m.label, "lr 1e-4 b4 s12");
+        // A reference has no setting: no label.
+        let r = Row {
+            lr: None,
+            ..row("θ", "x", 2.0, 90)
+        };
+        assert_eq!(mark(&r, &None).label, "");
+        assert_eq!(mark(&r, &None).interval, None);
     }
 
     #[test]
