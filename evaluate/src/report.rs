@@ -560,9 +560,9 @@ pub fn summary_md(
         }
         if !others.is_empty() {
             s.push_str(&format!(
-                "\nThe columns after the first four are the keyword ASR on the other harmful sets \
-                 the reference models were scored on (`[stage0] safety`): the table's `{harmful}` \
-                 is not the only harm they refuse, or fail to.\n"
+                "\nThe last columns: the keyword ASR on the other harmful sets the reference models \
+                 were scored on (`[stage0] safety`), to show how far their refusals reach beyond \
+                 `{harmful}`.\n"
             ));
         }
     }
