@@ -82,15 +82,6 @@ impl<'a> Decoder<'a> {
         })
     }
 
-    /// Positions already in the cache.
-    pub fn len(&self) -> usize {
-        self.cache.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.cache.len == 0
-    }
-
     /// Feeds `ids` [b, t] at `positions` [b, t] (row-major), appending t positions to the
     /// cache, and returns the next-token logits [b, vocab] after each row's last token.
     /// `key_valid[r]` tells, for each of the len + t keys, whether row r may attend to it
