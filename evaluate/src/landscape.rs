@@ -114,6 +114,17 @@ impl Params {
         self.sync()
     }
 
+    /// ‖θ − other‖ over every parameter, θ the weights set now (f32, in f64 sums).
+    pub fn distance_to(&self, kernels: &mut MultiTensor, other: &[Tensor]) -> Result<f64> {
+        let pairs: Vec<(&Tensor, Option<&Tensor>)> = self
+            .point
+            .iter()
+            .zip(other)
+            .map(|(p, o)| (p.as_tensor(), Some(o)))
+            .collect();
+        Ok(kernels.sum_squares(&pairs)?.sqrt())
+    }
+
     /// The model's weights ← θ₀ + Σ cᵢ·dᵢ.
     pub fn set_offset(&self, centre: &[Tensor], dirs: &[(&[Tensor], f64)]) -> Result<()> {
         for (i, p) in self.point.iter().enumerate() {

@@ -1,10 +1,12 @@
 //! The evaluation stage: judges of harmful-prompt replies ([`judges`]) and their
 //! calibration against human labels ([`calibration`]), the safety scores ([`safety`]), the
-//! report over runs ([`report`], [`plots`]), the loss landscapes ([`landscape`]), a model
+//! report over runs ([`report`], [`plots`]) and what it says of the paper's claims
+//! ([`claims`]), the loss landscapes ([`landscape`]), a model
 //! judge ([`model_judge`]); and the `evaluate` commands built on them ([`commands`]), each
 //! `run(&Args) -> Result<Summary>`.
 
 pub mod calibration;
+pub mod claims;
 pub mod commands;
 pub mod judges;
 pub mod landscape;

@@ -1,10 +1,12 @@
 //! `evaluate`: attack success rate and over-refusal (`safety`), utility (`utility`), the
 //! judges against human labels (`judge-check`), the report over runs (`report`), the loss
-//! landscapes of the safety basin (`landscape`); trying a model (`generate`, `export`).
+//! landscapes of the safety basin (`landscape`); WiSE-FT's interpolation (`interpolate`); trying a model (`generate`, `export`).
 //! Each command is a library module of [`evaluate::commands`]; this is clap and dispatch.
 
 use clap::{Parser, Subcommand};
-use evaluate::commands::{export, generate, judge_check, landscape, report, safety, utility};
+use evaluate::commands::{
+    export, generate, interpolate, judge_check, landscape, report, safety, utility,
+};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +36,9 @@ enum Command {
     /// Utility and safety loss along a line between two models, or along random directions
     /// around one (1-D or 2-D), with the basin width of each: CSV, JSON and plots.
     Landscape(landscape::Args),
+    /// WiSE-FT's baseline: a run's fine-tuned θ interpolated toward its start,
+    /// θ_pre + α·(θ_T − θ_pre), into <run>/wise-<α>/ for each --alpha.
+    Interpolate(interpolate::Args),
     /// Write a model (GGUF or HF directory) as a Hugging Face directory that
     /// `transformers` loads: model.safetensors, config.json, tokenizer files.
     Export(export::Args),
@@ -47,6 +52,7 @@ fn main() {
         Command::JudgeCheck(a) => judge_check::run(&a).map(drop),
         Command::Report(a) => report::run(&a).map(drop),
         Command::Landscape(a) => landscape::run(&a).map(drop),
+        Command::Interpolate(a) => interpolate::run(&a).map(drop),
         Command::Export(a) => export::run(&a).map(drop),
     };
     if let Err(e) = done {

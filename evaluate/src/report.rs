@@ -1,28 +1,76 @@
 //! `evaluate report`: the paper's table and plots over a set of runs.
 //!
-//! Each run directory (train's `runs/<name>/`) gives up to two rows: its trained weights θ
-//! (`eval/model/`) and its EMA θ̄ (`eval/ema/`), each with the settings of its
-//! `config.toml`, the safety scores of `evaluate safety` (scores.json), the validation loss
-//! of `evaluate utility` (utility.json) and the distance from the start (metrics.jsonl).
+//! Each run directory (train's `runs/<name>/`) gives a row per evaluated model: its trained
+//! weights θ (`eval/model/`) and its EMA θ̄ (`eval/ema/`), the same at each snapshot of its
+//! trajectory (`step-<N>/eval/`), and WiSE-FT's interpolations toward its start
+//! (`eval/wise-<α>/`); each with the settings of its `config.toml`, the safety scores of
+//! `evaluate safety` (scores.json), the validation loss of `evaluate utility`
+//! (utility.json) and the distance from the start (metrics.jsonl, interpolation.json).
 //! Rows whose resolved configs differ only in the seed (and in what changes neither weights
 //! nor scores: [`NOT_A_SETTING`]) are pooled: the rates add their counts (one Wilson
 //! interval over all replies) and the spread over seeds is reported beside them. Settings
 //! that differ between the table's rows but have no column of their own are shown in one.
+//! What the numbers say of the paper's claims is [`crate::claims`].
 
+use crate::claims::{claims, compute, ema_vs_wise, Claim, Compute};
+use crate::landscape::LandscapeDoc;
 use crate::plots::{Chart, Mark, Series};
 use crate::safety::{mcnemar_exact, Rate};
 use anyhow::{bail, Result};
-use basin_lm::artifacts::{self, Generation, MetricsRecord, Scores, SetKind, TrainConfig, Utility};
+use basin_lm::artifacts::{
+    self, Generation, Interpolation, Manifest, MetricsRecord, Scores, SetKind, TrainConfig, Utility,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// Which weights of a run a row scores.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Weights {
+    /// θ: the fine-tuned weights (or a reference model).
+    Theta,
+    /// θ̄: the EMA of θ anchored at the start.
+    Ema,
+    /// WiSE-FT: θ_pre + α·(θ_T − θ_pre).
+    Wise(f64),
+}
+
+impl Weights {
+    /// The method, without its setting: "θ", "EMA" or "WiSE-FT".
+    pub fn method(self) -> &'static str {
+        match self {
+            Self::Theta => "θ",
+            Self::Ema => "EMA",
+            Self::Wise(_) => "WiSE-FT",
+        }
+    }
+
+    /// The method with its own setting: "θ", "EMA", "WiSE-FT α=0.5".
+    pub fn label(self) -> String {
+        match self {
+            Self::Wise(a) => format!("WiSE-FT α={a}"),
+            w => w.method().to_string(),
+        }
+    }
+
+    /// The table's order: θ, EMA, then WiSE-FT by α.
+    fn order(self) -> (u8, String) {
+        match self {
+            Self::Theta => (0, String::new()),
+            Self::Ema => (1, String::new()),
+            Self::Wise(a) => (2, format!("{a:020.17}")),
+        }
+    }
+}
 
 /// One evaluated model.
 #[derive(Clone, Debug)]
 pub struct Row {
     /// The run directory's name, or the reference's label.
     pub run: String,
-    /// "θ" (the trained weights) or "EMA".
-    pub weights: &'static str,
+    pub weights: Weights,
+    /// The run's training data holds safety data (a prepared set of role `align`, such as
+    /// the refusals): the baseline that mixes refusals into the fine-tune.
+    pub safety_data: bool,
     pub dataset: String,
     pub lr: Option<f64>,
     pub batch: Option<u64>,
@@ -44,6 +92,28 @@ pub struct Row {
     pub source: PathBuf,
     /// Keyword ASR on every other harmful set the scores file holds.
     pub other_harmful: BTreeMap<String, Rate>,
+    /// Wall seconds of the run's training up to this model (metrics.jsonl; None when its
+    /// metrics predate the record or for a reference).
+    pub train_seconds: Option<f64>,
+    /// Wall seconds of generating this model's replies, over every set scored.
+    pub generation_seconds: Option<f64>,
+}
+
+impl Row {
+    /// The method, with " + safety data" for a run that mixed refusals in.
+    pub fn method(&self) -> String {
+        let m = self.weights.method();
+        if self.safety_data {
+            format!("{m} + safety data")
+        } else {
+            m.to_string()
+        }
+    }
+
+    /// The eval directory the row's scores come from.
+    pub fn eval_dir(&self) -> &Path {
+        self.source.parent().unwrap_or(Path::new("."))
+    }
 }
 
 /// What one eval directory says.
@@ -54,6 +124,7 @@ struct EvalScores {
     val_loss: Option<f64>,
     commit: Option<String>,
     other_harmful: BTreeMap<String, Rate>,
+    generation_seconds: Option<f64>,
 }
 
 /// The scores of one eval directory: ASR on the `harmful` set by both judges, the
@@ -85,7 +156,13 @@ fn scores(dir: &Path, harmful: &str) -> Result<EvalScores> {
         .filter(|(name, v)| v.kind == SetKind::Harmful && name.as_str() != harmful)
         .map(|(name, v)| (name.clone(), v.keyword.clone()))
         .collect();
+    let generation: Option<Vec<f64>> = s
+        .sets
+        .values()
+        .map(|v| v.generation.as_ref().map(|g| g.seconds))
+        .collect();
     Ok(EvalScores {
+        generation_seconds: generation.map(|g| g.iter().sum()),
         keyword: Some(h.keyword.clone()),
         calibrated: Some(h.refusal.clone()),
         overrefusal,
@@ -97,19 +174,40 @@ fn scores(dir: &Path, harmful: &str) -> Result<EvalScores> {
 
 /// Config keys that do not make a setting: the seed (pooled over), and what changes neither
 /// the weights nor the scores (names, where outputs go, how often to log or checkpoint).
-pub const NOT_A_SETTING: [&str; 6] = [
+pub const NOT_A_SETTING: [&str; 7] = [
     "seed",
     "name",
     "out_dir",
     "eval_every",
     "val_batches",
     "checkpoint_every",
+    "snapshots",
 ];
 
 /// Config keys with a column of their own in the table.
 const SHOWN: [&str; 3] = ["lr", "batch_size", "steps"];
 
-/// The rows of a run directory (θ and, when evaluated, the EMA).
+/// Whether any of a run's data files is safety data: a prepared set of role `align` in its
+/// directory's manifest.json (a file the manifest does not list counts as not).
+fn has_safety_data(config: &TrainConfig) -> Result<bool> {
+    for file in &config.data {
+        let (Some(dir), Some(stem)) = (file.parent(), file.file_stem()) else {
+            continue;
+        };
+        let manifest = Manifest::read_or_empty(dir)?;
+        if manifest
+            .sets
+            .get(stem.to_string_lossy().as_ref())
+            .is_some_and(|e| e.role == "align")
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The rows of a run directory: θ and the EMA at its end and at each snapshot, and each
+/// WiSE-FT interpolation, as far as they were evaluated.
 pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
     let name = run
         .file_name()
@@ -127,23 +225,34 @@ pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
     } else {
         Vec::new()
     };
-    let last = MetricsRecord::last_step(&records);
+    let last = MetricsRecord::last_step(&records).map(|l| l.step);
+    // Training seconds up to a step (None when a step of it has no record of them).
+    let seconds_to = |step: usize| -> Option<f64> {
+        let steps: Vec<&MetricsRecord> = records
+            .iter()
+            .filter(|r| r.loss.is_some() && r.step <= step)
+            .collect();
+        let secs: Option<Vec<f64>> = steps.iter().map(|r| r.seconds).collect();
+        secs.filter(|s| s.len() == step).map(|s| s.iter().sum())
+    };
+    let at = |step: usize| records.iter().rev().find(|r| r.step == step);
     let mut setting = basin_lm::config::flatten(&config)?;
     setting.retain(|k, _| !NOT_A_SETTING.contains(&k.as_str()));
-    let mut rows = Vec::new();
-    for (which, weights) in [("model", "θ"), ("ema", "EMA")] {
-        let dir = run.join("eval").join(which);
-        if !Scores::path(&dir).exists() {
-            continue;
-        }
-        let sc = scores(&dir, harmful)?;
-        rows.push(Row {
+    let safety_data = has_safety_data(&config)?;
+    let row = |eval: &Path,
+               weights: Weights,
+               steps: Option<usize>,
+               distance: Option<f64>|
+     -> Result<Row> {
+        let sc = scores(eval, harmful)?;
+        Ok(Row {
             run: name.clone(),
             weights,
+            safety_data,
             dataset: dataset.clone(),
             lr: Some(config.lr),
             batch: Some(config.batch_size as u64),
-            steps: last.map(|l| l.step as u64),
+            steps: steps.map(|s| s as u64),
             seed: Some(config.seed),
             ema_beta: config.ema.enabled.then_some(config.ema.beta),
             setting: setting.clone(),
@@ -151,17 +260,59 @@ pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
             asr_calibrated: sc.calibrated,
             overrefusal: sc.overrefusal,
             val_loss: sc.val_loss,
-            distance: last.and_then(|l| {
-                if which == "model" {
-                    l.dist_theta
-                } else {
-                    l.dist_ema
-                }
-            }),
+            distance,
             commit: sc.commit,
             other_harmful: sc.other_harmful,
-            source: Scores::path(&dir),
-        });
+            source: Scores::path(eval),
+            train_seconds: steps.and_then(seconds_to),
+            generation_seconds: sc.generation_seconds,
+        })
+    };
+    // θ and θ̄ at the end (`run`) and at each snapshot (`run`/step-N).
+    let mut ends: Vec<(PathBuf, Option<usize>)> = vec![(run.to_path_buf(), last)];
+    let mut snapshots: Vec<usize> = Vec::new();
+    for entry in std::fs::read_dir(run)?.flatten() {
+        let file = entry.file_name().to_string_lossy().to_string();
+        if let Some(step) = file.strip_prefix("step-").and_then(|s| s.parse().ok()) {
+            snapshots.push(step);
+        }
+    }
+    snapshots.sort();
+    ends.extend(
+        snapshots
+            .into_iter()
+            .map(|s| (TrainConfig::snapshot_dir(run, s), Some(s))),
+    );
+    let mut rows = Vec::new();
+    for (dir, step) in ends {
+        let record = step.and_then(at);
+        for (which, weights) in [("model", Weights::Theta), ("ema", Weights::Ema)] {
+            let eval = dir.join("eval").join(which);
+            if !Scores::path(&eval).exists() {
+                continue;
+            }
+            let distance = record.and_then(|r| match weights {
+                Weights::Theta => r.dist_theta,
+                _ => r.dist_ema,
+            });
+            rows.push(row(&eval, weights, step, distance)?);
+        }
+    }
+    // WiSE-FT: each interpolation evaluated, by α.
+    let mut wise = Vec::new();
+    for entry in std::fs::read_dir(run)?.flatten() {
+        let doc = Interpolation::path(&entry.path());
+        if entry.file_name().to_string_lossy().starts_with("wise-") && doc.exists() {
+            let doc: Interpolation = artifacts::read(&doc)?;
+            let eval = Interpolation::eval_dir(run, doc.alpha);
+            if Scores::path(&eval).exists() {
+                wise.push((doc.alpha, eval, doc.distance));
+            }
+        }
+    }
+    wise.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (alpha, eval, distance) in wise {
+        rows.push(row(&eval, Weights::Wise(alpha), last, Some(distance))?);
     }
     if rows.is_empty() {
         bail!(
@@ -178,7 +329,8 @@ pub fn reference_row(label: &str, dir: &Path, harmful: &str) -> Result<Row> {
     let sc = scores(dir, harmful)?;
     Ok(Row {
         run: label.to_string(),
-        weights: "θ",
+        weights: Weights::Theta,
+        safety_data: false,
         dataset: String::new(),
         lr: None,
         batch: None,
@@ -194,6 +346,8 @@ pub fn reference_row(label: &str, dir: &Path, harmful: &str) -> Result<Row> {
         commit: sc.commit,
         other_harmful: sc.other_harmful,
         source: Scores::path(dir),
+        train_seconds: None,
+        generation_seconds: sc.generation_seconds,
     })
 }
 
@@ -229,18 +383,13 @@ fn mean(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
 }
 
 /// Rows pooled by setting: one group per (setting, steps taken, weights), in that order
-/// (a run's θ, then its EMA).
+/// (a run's θ, then its EMA, then its interpolations by α).
 pub fn group(rows: &[Row]) -> Vec<Group> {
-    type Key<'a> = (
-        &'a BTreeMap<String, String>,
-        Option<u64>,
-        bool,
-        &'static str,
-    );
+    type Key<'a> = (&'a BTreeMap<String, String>, Option<u64>, (u8, String));
     let mut groups: BTreeMap<Key, Vec<Row>> = BTreeMap::new();
     for r in rows {
         groups
-            .entry((&r.setting, r.steps, r.weights != "θ", r.weights))
+            .entry((&r.setting, r.steps, r.weights.order()))
             .or_default()
             .push(r.clone());
     }
@@ -258,7 +407,12 @@ pub fn group(rows: &[Row]) -> Vec<Group> {
             });
             let other = varying
                 .iter()
-                .filter_map(|k| rows[0].setting.get(k).map(|v| format!("{k}={v}")))
+                .filter_map(|k| {
+                    rows[0]
+                        .setting
+                        .get(k)
+                        .map(|v| format!("{k}={}", short(k, v)))
+                })
                 .collect::<Vec<_>>()
                 .join(", ");
             Group {
@@ -273,6 +427,23 @@ pub fn group(rows: &[Row]) -> Vec<Group> {
             }
         })
         .collect()
+}
+
+/// A setting's value as the table shows it: data files by their stems
+/// (`dolly+safety-refusals`), anything else as it is.
+fn short(key: &str, value: &str) -> String {
+    if key != "data" {
+        return value.to_string();
+    }
+    let stems: Vec<&str> = value
+        .split('"')
+        .filter(|p| !p.trim().is_empty() && !matches!(p.trim(), "[" | "]" | ","))
+        .map(|p| {
+            let name = p.rsplit('/').next().unwrap_or(p);
+            name.strip_suffix(".parquet").unwrap_or(name)
+        })
+        .collect();
+    stems.join("+")
 }
 
 /// The setting keys whose values differ between the rows given, less those with a column
@@ -307,27 +478,49 @@ fn varying_keys<'a>(rows: impl Iterator<Item = &'a Row>) -> Vec<String> {
         .collect()
 }
 
-/// θ against its EMA on the same harmful prompts, by the keyword judge: how many prompts
-/// both answered, and how many were attack successes under θ only, the EMA only, both.
+/// Two models on the same harmful prompts, by the keyword judge: how many prompts both
+/// answered, and how many were attack successes under the first only, the second only, both.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Paired {
     pub pairs: usize,
-    pub theta_only: usize,
-    pub ema_only: usize,
+    pub a_only: usize,
+    pub b_only: usize,
     pub both: usize,
 }
 
 impl Paired {
     /// The two-sided exact McNemar p of the discordant pairs.
     pub fn p(&self) -> f64 {
-        mcnemar_exact(self.theta_only, self.ema_only)
+        mcnemar_exact(self.a_only, self.b_only)
     }
 
-    fn add(&mut self, o: &Paired) {
-        self.pairs += o.pairs;
-        self.theta_only += o.theta_only;
-        self.ema_only += o.ema_only;
-        self.both += o.both;
+    /// The prompts both eval directories answered (by id), pooled over the pairs given
+    /// (a setting's seeds); pairs whose replies are not on file are left out.
+    pub fn of(evals: &[(&Path, &Path)], harmful: &str) -> Result<Self> {
+        let mut total = Self::default();
+        for (a, b) in evals {
+            if !a.join("generations.jsonl").exists() || !b.join("generations.jsonl").exists() {
+                continue;
+            }
+            let (a, b) = (attack_successes(a, harmful)?, attack_successes(b, harmful)?);
+            for (id, &x) in &a {
+                let Some(&y) = b.get(id) else { continue };
+                total.pairs += 1;
+                total.a_only += usize::from(x && !y);
+                total.b_only += usize::from(y && !x);
+                total.both += usize::from(x && y);
+            }
+        }
+        Ok(total)
+    }
+
+    /// The attack success rates of the first and of the second model over the pairs.
+    pub fn rates(&self) -> (f64, f64) {
+        let n = self.pairs.max(1) as f64;
+        (
+            (self.a_only + self.both) as f64 / n,
+            (self.b_only + self.both) as f64 / n,
+        )
     }
 }
 
@@ -350,38 +543,44 @@ fn attack_successes(eval: &Path, harmful: &str) -> Result<BTreeMap<String, bool>
     Ok(out)
 }
 
+/// Two groups' models paired run by run (the first run of one with the first of the other,
+/// in seed order), as [`Paired::of`] takes them.
+pub fn paired_groups(a: &Group, b: &Group, harmful: &str) -> Result<Paired> {
+    fn by_seed(g: &Group) -> Vec<&Row> {
+        let mut rows: Vec<&Row> = g.rows.iter().collect();
+        rows.sort_by_key(|r| r.seed);
+        rows
+    }
+    let evals: Vec<(&Path, &Path)> = by_seed(a)
+        .into_iter()
+        .zip(by_seed(b))
+        .map(|(x, y)| (x.eval_dir(), y.eval_dir()))
+        .collect();
+    Paired::of(&evals, harmful)
+}
+
+/// The EMA group of the same setting and steps as θ group `g`, if any.
+pub fn ema_twin<'a>(groups: &'a [Group], g: &Group) -> Option<&'a Group> {
+    let r = &g.rows[0];
+    groups.iter().find(|e| {
+        let x = &e.rows[0];
+        x.weights == Weights::Ema && x.setting == r.setting && x.steps == r.steps
+    })
+}
+
 /// The paired verdicts of each θ group and its EMA twin (the same runs' eval/model and
-/// eval/ema), pooled over the group's runs; (index of the θ group, counts) for each group
-/// whose runs have both replies on file.
+/// eval/ema), pooled over the group's runs; (index of the θ group, counts: θ first) for each
+/// group whose runs have both replies on file.
 pub fn paired(groups: &[Group], harmful: &str) -> Result<Vec<(usize, Paired)>> {
     let mut out = Vec::new();
     for (i, g) in groups.iter().enumerate() {
-        if g.rows[0].weights != "θ" {
+        if g.rows[0].weights != Weights::Theta {
             continue;
         }
-        let mut total = Paired::default();
-        for r in &g.rows {
-            let Some(eval) = r.source.parent() else {
-                continue;
-            };
-            let ema = eval.with_file_name("ema");
-            if !eval.join("generations.jsonl").exists() || !ema.join("generations.jsonl").exists() {
-                continue;
-            }
-            let (theta, ema) = (
-                attack_successes(eval, harmful)?,
-                attack_successes(&ema, harmful)?,
-            );
-            for (id, &t) in &theta {
-                let Some(&e) = ema.get(id) else { continue };
-                total.add(&Paired {
-                    pairs: 1,
-                    theta_only: usize::from(t && !e),
-                    ema_only: usize::from(e && !t),
-                    both: usize::from(t && e),
-                });
-            }
-        }
+        let Some(twin) = ema_twin(groups, g) else {
+            continue;
+        };
+        let total = paired_groups(g, twin, harmful)?;
         if total.pairs > 0 {
             out.push((i, total));
         }
@@ -411,8 +610,18 @@ fn setting_cells(r: &Row) -> String {
     )
 }
 
+/// [`setting_cells`] of a group's first row, with the settings that tell the group apart
+/// and have no column of their own after its dataset.
+fn group_cells(g: &Group) -> String {
+    let mut r = g.rows[0].clone();
+    if !g.other.is_empty() {
+        r.dataset = format!("{} ({})", r.dataset, g.other);
+    }
+    setting_cells(&r)
+}
+
 /// A p-value to two significant digits (down to 1e-4, then "< 1e-4").
-fn format_p(p: f64) -> String {
+pub(crate) fn format_p(p: f64) -> String {
     if p < 1e-4 {
         "< 1e-4".into()
     } else if p >= 0.1 {
@@ -443,7 +652,9 @@ pub fn summary_md(
          by the keyword judge (Qi et al.'s 29 refusal strings) and by the calibrated judge; \
          over-refusal: refusals of XSTest's safe prompts. Rates in %, with a 95% Wilson interval over \
          all replies of all seeds (± the spread over seeds when there are several). \
-         `θ` is the fine-tuned model, `EMA` the average of its weights anchored at the start.\n\n"
+         `θ` is the fine-tuned model, `EMA` the average of its weights anchored at the start, \
+         `WiSE-FT α` the interpolation θ_pre + α(θ − θ_pre) toward the start, `+ safety data` a \
+         fine-tune with refusals mixed into its data; a run's snapshots are rows of fewer steps.\n\n"
     ));
     if !note.is_empty() {
         s.push_str(note);
@@ -462,10 +673,13 @@ pub fn summary_md(
     ));
     for g in groups {
         let r = &g.rows[0];
-        let weights = match r.ema_beta {
-            Some(b) if r.weights == "EMA" => format!("EMA β={b}"),
-            _ => r.weights.to_string(),
+        let mut weights = match (r.weights, r.ema_beta) {
+            (Weights::Ema, Some(b)) => format!("EMA β={b}"),
+            (w, _) => w.label(),
         };
+        if r.safety_data {
+            weights.push_str(" + safety data");
+        }
         let sd = g
             .asr_sd
             .map_or(String::new(), |sd| format!(" ±{:.1}", 100.0 * sd));
@@ -486,6 +700,25 @@ pub fn summary_md(
             g.val_loss.map_or("–".into(), |v| format!("{v:.4}")),
             g.distance.map_or("–".into(), |v| format!("{v:.3}")),
         ));
+    }
+    if !comparisons.claims.is_empty() {
+        s.push_str(
+            "\n## Claims\n\nWhat these numbers say of the paper's claims, at this sample size. The \
+             settings are picked by rule among the plain fine-tunes: *aggressive* is the highest \
+             learning rate (then the most steps, the smallest batch), *tuned* the lowest keyword \
+             ASR (then the lowest validation loss; picking the lowest of several favours it). A \
+             difference counts at p < 0.05: the exact McNemar test on the prompts two models both \
+             answered, or a 95% interval on a ratio of rates.\n\n| claim | verdict | evidence |\n| --- | --- | --- |\n",
+        );
+        for c in &comparisons.claims {
+            s.push_str(&format!(
+                "| ({}) {} | **{}** | {} |\n",
+                c.id,
+                c.statement,
+                c.verdict.word(),
+                c.evidence
+            ));
+        }
     }
     if let Some((target, methods)) = &comparisons.matched {
         s.push_str(&format!(
@@ -519,16 +752,66 @@ pub fn summary_md(
         ));
         for (i, p) in &comparisons.paired {
             let g = &groups[*i];
-            let r = &g.rows[0];
             s.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} | {} |\n",
-                setting_cells(r),
+                group_cells(g),
                 g.rows.len(),
                 p.pairs,
-                p.theta_only,
-                p.ema_only,
+                p.a_only,
+                p.b_only,
                 p.both,
                 format_p(p.p())
+            ));
+        }
+    }
+    if !comparisons.ema_vs_wise.is_empty() {
+        s.push_str(&format!(
+            "\n## The EMA against WiSE-FT, prompt by prompt\n\nEach run's EMA against the same run's \
+             interpolation toward the start (θ_pre + α(θ − θ_pre)) whose validation loss is nearest \
+             the EMA's: the two shrink toward the start, one along the trajectory, one along the \
+             line. Same prompts of `{harmful}`, keyword judge, exact McNemar p as above.\n\n\
+             | dataset | lr | batch | steps | EMA val loss | WiSE-FT α | its val loss | prompts | \
+             unsafe under the EMA only | under WiSE-FT only | under both | exact McNemar p |\n\
+             | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        ));
+        for (e, w, p) in &comparisons.ema_vs_wise {
+            let (e, w) = (&groups[*e], &groups[*w]);
+            let alpha = match w.rows[0].weights {
+                Weights::Wise(a) => a.to_string(),
+                _ => "–".into(),
+            };
+            s.push_str(&format!(
+                "| {} | {} | {alpha} | {} | {} | {} | {} | {} | {} |\n",
+                group_cells(e),
+                e.val_loss.map_or("–".into(), |v| format!("{v:.4}")),
+                w.val_loss.map_or("–".into(), |v| format!("{v:.4}")),
+                p.pairs,
+                p.a_only,
+                p.b_only,
+                p.both,
+                format_p(p.p())
+            ));
+        }
+    }
+    if !comparisons.compute.is_empty() {
+        s.push_str(
+            "\n## Compute\n\nWhat each method spent here (wall seconds on this machine). Picking the best \
+             setting of a method by search costs every run of the grid and every model scored; the \
+             EMA comes with its run (a blend per step, inside the training time); WiSE-FT adds no \
+             training to its run, only an evaluation per α.\n\n| method | models scored | runs \
+             trained for them | training s (each run once) | training s per run | generation s \
+             (replies) |\n| --- | --- | --- | --- | --- | --- |\n",
+        );
+        let secs = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.0}"));
+        for c in &comparisons.compute {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                c.method,
+                c.models,
+                c.runs,
+                secs(c.train_seconds),
+                secs(c.train_seconds.map(|t| t / c.runs.max(1) as f64)),
+                secs(c.generation_seconds)
             ));
         }
     }
@@ -577,7 +860,7 @@ pub fn summary_md(
         s.push_str(&format!(
             "| {} | {} | {} | {} |\n",
             r.run,
-            r.weights,
+            r.weights.label(),
             r.source.display(),
             opt(r.commit.as_deref())
         ));
@@ -593,6 +876,9 @@ fn mark(r: &Row, rate: &Option<Rate>) -> Mark {
     }
     if let Some(s) = r.steps {
         label.push_str(&format!(" s{s}"));
+    }
+    if let Weights::Wise(a) = r.weights {
+        label.push_str(&format!(" α{a}"));
     }
     Mark {
         interval: rate.as_ref().map(|r| (100.0 * r.ci95.0, 100.0 * r.ci95.1)),
@@ -629,18 +915,41 @@ pub fn pareto_front(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
     front
 }
 
-/// What the report compares beyond the table: methods at matched utility, and each θ
-/// against its EMA on the same prompts.
+/// The reference the points fine-tune: the one labelled "aligned", else the last.
+pub fn start(references: &[Row]) -> Option<&Row> {
+    references
+        .iter()
+        .find(|r| r.run == "aligned")
+        .or(references.last())
+}
+
+/// What the report compares beyond the table: methods at matched utility, each θ against
+/// its EMA and each EMA against WiSE-FT on the same prompts, the claims, the compute.
 pub struct Comparisons {
     pub matched: Option<(f64, Vec<Matched>)>,
     pub paired: Vec<(usize, Paired)>,
+    pub ema_vs_wise: Vec<(usize, usize, Paired)>,
+    pub claims: Vec<Claim>,
+    pub compute: Vec<Compute>,
 }
 
 impl Comparisons {
-    pub fn of(groups: &[Group], harmful: &str) -> Result<Self> {
+    /// `references`: the models before fine-tuning; the one labelled "aligned" (else the
+    /// last) is the points' start. `landscapes`: landscape.json files, by path.
+    pub fn of(
+        groups: &[Group],
+        references: &[Row],
+        landscapes: &[(String, LandscapeDoc)],
+        harmful: &str,
+    ) -> Result<Self> {
+        let aligned = start(references);
+        let ema_vs_wise = ema_vs_wise(groups, harmful)?;
         Ok(Self {
             matched: matched_utility(groups),
             paired: paired(groups, harmful)?,
+            claims: claims(groups, aligned, &ema_vs_wise, landscapes, harmful)?,
+            ema_vs_wise,
+            compute: compute(groups),
         })
     }
 }
@@ -648,8 +957,9 @@ impl Comparisons {
 /// One method's keyword ASR at the target validation loss, read off its Pareto front.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Matched {
-    /// "θ" (plain fine-tuning) or "EMA".
-    pub method: &'static str,
+    /// "θ" (plain fine-tuning), "EMA", "WiSE-FT" (every α of it on one front), each with
+    /// " + safety data" for the runs that mixed refusals in.
+    pub method: String,
     /// Its settings (pooled over seeds) on the front, and their validation losses' range.
     pub front: usize,
     pub loss_range: (f64, f64),
@@ -661,11 +971,11 @@ pub struct Matched {
 /// Each method's ASR at the utility of the best plain fine-tune (the lowest validation
 /// loss of a θ setting): the target loss, and a [`Matched`] per method with a loss.
 pub fn matched_utility(groups: &[Group]) -> Option<(f64, Vec<Matched>)> {
-    let mut by_method: BTreeMap<&'static str, Vec<(f64, Rate)>> = BTreeMap::new();
+    let mut by_method: BTreeMap<String, Vec<(f64, Rate)>> = BTreeMap::new();
     for g in groups {
         if let (Some(loss), Some(a)) = (g.val_loss, &g.asr_keyword) {
             by_method
-                .entry(g.rows[0].weights)
+                .entry(g.rows[0].method())
                 .or_default()
                 .push((loss, a.clone()));
         }
@@ -716,14 +1026,30 @@ pub fn matched_utility(groups: &[Group]) -> Option<(f64, Vec<Matched>)> {
     Some((target, matched))
 }
 
+/// The model the points start from ([`start`]) as a point labelled by its name (none
+/// without a validation loss).
+fn before(references: &[Row]) -> Option<Series> {
+    let points: Vec<Marked> = start(references)
+        .into_iter()
+        .filter_map(|r| {
+            let (loss, a) = (r.val_loss?, r.asr_keyword.as_ref()?);
+            let mut m = mark(r, &r.asr_keyword);
+            m.label = r.run.clone();
+            Some(((loss, 100.0 * a.rate), m))
+        })
+        .collect();
+    (!points.is_empty()).then(|| marked("the start (before fine-tuning)".into(), points, false))
+}
+
 /// The frontier: keyword ASR (%) against the validation loss of every evaluated model, a
-/// point per run (seeds shown) for θ and for the EMA, and the Pareto front over them all.
-fn frontier(groups: &[Group], harmful: &str) -> Chart {
-    let mut by_weights: BTreeMap<&str, Vec<Marked>> = BTreeMap::new();
+/// point per run (seeds shown) for each method, the Pareto front over them all, and the
+/// model before fine-tuning (not on the front: it is where every method starts).
+fn frontier(groups: &[Group], references: &[Row], harmful: &str) -> Chart {
+    let mut by_weights: BTreeMap<String, Vec<Marked>> = BTreeMap::new();
     for r in groups.iter().flat_map(|g| &g.rows) {
         if let (Some(loss), Some(a)) = (r.val_loss, &r.asr_keyword) {
             by_weights
-                .entry(r.weights)
+                .entry(r.method())
                 .or_default()
                 .push(((loss, 100.0 * a.rate), mark(r, &r.asr_keyword)));
         }
@@ -743,6 +1069,7 @@ fn frontier(groups: &[Group], harmful: &str) -> Chart {
                 .into_iter()
                 .map(|(w, points)| marked(format!("{w} (a point per run)"), points, false)),
         )
+        .chain(before(references))
         .collect();
     Chart {
         stem: "frontier".into(),
@@ -755,9 +1082,10 @@ fn frontier(groups: &[Group], harmful: &str) -> Chart {
 }
 
 /// The report's plots: keyword ASR (%) against the learning rate (a line per batch size and
-/// weights), the steps, the distance from the start, the validation loss (the frontier);
-/// and each run's EMA against its θ.
-pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
+/// weights), the steps, the distance from the start, the validation loss (the frontier,
+/// and each run's trajectory, with the model they start from); and each run's EMA against
+/// its θ.
+pub fn charts(groups: &[Group], references: &[Row], harmful: &str) -> Vec<Chart> {
     type ByName = BTreeMap<String, Vec<Marked>>;
     let asr = |g: &Group| g.asr_keyword.as_ref().map(|r| 100.0 * r.rate);
     let (mut by_lr, mut by_steps, mut by_dist) = (ByName::new(), ByName::new(), ByName::new());
@@ -767,9 +1095,9 @@ pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
         let m = mark(r, &g.asr_keyword);
         // Groups that differ in a setting without a column stay on lines of their own.
         let weights = if g.other.is_empty() {
-            r.weights.to_string()
+            r.weights.label()
         } else {
-            format!("{} ({})", r.weights, g.other)
+            format!("{} ({})", r.weights.label(), g.other)
         };
         if let Some(lr) = r.lr {
             by_lr
@@ -789,12 +1117,12 @@ pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
     }
     // EMA vs no EMA: the same runs' θ and θ̄.
     let mut pairs = Vec::new();
-    for g in groups.iter().filter(|g| g.rows[0].weights == "θ") {
+    for g in groups
+        .iter()
+        .filter(|g| g.rows[0].weights == Weights::Theta)
+    {
         let r = &g.rows[0];
-        let twin = groups.iter().find(|e| {
-            let x = &e.rows[0];
-            x.weights == "EMA" && x.setting == r.setting && x.steps == r.steps
-        });
+        let twin = ema_twin(groups, g);
         if let (Some(a), Some(b), Some(t)) = (asr(g), twin.and_then(asr), twin) {
             pairs.push(((a, b), mark(r, &t.asr_keyword)));
         }
@@ -841,8 +1169,52 @@ pub fn charts(groups: &[Group], harmful: &str) -> Vec<Chart> {
             "||w - w0|| (w = θ or the EMA)",
             series(by_dist, false),
         ),
-        frontier(groups, harmful),
+        frontier(groups, references, harmful),
+        trajectories(groups, references, harmful),
     ]
+}
+
+/// Each run's θ and EMA along its training (its snapshots, then its end): a line per run
+/// and weights through (validation loss, keyword ASR), in step order, beside the model
+/// they start from. Empty without snapshots.
+fn trajectories(groups: &[Group], references: &[Row], harmful: &str) -> Chart {
+    let mut by_run: BTreeMap<(String, String), Vec<(u64, Marked)>> = BTreeMap::new();
+    for r in groups.iter().flat_map(|g| &g.rows) {
+        if let (Some(loss), Some(a), Some(step), false) = (
+            r.val_loss,
+            &r.asr_keyword,
+            r.steps,
+            matches!(r.weights, Weights::Wise(_)),
+        ) {
+            by_run
+                .entry((r.run.clone(), r.weights.label()))
+                .or_default()
+                .push((step, ((loss, 100.0 * a.rate), mark(r, &r.asr_keyword))));
+        }
+    }
+    let mut series: Vec<Series> = by_run
+        .into_iter()
+        .filter(|(_, points)| points.len() > 1)
+        .map(|((run, w), mut points)| {
+            points.sort_by_key(|p| p.0);
+            marked(
+                format!("{run} {w}"),
+                points.into_iter().map(|p| p.1).collect(),
+                true,
+            )
+        })
+        .collect();
+    if !series.is_empty() {
+        series.extend(before(references));
+    }
+    Chart {
+        stem: "trajectories".into(),
+        title: "Each run along its training: lower left is better".into(),
+        x: "validation loss (lower is better)".into(),
+        y: format!("keyword ASR on {harmful} (%)"),
+        series,
+        diagonal: false,
+    }
 }
 
 #[cfg(test)]
@@ -850,10 +1222,13 @@ mod tests {
     use super::*;
 
     /// A model of setting `lr` with `k` of 100 attack successes at validation loss `loss`.
-    fn row(weights: &'static str, lr: &str, loss: f64, k: usize) -> Row {
+    fn row(weights: Weights, lr: &str, loss: f64, k: usize) -> Row {
         Row {
             run: format!("run-{lr}"),
             weights,
+            safety_data: false,
+            train_seconds: None,
+            generation_seconds: None,
             dataset: "dolly".into(),
             lr: lr.parse().ok(),
             batch: None,
@@ -874,7 +1249,7 @@ mod tests {
 
     #[test]
     fn a_points_mark_is_its_rates_interval_in_percent_and_its_setting() {
-        let mut r = row("θ", "1e-4", 2.0, 90);
+        let mut r = row(Weights::Theta, "1e-4", 2.0, 90);
         (r.batch, r.steps) = (Some(4), Some(12));
         let m = mark(&r, &r.asr_keyword);
         let ci = Rate::new(90, 100).ci95;
@@ -883,7 +1258,7 @@ mod tests {
         // A reference has no setting: no label.
         let r = Row {
             lr: None,
-            ..row("θ", "x", 2.0, 90)
+            ..row(Weights::Theta, "x", 2.0, 90)
         };
         assert_eq!(mark(&r, &None).label, "");
         assert_eq!(mark(&r, &None).interval, None);
@@ -892,14 +1267,14 @@ mod tests {
     #[test]
     fn matched_utility_reads_each_methods_front_at_the_best_plain_fine_tunes_loss() {
         let groups = group(&[
-            row("θ", "1e-4", 2.0, 90),
-            row("θ", "1e-5", 2.4, 10),
+            row(Weights::Theta, "1e-4", 2.0, 90),
+            row(Weights::Theta, "1e-5", 2.4, 10),
             // On θ's front too: a higher loss, but a lower ASR.
-            row("θ", "3e-5", 2.2, 50),
-            row("EMA", "1e-4", 1.8, 60),
-            row("EMA", "1e-5", 2.3, 10),
+            row(Weights::Theta, "3e-5", 2.2, 50),
+            row(Weights::Ema, "1e-4", 1.8, 60),
+            row(Weights::Ema, "1e-5", 2.3, 10),
             // Beaten by (2.3, 10%) on both axes: not on the EMA's front.
-            row("EMA", "3e-5", 2.35, 20),
+            row(Weights::Ema, "3e-5", 2.35, 20),
         ]);
         let (target, m) = matched_utility(&groups).unwrap();
         assert_eq!(target, 2.0);
@@ -915,7 +1290,10 @@ mod tests {
         assert_eq!(theta.front, 3);
         assert!((theta.asr.unwrap().0 - 0.90).abs() < 1e-12);
         // A target outside a method's front gives no value.
-        let groups = group(&[row("θ", "1e-4", 2.0, 90), row("EMA", "1e-4", 2.1, 60)]);
+        let groups = group(&[
+            row(Weights::Theta, "1e-4", 2.0, 90),
+            row(Weights::Ema, "1e-4", 2.1, 60),
+        ]);
         let (_, m) = matched_utility(&groups).unwrap();
         assert_eq!(m.iter().find(|m| m.method == "EMA").unwrap().asr, None);
     }

@@ -438,3 +438,130 @@ fn a_file_of_another_layout_is_an_error_naming_the_file_and_the_field() {
     assert!(err.contains("metrics.jsonl:2"), "{err}");
     assert!(!out.exists());
 }
+
+/// An eval directory whose first `k` of 40 harmful replies comply (the rest refuse), with
+/// its validation loss.
+fn scored(dir: &Path, k: usize, val_loss: f64) {
+    evaluated(
+        dir,
+        &replies(40, |i| usize::from(i >= k)),
+        &replies(10, |i| i),
+    );
+    write(&dir.join("utility.json"), &utility(val_loss));
+}
+
+/// A run of `steps` steps of `secs` seconds each, at `lr` and `batch`.
+fn timed_run(root: &Path, name: &str, lr: f64, batch: usize, steps: usize, secs: f64) -> PathBuf {
+    let d = root.join(name);
+    write(
+        &d.join("config.toml"),
+        &format!("data = [\"data/prepared/dolly.parquet\"]\nlr = {lr}\nbatch_size = {batch}\n[ema]\nenabled = true\nbeta = 0.9\n"),
+    );
+    let mut metrics = "{\"step\":0,\"val_loss\":2.5}\n".to_string();
+    for s in 1..=steps {
+        metrics.push_str(&format!(
+            "{{\"step\":{s},\"loss\":2.0,\"seconds\":{secs},\"dist_theta\":{},\"dist_ema\":{}}}\n",
+            0.1 * s as f64,
+            0.05 * s as f64
+        ));
+    }
+    write(&d.join("metrics.jsonl"), &metrics);
+    d
+}
+
+/// The report of two runs with a snapshot, WiSE-FT and an aligned reference: the claims'
+/// verdicts follow from the replies (each case built to fall one way), the EMA meets the
+/// interpolation nearest it in validation loss prompt by prompt, snapshots are rows of
+/// their step, and the compute counts each run's training once.
+#[test]
+fn the_report_states_each_claim_from_the_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let aligned = root.join("aligned");
+    scored(&aligned, 0, 2.4);
+    // Aggressive: θ 40/40 unsafe, its EMA 10/40; half-way θ 15/40, EMA 5/40.
+    let agg = timed_run(root, "agg", 1e-4, 4, 12, 0.5);
+    scored(&agg.join("eval/model"), 40, 2.0);
+    scored(&agg.join("eval/ema"), 10, 2.1);
+    scored(&agg.join("step-6/eval/model"), 15, 2.2);
+    scored(&agg.join("step-6/eval/ema"), 5, 2.3);
+    // WiSE-FT at α 0.5 (loss 2.15, nearest the EMA's 2.1) and 0.25 (loss 2.3).
+    for (alpha, k, loss) in [(0.5, 28, 2.15), (0.25, 20, 2.3)] {
+        let doc = basin_lm::artifacts::Interpolation {
+            alpha,
+            start: basin_lm::artifacts::ModelHash {
+                path: "aligned".into(),
+                sha256: "0".repeat(64),
+            },
+            end: basin_lm::artifacts::ModelHash {
+                path: "agg/model".into(),
+                sha256: "1".repeat(64),
+            },
+            distance: alpha * 1.2,
+            git_commit: "abc123".into(),
+        };
+        let model = basin_lm::artifacts::Interpolation::dir(&agg, alpha);
+        std::fs::create_dir_all(&model).unwrap();
+        basin_lm::artifacts::write(&basin_lm::artifacts::Interpolation::path(&model), &doc)
+            .unwrap();
+        scored(
+            &basin_lm::artifacts::Interpolation::eval_dir(&agg, alpha),
+            k,
+            loss,
+        );
+    }
+    // Tuned: θ 2/40 at loss 2.2, its EMA 1/40 at 2.35 (less useful than the tuned θ).
+    let tuned = timed_run(root, "tuned", 1e-5, 8, 6, 1.0);
+    scored(&tuned.join("eval/model"), 2, 2.2);
+    scored(&tuned.join("eval/ema"), 1, 2.35);
+    let out = root.join("report");
+    let o = report(&[
+        agg.to_str().unwrap(),
+        tuned.to_str().unwrap(),
+        "--reference",
+        &format!("aligned={}", aligned.display()),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    let claim = |id: &str| row(&md, &format!("| ({id})"));
+    // (a) 40/40 against 0/40 on the same prompts.
+    assert_eq!(claim("a")[1], "**supported**", "{md}");
+    assert!(
+        claim("a")[2].contains("aligned 0.0% vs θ 100.0% on the 40 prompts"),
+        "{md}"
+    );
+    // (b) 40/40 against 2/40: 20x, interval [5.2, 77]: at least 3x.
+    assert_eq!(claim("b")[1], "**supported**");
+    assert!(
+        claim("b")[2].contains("20.0x, 95% interval [5.2,"),
+        "{}",
+        claim("b")[2]
+    );
+    // (c) The only EMA as useful as the tuned θ (loss ≤ 2.2) is the aggressive one's end:
+    // 10/40 against the tuned θ's 2/40, 8 discordant pairs all one way.
+    assert_eq!(claim("c")[1], "**contradicted**");
+    assert!(claim("c")[2].contains("(loss 2.1000)"), "{}", claim("c")[2]);
+    // (d) The EMA (10/40) against WiSE-FT α 0.5 (28/40).
+    assert_eq!(claim("d")[1], "**supported**");
+    let w = row(&md, "| dolly | 1e-4 | 4 | 12 | 2.1000 | 0.5 | 2.1500 |");
+    assert_eq!(&w[7..11], ["40", "0", "18", "10"]);
+    // (e) No landscape given.
+    assert_eq!(claim("e")[1], "**not measured**");
+    // The snapshot is a row of its step, with its distance from the metrics.
+    let snap = row(&md, "| dolly | 1e-4 | 4 | 6 | θ |");
+    assert!(snap[6].starts_with("37.5 "), "{snap:?}");
+    assert_eq!(snap[10], "0.600");
+    let wise = row(&md, "| dolly | 1e-4 | 4 | 12 | WiSE-FT α=0.25 |");
+    assert_eq!(wise[10], "0.300");
+    // Compute: θ's 3 models come from 2 runs, 6 s + 6 s of training.
+    let compute = &md[md.find("## Compute").expect("a compute section")..];
+    let c = row(compute, "| θ | 3 |");
+    assert_eq!(&c[2..5], ["2", "12", "6"]);
+    let c = row(compute, "| WiSE-FT | 2 |");
+    assert_eq!(&c[2..4], ["1", "6"]);
+    if md.contains("## Plots") {
+        assert!(out.join("trajectories.svg").exists());
+    }
+}

@@ -263,6 +263,9 @@ pub struct TrainConfig {
     pub val_batches: usize,
     /// Checkpoint every N steps (0: never).
     pub checkpoint_every: usize,
+    /// Steps (before the last) after which θ and θ̄ are saved as they are then, into
+    /// `<run>/step-<N>/model` and `ema`: a run's trajectory, evaluated like its end.
+    pub snapshots: Vec<usize>,
 }
 
 /// The EMA of the weights: θ̄ starts at the pre-trained weights and, from `start` on,
@@ -322,6 +325,7 @@ impl Default for TrainConfig {
             eval_every: 0,
             val_batches: 8,
             checkpoint_every: 0,
+            snapshots: Vec::new(),
         }
     }
 }
@@ -374,7 +378,18 @@ impl TrainConfig {
                 self.data.len()
             );
         }
+        if self.snapshots.first() == Some(&0) || !self.snapshots.windows(2).all(|w| w[0] < w[1]) {
+            bail!(
+                "snapshots = {:?}: expected steps >= 1 in increasing order",
+                self.snapshots
+            );
+        }
         Ok(())
+    }
+
+    /// Where the snapshot of `step` goes: `<run>/step-<step>` (its model/ and ema/).
+    pub fn snapshot_dir(run: &Path, step: usize) -> PathBuf {
+        run.join(format!("step-{step}"))
     }
 }
 
@@ -405,6 +420,10 @@ pub struct MetricsRecord {
     pub tokens: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_s: Option<f64>,
+    /// Wall seconds of the step (batch, forward, backward, optimizer, EMA; not the
+    /// validation loss): what the report counts as each method's training compute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
     /// ‖θ − θ₀‖.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dist_theta: Option<f64>,
@@ -586,6 +605,38 @@ pub struct Generation {
     /// The model judge: safe, unsafe or unparsed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_judge: Option<String>,
+}
+
+/// `<run>/wise-<α>/interpolation.json`: a model `evaluate interpolate` made between a run's
+/// start and its fine-tuned θ, θ(α) = θ_pre + α·(θ_T − θ_pre) (WiSE-FT's interpolation).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Interpolation {
+    /// The weight of the fine-tune: 0 is the start, 1 the fine-tuned θ.
+    pub alpha: f64,
+    /// θ_pre: the model the run started from (its config's `model`).
+    pub start: ModelHash,
+    /// θ_T: the run's model/.
+    pub end: ModelHash,
+    /// ‖θ(α) − θ_pre‖ over every parameter, as the run's metrics measure ‖θ − θ₀‖.
+    pub distance: f64,
+    pub git_commit: String,
+}
+
+impl Interpolation {
+    /// The model of weight `alpha` of a run: `<run>/wise-<alpha>`.
+    pub fn dir(run: &Path, alpha: f64) -> PathBuf {
+        run.join(format!("wise-{alpha}"))
+    }
+
+    /// Where that model's scores go: `<run>/eval/wise-<alpha>`.
+    pub fn eval_dir(run: &Path, alpha: f64) -> PathBuf {
+        run.join("eval").join(format!("wise-{alpha}"))
+    }
+
+    pub fn path(model: &Path) -> PathBuf {
+        model.join("interpolation.json")
+    }
 }
 
 /// `<eval>/utility.json`: `evaluate utility`'s figures of one model.

@@ -10,6 +10,7 @@
 use crate::config::TrainConfig;
 use crate::sweep::{shell_quote, slurm_script, EvaluateConfig, SweepConfig};
 use anyhow::{bail, Context, Result};
+use basin_lm::artifacts::Interpolation;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -199,9 +200,15 @@ enum Target {
 /// A training run's step, from its resolved config.
 fn training(name: &str, config: &TrainConfig, args: Vec<String>) -> (Step, PathBuf) {
     let dir = config.run_dir();
-    let mut owes = vec![dir.join("model").join("model.safetensors")];
-    if config.ema.enabled {
-        owes.push(dir.join("ema").join("model.safetensors"));
+    let mut owes = Vec::new();
+    let snapshots = config.snapshots.iter();
+    for d in
+        std::iter::once(dir.clone()).chain(snapshots.map(|&s| TrainConfig::snapshot_dir(&dir, s)))
+    {
+        owes.push(d.join("model").join("model.safetensors"));
+        if config.ema.enabled {
+            owes.push(d.join("ema").join("model.safetensors"));
+        }
     }
     let step = Step {
         what: format!("{name}: train"),
@@ -212,6 +219,28 @@ fn training(name: &str, config: &TrainConfig, args: Vec<String>) -> (Step, PathB
         config: Some(Box::new(config.clone())),
     };
     (step, dir)
+}
+
+/// `evaluate interpolate`: the run's θ toward its start at each α (WiSE-FT).
+fn interpolation(name: &str, dir: &Path, alphas: &[f64]) -> Step {
+    let list: Vec<String> = alphas.iter().map(f64::to_string).collect();
+    Step {
+        what: format!("{name}: interpolate (WiSE-FT)"),
+        stage: Stage::Evaluate,
+        args: vec![
+            "interpolate".into(),
+            "--run".into(),
+            dir.display().to_string(),
+            "--alpha".into(),
+            list.join(","),
+        ],
+        owes: alphas
+            .iter()
+            .map(|&a| Interpolation::path(&Interpolation::dir(dir, a)))
+            .collect(),
+        checkpoint: None,
+        config: None,
+    }
 }
 
 impl Plan {
@@ -286,17 +315,40 @@ impl Plan {
             c.validate().with_context(|| format!("point {}", job.run))?;
             let (train, dir) = training(&job.run, &c, sweep.train_args(&job, &overrides));
             let ema = c.ema.enabled;
+            // The end, then each snapshot of its trajectory, then the interpolations.
+            let mut evaluate = evaluations(
+                &sweep.evaluate,
+                &job.run,
+                Target::Run {
+                    dir: dir.clone(),
+                    ema,
+                },
+            );
+            for &step in &c.snapshots {
+                let dir = TrainConfig::snapshot_dir(&dir, step);
+                let name = format!("{} step {step}", job.run);
+                evaluate.extend(evaluations(
+                    &sweep.evaluate,
+                    &name,
+                    Target::Run { dir, ema },
+                ));
+            }
+            let alphas = &sweep.baselines.wise_ft;
+            if !alphas.is_empty() {
+                evaluate.push(interpolation(&job.run, &dir, alphas));
+                for &alpha in alphas {
+                    let target = Target::Model {
+                        path: Interpolation::dir(&dir, alpha),
+                        out: Interpolation::eval_dir(&dir, alpha),
+                    };
+                    let name = format!("{} WiSE-FT α={alpha}", job.run);
+                    evaluate.extend(evaluations(&sweep.evaluate, &name, target));
+                }
+            }
             points.push(Job {
                 name: job.run.clone(),
                 train: Some(train),
-                evaluate: evaluations(
-                    &sweep.evaluate,
-                    &job.run,
-                    Target::Run {
-                        dir: dir.clone(),
-                        ema,
-                    },
-                ),
+                evaluate,
             });
             dirs.push(dir);
         }
@@ -383,6 +435,16 @@ impl Plan {
                 args.extend(["--reference".into(), reference.clone()]);
             } else {
                 eprintln!("report: reference {reference} has no scores.json; left out");
+            }
+        }
+        for l in &r.landscapes {
+            if l.exists() {
+                args.extend(["--landscape".into(), l.display().to_string()]);
+            } else {
+                eprintln!(
+                    "report: landscape {} does not exist yet; left out",
+                    l.display()
+                );
             }
         }
         let title = if r.title.is_empty() {
@@ -940,5 +1002,80 @@ utility = ["--sets", "dolly"]
             .err()
             .unwrap();
         assert!(e.to_string().contains("no such file"), "{e}");
+    }
+
+    #[test]
+    fn snapshots_and_wise_ft_add_their_evaluations_after_the_runs_own() {
+        let dir = tempfile::tempdir().unwrap();
+        plan(dir.path(), None); // writes the sweep's files
+        let path = dir.path().join("s.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{text}[baselines]\nwise_ft = [0.5, 0.25]\n")).unwrap();
+        let p = Plan::new(&path, &["snapshots=[3]".into()], None).unwrap();
+        let run = dir.path().join("runs/s-a");
+        let job = &p.points[0];
+        let weights = |d: &str| run.join(d).join("model.safetensors");
+        assert_eq!(
+            job.train.as_ref().unwrap().owes,
+            [
+                weights("model"),
+                weights("ema"),
+                weights("step-3/model"),
+                weights("step-3/ema")
+            ]
+        );
+        let whats: Vec<&str> = job.evaluate.iter().map(|s| s.what.as_str()).collect();
+        assert_eq!(
+            whats,
+            [
+                "s-a: evaluate safety",
+                "s-a: evaluate utility",
+                "s-a step 3: evaluate safety",
+                "s-a step 3: evaluate utility",
+                "s-a: interpolate (WiSE-FT)",
+                "s-a WiSE-FT α=0.5: evaluate safety",
+                "s-a WiSE-FT α=0.5: evaluate utility",
+                "s-a WiSE-FT α=0.25: evaluate safety",
+                "s-a WiSE-FT α=0.25: evaluate utility",
+            ]
+        );
+        assert_eq!(
+            job.evaluate[2].owes,
+            [
+                run.join("step-3/eval/model/scores.json"),
+                run.join("step-3/eval/ema/scores.json")
+            ]
+        );
+        let interpolate = &job.evaluate[4];
+        assert_eq!(
+            interpolate.args[..3],
+            ["interpolate", "--run", &run.display().to_string()]
+        );
+        assert_eq!(interpolate.args[3..], ["--alpha", "0.5,0.25"]);
+        assert_eq!(
+            interpolate.owes,
+            [
+                run.join("wise-0.5/interpolation.json"),
+                run.join("wise-0.25/interpolation.json")
+            ]
+        );
+        let wise = &job.evaluate[5];
+        let out = run.join("eval/wise-0.5");
+        assert_eq!(
+            wise.args[..5],
+            [
+                "safety",
+                "--model",
+                &run.join("wise-0.5").display().to_string(),
+                "--out",
+                &out.display().to_string()
+            ]
+        );
+        assert_eq!(wise.owes, [out.join("scores.json")]);
+        // Stage 0 has neither.
+        assert_eq!(p.stage0[1].evaluate.len(), 2);
+        std::fs::write(&path, format!("{text}[baselines]\nwise_ft = [1.5]\n")).unwrap();
+        let e = Plan::new(&path, &[], None).err().unwrap().to_string();
+        assert!(e.contains("wise_ft has 1.5"), "{e}");
     }
 }

@@ -168,6 +168,11 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
     } else {
         ((config.epochs * data.train.len() as f64) / config.batch_size as f64).ceil() as usize
     };
+    if let Some(&last) = config.snapshots.last().filter(|&&s| s >= total) {
+        bail!(
+            "snapshots: step {last} is not before the run's last step ({total}); the end is saved anyway"
+        );
+    }
     let mut state = TrainState::new(&model.varmap, config.ema.enabled)?;
 
     let (mut step, mut pos) = (0, DataPosition::default());
@@ -195,8 +200,16 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         kept.retain(|r| r.step <= step);
         kept
     } else {
-        for stale in ["checkpoint", "model", "ema"] {
+        // What an earlier run left derives from its weights: its scores, snapshots and
+        // interpolations would pass for this run's.
+        for stale in ["checkpoint", "model", "ema", "eval"] {
             let _ = std::fs::remove_dir_all(run_dir.join(stale));
+        }
+        for entry in std::fs::read_dir(&run_dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with("step-") || name.starts_with("wise-") {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
         Vec::new()
     };
@@ -271,6 +284,7 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
             grad_norm: Some(grad_norm),
             tokens: Some(tokens),
             tokens_per_s: Some(seen as f64 / secs),
+            seconds: Some(secs),
             dist_theta: state.distance_from_start(Weights::Theta)?,
             dist_ema: state.distance_from_start(Weights::Ema)?,
             ..Default::default()
@@ -289,6 +303,13 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         }
         writeln!(metrics, "{}", serde_json::to_string(&record)?)?;
         metrics.flush()?;
+        if config.snapshots.contains(&step) {
+            save_snapshot(
+                &TrainConfig::snapshot_dir(&run_dir, step),
+                &mut state,
+                &model,
+            )?;
+        }
         bar.set_message(format!("loss {train_loss:.4}"));
         bar.inc(1);
         // SIGTERM/SIGINT since the last step: checkpoint now and stop.
@@ -319,11 +340,7 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         }
     }
     bar.finish_and_clear();
-    save_weights(&run_dir.join("model"), &mut state, &model, Weights::Theta)?;
-    if config.ema.enabled {
-        save_weights(&run_dir.join("ema"), &mut state, &model, Weights::Ema)?;
-        state.load_into_model(Weights::Theta)?;
-    }
+    save_snapshot(&run_dir, &mut state, &model)?;
     // Finished: the checkpoint (θ, m, v, θ̄: four model copies) has nothing left to resume.
     let _ = std::fs::remove_dir_all(&ckpt_dir);
     Ok(Summary {
@@ -343,6 +360,16 @@ fn save_checkpoint(dir: &Path, state: &TrainState, progress: &Progress) -> Resul
             serde_json::to_string_pretty(progress)?.as_bytes(),
         )
     })
+}
+
+/// θ into `dir`/model and, with the EMA, θ̄ into `dir`/ema; the model holds θ again after.
+fn save_snapshot(dir: &Path, state: &mut TrainState, model: &Model) -> Result<()> {
+    save_weights(&dir.join("model"), state, model, Weights::Theta)?;
+    if state.has_ema() {
+        save_weights(&dir.join("ema"), state, model, Weights::Ema)?;
+        state.load_into_model(Weights::Theta)?;
+    }
+    Ok(())
 }
 
 /// A Hugging Face directory of θ or θ̄.

@@ -112,6 +112,11 @@ impl TrainState {
         })
     }
 
+    /// Whether θ̄ is kept (the run has the EMA on).
+    pub fn has_ema(&self) -> bool {
+        self.params.iter().any(|p| p.ema.is_some())
+    }
+
     pub fn n_params(&self) -> usize {
         self.params.iter().map(|p| p.var.elem_count()).sum()
     }

@@ -27,6 +27,9 @@ pub struct SweepConfig {
     pub point: Vec<Point>,
     #[serde(default)]
     pub evaluate: EvaluateConfig,
+    /// Methods beside each point's θ and EMA, evaluated as they are.
+    #[serde(default)]
+    pub baselines: Baselines,
     #[serde(default)]
     pub report: ReportConfig,
     /// Stage 0: the model the points fine-tune, trained (and the original evaluated) first.
@@ -70,6 +73,18 @@ pub struct EvaluateConfig {
     pub utility: Vec<String>,
 }
 
+/// `[baselines]`: what a reader compares the EMA with at equal utility. Lower learning
+/// rates and fewer steps are the grid itself; mixing safety data into the fine-tune is a
+/// point whose `data` adds the refusals (`data_rows` sets how many).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Baselines {
+    /// WiSE-FT: each point's θ interpolated toward its start, θ_pre + α·(θ_T − θ_pre), at
+    /// these α (`evaluate interpolate`; no training), each evaluated as θ is.
+    #[serde(default)]
+    pub wise_ft: Vec<f64>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReportConfig {
@@ -80,6 +95,10 @@ pub struct ReportConfig {
     pub title: String,
     #[serde(default)]
     pub note: String,
+    /// landscape.json files of `evaluate landscape` the Claims section reads the basins'
+    /// widths from (each left out, with a line saying so, until it exists).
+    #[serde(default)]
+    pub landscapes: Vec<PathBuf>,
 }
 
 /// One grid point: its run name and its overrides (on top of the sweep's `set`).
@@ -122,6 +141,17 @@ impl SweepConfig {
         if c.grid.values().any(Vec::is_empty) {
             bail!(
                 "{}: every [grid] key needs at least one value",
+                path.display()
+            );
+        }
+        if let Some(a) = c
+            .baselines
+            .wise_ft
+            .iter()
+            .find(|a| !(0.0..=1.0).contains(*a))
+        {
+            bail!(
+                "{}: [baselines] wise_ft has {a}; expected weights in [0, 1]",
                 path.display()
             );
         }

@@ -135,3 +135,48 @@ safety = ["--prepared", "prepared", "--sets", "advbench", "--max-new-tokens", "4
         "no lock left behind"
     );
 }
+
+/// The shipped sweeps resolve as the justfile runs them (from the repository root): every
+/// point's config validates, and each has its snapshots' and WiSE-FT's steps.
+#[test]
+fn the_shipped_sweeps_list_their_baselines_and_trajectories() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let steps = |config: &str| -> Vec<String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_sweep"))
+            .current_dir(root)
+            .args(["--config", config, "--list"])
+            .env("ALIGNED_MODEL", "")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{config}: {stderr}");
+        // index, state, what, command: the what.
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split('\t').nth(2).unwrap_or_default().to_string())
+            .collect()
+    };
+    let all = steps("configs/all.toml");
+    for want in [
+        "all-aggressive: train",
+        "all-aggressive step 6: evaluate safety",
+        "all-tuned step 3: evaluate utility",
+        "all-aggressive-mixed: interpolate (WiSE-FT)",
+        "all-tuned WiSE-FT α=0.5: evaluate safety",
+    ] {
+        assert!(all.iter().any(|s| s == want), "{want} not in {all:#?}");
+    }
+    let paper = steps("configs/paper.toml");
+    let trained = paper.iter().filter(|s| s.ends_with(": train")).count();
+    assert_eq!(trained, 1 + 108 + 3, "stage 0, the grid, the mixed points");
+    let wise = paper
+        .iter()
+        .filter(|s| s.contains("WiSE-FT α=0.75: evaluate safety"))
+        .count();
+    assert_eq!(wise, 111);
+    let snapshots = paper
+        .iter()
+        .filter(|s| s.contains(" step 100: evaluate safety"))
+        .count();
+    assert_eq!(snapshots, 111);
+}

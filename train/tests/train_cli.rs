@@ -651,3 +651,42 @@ fn sigterm_checkpoints_and_resume_gives_the_same_weights() {
         assert!(a == b, "{f} differs after the interruption and --resume");
     }
 }
+
+/// A run's trajectory: `snapshots = [4]` saves θ and θ̄ after step 4 of 8 into step-4/,
+/// bit for bit what a run of 4 steps ends with (the schedule is constant); the end is
+/// saved as ever, each step's seconds are in metrics.jsonl, and a snapshot at or after the
+/// last step is refused before anything is written.
+#[test]
+fn snapshots_save_the_weights_of_the_steps_they_name() {
+    let s = Setup::new();
+    let ema = ["ema.enabled=true", "ema.beta=0.8"];
+    ok(&s.train("long", &[&ema[..], &["snapshots=[4]"]].concat()));
+    ok(&s.train("short", &[&ema[..], &["steps=4"]].concat()));
+    for w in ["model", "ema"] {
+        let f = format!("{w}/model.safetensors");
+        let snap = std::fs::read(s.path("runs/long/step-4").join(&f)).unwrap();
+        let short = std::fs::read(s.path("runs/short").join(&f)).unwrap();
+        assert!(snap == short, "step-4/{f} differs from a 4-step run's");
+        assert!(s.path("runs/long").join(&f).exists());
+    }
+    assert!(!s.path("runs/long/step-8").exists());
+    let secs = series(&s.path("runs/long"), "seconds");
+    assert_eq!(secs.len(), 8);
+    assert!(secs.iter().all(|(_, t)| *t > 0.0), "{secs:?}");
+    // Running the name again drops what derives from the old weights: snapshots, scores,
+    // interpolations.
+    for d in ["eval/model", "wise-0.5"] {
+        std::fs::create_dir_all(s.path("runs/long").join(d)).unwrap();
+    }
+    ok(&s.train("long", &["steps=2"]));
+    for d in ["step-4", "eval", "wise-0.5"] {
+        assert!(!s.path("runs/long").join(d).exists(), "{d} left behind");
+    }
+    for bad in ["snapshots=[8]", "snapshots=[0]", "snapshots=[3, 2]"] {
+        let out = s.train("bad", &[bad]);
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("snapshots"), "{bad}: {err}");
+    }
+    assert!(!s.path("runs/bad/config.toml").exists());
+}

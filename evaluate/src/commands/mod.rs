@@ -5,6 +5,7 @@
 
 pub mod export;
 pub mod generate;
+pub mod interpolate;
 pub mod judge_check;
 pub mod landscape;
 pub mod report;

@@ -1,6 +1,7 @@
 //! `evaluate report`: the table and plots over a set of evaluated runs, written into a
 //! fresh directory beside `out` and renamed into place: `summary.md`, `*.svg`, `*.png`.
 
+use crate::landscape::LandscapeDoc;
 use crate::plots::{load_font, render};
 use crate::report::{charts, group, reference_row, run_rows, summary_md, Comparisons};
 use anyhow::{Context, Result};
@@ -24,6 +25,10 @@ pub struct Args {
     /// A paragraph put under the title (what was run, on what hardware).
     #[arg(long, default_value = "")]
     pub note: String,
+    /// A landscape.json of `evaluate landscape` (repeatable): the claim that the utility
+    /// basin is wider than the safety basin is read off it.
+    #[arg(long = "landscape")]
+    pub landscapes: Vec<PathBuf>,
 }
 
 pub struct Summary {
@@ -50,9 +55,14 @@ pub fn run(args: &Args) -> Result<Summary> {
             reference_row(label, Path::new(dir), &args.harmful)
         })
         .collect::<Result<Vec<_>>>()?;
+    let landscapes = args
+        .landscapes
+        .iter()
+        .map(|p| Ok((p.display().to_string(), basin_lm::artifacts::read(p)?)))
+        .collect::<Result<Vec<(String, LandscapeDoc)>>>()?;
     let groups = group(&rows);
-    let comparisons = Comparisons::of(&groups, &args.harmful)?;
-    let charts = charts(&groups, &args.harmful);
+    let comparisons = Comparisons::of(&groups, &refs, &landscapes, &args.harmful)?;
+    let charts = charts(&groups, &refs, &args.harmful);
     let mut drawn = Vec::new();
     basin_lm::fsutil::replace_dir(&args.out, |tmp| {
         let mut note = args.note.clone();
