@@ -117,9 +117,15 @@ pub fn mean_loss(
     for chunk in rows.chunks(micro_batch.max(1)) {
         let b = Batch::new(chunk, pad_id, model.dtype(), model.device())?;
         if b.n_loss_tokens > 0 {
-            let l = loss(model, &b, Pass::Infer)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+            // The written-out forward for an f32 model on the CPU (what training runs),
+            // candle's graph otherwise.
+            let l = if crate::backprop::supports(model) {
+                crate::backprop::forward(model, &b)?.loss()
+            } else {
+                loss(model, &b, Pass::Infer)?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?
+            };
             sum += l * b.n_loss_tokens as f64;
             n += b.n_loss_tokens;
         }

@@ -437,6 +437,9 @@ impl Plan {
                 eprintln!("report: reference {reference} has no scores.json; left out");
             }
         }
+        if let Some(h) = &r.harmful {
+            args.extend(["--harmful".into(), h.clone()]);
+        }
         for l in &r.landscapes {
             if l.exists() {
                 args.extend(["--landscape".into(), l.display().to_string()]);

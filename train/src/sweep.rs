@@ -95,6 +95,9 @@ pub struct ReportConfig {
     pub title: String,
     #[serde(default)]
     pub note: String,
+    /// The harmful set whose ASR the table shows (`evaluate report --harmful`; default
+    /// advbench).
+    pub harmful: Option<String>,
     /// landscape.json files of `evaluate landscape` the Claims section reads the basins'
     /// widths from (each left out, with a line saying so, until it exists).
     #[serde(default)]

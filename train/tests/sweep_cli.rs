@@ -160,7 +160,6 @@ fn the_shipped_sweeps_list_their_baselines_and_trajectories() {
     for want in [
         "all-aggressive: train",
         "all-aggressive step 6: evaluate safety",
-        "all-tuned step 3: evaluate utility",
         "all-aggressive-mixed: interpolate (WiSE-FT)",
         "all-tuned WiSE-FT α=0.5: evaluate safety",
     ] {
