@@ -30,6 +30,22 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<(ModelConfig, 
     Ok((config, varmap))
 }
 
+/// A model's shape without its weights: a GGUF file's metadata, a Hugging Face directory's
+/// config.json, or a config.json file on its own (configs/models/), read as strictly as
+/// [`load`] reads them.
+pub fn read_config(path: &Path) -> Result<ModelConfig> {
+    let json = if path.is_dir() {
+        path.join("config.json")
+    } else if path.extension().is_some_and(|e| e == "json") {
+        path.to_path_buf()
+    } else {
+        return gguf_config(&GgufMeta::open(path)?);
+    };
+    let text = std::fs::read_to_string(&json)
+        .with_context(|| format!("cannot read {}", json.display()))?;
+    ModelConfig::from_hf_json(&text).with_context(|| format!("{}", json.display()))
+}
+
 /// GGUF `llama.*` keys basin reads; any other one is refused (it may change the maths).
 const GGUF_KEYS: &[&str] = &[
     "context_length",

@@ -5,6 +5,8 @@
 //! - [`optim`]: the optimizer's one home — learning-rate schedule, clipping, AdamW's
 //!   constants, the EMA's schedule and feedback, as one step struct;
 //! - [`state`]: master weights, AdamW moments, the EMA, checkpoints;
+//! - [`plan`]: the memory a run needs, part by part (`train --plan`), and the refusal of a
+//!   run that would not fit;
 //! - [`sweep`]: grids of runs as data (configs/all.toml, configs/paper.toml), Slurm scripts;
 //! - [`experiment`]: running a sweep (the `sweep` binary): stage 0, the points, the report,
 //!   with one skip-if-done rule;
@@ -14,6 +16,7 @@ pub mod config;
 pub mod data;
 pub mod experiment;
 pub mod optim;
+pub mod plan;
 pub mod state;
 pub mod sweep;
 
@@ -84,6 +87,8 @@ pub struct Options {
     pub progress: bool,
     /// Abort the process (as `kill -9` would) right after this step: for the resume test.
     pub crash_after: Option<usize>,
+    /// Plan for this much device memory (GiB) in place of the GPU's free memory.
+    pub memory_gib: Option<f64>,
 }
 
 pub struct Summary {
@@ -129,6 +134,7 @@ fn mean_loss(model: &Model, rows: &[&PreparedRow], config: &TrainConfig, pad: u3
 /// Runs (or resumes) training as `config` says; writes everything under the run directory.
 pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
     config.validate()?;
+    plan::check_fits(config, opts.memory_gib)?;
     let run_dir = config.run_dir();
     // Before anything in the run directory is read, deleted or written.
     let _lock = basin_lm::runlock::RunLock::acquire(&run_dir, "train")?;

@@ -690,3 +690,68 @@ fn snapshots_save_the_weights_of_the_steps_they_name() {
     }
     assert!(!s.path("runs/bad/config.toml").exists());
 }
+
+/// `train --plan` reads the model's shape (here a config.json alone: the paper's 7B) and
+/// prints each part and whether it fits; a run that would not fit is refused before it
+/// loads or writes anything.
+#[test]
+fn the_plan_says_whether_a_run_fits_and_a_run_that_does_not_is_refused() {
+    let s = Setup::new();
+    let shape =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/models/llama-2-7b-chat.json");
+    let model = format!("model={:?}", shape.display().to_string());
+    let seven_b = [
+        "--set",
+        &model,
+        "--set",
+        "max_seq_len=512",
+        "--set",
+        "ema.enabled=true",
+    ];
+    let plan = |extra: &[&str], gib: &str| {
+        let mut cmd = s.train_command("plan", &[]);
+        cmd.args(seven_b)
+            .args(extra)
+            .args(["--plan", "--memory-gib", gib]);
+        cmd.output().unwrap()
+    };
+    // f32 with the EMA and accumulation: 28 bytes a parameter, ~176 GiB before activations.
+    let out = plan(&[], "141");
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for part in [
+        "weights (f32)",
+        "AdamW m (f32)",
+        "EMA θ̄ (f32)",
+        "θ₀",
+        "activations (2 x 512 tokens, 32 layers, f32)",
+        "memory: 141.00 GiB (--memory-gib)",
+    ] {
+        assert!(text.contains(part), "{part} not in {text}");
+    }
+    let last = text.lines().rfind(|l| l.starts_with("fits:")).unwrap();
+    assert!(
+        last.starts_with("fits: no (") && last.ends_with(" GiB of 141.00 GiB)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("each of these would fit") || text.contains("no one setting"),
+        "{text}"
+    );
+    // A card that holds it.
+    let out = plan(&[], "400");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("fits: yes ("));
+    assert!(!s.path("runs/plan").exists(), "a plan writes nothing");
+    // A real run on the tiny model, told its device has 1 MiB: refused before it loads.
+    let out = s.train_with(&["--memory-gib", "0.001"], "tight", &["max_seq_len=32"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not fit its device's memory") && err.contains("fits: no"),
+        "{err}"
+    );
+    assert!(!s.path("runs/tight").exists());
+    let out = s.train_with(&["--plan", "--memory-gib=-1"], "x", &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--memory-gib -1: expected a positive"));
+}

@@ -1,0 +1,434 @@
+//! `train --plan`: the memory a run needs, part by part, from its config and its model's
+//! shape alone (nothing is loaded), against the memory of its device; and the refusal of a
+//! run that would not fit, before it loads anything, with the settings that would fit.
+//!
+//! The parts are what [`crate::state::TrainState`] and the training pass hold:
+//! - the model's weights in the run's dtype; f32 master weights when that is bf16;
+//! - AdamW's m and v (f32), the EMA θ̄ (f32, when on), θ₀ (f32: the distance from the start);
+//! - gradients: one micro-batch's in the weights' dtype, plus the f32 sum when a step has
+//!   several micro-batches;
+//! - activations: what the written-out pass (`basin_lm::backprop`) keeps for the backward,
+//!   per layer `n·(4h + 2·q + 2·kv + 3·ff)` values and the attention probabilities
+//!   `b·heads·t²`, for n = b·t tokens of a micro-batch, in the run's dtype; the logits and
+//!   their gradient over the reply tokens (f32). candle's autograd, which the GPU runs
+//!   today, keeps more: on a GPU the figure is a lower bound;
+//! - workspace: one layer's activations again (the backward's gradients of them).
+
+use crate::config::TrainConfig;
+use anyhow::{bail, Context, Result};
+use basin_lm::architecture::ModelConfig;
+
+/// One part of the plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Part {
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// The memory a run needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPlan {
+    pub parameters: u64,
+    /// Micro-batch rows and tokens a row.
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    pub parts: Vec<Part>,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / GIB
+}
+
+/// Bytes of a value of the run's dtype.
+fn width(dtype: &str) -> Result<u64> {
+    match dtype {
+        "f32" => Ok(4),
+        "bf16" => Ok(2),
+        other => bail!("dtype '{other}': expected f32 or bf16"),
+    }
+}
+
+impl MemoryPlan {
+    /// The plan of `config` for a model of shape `model`, rows cut at `seq_len` tokens.
+    pub fn of(config: &TrainConfig, model: &ModelConfig, seq_len: usize) -> Result<Self> {
+        let d = width(&config.dtype)?;
+        let p: u64 = model
+            .tensors()
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>() as u64)
+            .sum();
+        let (b, t) = (config.micro_batch as u64, seq_len as u64);
+        let n = b * t;
+        let (h, ff, vocab) = (
+            model.hidden_size as u64,
+            model.intermediate_size as u64,
+            model.vocab_size as u64,
+        );
+        let q = (model.num_attention_heads * model.head_dim) as u64;
+        let kv = (model.num_key_value_heads * model.head_dim) as u64;
+        let heads = model.num_attention_heads as u64;
+        let layer = n * (4 * h + 2 * q + 2 * kv + 3 * ff) + b * heads * t * t;
+        let layers = model.num_hidden_layers as u64;
+        let dtype = &config.dtype;
+        let mut parts = vec![Part {
+            name: format!("weights ({dtype})"),
+            bytes: p * d,
+        }];
+        if d != 4 {
+            parts.push(Part {
+                name: "master weights (f32)".into(),
+                bytes: p * 4,
+            });
+        }
+        parts.push(Part {
+            name: "AdamW m (f32)".into(),
+            bytes: p * 4,
+        });
+        parts.push(Part {
+            name: "AdamW v (f32)".into(),
+            bytes: p * 4,
+        });
+        if config.ema.enabled {
+            parts.push(Part {
+                name: "EMA θ̄ (f32)".into(),
+                bytes: p * 4,
+            });
+        }
+        parts.push(Part {
+            name: "θ₀ (f32, the distance from the start)".into(),
+            bytes: p * 4,
+        });
+        let accumulates = config.batch_size > config.micro_batch;
+        parts.push(Part {
+            name: if accumulates {
+                format!("gradients (a micro-batch's in {dtype}, their f32 sum)")
+            } else {
+                format!("gradients ({dtype})")
+            },
+            bytes: p * d + if accumulates { p * 4 } else { 0 },
+        });
+        parts.push(Part {
+            name: format!("activations ({b} x {t} tokens, {layers} layers, {dtype})"),
+            bytes: (layers * layer + n * h) * d,
+        });
+        parts.push(Part {
+            name: "logits and their gradient (f32)".into(),
+            bytes: 2 * n * vocab * 4,
+        });
+        parts.push(Part {
+            name: "workspace (one layer's activation gradients)".into(),
+            bytes: layer * d,
+        });
+        Ok(Self {
+            parameters: p,
+            micro_batch: config.micro_batch,
+            seq_len,
+            parts,
+        })
+    }
+
+    pub fn total(&self) -> u64 {
+        self.parts.iter().map(|p| p.bytes).sum()
+    }
+
+    /// Whether it fits in `memory` bytes.
+    pub fn fits(&self, memory: u64) -> bool {
+        self.total() <= memory
+    }
+
+    /// The plan as lines, ending with `fits: yes|no (X GiB of Y GiB)` when the memory is
+    /// known (`memory`: bytes and where the figure comes from).
+    pub fn render(&self, memory: Option<(u64, &str)>) -> String {
+        let mut s = format!(
+            "{:.2} B parameters; micro-batch {} x {} tokens\n",
+            self.parameters as f64 / 1e9,
+            self.micro_batch,
+            self.seq_len
+        );
+        for p in &self.parts {
+            s.push_str(&format!("  {:<58} {:>9.2} GiB\n", p.name, gib(p.bytes)));
+        }
+        s.push_str(&format!(
+            "  {:<58} {:>9.2} GiB\n",
+            "total",
+            gib(self.total())
+        ));
+        match memory {
+            Some((m, from)) => s.push_str(&format!(
+                "memory: {:.2} GiB ({from})\nfits: {} ({:.2} GiB of {:.2} GiB)\n",
+                gib(m),
+                if self.fits(m) { "yes" } else { "no" },
+                gib(self.total()),
+                gib(m)
+            )),
+            None => s.push_str("memory: unknown (give --memory-gib N)\n"),
+        }
+        s
+    }
+}
+
+/// The tokens a training row can have: `max_seq_len`, else the longest that prepare wrote
+/// into the run's data files (their manifest's `max_seq_len`).
+pub fn seq_len(config: &TrainConfig) -> Result<usize> {
+    if config.max_seq_len > 0 {
+        return Ok(config.max_seq_len);
+    }
+    let mut longest = 0;
+    for file in &config.data {
+        let (Some(dir), Some(stem)) = (file.parent(), file.file_stem()) else {
+            continue;
+        };
+        let manifest = basin_lm::artifacts::Manifest::read_or_empty(dir)?;
+        match manifest.sets.get(stem.to_string_lossy().as_ref()) {
+            Some(e) => longest = longest.max(e.max_seq_len),
+            None => bail!(
+                "{}: not in {} (prepare it, or give --set max_seq_len=N to plan without it)",
+                file.display(),
+                basin_lm::artifacts::Manifest::path(dir).display()
+            ),
+        }
+    }
+    Ok(longest)
+}
+
+/// The free memory of the run's device, in bytes, and where the figure comes from: a
+/// CUDA device's by `nvidia-smi`; None on the CPU (the host's memory is not planned).
+pub fn device_memory(device: &str) -> Result<Option<(u64, String)>> {
+    let Some(rest) = device.strip_prefix("cuda") else {
+        return Ok(None);
+    };
+    let index = rest.strip_prefix(':').unwrap_or("0");
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "-i",
+            index,
+            "--query-gpu=memory.total,memory.used",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .context("cannot run nvidia-smi to read the GPU's memory (give --memory-gib N)")?;
+    if !out.status.success() {
+        bail!(
+            "nvidia-smi -i {index}: {} (give --memory-gib N)",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (total, used) = parse_nvidia_smi(&text)
+        .with_context(|| format!("nvidia-smi printed {text:?}; expected 'total, used' in MiB"))?;
+    let free = total.saturating_sub(used) << 20;
+    Ok(Some((free, format!("free on {device}, by nvidia-smi"))))
+}
+
+/// `total, used` (MiB) of nvidia-smi's CSV line.
+fn parse_nvidia_smi(text: &str) -> Option<(u64, u64)> {
+    let line = text.lines().next()?;
+    let (total, used) = line.split_once(',')?;
+    Some((total.trim().parse().ok()?, used.trim().parse().ok()?))
+}
+
+/// Settings that would make the run fit in `memory` bytes (each alone), as `--set` values.
+pub fn fitting_changes(
+    config: &TrainConfig,
+    model: &ModelConfig,
+    seq_len: usize,
+    memory: u64,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let fits = |c: &TrainConfig, t: usize| -> Result<bool> {
+        Ok(MemoryPlan::of(c, model, t)?.fits(memory))
+    };
+    // The largest micro-batch that divides the batch and fits.
+    if let Some(m) = (1..config.micro_batch)
+        .rev()
+        .filter(|m| config.batch_size.is_multiple_of(*m))
+        .find(|&m| {
+            let c = TrainConfig {
+                micro_batch: m,
+                ..config.clone()
+            };
+            fits(&c, seq_len).unwrap_or(false)
+        })
+    {
+        out.push(format!("micro_batch={m}"));
+    }
+    if config.ema.enabled {
+        let mut c = config.clone();
+        c.ema.enabled = false;
+        if fits(&c, seq_len)? {
+            out.push("ema.enabled=false".into());
+        }
+    }
+    if config.dtype == "f32" {
+        let c = TrainConfig {
+            dtype: "bf16".into(),
+            ..config.clone()
+        };
+        if fits(&c, seq_len)? {
+            out.push("dtype=bf16".into());
+        }
+    }
+    if let Some(t) = [2048, 1024, 512, 256, 128]
+        .into_iter()
+        .filter(|&t| t < seq_len)
+        .find(|&t| fits(config, t).unwrap_or(false))
+    {
+        out.push(format!("max_seq_len={t}"));
+    }
+    Ok(out)
+}
+
+/// The plan of a run as `train --plan` prints it, and whether it fits (None: memory
+/// unknown). `memory_gib` overrides the device's own figure.
+pub fn plan(config: &TrainConfig, memory_gib: Option<f64>) -> Result<(String, Option<bool>)> {
+    let model = basin_lm::weights::read_config(&config.model)?;
+    let t = seq_len(config)?;
+    let plan = MemoryPlan::of(config, &model, t)?;
+    let memory = match memory_gib {
+        Some(g) => Some(((g * GIB) as u64, "--memory-gib".to_string())),
+        None => device_memory(&config.device).unwrap_or_else(|e| {
+            eprintln!("warning: {e:#}");
+            None
+        }),
+    };
+    let mut text = format!(
+        "plan of run {} on {}: model {}, {}",
+        config.name,
+        config.device,
+        config.model.display(),
+        plan.render(memory.as_ref().map(|(m, from)| (*m, from.as_str())))
+    );
+    let fits = memory.as_ref().map(|(m, _)| plan.fits(*m));
+    if let (Some(false), Some((m, _))) = (fits, &memory) {
+        let changes = fitting_changes(config, &model, t, *m)?;
+        text.push_str(&if changes.is_empty() {
+            "no one setting of micro_batch, ema, dtype or max_seq_len makes it fit\n".into()
+        } else {
+            format!(
+                "each of these would fit: --set {}\n",
+                changes.join(", --set ")
+            )
+        });
+    }
+    Ok((text, fits))
+}
+
+/// Refuses a run whose plan does not fit its device's memory (`memory_gib`, else the
+/// GPU's free memory; the CPU is not checked, nor a GPU whose memory cannot be read, nor
+/// a run that cannot be planned), before anything is loaded.
+pub fn check_fits(config: &TrainConfig, memory_gib: Option<f64>) -> Result<()> {
+    if memory_gib.is_none() && !config.device.starts_with("cuda") {
+        return Ok(());
+    }
+    match plan(config, memory_gib) {
+        Ok((text, Some(false))) => bail!("the run does not fit its device's memory:\n{text}"),
+        Ok(_) => Ok(()),
+        // A plan that cannot be made (a data file without a manifest) does not stop a run.
+        Err(e) => {
+            eprintln!("warning: no memory plan ({e:#}); the run goes on unchecked");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(dtype: &str, ema: bool, micro_batch: usize, batch_size: usize) -> TrainConfig {
+        let mut c = TrainConfig {
+            dtype: dtype.into(),
+            micro_batch,
+            batch_size,
+            ..TrainConfig::default()
+        };
+        c.ema.enabled = ema;
+        c
+    }
+
+    fn llama_2_7b() -> ModelConfig {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/models/llama-2-7b-chat.json");
+        basin_lm::weights::read_config(&path).unwrap()
+    }
+
+    #[test]
+    fn the_optimizer_state_is_counted_part_by_part() {
+        let m = llama_2_7b();
+        let plan = MemoryPlan::of(&config("bf16", true, 1, 1), &m, 512).unwrap();
+        let p = plan.parameters;
+        assert!((6.7e9..6.8e9).contains(&(p as f64)), "{p}");
+        let bytes = |name: &str| {
+            plan.parts
+                .iter()
+                .find(|x| x.name.starts_with(name))
+                .unwrap()
+                .bytes
+        };
+        assert_eq!(bytes("weights (bf16)"), 2 * p);
+        assert_eq!(bytes("master weights"), 4 * p);
+        for part in ["AdamW m", "AdamW v", "EMA", "θ₀"] {
+            assert_eq!(bytes(part), 4 * p, "{part}");
+        }
+        // One micro-batch a step: no f32 sum.
+        assert_eq!(bytes("gradients"), 2 * p);
+        // Activations: 32 layers of 512·(4·4096 + 2·4096 + 2·4096 + 3·11008) values and
+        // 32 heads · 512² probabilities, plus the embeddings' output, 2 bytes each.
+        let layer = 512 * (8 * 4096 + 3 * 11008) + 32 * 512 * 512;
+        assert_eq!(bytes("activations"), (32 * layer + 512 * 4096) * 2);
+        // An f32 run has no master copy; accumulation adds the f32 sum.
+        let f32 = MemoryPlan::of(&config("f32", false, 4, 16), &m, 512).unwrap();
+        assert!(f32
+            .parts
+            .iter()
+            .all(|x| !x.name.starts_with("master") && !x.name.starts_with("EMA")));
+        let g = f32
+            .parts
+            .iter()
+            .find(|x| x.name.starts_with("gradients"))
+            .unwrap();
+        assert_eq!(g.bytes, 8 * p);
+    }
+
+    #[test]
+    fn a_plan_that_does_not_fit_names_the_settings_that_would() {
+        let m = llama_2_7b();
+        let c = config("f32", true, 4, 16);
+        let t = 512;
+        let need = MemoryPlan::of(&c, &m, t).unwrap().total();
+        // f32 with the EMA: 4 (θ) + 8 (m, v) + 4 (θ̄) + 4 (θ₀) + 8 (gradients) bytes a parameter.
+        assert!(need > 28 * 6_700_000_000, "{need}");
+        let text = MemoryPlan::of(&c, &m, t)
+            .unwrap()
+            .render(Some((141 << 30, "test")));
+        assert!(
+            text.ends_with(&format!("fits: no ({:.2} GiB of 141.00 GiB)\n", gib(need))),
+            "{text}"
+        );
+        // Dropping the EMA saves 4 bytes a parameter: enough when the card holds just that.
+        let without = MemoryPlan::of(&config("f32", false, 4, 16), &m, t)
+            .unwrap()
+            .total();
+        let changes = fitting_changes(&c, &m, t, without).unwrap();
+        assert!(
+            changes.contains(&"ema.enabled=false".to_string()),
+            "{changes:?}"
+        );
+        assert!(
+            !changes.iter().any(|c| c.starts_with("max_seq_len")),
+            "{changes:?}"
+        );
+        let small = fitting_changes(&c, &m, t, 1 << 30).unwrap();
+        assert!(small.is_empty(), "{small:?}");
+    }
+
+    #[test]
+    fn nvidia_smis_line_is_read_in_mib() {
+        assert_eq!(parse_nvidia_smi("81559, 1024\n"), Some((81559, 1024)));
+        assert_eq!(parse_nvidia_smi("[N/A], 3"), None);
+        assert_eq!(parse_nvidia_smi(""), None);
+    }
+}
