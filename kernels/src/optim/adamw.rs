@@ -113,7 +113,7 @@ pub struct AdamWTensors<'a> {
 
 /// One element: returns the new θ and updates m, v.
 #[inline(always)]
-fn update(theta: f32, g: f32, m: &mut f32, v: &mut f32, s: &Step) -> f32 {
+pub(crate) fn update(theta: f32, g: f32, m: &mut f32, v: &mut f32, s: &Step) -> f32 {
     // Scaled only when clipping, as the CUDA kernel does (the same bits either way).
     let g = if s.grad_scale == 1.0 {
         g
