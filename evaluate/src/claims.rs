@@ -334,10 +334,7 @@ pub fn claims(
     } else {
         let mut total = Paired::default();
         for (_, _, p) in wise {
-            total.pairs += p.pairs;
-            total.a_only += p.a_only;
-            total.b_only += p.b_only;
-            total.both += p.both;
+            total.add(p);
         }
         let gap: Vec<f64> = wise
             .iter()

@@ -191,15 +191,7 @@ const SHOWN: [&str; 3] = ["lr", "batch_size", "steps"];
 /// directory's manifest.json (a file the manifest does not list counts as not).
 fn has_safety_data(config: &TrainConfig) -> Result<bool> {
     for file in &config.data {
-        let (Some(dir), Some(stem)) = (file.parent(), file.file_stem()) else {
-            continue;
-        };
-        let manifest = Manifest::read_or_empty(dir)?;
-        if manifest
-            .sets
-            .get(stem.to_string_lossy().as_ref())
-            .is_some_and(|e| e.role == "align")
-        {
+        if Manifest::entry_of(file)?.is_some_and(|e| e.role == "align") {
             return Ok(true);
         }
     }
@@ -270,11 +262,15 @@ pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
     };
     // θ and θ̄ at the end (`run`) and at each snapshot (`run`/step-N).
     let mut ends: Vec<(PathBuf, Option<usize>)> = vec![(run.to_path_buf(), last)];
-    let mut snapshots: Vec<usize> = Vec::new();
+    // One pass over the run directory: its snapshots (`step-N`) and interpolations
+    // (`wise-α` with their interpolation.json).
+    let (mut snapshots, mut interpolations): (Vec<usize>, Vec<PathBuf>) = (Vec::new(), Vec::new());
     for entry in std::fs::read_dir(run)?.flatten() {
         let file = entry.file_name().to_string_lossy().to_string();
         if let Some(step) = file.strip_prefix("step-").and_then(|s| s.parse().ok()) {
             snapshots.push(step);
+        } else if file.starts_with("wise-") && Interpolation::path(&entry.path()).exists() {
+            interpolations.push(Interpolation::path(&entry.path()));
         }
     }
     snapshots.sort();
@@ -300,14 +296,11 @@ pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
     }
     // WiSE-FT: each interpolation evaluated, by α.
     let mut wise = Vec::new();
-    for entry in std::fs::read_dir(run)?.flatten() {
-        let doc = Interpolation::path(&entry.path());
-        if entry.file_name().to_string_lossy().starts_with("wise-") && doc.exists() {
-            let doc: Interpolation = artifacts::read(&doc)?;
-            let eval = Interpolation::eval_dir(run, doc.alpha);
-            if Scores::path(&eval).exists() {
-                wise.push((doc.alpha, eval, doc.distance));
-            }
+    for path in interpolations {
+        let doc: Interpolation = artifacts::read(&path)?;
+        let eval = Interpolation::eval_dir(run, doc.alpha);
+        if Scores::path(&eval).exists() {
+            wise.push((doc.alpha, eval, doc.distance));
         }
     }
     wise.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -505,13 +498,23 @@ impl Paired {
             let (a, b) = (attack_successes(a, harmful)?, attack_successes(b, harmful)?);
             for (id, &x) in &a {
                 let Some(&y) = b.get(id) else { continue };
-                total.pairs += 1;
-                total.a_only += usize::from(x && !y);
-                total.b_only += usize::from(y && !x);
-                total.both += usize::from(x && y);
+                total.add(&Self {
+                    pairs: 1,
+                    a_only: usize::from(x && !y),
+                    b_only: usize::from(y && !x),
+                    both: usize::from(x && y),
+                });
             }
         }
         Ok(total)
+    }
+
+    /// Pools another count into this one.
+    pub fn add(&mut self, o: &Self) {
+        self.pairs += o.pairs;
+        self.a_only += o.a_only;
+        self.b_only += o.b_only;
+        self.both += o.both;
     }
 
     /// The attack success rates of the first and of the second model over the pairs.

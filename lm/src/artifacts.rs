@@ -103,6 +103,18 @@ impl Manifest {
         Ok(m)
     }
 
+    /// The entry of a prepared file (`<dir>/<set>.parquet`) in its directory's manifest;
+    /// None when the manifest does not list it (or there is none).
+    pub fn entry_of(file: &Path) -> Result<Option<ManifestSet>> {
+        let dir = file.parent().unwrap_or(Path::new("."));
+        let Some(set) = file.file_stem() else {
+            return Ok(None);
+        };
+        Ok(Self::read_or_empty(dir)?
+            .sets
+            .remove(set.to_string_lossy().as_ref()))
+    }
+
     /// Writes the manifest into `prepared` (atomically); returns its path.
     pub fn write(&self, prepared: &Path) -> Result<PathBuf> {
         let path = Self::path(prepared);
@@ -214,6 +226,16 @@ pub struct DistillRecipe {
 pub struct ModelHash {
     pub path: String,
     pub sha256: String,
+}
+
+impl ModelHash {
+    /// A model (GGUF file or Hugging Face directory) by path and the sha256 of its weights.
+    pub fn of(path: &Path) -> Result<Self> {
+        Ok(Self {
+            path: path.display().to_string(),
+            sha256: crate::fsutil::weights_sha256(path)?,
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------

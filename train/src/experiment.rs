@@ -380,8 +380,7 @@ impl Plan {
                     .file_stem()
                     .map_or(String::new(), |s| s.to_string_lossy().into());
                 let dir = f.parent().unwrap_or(Path::new("."));
-                let manifest = basin_lm::artifacts::Manifest::read_or_empty(dir);
-                match manifest.ok().and_then(|m| m.sets.get(&set).cloned()) {
+                match basin_lm::artifacts::Manifest::entry_of(f).ok().flatten() {
                     None => format!(
                         "data {}: not prepared yet (no entry in {})",
                         f.display(),

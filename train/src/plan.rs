@@ -17,6 +17,8 @@
 use crate::config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use basin_lm::architecture::ModelConfig;
+use basin_lm::artifacts::Manifest;
+use std::path::Path;
 
 /// One part of the plan.
 #[derive(Clone, Debug, PartialEq)]
@@ -177,16 +179,12 @@ pub fn seq_len(config: &TrainConfig) -> Result<usize> {
     }
     let mut longest = 0;
     for file in &config.data {
-        let (Some(dir), Some(stem)) = (file.parent(), file.file_stem()) else {
-            continue;
-        };
-        let manifest = basin_lm::artifacts::Manifest::read_or_empty(dir)?;
-        match manifest.sets.get(stem.to_string_lossy().as_ref()) {
+        match Manifest::entry_of(file)? {
             Some(e) => longest = longest.max(e.max_seq_len),
             None => bail!(
                 "{}: not in {} (prepare it, or give --set max_seq_len=N to plan without it)",
                 file.display(),
-                basin_lm::artifacts::Manifest::path(dir).display()
+                Manifest::path(file.parent().unwrap_or(Path::new("."))).display()
             ),
         }
     }
@@ -336,7 +334,6 @@ pub fn check_fits(config: &TrainConfig, memory_gib: Option<f64>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     fn config(dtype: &str, ema: bool, micro_batch: usize, batch_size: usize) -> TrainConfig {
         let mut c = TrainConfig {

@@ -11,7 +11,7 @@ use basin_kernels::optim::multi::MultiTensor;
 use basin_lm::artifacts::{Interpolation, ModelHash, TrainConfig};
 use basin_lm::model::{parse_dtype, Model};
 use candle_core::Device;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
@@ -42,13 +42,7 @@ pub fn run(args: &Args) -> Result<Summary> {
             args.run.display()
         );
     }
-    let hashed = |p: &Path| -> Result<ModelHash> {
-        Ok(ModelHash {
-            path: p.display().to_string(),
-            sha256: basin_lm::fsutil::weights_sha256(p)?,
-        })
-    };
-    let (start, end) = (hashed(&config.model)?, hashed(&end_path)?);
+    let (start, end) = (ModelHash::of(&config.model)?, ModelHash::of(&end_path)?);
     // Both ends in the run's dtype (θ_pre as training loaded it), on the CPU; the lerp runs
     // on f32 copies, and θ(α) is saved in that dtype, as the run's model/ is.
     let dtype = parse_dtype(&config.dtype)?;

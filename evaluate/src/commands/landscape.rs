@@ -175,14 +175,8 @@ pub fn run(args: &Args) -> Result<Summary> {
         }
     };
     // Hashed before the walk: a model that cannot be hashed fails now, not after it.
-    let hashed = |p: &Path| -> Result<ModelHash> {
-        Ok(ModelHash {
-            path: p.display().to_string(),
-            sha256: basin_lm::fsutil::weights_sha256(p)?,
-        })
-    };
-    let from_info = hashed(&from)?;
-    let to_info = to.as_deref().map(hashed).transpose()?;
+    let from_info = ModelHash::of(&from)?;
+    let to_info = to.as_deref().map(ModelHash::of).transpose()?;
     let (lo, hi) = (args.alpha_min.unwrap_or(lo), args.alpha_max.unwrap_or(hi));
     if lo.is_nan() || hi.is_nan() || lo >= hi {
         bail!("the α range [{lo}, {hi}] is empty: --alpha-min must be below --alpha-max");
