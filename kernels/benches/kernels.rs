@@ -91,10 +91,12 @@ impl Set {
         (0..self.theta.len())
             .map(|i| AdamWTensors {
                 theta: &self.theta[i],
+                theta_lo: None,
                 grad: &self.grad[i],
                 m: &self.m[i],
                 v: &self.v[i],
                 ema: ema.then(|| &self.ema[i]),
+                ema_lo: None,
                 param: None,
             })
             .collect()
@@ -215,10 +217,12 @@ fn main() -> anyhow::Result<()> {
         (0..shapes.len())
             .map(|i| AdamWTensors {
                 theta: &set.theta[i],
+                theta_lo: None,
                 grad: &bf_grad[i],
                 m: &set.m[i],
                 v: &set.v[i],
                 ema: ema.then(|| &set.ema[i]),
+                ema_lo: None,
                 param: Some(&bf_param[i]),
             })
             .collect()

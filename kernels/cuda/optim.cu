@@ -166,6 +166,69 @@ extern "C" __global__ void adamw_ema_bf16(const Entry* table, const Chunk* chunk
     adamw_chunk<true, true>(table, chunks, chunk_elems, s);
 }
 
+// A parameter tensor whose optimizer state is kept in bf16 or as compensated pairs
+// (kernels/src/optim/bf16.rs: Store). A pair holds x = hi + lo in two bf16 words: hi is x
+// rounded to nearest even, lo the rest rounded likewise. 0 marks a buffer that is absent.
+struct MixedEntry {
+    void* theta;        // f32, or bf16 (the high half when theta_lo is set)
+    bf16* theta_lo;
+    const void* grad;   // f32 or bf16
+    void* m;            // m and v: both f32 or both bf16
+    void* v;
+    void* ema;          // f32, or bf16 (the high half when ema_lo is set); 0: no blend
+    bf16* ema_lo;
+    bf16* param;        // the model's bf16 copy of f32 master weights
+    u64 n;
+    u64 flags;          // MIXED_* bits
+};
+
+#define MIXED_THETA_BF16 1ull
+#define MIXED_GRAD_BF16 2ull
+#define MIXED_MOMENTS_BF16 4ull
+#define MIXED_EMA_BF16 8ull
+
+// A stored value widened to f32 (a pair's sum is exact: lo is below half a unit of hi).
+__device__ __forceinline__ float mixed_get(const void* p, const bf16* lo, bool is_bf16, u64 i) {
+    if (!is_bf16) return ((const float*)p)[i];
+    float hi = bf16_to_f32(((const bf16*)p)[i]);
+    return lo ? __fadd_rn(hi, bf16_to_f32(lo[i])) : hi;
+}
+
+// x stored: as it is, rounded to nearest even, or split into hi + lo.
+__device__ __forceinline__ void mixed_put(void* p, bf16* lo, bool is_bf16, u64 i, float x) {
+    if (!is_bf16) {
+        ((float*)p)[i] = x;
+        return;
+    }
+    bf16 hi = f32_to_bf16(x);
+    ((bf16*)p)[i] = hi;
+    if (lo) lo[i] = f32_to_bf16(__fsub_rn(x, bf16_to_f32(hi)));
+}
+
+// AdamW and, when ema is set, the EMA blend, over state stored as each entry says:
+// bf16.rs's adamw_mixed, element for element (θ̄ is blended with the new θ before θ is
+// stored). One element per thread per iteration: the flags are the same for a whole tensor,
+// so the branches do not diverge.
+extern "C" __global__ void adamw_mixed(const MixedEntry* table, const Chunk* chunks, u32 chunk_elems, Step s) {
+    const Chunk c = chunks[blockIdx.x];
+    const MixedEntry e = table[c.tensor];
+    const u64 start = (u64)c.index * chunk_elems;
+    const u64 end = min(start + chunk_elems, e.n);
+    const bool tb = e.flags & MIXED_THETA_BF16, mb = e.flags & MIXED_MOMENTS_BF16;
+    const bool eb = e.flags & MIXED_EMA_BF16;
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float g = (e.flags & MIXED_GRAD_BF16) ? load_grad<true>(e.grad, i, s.grad_scale)
+                                              : load_grad<false>(e.grad, i, s.grad_scale);
+        float m = mixed_get(e.m, 0, mb, i), v = mixed_get(e.v, 0, mb, i);
+        float x = adamw(mixed_get(e.theta, e.theta_lo, tb, i), g, m, v, s);
+        mixed_put(e.m, 0, mb, i, m);
+        mixed_put(e.v, 0, mb, i, v);
+        if (e.ema) mixed_put(e.ema, e.ema_lo, eb, i, blend(mixed_get(e.ema, e.ema_lo, eb, i), x, s.ema_weight));
+        if (e.param) e.param[i] = f32_to_bf16(x);
+        mixed_put(e.theta, e.theta_lo, tb, i, x);
+    }
+}
+
 // The EMA alone: θ̄ ← θ̄ + w(θ − θ̄) for every tensor (uses the entries' ema and theta).
 extern "C" __global__ void ema_blend(const Entry* table, const Chunk* chunks, u32 chunk_elems, float w) {
     const Chunk c = chunks[blockIdx.x];

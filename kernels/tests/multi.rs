@@ -74,10 +74,12 @@ fn tensors(b: &[Buffers], ema: bool, param: bool) -> Vec<AdamWTensors<'_>> {
     b.iter()
         .map(|b| AdamWTensors {
             theta: &b.theta,
+            theta_lo: None,
             grad: &b.grad,
             m: &b.m,
             v: &b.v,
             ema: ema.then_some(&b.ema),
+            ema_lo: None,
             param: param.then_some(&b.param),
         })
         .collect()
@@ -231,6 +233,167 @@ fn cpu_sum_squares_is_the_f64_sum() {
     assert!(err.to_string().contains("shape"), "{err}");
 }
 
+/// Buffers of one tensor with the state kept as pure-bf16 training keeps it: θ and θ̄ as
+/// compensated pairs (hi, lo), m and v in `moments`.
+struct Mixed {
+    theta: Var,
+    theta_lo: Var,
+    grad: Tensor,
+    m: Var,
+    v: Var,
+    ema: Var,
+    ema_lo: Var,
+}
+
+/// x as bf16 pairs: hi rounded to nearest, lo the rest rounded.
+fn pair(x: &Tensor) -> (Var, Var) {
+    let hi = x.to_dtype(DType::BF16).unwrap();
+    let lo = (x - hi.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    (
+        Var::from_tensor(&hi).unwrap(),
+        Var::from_tensor(&lo).unwrap(),
+    )
+}
+
+fn mixed(dev: &Device, grad_dtype: DType, moments: DType) -> Vec<Mixed> {
+    buffers(dev, grad_dtype)
+        .into_iter()
+        .map(|b| {
+            let (theta, theta_lo) = pair(b.theta.as_tensor());
+            let (ema, ema_lo) = pair(b.ema.as_tensor());
+            let cast = |v: &Var| Var::from_tensor(&v.as_tensor().to_dtype(moments).unwrap());
+            Mixed {
+                theta,
+                theta_lo,
+                grad: b.grad,
+                m: cast(&b.m).unwrap(),
+                v: cast(&b.v).unwrap(),
+                ema,
+                ema_lo,
+            }
+        })
+        .collect()
+}
+
+fn mixed_tensors(b: &[Mixed], ema: bool) -> Vec<AdamWTensors<'_>> {
+    b.iter()
+        .map(|b| AdamWTensors {
+            theta: &b.theta,
+            theta_lo: Some(&b.theta_lo),
+            grad: &b.grad,
+            m: &b.m,
+            v: &b.v,
+            ema: ema.then_some(&b.ema),
+            ema_lo: ema.then_some(&b.ema_lo),
+            param: None,
+        })
+        .collect()
+}
+
+fn bits(v: &Var) -> Vec<u16> {
+    v.as_tensor()
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<half::bf16>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+/// The buffers' values, each as raw bits (f32 or bf16 words).
+fn mixed_bits(b: &Mixed) -> Vec<(&'static str, Vec<u32>)> {
+    let raw = |v: &Var| -> Vec<u32> {
+        if v.dtype() == DType::F32 {
+            host(v.as_tensor()).iter().map(|x| x.to_bits()).collect()
+        } else {
+            bits(v).into_iter().map(u32::from).collect()
+        }
+    };
+    vec![
+        ("theta", raw(&b.theta)),
+        ("theta_lo", raw(&b.theta_lo)),
+        ("m", raw(&b.m)),
+        ("v", raw(&b.v)),
+        ("ema", raw(&b.ema)),
+        ("ema_lo", raw(&b.ema_lo)),
+    ]
+}
+
+/// The pure-bf16 state through `MultiTensor` on the CPU gives exactly the bits of the
+/// reference `adamw_mixed` on plain vectors.
+#[test]
+fn cpu_mixed_step_equals_the_reference_bit_for_bit() {
+    use basin_kernels::optim::bf16::{adamw_mixed, Store};
+    use half::bf16;
+    let s = scalars();
+    for moments in [DType::F32, DType::BF16] {
+        for (ema, grad_dtype, grad_scale) in [(false, DType::F32, 1.0f32), (true, DType::BF16, 0.5)]
+        {
+            let b = mixed(&Device::Cpu, grad_dtype, moments);
+            let mut step = s.with_grad_scale(grad_scale);
+            if ema {
+                step = step.with_ema(0.99);
+            }
+            let want: Vec<_> = b
+                .iter()
+                .map(|b| {
+                    let v16 = |v: &Var| -> Vec<bf16> {
+                        bits(v).into_iter().map(bf16::from_bits).collect()
+                    };
+                    let (mut hi, mut lo, mut ehi, mut elo) =
+                        (v16(&b.theta), v16(&b.theta_lo), v16(&b.ema), v16(&b.ema_lo));
+                    let (mut m32, mut v32) = (host(b.m.as_tensor()), host(b.v.as_tensor()));
+                    let (mut m16, mut v16_) = (v16(&b.m), v16(&b.v));
+                    let (m, v) = if moments == DType::F32 {
+                        (Store::F32(&mut m32), Store::F32(&mut v32))
+                    } else {
+                        (Store::Bf16(&mut m16), Store::Bf16(&mut v16_))
+                    };
+                    adamw_mixed(
+                        Store::Pair(&mut hi, &mut lo),
+                        &host(&b.grad),
+                        m,
+                        v,
+                        ema.then_some(Store::Pair(&mut ehi, &mut elo)),
+                        None,
+                        &step,
+                    );
+                    let w = |x: Vec<bf16>| x.into_iter().map(|x| u32::from(x.to_bits())).collect();
+                    let f = |x: Vec<f32>| x.into_iter().map(f32::to_bits).collect();
+                    let (m, v) = if moments == DType::F32 {
+                        (f(m32), f(v32))
+                    } else {
+                        (w(m16), w(v16_))
+                    };
+                    vec![
+                        ("theta", w(hi)),
+                        ("theta_lo", w(lo)),
+                        ("m", m),
+                        ("v", v),
+                        ("ema", w(ehi)),
+                        ("ema_lo", w(elo)),
+                    ]
+                })
+                .collect();
+            MultiTensor::new()
+                .adamw_step(&mixed_tensors(&b, ema), &step)
+                .unwrap();
+            for (b, want) in b.iter().zip(want) {
+                assert_eq!(mixed_bits(b), want, "moments {moments:?} ema={ema}");
+            }
+            // The step moved θ: hi + lo is no longer the start.
+            let start = mixed(&Device::Cpu, grad_dtype, moments);
+            assert_ne!(bits(&b[4].theta_lo), bits(&start[4].theta_lo));
+        }
+    }
+}
+
 /// The device check: every kernel on the GPU against the CPU, on the same inputs.
 #[cfg(feature = "cuda")]
 #[test]
@@ -281,6 +444,31 @@ fn cuda_kernels_equal_the_cpu_bit_for_bit() {
             host(g.ema.as_tensor()),
             "ema_blend"
         );
+    }
+    // The pure-bf16 state (pairs, bf16 or f32 moments): the same bits on both.
+    for moments in [DType::F32, DType::BF16] {
+        for (ema, grad_dtype) in [(false, DType::F32), (true, DType::BF16)] {
+            let (c, g) = (
+                mixed(&Device::Cpu, grad_dtype, moments),
+                mixed(&gpu, grad_dtype, moments),
+            );
+            let mut step = s.with_grad_scale(0.5);
+            if ema {
+                step = step.with_ema(0.99);
+            }
+            for b in [&c, &g] {
+                MultiTensor::new()
+                    .adamw_step(&mixed_tensors(b, ema), &step)
+                    .unwrap();
+            }
+            for (c, g) in c.iter().zip(&g) {
+                assert_eq!(
+                    mixed_bits(c),
+                    mixed_bits(g),
+                    "mixed: moments {moments:?} ema={ema}"
+                );
+            }
+        }
     }
     // The sums of squares, in the same order on both: equal bits.
     for grad_dtype in [DType::F32, DType::BF16] {

@@ -259,8 +259,13 @@ pub struct TrainConfig {
     /// Train on at most this many tokens of each row (prompt first; 0: as prepared). The
     /// validation loss cuts its rows the same way; `evaluate utility` reads whole rows.
     pub max_seq_len: usize,
+    /// What the model computes in: f32 or bf16.
     pub dtype: String,
     pub device: String,
+    /// Activation recompute: the written-out pass keeps each layer's input only and redoes
+    /// the layer's forward during the backward (about one more forward of compute, a
+    /// fraction of the activations' memory). Same gradients, bit for bit.
+    pub recompute: bool,
     pub seed: u64,
     /// Sequences per optimizer step, and per forward/backward (gradient accumulation).
     pub batch_size: usize,
@@ -280,6 +285,8 @@ pub struct TrainConfig {
     /// Clip the global gradient norm to this (0: no clipping).
     pub grad_clip: f64,
     pub ema: EmaConfig,
+    /// How θ, AdamW's moments, θ̄ and θ₀ are kept (pure bf16 training, issue 22).
+    pub state: StateConfig,
     /// Validation loss every N steps (0: only at the end), over at most `val_batches`.
     pub eval_every: usize,
     pub val_batches: usize,
@@ -301,6 +308,92 @@ pub struct EmaConfig {
     pub every: usize,
     pub start: usize,
     pub feedback_every: usize,
+}
+
+/// How a value of the optimizer's state is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// 4 bytes.
+    F32,
+    /// 2 bytes, rounded to nearest: loses updates below half a bf16 unit.
+    Bf16,
+    /// A compensated pair hi + lo of bf16 values: 16 significant bits in 4 bytes; hi is the
+    /// nearest bf16 (for θ, the model's own weight).
+    Pair,
+}
+
+/// Where θ₀ (the pre-trained weights, for the distance ‖θ − θ₀‖) is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Theta0 {
+    /// Beside θ on the run's device.
+    Device,
+    /// In host memory: no device memory, a copy of θ to the host each time it is measured.
+    Host,
+    /// Not kept: no distance in metrics.jsonl.
+    Off,
+}
+
+/// The optimizer's state (`[state]`). The default is f32 throughout; pure bf16 training
+/// (Qi et al. fine-tuned Llama-2-7B so) is `dtype = "bf16"` with `weights = "pair"`,
+/// `moments = "bf16"`, `ema = "pair"`, `theta0 = "host"`: 12 bytes a parameter of weights
+/// and state with the EMA, in place of 22 (configs/paper-7b.toml; `train --plan` shows them).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// θ when the model computes in bf16: f32 master weights beside the model's copy
+    /// ("f32"), or the model's bf16 weight plus a bf16 low half ("pair"). An f32 model's
+    /// weights are θ themselves ("f32").
+    pub weights: Keep,
+    /// AdamW's m and v: f32 or bf16.
+    pub moments: Keep,
+    /// The EMA θ̄: f32 or pair (bf16 to nearest would lose the EMA's 1e-3 steps).
+    pub ema: Keep,
+    pub theta0: Theta0,
+    /// ‖θ − θ₀‖ and ‖θ̄ − θ₀‖ every N steps (and at the last step and each snapshot).
+    pub distance_every: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            weights: Keep::F32,
+            moments: Keep::F32,
+            ema: Keep::F32,
+            theta0: Theta0::Device,
+            distance_every: 1,
+        }
+    }
+}
+
+impl StateConfig {
+    /// Refuses the combinations that lose updates or make no sense, with the reason.
+    pub fn validate(&self, dtype: &str) -> Result<()> {
+        match (self.weights, dtype) {
+            (Keep::F32, _) | (Keep::Pair, "bf16") => {}
+            (Keep::Pair, _) => bail!(
+                "state.weights = \"pair\" keeps θ as the model's bf16 weight plus a low half: it needs dtype = \"bf16\" (dtype is {dtype:?})"
+            ),
+            (Keep::Bf16, _) => bail!(
+                "state.weights = \"bf16\" would round every AdamW step to the weight's bf16 unit and lose most of them (kernels/src/optim/bf16.rs measures it): use \"pair\" or \"f32\""
+            ),
+        }
+        if self.moments == Keep::Pair {
+            bail!("state.moments: expected \"f32\" or \"bf16\", found \"pair\"");
+        }
+        if self.ema == Keep::Bf16 {
+            bail!(
+                "state.ema = \"bf16\" would lose the EMA's small steps (β = 0.999 moves θ̄ by 1e-3 of a gap, below half a bf16 unit): use \"pair\" or \"f32\""
+            );
+        }
+        if self.distance_every == 0 {
+            bail!(
+                "state.distance_every must be >= 1 (state.theta0 = \"off\" turns the distance off)"
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for EmaConfig {
@@ -329,6 +422,7 @@ impl Default for TrainConfig {
             max_seq_len: 0,
             dtype: "f32".into(),
             device: "cpu".into(),
+            recompute: false,
             seed: 0,
             batch_size: 8,
             micro_batch: 4,
@@ -344,6 +438,7 @@ impl Default for TrainConfig {
             eps: adam.eps,
             grad_clip: 1.0,
             ema: EmaConfig::default(),
+            state: StateConfig::default(),
             eval_every: 0,
             val_batches: 8,
             checkpoint_every: 0,
@@ -389,6 +484,14 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.ema.beta) || self.ema.every == 0 {
             bail!("ema.beta must be in [0, 1] and ema.every >= 1");
+        }
+        self.state.validate(&self.dtype)?;
+        if self.recompute && (self.dtype != "f32" || self.device != "cpu") {
+            bail!(
+                "recompute = true: activation recompute is in the written-out pass, which trains f32 models on the CPU; dtype {:?} on {:?} trains through candle's autograd, which has none",
+                self.dtype,
+                self.device
+            );
         }
         if self.data.is_empty() {
             bail!("no training data: set data = [\"data/prepared/<set>.parquet\", ...]");

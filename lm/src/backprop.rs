@@ -168,6 +168,13 @@ struct Saved {
     s: Vec<f32>,
 }
 
+/// What the forward keeps of a layer: everything its backward reads, or only its input
+/// (activation recompute).
+enum Kept {
+    All(Box<Saved>),
+    Input(Vec<f32>),
+}
+
 /// A forward pass, kept for its backward.
 pub struct Trace<'m> {
     model: &'m Llama,
@@ -176,7 +183,9 @@ pub struct Trace<'m> {
     /// RoPE's cos and sin for each row: [rows, head_dim / 2].
     cos: Vec<f32>,
     sin: Vec<f32>,
-    layers: Vec<Saved>,
+    /// The attention mask's additive bias (recompute runs attention again).
+    bias: Vec<f32>,
+    layers: Vec<Kept>,
     /// The last layer's output at the rows the loss reads, those rows normed, their logits.
     x_loss: Vec<f32>,
     loss_rows: Vec<u32>,
@@ -386,8 +395,57 @@ fn flat<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
     Ok(t.flatten_all()?.to_vec1::<T>()?)
 }
 
-/// The forward pass of `model` (f32, CPU) on `batch`, keeping what the backward needs.
+/// One layer's forward from its input `x`: what its backward needs, and its output.
+fn layer_forward(
+    x: Vec<f32>,
+    l: &Layer<&[f32]>,
+    d: Dims,
+    cos: &[f32],
+    sin: &[f32],
+    bias: &[f32],
+) -> (Saved, Vec<f32>) {
+    let (qd, kvd) = (d.nh * d.hd, d.nkv * d.hd);
+    let a = rms_norm::forward(&x, l.attn_norm, d.eps);
+    let rot = Some((cos, sin, 1.0));
+    let q = to_heads(&project(&a, &l.q, d.n, d.h, qd), d, d.nh, rot);
+    let k = to_heads(&project(&a, &l.k, d.n, d.h, kvd), d, d.nkv, rot);
+    let v = to_heads(&project(&a, &l.v, d.n, d.h, kvd), d, d.nkv, None);
+    let (p, yh) = attention(&q, &k, &v, bias, d);
+    let y = from_heads(&yh, d, d.nh, None);
+    let mut x_mid = project(&y, &l.o, d.n, qd, d.h);
+    add_into(&mut x_mid, &x);
+    let m = rms_norm::forward(&x_mid, l.mlp_norm, d.eps);
+    let g = project(&m, &l.gate, d.n, d.h, d.ff);
+    let u = project(&m, &l.up, d.n, d.h, d.ff);
+    let s = swiglu::forward(&g, &u);
+    let mut x_out = project(&s, &l.down, d.n, d.ff, d.h);
+    add_into(&mut x_out, &x_mid);
+    let saved = Saved {
+        x,
+        a,
+        q,
+        k,
+        v,
+        p,
+        y,
+        x_mid,
+        m,
+        g,
+        u,
+        s,
+    };
+    (saved, x_out)
+}
+
+/// The forward pass of `model` (f32, CPU) on `batch`, keeping every layer's activations for
+/// the backward.
 pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
+    forward_with(model, batch, false)
+}
+
+/// The forward pass; with `recompute`, each layer keeps only its input, and the backward
+/// runs the layer's forward again from it (the same arithmetic: the same bits).
+pub fn forward_with<'m>(model: &'m Llama, batch: &Batch, recompute: bool) -> Result<Trace<'m>> {
     if !supports(model) {
         bail!("backprop: the written-out passes need an f32 model on the CPU");
     }
@@ -418,38 +476,15 @@ pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
         }
         x.extend_from_slice(&w.embed[id as usize * d.h..][..d.h]);
     }
-    let (qd, kvd) = (d.nh * d.hd, d.nkv * d.hd);
     let mut layers = Vec::with_capacity(w.layers.len());
     for l in &w.layers {
-        let a = rms_norm::forward(&x, l.attn_norm, d.eps);
-        let rot = Some((cos.as_slice(), sin.as_slice(), 1.0));
-        let q = to_heads(&project(&a, &l.q, d.n, d.h, qd), d, d.nh, rot);
-        let k = to_heads(&project(&a, &l.k, d.n, d.h, kvd), d, d.nkv, rot);
-        let v = to_heads(&project(&a, &l.v, d.n, d.h, kvd), d, d.nkv, None);
-        let (p, yh) = attention(&q, &k, &v, &bias, d);
-        let y = from_heads(&yh, d, d.nh, None);
-        let mut x_mid = project(&y, &l.o, d.n, qd, d.h);
-        add_into(&mut x_mid, &x);
-        let m = rms_norm::forward(&x_mid, l.mlp_norm, d.eps);
-        let g = project(&m, &l.gate, d.n, d.h, d.ff);
-        let u = project(&m, &l.up, d.n, d.h, d.ff);
-        let s = swiglu::forward(&g, &u);
-        let mut x_out = project(&s, &l.down, d.n, d.ff, d.h);
-        add_into(&mut x_out, &x_mid);
-        layers.push(Saved {
-            x: std::mem::replace(&mut x, x_out),
-            a,
-            q,
-            k,
-            v,
-            p,
-            y,
-            x_mid,
-            m,
-            g,
-            u,
-            s,
+        let (saved, x_out) = layer_forward(std::mem::take(&mut x), l, d, &cos, &sin, &bias);
+        layers.push(if recompute {
+            Kept::Input(saved.x)
+        } else {
+            Kept::All(Box::new(saved))
         });
+        x = x_out;
     }
     let loss_rows: Vec<u32> = flat(&batch.loss_positions)?;
     let targets: Vec<u32> = flat(&batch.loss_targets)?;
@@ -471,6 +506,7 @@ pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
         ids,
         cos,
         sin,
+        bias,
         layers,
         x_loss,
         loss_rows,
@@ -510,7 +546,16 @@ impl Trace<'_> {
         let (qd, kvd) = (d.nh * d.hd, d.nkv * d.hd);
         let back = Some((self.cos.as_slice(), self.sin.as_slice(), -1.0));
         let mut grads = Vec::with_capacity(self.layers.len());
-        for (s, l) in self.layers.iter().zip(&w.layers).rev() {
+        for (kept, l) in self.layers.iter().zip(&w.layers).rev() {
+            let redone;
+            let s = match kept {
+                Kept::All(s) => &**s,
+                Kept::Input(x) => {
+                    let (cos, sin) = (&self.cos, &self.sin);
+                    redone = layer_forward(x.clone(), l, d, cos, sin, &self.bias).0;
+                    &redone
+                }
+            };
             // The MLP: dx is the gradient of its output (and of the stream after attention).
             let mut ds = vec![0f32; d.n * d.ff];
             project_input_grad(&mut ds, &dx, l.down.w, d.n, d.ff, d.h, false);
@@ -595,13 +640,22 @@ impl Trace<'_> {
 }
 
 /// The training loss of `model` on `batch` and the gradients of `scale` × that loss for
-/// every weight: the written-out passes of this module for an f32 model on the CPU,
-/// candle's autograd of [`crate::batch::loss`] otherwise (other dtypes, other devices).
-pub fn loss_and_grads(model: &Llama, batch: &Batch, scale: f64) -> Result<(f64, GradStore)> {
+/// every weight: the written-out passes of this module for an f32 model on the CPU (with
+/// activation recompute when asked), candle's autograd of [`crate::batch::loss`] otherwise
+/// (other dtypes, other devices), which has no recompute: asking for it there is an error.
+pub fn loss_and_grads(
+    model: &Llama,
+    batch: &Batch,
+    scale: f64,
+    recompute: bool,
+) -> Result<(f64, GradStore)> {
     if supports(model) {
-        let trace = forward(model, batch)?;
+        let trace = forward_with(model, batch, recompute)?;
         let l = trace.loss();
         return Ok((l, trace.backward(scale)?));
+    }
+    if recompute {
+        bail!("recompute: activation recompute is in the written-out pass, which runs f32 models on the CPU; this model ({:?} on {:?}) trains through candle's autograd", model.dtype(), model.device());
     }
     let l = crate::batch::loss(model, batch, crate::llama::Pass::Train)?;
     let grads = l.affine(scale, 0.0)?.backward()?;

@@ -117,10 +117,11 @@ pub fn mean_loss(
     for chunk in rows.chunks(micro_batch.max(1)) {
         let b = Batch::new(chunk, pad_id, model.dtype(), model.device())?;
         if b.n_loss_tokens > 0 {
-            // The written-out forward for an f32 model on the CPU (what training runs),
-            // candle's graph otherwise.
+            // The written-out forward for an f32 model on the CPU (what training runs;
+            // keeping only each layer's input, as no backward follows), candle's graph
+            // otherwise.
             let l = if crate::backprop::supports(model) {
-                crate::backprop::forward(model, &b)?.loss()
+                crate::backprop::forward_with(model, &b, true)?.loss()
             } else {
                 loss(model, &b, Pass::Infer)?
                     .to_dtype(DType::F64)?

@@ -189,6 +189,38 @@ fn check_written_out_backprop(config: &ModelConfig) {
     );
 }
 
+/// Activation recompute keeps each layer's input only and redoes the layer in the backward:
+/// the same loss and every gradient the same, bit for bit.
+#[test]
+fn recompute_gives_the_same_gradients_bit_for_bit() {
+    let (m, vars) = model(&tiny_config(), 5, DType::F32);
+    let b = batch(&rows(), DType::F32);
+    let (full, again) = (
+        backprop::forward(&m, &b).unwrap(),
+        backprop::forward_with(&m, &b, true).unwrap(),
+    );
+    assert_eq!(full.loss().to_bits(), again.loss().to_bits());
+    let (g1, g2) = (full.backward(0.5).unwrap(), again.backward(0.5).unwrap());
+    let data = vars.data().lock().unwrap();
+    for (name, v) in data.iter() {
+        let flat = |g: &candle_core::backprop::GradStore| -> Vec<u32> {
+            let t = g.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+            t.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(flat(&g1), flat(&g2), "{name}");
+    }
+    // Candle's autograd has no recompute: asking for it there is refused.
+    let (m64, _) = model(&tiny_config(), 5, DType::F64);
+    let Err(err) = backprop::loss_and_grads(&m64, &batch(&rows(), DType::F64), 1.0, true) else {
+        panic!("recompute on candle's autograd should be refused")
+    };
+    assert!(err.to_string().contains("recompute"), "{err}");
+}
+
 #[test]
 fn written_out_cpu_backprop_has_autograds_loss_and_gradients_tied() {
     check_written_out_backprop(&tiny_config());

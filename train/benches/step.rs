@@ -9,10 +9,17 @@
 //! the PyTorch + transformers figures we compare with). `--torch FILE` prints PyTorch's
 //! figures (a JSON of hf_train_*_tok_s / hf_generate_*_tok_s keys on a GPU, of
 //! scripts/torch_cpu_bench.py's keys on the CPU: `just bench-cpu-torch`) beside ours; `--json
-//! FILE` writes ours; `--dtype f32|bf16` trains in that one only, `--train-only` skips
-//! generation, `--layers N` keeps N of the 30 layers, `--warm N` sets the untimed steps (for
-//! a profiler: `--train-only --dtype f32 --layers 4 --warm 1 --iters 1`). `just bench` runs it.
+//! FILE` writes ours; `--dtype f32|bf16|bf16-pure` trains in that one only (bf16-pure:
+//! pure bf16 state with the EMA, as configs/paper-7b.toml; GPU only, and only when named),
+//! `--train-only` skips generation, `--layers N` keeps N of the 30 layers, `--warm N` sets
+//! the untimed steps (for a profiler: `--train-only --dtype f32 --layers 4 --warm 1 --iters
+//! 1`). `--model-config FILE` trains another shape (configs/models/*.json): with
+//! `--dtype bf16-pure --batch 4 --seq 512 --train-only --iters 3 --warm 1` on the 7B shape it
+//! is issue 22's GPU run, beside `train --plan` of the same micro-batch. Each training line
+//! also gives TFLOP/s and MFU (against `--peak-tflops`, default 989) and, on a GPU, the memory
+//! in use after the steps. `just bench` runs it.
 
+use basin_lm::artifacts::{Keep, StateConfig, Theta0};
 use basin_lm::backprop;
 use basin_lm::batch::{loss, Batch};
 use basin_lm::generate::{generate, GenerateOptions};
@@ -23,9 +30,32 @@ use std::time::Instant;
 use train::config::TrainConfig;
 use train::state::TrainState;
 
-fn smollm2() -> ModelConfig {
-    let layers = arg("--layers").and_then(|v| v.parse().ok()).unwrap_or(30);
-    ModelConfig::llama(49152, 576, 1536, layers, 9, 3, 100000.0, 1e-5, true, 2048)
+/// The SmolLM2-135M shape, or `--model-config FILE`'s (a config.json such as those of
+/// configs/models/); `--layers N` keeps N layers.
+fn shape() -> anyhow::Result<ModelConfig> {
+    let mut cfg = match arg("--model-config") {
+        Some(path) => basin_lm::weights::read_config(std::path::Path::new(&path))?,
+        None => ModelConfig::llama(49152, 576, 1536, 30, 9, 3, 100000.0, 1e-5, true, 2048),
+    };
+    if let Some(layers) = arg("--layers").and_then(|v| v.parse().ok()) {
+        cfg.num_hidden_layers = layers;
+    }
+    Ok(cfg)
+}
+
+/// Training FLOPs a token: 6 per weight of the products (forward 2, backward 4) plus
+/// attention's scores and weighted sum, 12·layers·hidden·t (the usual count, causal
+/// masking not subtracted).
+fn flops_per_token(cfg: &ModelConfig, t: usize) -> f64 {
+    let weights: usize = cfg
+        .tensors()
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    let embed = cfg.vocab_size * cfg.hidden_size;
+    let products = weights - if cfg.tie_word_embeddings { 0 } else { embed };
+    6.0 * products as f64
+        + 12.0 * (cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * t) as f64
 }
 
 fn arg(name: &str) -> Option<String> {
@@ -59,18 +89,30 @@ enum Forward<'m> {
 fn train_step(
     dev: &Device,
     dtype: DType,
+    pure: bool,
     b: usize,
     t: usize,
     iters: usize,
 ) -> anyhow::Result<(f64, Phases)> {
-    let cfg = smollm2();
+    let cfg = shape()?;
     let varmap = random_weights(&cfg, 0, dtype, dev)?;
     let model = Llama::new(&cfg, &varmap)?;
-    let mut state = TrainState::new(&varmap, false)?;
-    let config = TrainConfig {
+    let mut config = TrainConfig {
         lr: 1e-5,
         ..TrainConfig::default()
     };
+    if pure {
+        // Pure bf16 with the EMA blended every step, as configs/paper-7b.toml trains.
+        config.state = StateConfig {
+            weights: Keep::Pair,
+            moments: Keep::Bf16,
+            ema: Keep::Pair,
+            theta0: Theta0::Host,
+            distance_every: 1,
+        };
+        config.ema.enabled = true;
+    }
+    let mut state = TrainState::new(&varmap, config.ema.enabled, &config.state)?;
     let ids = random_ids(b * t, 1, cfg.vocab_size);
     let rows: Vec<(&[u32], usize)> = ids.chunks(t).map(|r| (r, 0)).collect();
     let batch = Batch::new(&rows, 0, dtype, dev)?;
@@ -116,7 +158,7 @@ fn train_step(
 
 /// New tokens/s of greedy generation: `b` prompts of 64 tokens, 64 new tokens each.
 fn generation(dev: &Device, b: usize) -> anyhow::Result<f64> {
-    let cfg = smollm2();
+    let cfg = shape()?;
     let varmap = random_weights(&cfg, 0, DType::F32, dev)?;
     let model = Llama::new(&cfg, &varmap)?;
     let prompts: Vec<Vec<u32>> = (0..b)
@@ -144,6 +186,26 @@ fn generation(dev: &Device, b: usize) -> anyhow::Result<f64> {
     dev.synchronize()?;
     let new: usize = out.iter().map(|g| g.tokens.len()).sum();
     Ok(new as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Bytes of GPU memory in use (nvidia-smi), None off a GPU or without nvidia-smi.
+fn gpu_used() -> anyhow::Result<Option<u64>> {
+    if !Device::cuda_if_available(0)?.is_cuda() {
+        return Ok(None);
+    }
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "-i",
+            "0",
+            "--query-gpu=memory.used",
+            "--format=csv,noheader,nounits",
+        ])
+        .output();
+    Ok(out
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(|mib| mib << 20))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -179,16 +241,25 @@ fn main() -> anyhow::Result<()> {
         println!("{name:<40} {ours:>12.0} {ts:>12} {ratio:>7}");
     };
     let dtypes: &[(DType, &str)] = if gpu {
-        &[(DType::F32, "f32"), (DType::BF16, "bf16")]
+        &[
+            (DType::F32, "f32"),
+            (DType::BF16, "bf16"),
+            (DType::BF16, "bf16-pure"),
+        ]
     } else {
         &[(DType::F32, "f32")]
     };
     let only = arg("--dtype");
-    for &(dtype, name) in dtypes
-        .iter()
-        .filter(|(_, n)| only.as_deref().is_none_or(|o| o == *n))
-    {
-        let (secs, p) = train_step(&dev, dtype, b, t, iters)?;
+    let peak_tflops: f64 = arg("--peak-tflops").map_or(Ok(989.0), |v| v.parse())?;
+    let cfg = shape()?;
+    for &(dtype, name) in dtypes.iter().filter(|(_, n)| match only.as_deref() {
+        Some(o) => o == *n,
+        // bf16-pure (the 7B memory setting) only when asked for.
+        None => *n != "bf16-pure",
+    }) {
+        let before = gpu_used()?;
+        let (secs, p) = train_step(&dev, dtype, name == "bf16-pure", b, t, iters)?;
+        let used = gpu_used()?;
         let tok_s = (b * t) as f64 / secs;
         let key = if gpu {
             format!("hf_train_{name}_b{b}_s{t}_tok_s")
@@ -205,6 +276,20 @@ fn main() -> anyhow::Result<()> {
         );
         report[format!("train_{name}")] = serde_json::json!({"tokens_per_s": tok_s, "step_ms": secs * 1e3,
             "forward_ms": p.forward * 1e3, "backward_ms": p.backward * 1e3, "optimizer_ms": p.optimizer * 1e3});
+        let tflops = tok_s * flops_per_token(&cfg, t) / 1e12;
+        println!(
+            "  {tflops:.1} TFLOP/s: {:.1}% of {peak_tflops} (--peak-tflops; 989: H100/H200 SXM dense bf16)",
+            100.0 * tflops / peak_tflops
+        );
+        if let (Some(a), Some(z)) = (before, used) {
+            println!(
+                "  GPU memory in use after the steps: {:.2} GiB ({:.2} GiB before; candle's pool keeps its high-water mark)",
+                z as f64 / (1u64 << 30) as f64,
+                a as f64 / (1u64 << 30) as f64
+            );
+            report[format!("train_{name}_gpu_used_gib")] = (z as f64 / (1u64 << 30) as f64).into();
+        }
+        report[format!("train_{name}_tflops")] = tflops.into();
     }
     let gen_batches = if std::env::args().any(|a| a == "--train-only") {
         vec![]

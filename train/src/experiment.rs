@@ -31,6 +31,12 @@ pub struct Args {
     /// Print the steps (and whether each is done) and stop.
     #[arg(long)]
     pub list: bool,
+    /// Print each training's memory plan (`train --plan`) and stop.
+    #[arg(long, conflicts_with = "list")]
+    pub plan: bool,
+    /// With --plan: plan for a GPU of this many GiB, not the one here.
+    #[arg(long, requires = "plan")]
+    pub memory_gib: Option<f64>,
     /// Run stage 0 only (`just align`).
     #[arg(long, conflicts_with_all = ["index", "report_only"])]
     pub stage0: bool,
@@ -633,6 +639,19 @@ pub fn run(args: &Args) -> Result<Summary> {
     let report = PathBuf::from("reports")
         .join(&plan.sweep.name)
         .join("summary.md");
+    if args.plan {
+        let all = plan.stage0.iter().chain(&plan.points);
+        for t in all.filter_map(|job| job.train.as_ref()) {
+            let config = t.config.as_ref().expect("a training step has its config");
+            let (text, _) = crate::plan::plan(config, args.memory_gib)
+                .with_context(|| format!("the memory plan of {}", t.what))?;
+            println!("{}: {text}", t.what);
+        }
+        return Ok(Summary {
+            done: 0,
+            report: None,
+        });
+    }
     if args.list {
         let all = plan.stage0.iter().chain(&plan.points);
         for (i, job) in all.enumerate() {

@@ -179,7 +179,7 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
             "snapshots: step {last} is not before the run's last step ({total}); the end is saved anyway"
         );
     }
-    let mut state = TrainState::new(&model.varmap, config.ema.enabled)?;
+    let mut state = TrainState::new(&model.varmap, config.ema.enabled, &config.state)?;
 
     let (mut step, mut pos) = (0, DataPosition::default());
     if opts.resume {
@@ -264,7 +264,7 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         for b in batches.iter().filter(|b| b.n_loss_tokens > 0) {
             // Each micro-batch weighs by its share of reply tokens: the sum is the batch mean.
             let share = b.n_loss_tokens as f64 / tokens.max(1) as f64;
-            let (l, grads) = loss_and_grads(&model.llama, b, share)?;
+            let (l, grads) = loss_and_grads(&model.llama, b, share, config.recompute)?;
             state.accumulate(&grads)?;
             loss_sum += l * b.n_loss_tokens as f64;
         }
@@ -291,10 +291,15 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
             tokens: Some(tokens),
             tokens_per_s: Some(seen as f64 / secs),
             seconds: Some(secs),
-            dist_theta: state.distance_from_start(Weights::Theta)?,
-            dist_ema: state.distance_from_start(Weights::Ema)?,
             ..Default::default()
         };
+        if step % config.state.distance_every == 0
+            || step == total
+            || config.snapshots.contains(&step)
+        {
+            record.dist_theta = state.distance_from_start(Weights::Theta)?;
+            record.dist_ema = state.distance_from_start(Weights::Ema)?;
+        }
         if !val.is_empty()
             && ((config.eval_every > 0 && step % config.eval_every == 0) || step == total)
         {

@@ -2,22 +2,27 @@
 //! shape alone (nothing is loaded), against the memory of its device; and the refusal of a
 //! run that would not fit, before it loads anything, with the settings that would fit.
 //!
-//! The parts are what [`crate::state::TrainState`] and the training pass hold:
-//! - the model's weights in the run's dtype; f32 master weights when that is bf16;
-//! - AdamW's m and v (f32), the EMA θ̄ (f32, when on), θ₀ (f32: the distance from the start);
+//! The parts are what [`crate::state::TrainState`] and the training pass hold, as the
+//! run's `[state]` config stores them:
+//! - the model's weights in the run's dtype; in bf16, f32 master weights or θ's bf16 low
+//!   half (`state.weights`);
+//! - AdamW's m and v (f32 or bf16), the EMA θ̄ (f32 or a bf16 pair: 4 bytes either way,
+//!   when on), θ₀ (f32 on the device; on the host or off it costs the device nothing);
 //! - gradients: one micro-batch's in the weights' dtype, plus the f32 sum when a step has
 //!   several micro-batches;
 //! - activations: what the written-out pass (`basin_lm::backprop`) keeps for the backward,
 //!   per layer `n·(4h + 2·q + 2·kv + 3·ff)` values and the attention probabilities
-//!   `b·heads·t²`, for n = b·t tokens of a micro-batch, in the run's dtype; the logits and
+//!   `b·heads·t²`, for n = b·t tokens of a micro-batch, in the run's dtype (with
+//!   `recompute`, each layer's input `n·h` and one layer's activations); the logits and
 //!   their gradient over the reply tokens (f32). candle's autograd, which the GPU runs
 //!   today, keeps more: on a GPU the figure is a lower bound;
-//! - workspace: one layer's activations again (the backward's gradients of them).
+//! - workspace: one layer's activations again (the backward's gradients of them) and one
+//!   tensor widened to f32 (accumulation, the distance of a pair).
 
 use crate::config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use basin_lm::architecture::ModelConfig;
-use basin_lm::artifacts::Manifest;
+use basin_lm::artifacts::{Keep, Manifest, Theta0};
 use std::path::Path;
 
 /// One part of the plan.
@@ -56,11 +61,13 @@ impl MemoryPlan {
     /// The plan of `config` for a model of shape `model`, rows cut at `seq_len` tokens.
     pub fn of(config: &TrainConfig, model: &ModelConfig, seq_len: usize) -> Result<Self> {
         let d = width(&config.dtype)?;
-        let p: u64 = model
+        let sizes: Vec<u64> = model
             .tensors()
             .iter()
             .map(|(_, shape)| shape.iter().product::<usize>() as u64)
-            .sum();
+            .collect();
+        let p: u64 = sizes.iter().sum();
+        let largest = sizes.iter().copied().max().unwrap_or(0);
         let (b, t) = (config.micro_batch as u64, seq_len as u64);
         let n = b * t;
         let (h, ff, vocab) = (
@@ -74,55 +81,66 @@ impl MemoryPlan {
         let layer = n * (4 * h + 2 * q + 2 * kv + 3 * ff) + b * heads * t * t;
         let layers = model.num_hidden_layers as u64;
         let dtype = &config.dtype;
-        let mut parts = vec![Part {
-            name: format!("weights ({dtype})"),
-            bytes: p * d,
-        }];
-        if d != 4 {
-            parts.push(Part {
-                name: "master weights (f32)".into(),
-                bytes: p * 4,
-            });
+        let st = &config.state;
+        let part = |name: String, bytes: u64| Part { name, bytes };
+        let mut parts = vec![part(format!("weights ({dtype})"), p * d)];
+        match (d, st.weights) {
+            (4, _) => {}
+            (_, Keep::Pair) => parts.push(part(
+                "θ's low half (bf16; θ = weight + low half)".into(),
+                p * 2,
+            )),
+            _ => parts.push(part("master weights (f32)".into(), p * 4)),
         }
-        parts.push(Part {
-            name: "AdamW m (f32)".into(),
-            bytes: p * 4,
-        });
-        parts.push(Part {
-            name: "AdamW v (f32)".into(),
-            bytes: p * 4,
-        });
+        let m = match st.moments {
+            Keep::Bf16 => ("bf16", 2),
+            _ => ("f32", 4),
+        };
+        parts.push(part(format!("AdamW m ({})", m.0), p * m.1));
+        parts.push(part(format!("AdamW v ({})", m.0), p * m.1));
         if config.ema.enabled {
-            parts.push(Part {
-                name: "EMA θ̄ (f32)".into(),
-                bytes: p * 4,
-            });
+            let kind = match st.ema {
+                Keep::Pair => "bf16 pair",
+                _ => "f32",
+            };
+            parts.push(part(format!("EMA θ̄ ({kind})"), p * 4));
         }
-        parts.push(Part {
-            name: "θ₀ (f32, the distance from the start)".into(),
-            bytes: p * 4,
+        parts.push(match st.theta0 {
+            Theta0::Device => part("θ₀ (f32, the distance from the start)".into(), p * 4),
+            Theta0::Host => part(
+                format!("θ₀ (f32 in host memory, {:.2} GiB there)", gib(p * 4)),
+                0,
+            ),
+            Theta0::Off => part("θ₀ (off: no distance)".into(), 0),
         });
         let accumulates = config.batch_size > config.micro_batch;
-        parts.push(Part {
-            name: if accumulates {
+        parts.push(part(
+            if accumulates {
                 format!("gradients (a micro-batch's in {dtype}, their f32 sum)")
             } else {
                 format!("gradients ({dtype})")
             },
-            bytes: p * d + if accumulates { p * 4 } else { 0 },
+            p * d + if accumulates { p * 4 } else { 0 },
+        ));
+        parts.push(if config.recompute {
+            part(
+                format!("activations ({b} x {t} tokens, {layers} layers' inputs and one layer's, recomputed, {dtype})"),
+                (layers * n * h + layer + n * h) * d,
+            )
+        } else {
+            part(
+                format!("activations ({b} x {t} tokens, {layers} layers, {dtype})"),
+                (layers * layer + n * h) * d,
+            )
         });
-        parts.push(Part {
-            name: format!("activations ({b} x {t} tokens, {layers} layers, {dtype})"),
-            bytes: (layers * layer + n * h) * d,
-        });
-        parts.push(Part {
-            name: "logits and their gradient (f32)".into(),
-            bytes: 2 * n * vocab * 4,
-        });
-        parts.push(Part {
-            name: "workspace (one layer's activation gradients)".into(),
-            bytes: layer * d,
-        });
+        parts.push(part(
+            "logits and their gradient (f32)".into(),
+            2 * n * vocab * 4,
+        ));
+        parts.push(part(
+            "workspace (one layer's activation gradients, one tensor in f32)".into(),
+            layer * d + largest * 4,
+        ));
         Ok(Self {
             parameters: p,
             micro_batch: config.micro_batch,
@@ -150,10 +168,10 @@ impl MemoryPlan {
             self.seq_len
         );
         for p in &self.parts {
-            s.push_str(&format!("  {:<58} {:>9.2} GiB\n", p.name, gib(p.bytes)));
+            s.push_str(&format!("  {:<64} {:>9.2} GiB\n", p.name, gib(p.bytes)));
         }
         s.push_str(&format!(
-            "  {:<58} {:>9.2} GiB\n",
+            "  {:<64} {:>9.2} GiB\n",
             "total",
             gib(self.total())
         ));
@@ -227,7 +245,29 @@ fn parse_nvidia_smi(text: &str) -> Option<(u64, u64)> {
     Some((total.trim().parse().ok()?, used.trim().parse().ok()?))
 }
 
-/// Settings that would make the run fit in `memory` bytes (each alone), as `--set` values.
+/// Pure bf16 training, as `--set` values: bf16 weights with a bf16 low half, bf16 moments,
+/// the EMA as a bf16 pair, θ₀ on the host.
+pub const PURE_BF16: [&str; 5] = [
+    "dtype=bf16",
+    "state.weights=pair",
+    "state.moments=bf16",
+    "state.ema=pair",
+    "state.theta0=host",
+];
+
+/// `config` trained in pure bf16 ([`PURE_BF16`]).
+fn pure_bf16(config: &TrainConfig) -> TrainConfig {
+    let mut c = config.clone();
+    c.dtype = "bf16".into();
+    c.state.weights = Keep::Pair;
+    c.state.moments = Keep::Bf16;
+    c.state.ema = Keep::Pair;
+    c.state.theta0 = Theta0::Host;
+    c
+}
+
+/// Settings that would make the run fit in `memory` bytes (each alone, or pure bf16 as
+/// one), as `--set` values.
 pub fn fitting_changes(
     config: &TrainConfig,
     model: &ModelConfig,
@@ -268,6 +308,26 @@ pub fn fitting_changes(
             out.push("dtype=bf16".into());
         }
     }
+    if config.state.theta0 == Theta0::Device {
+        let mut c = config.clone();
+        c.state.theta0 = Theta0::Host;
+        if fits(&c, seq_len)? {
+            out.push("state.theta0=host".into());
+        }
+    }
+    let pure = pure_bf16(config);
+    if pure != *config && fits(&pure, seq_len)? {
+        out.push(PURE_BF16.join(" --set "));
+    }
+    if !config.recompute && config.device == "cpu" {
+        let c = TrainConfig {
+            recompute: true,
+            ..config.clone()
+        };
+        if fits(&c, seq_len)? {
+            out.push("recompute=true".into());
+        }
+    }
     if let Some(t) = [2048, 1024, 512, 256, 128]
         .into_iter()
         .filter(|&t| t < seq_len)
@@ -302,7 +362,7 @@ pub fn plan(config: &TrainConfig, memory_gib: Option<f64>) -> Result<(String, Op
     if let (Some(false), Some((m, _))) = (fits, &memory) {
         let changes = fitting_changes(config, &model, t, *m)?;
         text.push_str(&if changes.is_empty() {
-            "no one setting of micro_batch, ema, dtype or max_seq_len makes it fit\n".into()
+            "no one setting of micro_batch, ema, dtype, state, recompute or max_seq_len makes it fit\n".into()
         } else {
             format!(
                 "each of these would fit: --set {}\n",
@@ -420,6 +480,58 @@ mod tests {
         );
         let small = fitting_changes(&c, &m, t, 1 << 30).unwrap();
         assert!(small.is_empty(), "{small:?}");
+    }
+
+    /// Issue 22's target: Qi et al.'s 7B run (micro-batch 4 x 512, the EMA on) fits a
+    /// 141 GiB card in pure bf16, and neither f32 nor bf16 with f32 state does; the plan
+    /// of the refused one names pure bf16 as a setting that fits.
+    #[test]
+    fn pure_bf16_fits_the_7b_run_on_141_gib_and_f32_state_does_not() {
+        let m = llama_2_7b();
+        let card = 141u64 << 30;
+        let f32 = config("f32", true, 4, 128);
+        let mixed = config("bf16", true, 4, 128);
+        let pure = pure_bf16(&mixed);
+        let total = |c: &TrainConfig| MemoryPlan::of(c, &m, 512).unwrap().total();
+        assert!(total(&f32) > card && total(&mixed) > card);
+        assert!(total(&pure) < card, "{:.1} GiB", gib(total(&pure)));
+        let plan = MemoryPlan::of(&pure, &m, 512).unwrap();
+        let p = plan.parameters;
+        let bytes = |name: &str| {
+            plan.parts
+                .iter()
+                .find(|x| x.name.starts_with(name))
+                .unwrap_or_else(|| panic!("no part {name}: {:?}", plan.parts))
+                .bytes
+        };
+        // 2 (weight) + 2 (low half) + 2 + 2 (m, v) + 4 (θ̄ pair) bytes; θ₀ costs the card nothing.
+        assert_eq!(bytes("weights (bf16)") + bytes("θ's low half"), 4 * p);
+        assert_eq!(bytes("AdamW m (bf16)") + bytes("AdamW v (bf16)"), 4 * p);
+        assert_eq!(bytes("EMA θ̄ (bf16 pair)"), 4 * p);
+        assert_eq!(bytes("θ₀ (f32 in host memory"), 0);
+        assert!(plan.parts.iter().all(|x| !x.name.starts_with("master")));
+        let changes = fitting_changes(&mixed, &m, 512, card).unwrap();
+        assert!(changes.contains(&PURE_BF16.join(" --set ")), "{changes:?}");
+        // Recompute keeps each layer's input and one layer's activations.
+        let mut cpu = config("f32", false, 4, 4);
+        let full = MemoryPlan::of(&cpu, &m, 512).unwrap();
+        cpu.recompute = true;
+        let less = MemoryPlan::of(&cpu, &m, 512).unwrap();
+        let act = |p: &MemoryPlan| {
+            p.parts
+                .iter()
+                .find(|x| x.name.starts_with("activations"))
+                .unwrap()
+                .bytes
+        };
+        let layer = 2048 * (8 * 4096 + 3 * 11008) + 4 * 32 * 512 * 512;
+        assert_eq!(act(&less), (32 * 2048 * 4096 + layer + 2048 * 4096) * 4);
+        assert!(
+            act(&less) * 5 < act(&full),
+            "{} vs {}",
+            act(&less),
+            act(&full)
+        );
     }
 
     #[test]

@@ -179,3 +179,54 @@ fn the_shipped_sweeps_list_their_baselines_and_trajectories() {
         .count();
     assert_eq!(snapshots, 111);
 }
+
+/// configs/paper-7b.toml: two runs of Llama-2-7B-chat in pure bf16; `sweep --plan` on the
+/// model's shape shows each fitting a 141 GiB card, and the same runs with f32 state not.
+#[test]
+fn the_7b_sweep_plans_to_fit_a_141_gib_card_in_pure_bf16() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let plan = |extra: &[&str]| -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_sweep"))
+            .current_dir(root)
+            .args([
+                "--config",
+                "configs/paper-7b.toml",
+                "--plan",
+                "--memory-gib",
+                "141",
+            ])
+            .args(["--set", "model=configs/models/llama-2-7b-chat.json"])
+            .args(extra)
+            .env("ALIGNED_MODEL", "")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let pure = plan(&[]);
+    assert_eq!(pure.matches("fits: yes").count(), 2, "{pure}");
+    for part in [
+        "θ's low half (bf16",
+        "AdamW m (bf16)",
+        "EMA θ̄ (bf16 pair)",
+        "in host memory",
+    ] {
+        assert!(pure.contains(part), "{part}: {pure}");
+    }
+    let f32_state = plan(&[
+        "--set",
+        "state.weights=f32",
+        "--set",
+        "state.moments=f32",
+        "--set",
+        "state.ema=f32",
+        "--set",
+        "state.theta0=device",
+    ]);
+    assert_eq!(f32_state.matches("fits: no").count(), 2, "{f32_state}");
+}

@@ -97,18 +97,39 @@ impl Step {
     }
 }
 
-/// One parameter tensor's buffers for an AdamW step.
+/// One parameter tensor's buffers for an AdamW step. Each state buffer is stored as the
+/// run's `[state]` config says ([`crate::optim::bf16::Store`]): f32 (the default, and the
+/// fast path), bf16 rounded to nearest (m, v), or a compensated bf16 pair (θ, θ̄).
 pub struct AdamWTensors<'a> {
-    /// The f32 master weights θ (the model's own variable when it computes in f32).
+    /// θ: f32 master weights (the model's own variable when it computes in f32), or the
+    /// model's bf16 weight when θ is kept as a pair with `theta_lo`.
     pub theta: &'a Var,
+    /// The low bf16 half of θ = theta + theta_lo.
+    pub theta_lo: Option<&'a Var>,
     /// ∂loss/∂θ, f32 or bf16.
     pub grad: &'a Tensor,
+    /// AdamW's moments, f32 or bf16 (both the same).
     pub m: &'a Var,
     pub v: &'a Var,
-    /// The EMA θ̄, blended with the new θ in the same pass when given.
+    /// The EMA θ̄ (f32, or the high bf16 half with `ema_lo`), blended with the new θ in the
+    /// same pass when given.
     pub ema: Option<&'a Var>,
-    /// The model's bf16 copy of θ, rewritten from the new θ when given.
+    pub ema_lo: Option<&'a Var>,
+    /// The model's bf16 copy of f32 master weights θ, rewritten from the new θ when given.
     pub param: Option<&'a Var>,
+}
+
+impl AdamWTensors<'_> {
+    /// Whether every buffer is f32 (the fast path: one plain loop, 16-byte loads on a GPU).
+    pub fn all_f32(&self) -> bool {
+        use candle_core::DType::F32;
+        self.theta_lo.is_none()
+            && self.ema_lo.is_none()
+            && self.theta.dtype() == F32
+            && self.m.dtype() == F32
+            && self.v.dtype() == F32
+            && self.ema.is_none_or(|e| e.dtype() == F32)
+    }
 }
 
 /// One element: returns the new θ and updates m, v.

@@ -14,18 +14,15 @@
 //! three against the f32 EMA over 1,000 steps.
 //!
 //! The weights themselves have the same problem: an AdamW step at lr 2e-5 is below half a
-//! bf16 unit of a weight of 0.02. [`adamw_step_compensated`] keeps θ as the same hi + lo
-//! pair (hi is the model's bf16 weight; 4 bytes a parameter in place of bf16 weights plus
-//! f32 master weights, 6) and applies the f32 step of [`crate::optim::adamw`] to hi + lo.
+//! bf16 unit of a weight of 0.02. [`adamw_mixed`] keeps θ as the same hi + lo pair (hi is
+//! the model's bf16 weight; 4 bytes a parameter in place of bf16 weights plus f32 master
+//! weights, 6) and applies the f32 step of [`crate::optim::adamw`] to hi + lo; m and v may
+//! be f32 or bf16 ([`Store`]). `train`'s `[state]` config picks the stores.
 
 use crate::optim::adamw::{update, Step};
+use crate::optim::ema::blend;
 use half::bf16;
-
-/// θ̄ ← θ̄ + w·(θ − θ̄) in f32, the EMA kernel's fused multiply-add.
-#[inline(always)]
-fn blend(s: f32, t: f32, w: f32) -> f32 {
-    w.mul_add(t - s, s)
-}
+use rayon::prelude::*;
 
 /// The blend rounded to the nearest bf16: the baseline that loses small steps.
 pub fn ema_blend_nearest(shadow: &mut [bf16], theta: &[bf16], beta: f32) {
@@ -61,26 +58,127 @@ pub fn ema_blend_compensated(shadow: &mut [bf16], lo: &mut [bf16], theta: &[bf16
     }
 }
 
-/// AdamW on θ = hi + lo (`theta`, `lo`): the f32 update of [`crate::optim::adamw`] on
-/// hi + lo, split again; m and v stay f32. With lo = 0 and a step that bf16 holds, hi moves
-/// as a bf16 copy of f32 master weights would.
-pub fn adamw_step_compensated(
-    theta: &mut [bf16],
-    lo: &mut [bf16],
+/// One buffer of the optimizer's state, as it is stored: f32, bf16 rounded to nearest, or
+/// a compensated pair θ = hi + lo of bf16 values (16 significant bits, 4 bytes).
+pub enum Store<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [bf16]),
+    Pair(&'a mut [bf16], &'a mut [bf16]),
+}
+
+impl<'a> Store<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Store::F32(x) => x.len(),
+            Store::Bf16(x) => x.len(),
+            Store::Pair(hi, lo) => {
+                assert_eq!(hi.len(), lo.len(), "a pair's halves differ in length");
+                hi.len()
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The value at `i`, in f32 (a pair's sum is exact: lo is below half a unit of hi).
+    #[inline(always)]
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Store::F32(x) => x[i],
+            Store::Bf16(x) => x[i].to_f32(),
+            Store::Pair(hi, lo) => hi[i].to_f32() + lo[i].to_f32(),
+        }
+    }
+
+    /// Stores `x` at `i`: as it is, rounded to the nearest bf16, or split into hi + lo.
+    #[inline(always)]
+    fn put(&mut self, i: usize, x: f32) {
+        match self {
+            Store::F32(s) => s[i] = x,
+            Store::Bf16(s) => s[i] = bf16::from_f32(x),
+            Store::Pair(hi, lo) => (hi[i], lo[i]) = split(x),
+        }
+    }
+
+    /// The buffer cut into pieces of `n` elements, in order.
+    fn pieces(self, n: usize) -> Vec<Store<'a>> {
+        match self {
+            Store::F32(x) => x.chunks_mut(n).map(Store::F32).collect(),
+            Store::Bf16(x) => x.chunks_mut(n).map(Store::Bf16).collect(),
+            Store::Pair(hi, lo) => hi
+                .chunks_mut(n)
+                .zip(lo.chunks_mut(n))
+                .map(|(h, l)| Store::Pair(h, l))
+                .collect(),
+        }
+    }
+}
+
+/// AdamW, then the EMA blend when the step has one, over buffers kept in any of the
+/// [`Store`]s: each element is widened to f32, updated exactly as
+/// [`crate::optim::adamw::adamw_ema_step`] updates it, and stored back (θ̄ is blended with
+/// the new θ before θ is stored). With every buffer f32 the bits are those of
+/// `adamw_step`/`adamw_ema_step`. `param`, when given, receives the new θ rounded to bf16
+/// (the model's copy of f32 master weights). The CUDA kernel `adamw_mixed` does the same.
+pub fn adamw_mixed(
+    theta: Store,
     grad: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
+    m: Store,
+    v: Store,
+    ema: Option<Store>,
+    param: Option<&mut [bf16]>,
     s: &Step,
 ) {
     let n = theta.len();
     assert!(
-        lo.len() == n && grad.len() == n && m.len() == n && v.len() == n,
-        "adamw_step_compensated: buffers differ in length"
+        grad.len() == n
+            && m.len() == n
+            && v.len() == n
+            && ema.as_ref().is_none_or(|e| e.len() == n)
+            && param.as_ref().is_none_or(|p| p.len() == n),
+        "adamw_mixed: buffers differ in length"
     );
-    for i in 0..n {
-        let x = theta[i].to_f32() + lo[i].to_f32();
-        (theta[i], lo[i]) = split(update(x, grad[i], &mut m[i], &mut v[i], s));
-    }
+    let ema = ema.filter(|_| s.blends_ema());
+    let c = crate::CHUNK;
+    let pieces = n.div_ceil(c);
+    let mut emas: Vec<Option<Store>> = match ema {
+        Some(e) => e.pieces(c).into_iter().map(Some).collect(),
+        None => (0..pieces).map(|_| None).collect(),
+    };
+    let mut params: Vec<Option<&mut [bf16]>> = match param {
+        Some(p) => p.chunks_mut(c).map(Some).collect(),
+        None => (0..pieces).map(|_| None).collect(),
+    };
+    let work: Vec<_> = theta
+        .pieces(c)
+        .into_iter()
+        .zip(grad.chunks(c))
+        .zip(m.pieces(c))
+        .zip(v.pieces(c))
+        .zip(emas.drain(..))
+        .zip(params.drain(..))
+        .collect();
+    work.into_par_iter()
+        .for_each(|(((((mut t, g), mut m), mut v), mut e), mut p)| {
+            crate::with_fma(|| {
+                for i in 0..g.len() {
+                    let (mut mi, mut vi) = (m.get(i), v.get(i));
+                    let x = update(t.get(i), g[i], &mut mi, &mut vi, s);
+                    m.put(i, mi);
+                    v.put(i, vi);
+                    if let Some(e) = &mut e {
+                        let b = blend(e.get(i), x, s.ema_weight);
+                        e.put(i, b);
+                    }
+                    if let Some(p) = &mut p {
+                        p[i] = bf16::from_f32(x);
+                    }
+                    t.put(i, x);
+                }
+            })
+        });
 }
 
 /// SplitMix64's finalizer: a counter-based hash, the same on any device.
@@ -159,7 +257,15 @@ mod tests {
                 .map(|i| (i as f32 * 0.11 + t as f32 * 0.003).cos())
                 .collect();
             adamw_step(&mut master, &g, &mut m1, &mut v1, &s);
-            adamw_step_compensated(&mut hi, &mut lo, &g, &mut m2, &mut v2, &s);
+            adamw_mixed(
+                Store::Pair(&mut hi, &mut lo),
+                &g,
+                Store::F32(&mut m2),
+                Store::F32(&mut v2),
+                None,
+                None,
+                &s,
+            );
             let mut x: Vec<f32> = plain.iter().map(|x| x.to_f32()).collect();
             adamw_step(&mut x, &g, &mut m3, &mut v3, &s);
             plain = x.iter().map(|&x| bf16::from_f32(x)).collect();
@@ -173,6 +279,44 @@ mod tests {
         eprintln!("AdamW in bf16 after 1000 steps, error relative to the f32 weights' movement: compensated {e_pair:.5}, rounded to nearest {e_plain:.3}");
         assert!(e_pair < 1e-3, "{e_pair}");
         assert!(e_plain > 0.5, "{e_plain}");
+    }
+
+    /// With every buffer f32, the mixed step is the f32 kernels' step, bit for bit; with
+    /// m and v in bf16 they are those values rounded to nearest.
+    #[test]
+    fn the_mixed_step_on_f32_stores_is_the_f32_step() {
+        use crate::optim::adamw::{adamw_ema_step, AdamWParams};
+        let n = 3 * crate::CHUNK + 5;
+        let vals = |k: f32, scale: f32| -> Vec<f32> {
+            (0..n).map(|i| (i as f32 * k).sin() * scale).collect()
+        };
+        let s = Step::new(&AdamWParams::default(), 3)
+            .with_grad_scale(0.5)
+            .with_ema(0.99);
+        let g = vals(0.3, 0.01);
+        let (mut t1, mut m1, mut v1, mut e1) = (
+            vals(0.1, 0.02),
+            vals(0.2, 1e-3),
+            vals(0.4, 1e-6),
+            vals(0.5, 0.02),
+        );
+        for x in &mut v1 {
+            *x = x.abs();
+        }
+        let (mut t2, mut m2, mut v2, mut e2) = (t1.clone(), m1.clone(), v1.clone(), e1.clone());
+        let mut p = vec![bf16::ZERO; n];
+        adamw_ema_step(&mut t1, &g, &mut m1, &mut v1, &mut e1, &s);
+        adamw_mixed(
+            Store::F32(&mut t2),
+            &g,
+            Store::F32(&mut m2),
+            Store::F32(&mut v2),
+            Some(Store::F32(&mut e2)),
+            Some(&mut p),
+            &s,
+        );
+        assert_eq!((&t1, &m1, &v1, &e1), (&t2, &m2, &v2, &e2));
+        assert!(p.iter().zip(&t1).all(|(p, t)| *p == bf16::from_f32(*t)));
     }
 
     #[test]

@@ -20,6 +20,8 @@ const CHUNK_ELEMS: u32 = super::norm::CHUNK_ELEMS as u32;
 const THREADS: u32 = super::norm::THREADS as u32;
 /// u64 words per table entry: the `Entry` struct of optim.cu.
 const ENTRY_WORDS: usize = 8;
+/// u64 words per `MixedEntry` of optim.cu (the flags' bits are `MIXED_*` there).
+const MIXED_WORDS: usize = 10;
 
 // SAFETY: `Step` is a #[repr(C)] struct of nine f32, the layout of `Step` in optim.cu.
 unsafe impl DeviceRepr for Step {}
@@ -45,9 +47,13 @@ impl Launcher {
         })
     }
 
-    /// Uploads the entry table and returns it with the chunk table and the block count.
-    fn tables(&mut self, entries: &[[u64; ENTRY_WORDS]]) -> Result<(CudaSlice<u64>, u32)> {
-        let sizes: Vec<u64> = entries.iter().map(|e| e[6]).collect();
+    /// Uploads the entry table and returns it with the chunk table and the block count;
+    /// each entry's length is its word `N_AT`.
+    fn tables<const W: usize, const N_AT: usize>(
+        &mut self,
+        entries: &[[u64; W]],
+    ) -> Result<(CudaSlice<u64>, u32)> {
+        let sizes: Vec<u64> = entries.iter().map(|e| e[N_AT]).collect();
         if self.chunks.as_ref().map(|c| &c.0) != Some(&sizes) {
             let mut pairs = Vec::new();
             for (i, &n) in sizes.iter().enumerate() {
@@ -68,14 +74,26 @@ impl Launcher {
         Ok((table, self.chunks.as_ref().expect("just set").2))
     }
 
-    /// One launch of kernel `name` over `entries`; `last` is its last argument.
+    /// One launch of kernel `name` over `entries` (`Entry`s of optim.cu); `last` is its
+    /// last argument.
     fn launch<T: DeviceRepr>(
         &mut self,
         name: &str,
         entries: &[[u64; ENTRY_WORDS]],
         last: T,
     ) -> Result<()> {
-        let (table, blocks) = self.tables(entries)?;
+        self.launch_table::<T, ENTRY_WORDS, 6>(name, entries, last)
+    }
+
+    /// One launch of kernel `name` over a table of `W`-word entries whose length is word
+    /// `N_AT`.
+    fn launch_table<T: DeviceRepr, const W: usize, const N_AT: usize>(
+        &mut self,
+        name: &str,
+        entries: &[[u64; W]],
+        last: T,
+    ) -> Result<()> {
+        let (table, blocks) = self.tables::<W, N_AT>(entries)?;
         if blocks == 0 {
             return Ok(());
         }
@@ -98,6 +116,9 @@ impl Launcher {
     }
 
     pub(crate) fn adamw(&mut self, tensors: &[AdamWTensors], s: &Step) -> Result<()> {
+        if !tensors.iter().all(AdamWTensors::all_f32) {
+            return self.adamw_mixed(tensors, s);
+        }
         let bf16_grad = tensors[0].grad.dtype() == candle_core::DType::BF16;
         if tensors
             .iter()
@@ -130,6 +151,37 @@ impl Launcher {
             (true, true) => "adamw_ema_bf16",
         };
         self.launch(name, &entries, *s)
+    }
+
+    /// `adamw_mixed` of optim.cu: state kept in bf16 or as pairs.
+    fn adamw_mixed(&mut self, tensors: &[AdamWTensors], s: &Step) -> Result<()> {
+        use candle_core::DType::BF16;
+        let dev = self.dev.clone();
+        let entries = tensors
+            .iter()
+            .map(|t| {
+                let opt = |v: Option<&Var>| v.map_or(Ok(0), |v| address(v.as_tensor(), &dev));
+                let ema = t.ema.filter(|_| s.blends_ema());
+                let flag = |on: bool, bit: u64| if on { bit } else { 0 };
+                let flags = flag(t.theta.dtype() == BF16, 1)
+                    | flag(t.grad.dtype() == BF16, 2)
+                    | flag(t.m.dtype() == BF16, 4)
+                    | flag(ema.is_some_and(|e| e.dtype() == BF16), 8);
+                Ok([
+                    address(t.theta.as_tensor(), &dev)?,
+                    opt(t.theta_lo)?,
+                    address(t.grad, &dev)?,
+                    address(t.m.as_tensor(), &dev)?,
+                    address(t.v.as_tensor(), &dev)?,
+                    opt(ema)?,
+                    opt(t.ema_lo.filter(|_| s.blends_ema()))?,
+                    opt(t.param)?,
+                    t.theta.elem_count() as u64,
+                    flags,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.launch_table::<Step, MIXED_WORDS, 8>("adamw_mixed", &entries, *s)
     }
 
     pub(crate) fn ema_blend(&mut self, pairs: &[(&Var, &Tensor)], beta: f32) -> Result<()> {

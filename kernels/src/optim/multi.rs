@@ -7,9 +7,11 @@
 
 use crate::optim::adamw::AdamWTensors;
 use crate::optim::adamw::{adamw_ema_step, adamw_step, Step};
+use crate::optim::bf16::{adamw_mixed, Store};
 use crate::optim::ema::ema_blend;
 use crate::optim::norm::{chunk_sums, total};
 use candle_core::{bail, CpuStorage, DType, Device, InplaceOp1, Layout, Result, Tensor, Var};
+use half::bf16;
 use std::cell::RefCell;
 
 /// The launcher of the multi-tensor kernels; holds what it can reuse between steps (the
@@ -131,25 +133,61 @@ fn same(a: &Tensor, b: &Tensor, an: &str, bn: &str) -> Result<()> {
     Ok(())
 }
 
+fn of_dtype(t: &Tensor, what: &str, allowed: &[DType]) -> Result<()> {
+    if !allowed.contains(&t.dtype()) {
+        bail!("{what}: expected {allowed:?}, found {:?}", t.dtype())
+    }
+    if !t.is_contiguous() {
+        bail!("{what}: expected a contiguous tensor")
+    }
+    Ok(())
+}
+
 fn check(t: &AdamWTensors) -> Result<()> {
+    use DType::{BF16, F32};
     let theta = t.theta.as_tensor();
-    f32_contiguous(theta, "theta")?;
-    for (name, b) in [("m", t.m), ("v", t.v)]
-        .into_iter()
-        .chain(t.ema.map(|e| ("ema", e)))
-    {
-        same(theta, b.as_tensor(), "theta", name)?;
-        f32_contiguous(b.as_tensor(), name)?;
+    let both: &[DType] = &[F32, BF16];
+    let mut others = vec![("m", t.m.as_tensor()), ("v", t.v.as_tensor())];
+    // bf16 weights rounded in place lose AdamW's small steps (bf16.rs): θ is f32 or a pair.
+    match t.theta_lo {
+        None => of_dtype(
+            theta,
+            "theta (f32 unless kept as a pair with theta_lo)",
+            &[F32],
+        )?,
+        Some(lo) => {
+            of_dtype(theta, "theta (the high half of a pair)", &[BF16])?;
+            others.push(("theta_lo", lo.as_tensor()));
+            of_dtype(lo.as_tensor(), "theta_lo", &[BF16])?;
+        }
+    }
+    of_dtype(t.m.as_tensor(), "m", both)?;
+    of_dtype(t.v.as_tensor(), "v", &[t.m.dtype()])?;
+    if let Some(e) = t.ema {
+        others.push(("ema", e.as_tensor()));
+        of_dtype(e.as_tensor(), "ema", both)?;
+    }
+    if let Some(lo) = t.ema_lo {
+        let Some(e) = t.ema else {
+            bail!("ema_lo without ema")
+        };
+        of_dtype(e.as_tensor(), "ema (the high half of a pair)", &[BF16])?;
+        others.push(("ema_lo", lo.as_tensor()));
+        of_dtype(lo.as_tensor(), "ema_lo", &[BF16])?;
+    }
+    for (name, b) in others {
+        same(theta, b, "theta", name)?;
     }
     same(theta, t.grad, "theta", "grad")?;
-    if !matches!(t.grad.dtype(), DType::F32 | DType::BF16) || !t.grad.is_contiguous() {
-        bail!("grad: expected a contiguous f32 or bf16 tensor")
-    }
+    of_dtype(t.grad, "grad", both)?;
     if let Some(p) = t.param {
         same(theta, p.as_tensor(), "theta", "param")?;
-        if p.dtype() != DType::BF16 || !p.as_tensor().is_contiguous() {
-            bail!("param: expected a contiguous bf16 tensor")
-        }
+        of_dtype(
+            theta,
+            "theta (f32 master weights beside a bf16 param)",
+            &[F32],
+        )?;
+        of_dtype(p.as_tensor(), "param", &[BF16])?;
     }
     Ok(())
 }
@@ -171,34 +209,41 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
-/// `f` over a CPU variable's f32 values in place: its own buffer, written through
+/// A CPU variable's values, borrowed for writing.
+enum Slice<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [bf16]),
+}
+
+/// `f` over a CPU variable's values in place (f32 or bf16): its own buffer, written through
 /// candle's in-place op (the variable's write lock), no copy.
-fn with_f32_mut<R>(var: &Var, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
+fn with_mut<R>(var: &Var, f: impl FnOnce(Slice<'_>) -> Result<R>) -> Result<R> {
     struct InPlace<F, R> {
         f: RefCell<Option<F>>,
         out: RefCell<Option<R>>,
     }
-    impl<F: FnOnce(&mut [f32]) -> Result<R>, R> InplaceOp1 for InPlace<F, R> {
+    impl<F: FnOnce(Slice<'_>) -> Result<R>, R> InplaceOp1 for InPlace<F, R> {
         fn name(&self) -> &'static str {
-            "with_f32_mut"
+            "with_mut"
         }
         fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
-            let CpuStorage::F32(v) = s else {
-                bail!("with_f32_mut: expected f32 storage")
+            let (start, n) = (l.start_offset(), l.shape().elem_count());
+            let slice = match s {
+                CpuStorage::F32(v) => Slice::F32(&mut v[start..][..n]),
+                CpuStorage::BF16(v) => Slice::Bf16(&mut v[start..][..n]),
+                _ => bail!("with_mut: expected f32 or bf16 storage"),
             };
             let f = self
                 .f
                 .borrow_mut()
                 .take()
                 .expect("an in-place op runs once");
-            let values = &mut v[l.start_offset()..][..l.shape().elem_count()];
-            *self.out.borrow_mut() = Some(f(values)?);
+            *self.out.borrow_mut() = Some(f(slice)?);
             Ok(())
         }
     }
-    f32_contiguous(var.as_tensor(), "with_f32_mut")?;
-    if !var.device().is_cpu() {
-        bail!("with_f32_mut: a CPU tensor only")
+    if !var.as_tensor().is_contiguous() || !var.device().is_cpu() {
+        bail!("with_mut: a contiguous CPU tensor only")
     }
     let op = InPlace {
         f: RefCell::new(Some(f)),
@@ -207,12 +252,44 @@ fn with_f32_mut<R>(var: &Var, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result
     var.as_tensor().inplace_op1(&op)?;
     op.out
         .into_inner()
-        .ok_or_else(|| candle_core::Error::Msg("with_f32_mut: the op did not run".into()))
+        .ok_or_else(|| candle_core::Error::Msg("with_mut: the op did not run".into()))
+}
+
+/// `f` over a CPU variable's f32 values in place.
+fn with_f32_mut<R>(var: &Var, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
+    f32_contiguous(var.as_tensor(), "with_f32_mut")?;
+    with_mut(var, |s| match s {
+        Slice::F32(v) => f(v),
+        Slice::Bf16(_) => bail!("with_f32_mut: expected f32 storage"),
+    })
+}
+
+/// `f` over several CPU variables' values in place at once, each borrowed inside the
+/// in-place op of the one before (in the order given).
+fn with_all_mut(vars: &[&Var], f: &mut dyn FnMut(Vec<Slice<'_>>) -> Result<()>) -> Result<()> {
+    fn go(
+        vars: &[&Var],
+        held: Vec<Slice<'_>>,
+        f: &mut dyn FnMut(Vec<Slice<'_>>) -> Result<()>,
+    ) -> Result<()> {
+        match vars.split_first() {
+            None => f(held),
+            Some((var, rest)) => with_mut(var, move |s| {
+                let mut held = held;
+                held.push(s);
+                go(rest, held, f)
+            }),
+        }
+    }
+    go(vars, Vec::new(), f)
 }
 
 /// The CPU path: the references of adamw.rs and ema.rs, in place on the variables' own
 /// buffers (copying every buffer out and back would double the step's memory traffic).
 fn adamw_cpu(t: &AdamWTensors, s: &Step) -> Result<()> {
+    if !t.all_f32() {
+        return adamw_mixed_cpu(t, s);
+    }
     // Each buffer is borrowed inside the in-place op of the one before.
     with_f32(t.grad, |grad| {
         with_f32_mut(t.theta, |theta| {
@@ -234,4 +311,52 @@ fn adamw_cpu(t: &AdamWTensors, s: &Step) -> Result<()> {
         p.set(&t.theta.as_tensor().to_dtype(p.dtype())?)?;
     }
     Ok(())
+}
+
+/// The CPU path for state kept in bf16 or as pairs: [`adamw_mixed`] on the variables' own
+/// buffers.
+fn adamw_mixed_cpu(t: &AdamWTensors, s: &Step) -> Result<()> {
+    let ema = t.ema.filter(|_| s.blends_ema());
+    let ema_lo = t.ema_lo.filter(|_| s.blends_ema());
+    let mut vars = vec![t.theta, t.m, t.v];
+    vars.extend(t.theta_lo);
+    vars.extend(ema);
+    vars.extend(ema_lo);
+    vars.extend(t.param);
+    with_f32(t.grad, |grad| {
+        with_all_mut(&vars, &mut |held: Vec<Slice<'_>>| {
+            let mut held = held.into_iter();
+            let mut next = || held.next().expect("one slice a variable");
+            let (theta, m, v) = (next(), next(), next());
+            let theta_lo = t.theta_lo.map(|_| next());
+            let ema = ema.map(|_| next());
+            let ema_lo = ema_lo.map(|_| next());
+            let param = t.param.map(|_| next());
+            let param = match param {
+                None => None,
+                Some(Slice::Bf16(p)) => Some(p),
+                Some(Slice::F32(_)) => bail!("param: expected bf16"),
+            };
+            adamw_mixed(
+                store(theta, theta_lo)?,
+                grad,
+                store(m, None)?,
+                store(v, None)?,
+                ema.map(|e| store(e, ema_lo)).transpose()?,
+                param,
+                s,
+            );
+            Ok(())
+        })
+    })?
+}
+
+/// A variable's slice (and its low half's) as the [`Store`] it is.
+fn store<'a>(hi: Slice<'a>, lo: Option<Slice<'a>>) -> Result<Store<'a>> {
+    Ok(match (hi, lo) {
+        (Slice::F32(x), None) => Store::F32(x),
+        (Slice::Bf16(x), None) => Store::Bf16(x),
+        (Slice::Bf16(hi), Some(Slice::Bf16(lo))) => Store::Pair(hi, lo),
+        _ => bail!("adamw_step: a pair's halves must both be bf16"),
+    })
 }
