@@ -353,6 +353,21 @@ pub struct StateConfig {
     pub theta0: Theta0,
     /// ‖θ − θ₀‖ and ‖θ̄ − θ₀‖ every N steps (and at the last step and each snapshot).
     pub distance_every: usize,
+    /// The dtype of the saved model/ and ema/ (and snapshots): "model" (the model's own)
+    /// or "f32" (θ and θ̄ as the state holds them: a pair's 16 bits, f32 master weights).
+    /// In bf16 a run's small drift from θ₀ is mostly below a weight's bf16 unit: saved in
+    /// bf16, an EMA loses much of its movement (docs/performance.md measures it).
+    pub save: Save,
+}
+
+/// The dtype of the saved weights (`state.save`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Save {
+    /// The model's own dtype.
+    Model,
+    /// f32, as the state holds θ and θ̄.
+    F32,
 }
 
 impl Default for StateConfig {
@@ -363,6 +378,7 @@ impl Default for StateConfig {
             ema: Keep::F32,
             theta0: Theta0::Device,
             distance_every: 1,
+            save: Save::Model,
         }
     }
 }

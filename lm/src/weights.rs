@@ -315,13 +315,28 @@ pub fn save_hf_dir(
     text: &ModelText,
     dtype: DType,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tensors: HashMap<String, Tensor> = varmap
         .data()
         .lock()
         .expect("varmap lock")
         .iter()
-        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(dtype)?)))
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().clone())))
+        .collect::<Result<_>>()?;
+    save_hf_tensors(dir, config, tensors, text, dtype)
+}
+
+/// [`save_hf_dir`] of `tensors` (by the varmap's names), each converted to `dtype`.
+pub fn save_hf_tensors(
+    dir: &Path,
+    config: &ModelConfig,
+    tensors: HashMap<String, Tensor>,
+    text: &ModelText,
+    dtype: DType,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tensors: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))
         .collect::<Result<_>>()?;
     save_safetensors(
         &dir.join("model.safetensors"),

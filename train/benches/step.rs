@@ -108,7 +108,7 @@ fn train_step(
             moments: Keep::Bf16,
             ema: Keep::Pair,
             theta0: Theta0::Host,
-            distance_every: 1,
+            ..StateConfig::default()
         };
         config.ema.enabled = true;
     }
@@ -262,7 +262,9 @@ fn main() -> anyhow::Result<()> {
         let used = gpu_used()?;
         let tok_s = (b * t) as f64 / secs;
         let key = if gpu {
-            format!("hf_train_{name}_b{b}_s{t}_tok_s")
+            // PyTorch's bf16 step is pure bf16 (torch_shape_baseline.py): both rows compare to it.
+            let torch_name = name.trim_end_matches("-pure");
+            format!("hf_train_{torch_name}_b{b}_s{t}_tok_s")
         } else {
             format!("train_{name}_b{b}_s{t}_tok_s")
         };

@@ -643,6 +643,9 @@ pub fn run(args: &Args) -> Result<Summary> {
         let all = plan.stage0.iter().chain(&plan.points);
         for t in all.filter_map(|job| job.train.as_ref()) {
             let config = t.config.as_ref().expect("a training step has its config");
+            config
+                .validate()
+                .with_context(|| format!("the config of {}", t.what))?;
             let (text, _) = crate::plan::plan(config, args.memory_gib)
                 .with_context(|| format!("the memory plan of {}", t.what))?;
             println!("{}: {text}", t.what);

@@ -21,7 +21,7 @@ pub mod state;
 pub mod sweep;
 
 use anyhow::{bail, Context, Result};
-use basin_lm::artifacts::{MetricsRecord, RunInfo};
+use basin_lm::artifacts::{MetricsRecord, RunInfo, Save};
 use basin_lm::backprop::loss_and_grads;
 use basin_lm::batch::Batch;
 use basin_lm::fsutil::{sha256_file, write_bytes_atomic};
@@ -319,6 +319,7 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
                 &TrainConfig::snapshot_dir(&run_dir, step),
                 &mut state,
                 &model,
+                config.state.save,
             )?;
         }
         bar.set_message(format!("loss {train_loss:.4}"));
@@ -351,7 +352,7 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         }
     }
     bar.finish_and_clear();
-    save_snapshot(&run_dir, &mut state, &model)?;
+    save_snapshot(&run_dir, &mut state, &model, config.state.save)?;
     // Finished: the checkpoint (θ, m, v, θ̄: four model copies) has nothing left to resume.
     let _ = std::fs::remove_dir_all(&ckpt_dir);
     Ok(Summary {
@@ -374,17 +375,36 @@ fn save_checkpoint(dir: &Path, state: &TrainState, progress: &Progress) -> Resul
 }
 
 /// θ into `dir`/model and, with the EMA, θ̄ into `dir`/ema; the model holds θ again after.
-fn save_snapshot(dir: &Path, state: &mut TrainState, model: &Model) -> Result<()> {
-    save_weights(&dir.join("model"), state, model, Weights::Theta)?;
+fn save_snapshot(dir: &Path, state: &mut TrainState, model: &Model, save: Save) -> Result<()> {
+    save_weights(&dir.join("model"), state, model, Weights::Theta, save)?;
     if state.has_ema() {
-        save_weights(&dir.join("ema"), state, model, Weights::Ema)?;
+        save_weights(&dir.join("ema"), state, model, Weights::Ema, save)?;
         state.load_into_model(Weights::Theta)?;
     }
     Ok(())
 }
 
-/// A Hugging Face directory of θ or θ̄.
-fn save_weights(dir: &Path, state: &mut TrainState, model: &Model, w: Weights) -> Result<()> {
+/// A Hugging Face directory of θ or θ̄: in the model's dtype, or with `state.save = "f32"`
+/// in f32 as the state holds them.
+fn save_weights(
+    dir: &Path,
+    state: &mut TrainState,
+    model: &Model,
+    w: Weights,
+    save: Save,
+) -> Result<()> {
+    if save == Save::F32 {
+        let values = state
+            .values_f32(w)?
+            .ok_or_else(|| anyhow::anyhow!("this run has no EMA"))?;
+        return basin_lm::weights::save_hf_tensors(
+            dir,
+            &model.config,
+            values,
+            &model.text,
+            candle_core::DType::F32,
+        );
+    }
     state.load_into_model(w)?;
     basin_lm::weights::save_hf_dir(
         dir,

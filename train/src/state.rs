@@ -419,6 +419,20 @@ impl TrainState {
         Ok(Some(sum.sqrt()))
     }
 
+    /// θ or θ̄ of every parameter in f32 as the state holds it (a pair's sum, f32 master
+    /// weights), by name, in host memory (one tensor at a time on the device); None for θ̄
+    /// without an EMA.
+    pub fn values_f32(&self, w: Weights) -> Result<Option<HashMap<String, Tensor>>> {
+        let mut out = HashMap::new();
+        for p in &self.params {
+            let Some(t) = p.pick(w)? else {
+                return Ok(None);
+            };
+            out.insert(p.name.clone(), host_copy(&t)?);
+        }
+        Ok(Some(out))
+    }
+
     /// Writes θ, m, v and θ̄ as one safetensors file, each buffer in its own dtype (a pair
     /// as its two halves).
     pub fn save(&self, path: &Path) -> Result<()> {

@@ -273,17 +273,20 @@ fn divergence_stops_with_a_clear_message_and_keeps_the_checkpoint() {
     assert!(!s.path("runs/nan/model").exists());
 }
 
+/// A bf16 run with the EMA, its feedback, validation and checkpoints on.
+const BF16_EMA: [&str; 6] = [
+    "dtype=\"bf16\"",
+    "ema.enabled=true",
+    "ema.beta=0.8",
+    "ema.feedback_every=6",
+    "eval_every=4",
+    "checkpoint_every=3",
+];
+
 #[test]
 fn bf16_trains_on_f32_master_weights_and_resumes_bitwise() {
     let s = Setup::new();
-    let common = [
-        "dtype=\"bf16\"",
-        "ema.enabled=true",
-        "ema.beta=0.8",
-        "ema.feedback_every=6",
-        "eval_every=4",
-        "checkpoint_every=3",
-    ];
+    let common = BF16_EMA;
     ok(&s.train("whole", &common));
     let m = metrics(&s.path("runs/whole"));
     let first = m[0]["val_loss"].as_f64().unwrap();
@@ -314,14 +317,7 @@ fn bf16_trains_on_f32_master_weights_and_resumes_bitwise() {
 #[test]
 fn pure_bf16_trains_resumes_bitwise_and_tracks_f32_state() {
     let s = Setup::new();
-    let bf16 = [
-        "dtype=\"bf16\"",
-        "ema.enabled=true",
-        "ema.beta=0.8",
-        "ema.feedback_every=6",
-        "eval_every=4",
-        "checkpoint_every=3",
-    ];
+    let bf16 = BF16_EMA;
     let pure = [
         &bf16[..],
         &[
@@ -420,6 +416,43 @@ fn pure_bf16_trains_resumes_bitwise_and_tracks_f32_state() {
         let b = std::fs::read(s.path("runs/broken").join(f)).unwrap();
         assert!(a == b, "{f} differs after resume");
     }
+    // Saved in f32 (`state.save`), θ̄ is the pair's sum: its distance from θ₀ (the model
+    // rounded to bf16, where training starts) is the logged one; saved in bf16 it is less,
+    // the drift below a weight's bf16 unit rounded away.
+    ok(&s.train("f32-save", &[&pure[..], &["state.save=\"f32\""]].concat()));
+    let theta0: std::collections::BTreeMap<String, Vec<f32>> =
+        weights(&s.path("model/model.safetensors"))
+            .into_iter()
+            .map(|(k, v)| (k, v.iter().map(|&x| to_bf16(x)).collect()))
+            .collect();
+    let distance = |file: &str| -> f64 {
+        weights(&s.path(file))
+            .iter()
+            .map(|(k, v)| {
+                v.iter()
+                    .zip(&theta0[k])
+                    .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            .sqrt()
+    };
+    let saved =
+        candle_core::safetensors::load(s.path("runs/f32-save/ema/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert!(saved.values().all(|t| t.dtype() == DType::F32));
+    let logged = metrics(&s.path("runs/f32-save")).last().unwrap()["dist_ema"]
+        .as_f64()
+        .unwrap();
+    let (exact, rounded) = (
+        distance("runs/f32-save/ema/model.safetensors"),
+        distance("runs/pure/ema/model.safetensors"),
+    );
+    eprintln!("‖θ̄ − θ₀‖: logged {logged}, saved in f32 {exact}, saved in bf16 {rounded}");
+    assert!(
+        (exact - logged).abs() < 1e-6 * logged,
+        "{exact} vs {logged}"
+    );
     // θ₀ off: no distance at all.
     ok(&s.train(
         "off",
@@ -445,6 +478,12 @@ fn pure_bf16_trains_resumes_bitwise_and_tracks_f32_state() {
         assert!(err.contains(says), "{bad:?}: {err}");
         assert!(!s.path("runs/refused").exists(), "{bad:?}");
     }
+}
+
+/// x rounded to the nearest bf16 (ties to even), as a model loaded in bf16 holds it.
+fn to_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    f32::from_bits(((b + 0x7fff + ((b >> 16) & 1)) >> 16) << 16)
 }
 
 /// Activation recompute in the written-out pass: the same weights, bit for bit.
