@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 22's GPU check, as one prepared script for a GPU machine (docs/performance.md has
 # what it measured). Needs the CUDA binaries of `just build-cuda` in $BIN (train, step,
-# and the kernels' `multi` test binary as multi), and writes into $OUT:
+# and the kernels' `multi` test binary as multi: `just build-cuda` does not build it; with the
+# same environment, `cargo test --release -p basin-kernels --features cuda --test multi
+# --no-run` prints its path), and writes into $OUT:
 #   1. the optimizer kernels on the device against the CPU, the pure-bf16 state included
 #      (`multi`: bit for bit);
 #   2. the memory plan of a 7B-shape micro-batch (`train --plan`, against the free memory);
