@@ -189,23 +189,9 @@ fn generation(dev: &Device, b: usize) -> anyhow::Result<f64> {
 }
 
 /// Bytes of GPU memory in use (nvidia-smi), None off a GPU or without nvidia-smi.
-fn gpu_used() -> anyhow::Result<Option<u64>> {
-    if !Device::cuda_if_available(0)?.is_cuda() {
-        return Ok(None);
-    }
-    let out = std::process::Command::new("nvidia-smi")
-        .args([
-            "-i",
-            "0",
-            "--query-gpu=memory.used",
-            "--format=csv,noheader,nounits",
-        ])
-        .output();
-    Ok(out
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(|mib| mib << 20))
+fn gpu_used(gpu: bool) -> Option<u64> {
+    gpu.then(|| train::plan::gpu_memory("0").ok().map(|(_, used)| used))
+        .flatten()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -257,9 +243,9 @@ fn main() -> anyhow::Result<()> {
         // bf16-pure (the 7B memory setting) only when asked for.
         None => *n != "bf16-pure",
     }) {
-        let before = gpu_used()?;
+        let before = gpu_used(gpu);
         let (secs, p) = train_step(&dev, dtype, name == "bf16-pure", b, t, iters)?;
-        let used = gpu_used()?;
+        let used = gpu_used(gpu);
         let tok_s = (b * t) as f64 / secs;
         let key = if gpu {
             // PyTorch's bf16 step is pure bf16 (torch_shape_baseline.py): both rows compare to it.

@@ -215,7 +215,15 @@ pub fn device_memory(device: &str) -> Result<Option<(u64, String)>> {
     let Some(rest) = device.strip_prefix("cuda") else {
         return Ok(None);
     };
-    let index = rest.strip_prefix(':').unwrap_or("0");
+    let (total, used) = gpu_memory(rest.strip_prefix(':').unwrap_or("0"))?;
+    Ok(Some((
+        total.saturating_sub(used),
+        format!("free on {device}, by nvidia-smi"),
+    )))
+}
+
+/// The total and used memory of GPU `index`, in bytes, by `nvidia-smi`.
+pub fn gpu_memory(index: &str) -> Result<(u64, u64)> {
     let out = std::process::Command::new("nvidia-smi")
         .args([
             "-i",
@@ -234,8 +242,7 @@ pub fn device_memory(device: &str) -> Result<Option<(u64, String)>> {
     let text = String::from_utf8_lossy(&out.stdout);
     let (total, used) = parse_nvidia_smi(&text)
         .with_context(|| format!("nvidia-smi printed {text:?}; expected 'total, used' in MiB"))?;
-    let free = total.saturating_sub(used) << 20;
-    Ok(Some((free, format!("free on {device}, by nvidia-smi"))))
+    Ok((total << 20, used << 20))
 }
 
 /// `total, used` (MiB) of nvidia-smi's CSV line.

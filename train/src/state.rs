@@ -150,26 +150,20 @@ impl Param {
         Ok(())
     }
 
-    /// The buffers a checkpoint holds, by kind, in their own dtypes.
+    /// The buffers a checkpoint holds, by kind, in their own dtypes: those of
+    /// [`Self::buffer_vars`], θ's part of the model's variable wherever it is now.
     fn buffers(&self) -> Result<Vec<(&'static str, Tensor)>> {
-        let mut out = vec![];
-        match &self.theta {
-            Theta::Model => out.push(("theta", self.var_now()?)),
-            Theta::Master(m) => out.push(("theta", m.as_tensor().clone())),
-            Theta::Pair(lo) => {
-                out.push(("theta", self.var_now()?));
-                out.push(("theta_lo", lo.as_tensor().clone()));
-            }
-        }
-        out.push(("m", self.m.as_tensor().clone()));
-        out.push(("v", self.v.as_tensor().clone()));
-        if let Some(e) = &self.ema {
-            out.push(("ema", e.hi.as_tensor().clone()));
-            if let Some(lo) = &e.lo {
-                out.push(("ema_lo", lo.as_tensor().clone()));
-            }
-        }
-        Ok(out)
+        self.buffer_vars()
+            .into_iter()
+            .map(|(kind, var)| {
+                let t = if std::ptr::eq(var, &self.var) {
+                    self.var_now()?
+                } else {
+                    var.as_tensor().clone()
+                };
+                Ok((kind, t))
+            })
+            .collect()
     }
 
     /// The variables [`Self::buffers`] names, to restore into (θ's high half: the model's).

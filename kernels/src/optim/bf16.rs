@@ -143,11 +143,11 @@ pub fn adamw_mixed(
     let ema = ema.filter(|_| s.blends_ema());
     let c = crate::CHUNK;
     let pieces = n.div_ceil(c);
-    let mut emas: Vec<Option<Store>> = match ema {
+    let emas: Vec<Option<Store>> = match ema {
         Some(e) => e.pieces(c).into_iter().map(Some).collect(),
         None => (0..pieces).map(|_| None).collect(),
     };
-    let mut params: Vec<Option<&mut [bf16]>> = match param {
+    let params: Vec<Option<&mut [bf16]>> = match param {
         Some(p) => p.chunks_mut(c).map(Some).collect(),
         None => (0..pieces).map(|_| None).collect(),
     };
@@ -157,8 +157,8 @@ pub fn adamw_mixed(
         .zip(grad.chunks(c))
         .zip(m.pieces(c))
         .zip(v.pieces(c))
-        .zip(emas.drain(..))
-        .zip(params.drain(..))
+        .zip(emas)
+        .zip(params)
         .collect();
     work.into_par_iter()
         .for_each(|(((((mut t, g), mut m), mut v), mut e), mut p)| {

@@ -114,13 +114,7 @@ impl MultiTensor {
 }
 
 fn f32_contiguous(t: &Tensor, what: &str) -> Result<()> {
-    if t.dtype() != DType::F32 {
-        bail!("{what}: expected f32, found {:?}", t.dtype())
-    }
-    if !t.is_contiguous() {
-        bail!("{what}: expected a contiguous tensor")
-    }
-    Ok(())
+    of_dtype(t, what, &[DType::F32])
 }
 
 fn same(a: &Tensor, b: &Tensor, an: &str, bn: &str) -> Result<()> {
@@ -133,9 +127,15 @@ fn same(a: &Tensor, b: &Tensor, an: &str, bn: &str) -> Result<()> {
     Ok(())
 }
 
+/// `t` is contiguous and of one of the `allowed` dtypes.
 fn of_dtype(t: &Tensor, what: &str, allowed: &[DType]) -> Result<()> {
     if !allowed.contains(&t.dtype()) {
-        bail!("{what}: expected {allowed:?}, found {:?}", t.dtype())
+        let names: Vec<&str> = allowed.iter().map(|d| d.as_str()).collect();
+        bail!(
+            "{what}: expected {}, found {:?}",
+            names.join(" or "),
+            t.dtype()
+        )
     }
     if !t.is_contiguous() {
         bail!("{what}: expected a contiguous tensor")
