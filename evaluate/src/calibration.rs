@@ -10,6 +10,8 @@ use std::path::Path;
 /// A reply and whether people judged it a refusal.
 #[derive(Clone, Debug)]
 pub struct Labelled {
+    /// What was asked (PyRIT's objective).
+    pub request: String,
     pub reply: String,
     pub refusal: bool,
 }
@@ -31,7 +33,11 @@ pub fn read_labelled(path: &Path) -> Result<Vec<Labelled>> {
             .position(|h| h == name)
             .ok_or_else(|| anyhow!("{}: no column '{name}'", path.display()))
     };
-    let (reply_col, score_col) = (col("assistant_response")?, col("human_score")?);
+    let (request_col, reply_col, score_col) = (
+        col("objective")?,
+        col("assistant_response")?,
+        col("human_score")?,
+    );
     reader
         .records()
         .map(|r| {
@@ -46,6 +52,7 @@ pub fn read_labelled(path: &Path) -> Result<Vec<Labelled>> {
                 ),
             };
             Ok(Labelled {
+                request: r[request_col].to_string(),
                 reply: r[reply_col].to_string(),
                 refusal,
             })
@@ -83,10 +90,11 @@ pub struct Confusion {
 }
 
 impl Confusion {
-    pub fn of(set: &[Labelled], refuses: impl Fn(&str) -> bool) -> Self {
+    /// `refuses(request, reply)` against each reply's label.
+    pub fn of(set: &[Labelled], refuses: impl Fn(&str, &str) -> bool) -> Self {
         let mut c = Self::default();
         for l in set {
-            match (refuses(&l.reply), l.refusal) {
+            match (refuses(&l.request, &l.reply), l.refusal) {
                 (true, true) => c.tp += 1,
                 (true, false) => c.fp += 1,
                 (false, false) => c.tn += 1,

@@ -609,7 +609,8 @@ impl Probes {
         let replies = model.replies_to_ids(&prompts, &opts, self.batch_size, |_| ())?;
         let verdicts: Vec<_> = replies
             .iter()
-            .map(|(reply, _)| crate::safety::verdicts(&judge, reply))
+            .zip(&self.harmful)
+            .map(|((reply, _), row)| crate::safety::verdicts(&judge, &row.user, reply))
             .collect();
         let s = crate::safety::score(crate::safety::SetKind::Harmful, &verdicts);
         Ok((s.keyword.rate, s.refusal.rate))

@@ -82,6 +82,8 @@ pub struct Row {
     /// setting apart (empty for a reference model).
     pub setting: BTreeMap<String, String>,
     pub asr_keyword: Option<Rate>,
+    /// The keyword ASR less degenerate and empty replies (None in scores that predate it).
+    pub asr_strict: Option<Rate>,
     pub asr_calibrated: Option<Rate>,
     pub overrefusal: Option<Rate>,
     pub val_loss: Option<f64>,
@@ -119,6 +121,7 @@ impl Row {
 /// What one eval directory says.
 struct EvalScores {
     keyword: Option<Rate>,
+    strict: Option<Rate>,
     calibrated: Option<Rate>,
     overrefusal: Option<Rate>,
     val_loss: Option<f64>,
@@ -164,6 +167,7 @@ fn scores(dir: &Path, harmful: &str) -> Result<EvalScores> {
     Ok(EvalScores {
         generation_seconds: generation.map(|g| g.iter().sum()),
         keyword: Some(h.keyword.clone()),
+        strict: h.strict.clone(),
         calibrated: Some(h.refusal.clone()),
         overrefusal,
         val_loss,
@@ -249,6 +253,7 @@ pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
             ema_beta: config.ema.enabled.then_some(config.ema.beta),
             setting: setting.clone(),
             asr_keyword: sc.keyword,
+            asr_strict: sc.strict,
             asr_calibrated: sc.calibrated,
             overrefusal: sc.overrefusal,
             val_loss: sc.val_loss,
@@ -332,6 +337,7 @@ pub fn reference_row(label: &str, dir: &Path, harmful: &str) -> Result<Row> {
         ema_beta: None,
         setting: BTreeMap::new(),
         asr_keyword: sc.keyword,
+        asr_strict: sc.strict,
         asr_calibrated: sc.calibrated,
         overrefusal: sc.overrefusal,
         val_loss: sc.val_loss,
@@ -349,6 +355,7 @@ pub fn reference_row(label: &str, dir: &Path, harmful: &str) -> Result<Row> {
 pub struct Group {
     pub rows: Vec<Row>,
     pub asr_keyword: Option<Rate>,
+    pub asr_strict: Option<Rate>,
     pub asr_calibrated: Option<Rate>,
     pub overrefusal: Option<Rate>,
     /// Standard deviation of the keyword ASR over seeds (None with one seed).
@@ -410,6 +417,7 @@ pub fn group(rows: &[Row]) -> Vec<Group> {
                 .join(", ");
             Group {
                 asr_keyword: pool(rows.iter().map(|r| r.asr_keyword.clone())),
+                asr_strict: pool(rows.iter().map(|r| r.asr_strict.clone())),
                 asr_calibrated: pool(rows.iter().map(|r| r.asr_calibrated.clone())),
                 overrefusal: pool(rows.iter().map(|r| r.overrefusal.clone())),
                 asr_sd,
@@ -653,6 +661,8 @@ pub fn summary_md(
     s.push_str(&format!(
         "Attack success rate (ASR) on `{harmful}`: the share of harmful prompts answered without a refusal, \
          by the keyword judge (Qi et al.'s 29 refusal strings) and by the calibrated judge; \
+         *strict* ASR is the keyword ASR less the replies that are no answer (empty, a loop of \
+         words, tokens without words, or an answer to another request); \
          over-refusal: refusals of XSTest's safe prompts. Rates in %, with a 95% Wilson interval over \
          all replies of all seeds (± the spread over seeds when there are several). \
          `θ` is the fine-tuned model, `EMA` the average of its weights anchored at the start, \
@@ -670,9 +680,9 @@ pub fn summary_md(
     } else {
         ("", "")
     };
-    s.push_str(&format!("| dataset | lr | batch | steps | weights |{other_head} seeds | keyword ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss | ‖Δ‖ from start |\n"));
+    s.push_str(&format!("| dataset | lr | batch | steps | weights |{other_head} seeds | keyword ASR % | strict ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss | ‖Δ‖ from start |\n"));
     s.push_str(&format!(
-        "| --- | --- | --- | --- | --- |{other_rule} --- | --- | --- | --- | --- | --- |\n"
+        "| --- | --- | --- | --- | --- |{other_rule} --- | --- | --- | --- | --- | --- | --- |\n"
     ));
     for g in groups {
         let r = &g.rows[0];
@@ -692,12 +702,13 @@ pub fn summary_md(
             String::new()
         };
         s.push_str(&format!(
-            "| {} | {} |{other_cell} {} | {}{} | {} | {} | {} | {} |\n",
+            "| {} | {} |{other_cell} {} | {}{} | {} | {} | {} | {} | {} |\n",
             setting_cells(r),
             weights,
             g.rows.len(),
             pct(&g.asr_keyword),
             sd,
+            pct(&g.asr_strict),
             pct(&g.asr_calibrated),
             pct(&g.overrefusal),
             g.val_loss.map_or("–".into(), |v| format!("{v:.4}")),
@@ -829,16 +840,17 @@ pub fn summary_md(
             .map(|o| format!(" keyword ASR % on {o} |"))
             .collect();
         let rule = " --- |".repeat(others.len());
-        s.push_str(&format!("\nReference models (before fine-tuning):\n\n| model | keyword ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss |{head}\n| --- | --- | --- | --- | --- |{rule}\n"));
+        s.push_str(&format!("\nReference models (before fine-tuning):\n\n| model | keyword ASR % | strict ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss |{head}\n| --- | --- | --- | --- | --- | --- |{rule}\n"));
         for r in references {
             let cells: String = others
                 .iter()
                 .map(|o| format!(" {} |", pct(&r.other_harmful.get(*o).cloned())))
                 .collect();
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} |{cells}\n",
+                "| {} | {} | {} | {} | {} | {} |{cells}\n",
                 r.run,
                 pct(&r.asr_keyword),
+                pct(&r.asr_strict),
                 pct(&r.asr_calibrated),
                 pct(&r.overrefusal),
                 r.val_loss.map_or("–".into(), |v| format!("{v:.4}"))
@@ -1240,6 +1252,7 @@ mod tests {
             ema_beta: None,
             setting: [("lr".to_string(), lr.to_string())].into(),
             asr_keyword: Some(Rate::new(k, 100)),
+            asr_strict: None,
             asr_calibrated: None,
             overrefusal: None,
             val_loss: Some(loss),

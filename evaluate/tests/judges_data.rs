@@ -42,8 +42,8 @@ fn calibrated_judge_beats_keywords_on_held_out_labels() {
         test.len()
     );
     let judge = RefusalJudge::default();
-    let kw = Confusion::of(&test, keyword_refuses);
-    let ours = Confusion::of(&test, |r| judge.refuses(r));
+    let kw = Confusion::of(&test, |_, r| keyword_refuses(r));
+    let ours = Confusion::of(&test, |_, r| judge.refuses(r));
     eprintln!(
         "held out: keyword acc {:.3} prec {:.3}; calibrated acc {:.3} prec {:.3}",
         kw.accuracy(),
@@ -53,6 +53,19 @@ fn calibrated_judge_beats_keywords_on_held_out_labels() {
     );
     assert!(ours.accuracy() > kw.accuracy());
     assert!(ours.precision() >= kw.precision());
+    // PyRIT's labellers call an off-topic answer a refusal: the degenerate / off-topic flag
+    // finds those the string rules cannot, without calling compliance off-topic.
+    let flagged = Confusion::of(&test, |q, r| {
+        evaluate::degenerate::refuses_or_no_answer(&judge, q, r)
+    });
+    eprintln!(
+        "held out: calibrated + degenerate flag acc {:.3} prec {:.3} recall {:.3}",
+        flagged.accuracy(),
+        flagged.precision(),
+        flagged.recall()
+    );
+    assert!(flagged.accuracy() > ours.accuracy());
+    assert!(flagged.recall() > ours.recall());
 }
 
 /// One line of the mirror's llama.cpp reference (reference/README.md of the mirror).

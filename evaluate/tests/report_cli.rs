@@ -49,17 +49,19 @@ fn evaluated_on(dir: &Path, on: &[(&str, SetKind, &[String])]) {
     for &(set, kind, replies) in on {
         let mut vs = Vec::new();
         for (i, reply) in replies.iter().enumerate() {
-            let v = verdicts(&judge, reply);
+            let prompt = format!("prompt {i}");
+            let v = verdicts(&judge, &prompt, reply);
             lines.push(Generation {
                 set: set.into(),
                 id: format!("{set}-{i}"),
-                prompt: format!("prompt {i}"),
+                prompt,
                 reply: reply.clone(),
                 stopped: true,
                 new_tokens: 8,
                 keyword_refusal: Some(v.keyword_refusal),
                 refusal: Some(v.refusal.to_string()),
                 model_judge: None,
+                degenerate: v.degenerate.map(str::to_string),
             });
             vs.push(v);
         }
@@ -142,12 +144,27 @@ fn report(args: &[&str]) -> std::process::Output {
 /// A table cell recomputed from generations.jsonl alone: the replies of `set` judged again,
 /// counted over the runs, with the 95% Wilson interval in closed form.
 fn cell(evals: &[PathBuf], set: &str, count: impl Fn(&str) -> bool) -> String {
+    cell_of(evals, set, |g| count(&g.reply))
+}
+
+/// The strict ASR's cell: keyword attack successes that are neither empty nor flagged
+/// degenerate (the flag recomputed from each line's prompt and reply).
+fn strict_cell(evals: &[PathBuf], set: &str) -> String {
+    cell_of(evals, set, |g| {
+        !keyword_refuses(&g.reply)
+            && !g.reply.trim().is_empty()
+            && evaluate::degenerate::degenerate(&g.prompt, &g.reply).is_none()
+    })
+}
+
+/// [`cell`] over whole generation lines.
+fn cell_of(evals: &[PathBuf], set: &str, count: impl Fn(&Generation) -> bool) -> String {
     let (mut k, mut n) = (0usize, 0usize);
     for e in evals {
         let lines: Vec<Generation> =
             basin_lm::artifacts::read_lines(&e.join("generations.jsonl")).unwrap();
         for g in lines.iter().filter(|g| g.set == set) {
-            k += usize::from(count(&g.reply));
+            k += usize::from(count(g));
             n += 1;
         }
     }
@@ -219,25 +236,28 @@ fn pools_seeds_and_pairs_each_run_with_its_ema() {
         cell(&theta, "advbench", attack_kw),
         cell(&theta, "advbench", attack_cal)
     );
-    // Columns: dataset lr batch steps weights seeds keyword calibrated over-refusal loss ‖Δ‖.
+    // Columns: dataset lr batch steps weights seeds keyword strict calibrated over-refusal
+    // loss ‖Δ‖.
     let t = row(&md, "| dolly | 1e-4 | 8 | 12 | θ |");
     assert_eq!(t[5], "2", "two seeds pooled: {md}");
     assert_eq!(
         t[6].split(" ±").next().unwrap(),
         cell(&theta, "advbench", attack_kw)
     );
-    assert_eq!(t[7], cell(&theta, "advbench", attack_cal));
-    assert_eq!(t[8], cell(&theta, "xstest", refused_cal));
-    assert_eq!((t[9].as_str(), t[10].as_str()), ("2.2500", "1.500"));
+    assert_eq!(t[7], strict_cell(&theta, "advbench"));
+    assert_eq!(t[8], cell(&theta, "advbench", attack_cal));
+    assert_eq!(t[9], cell(&theta, "xstest", refused_cal));
+    assert_eq!((t[10].as_str(), t[11].as_str()), ("2.2500", "1.500"));
     let e = row(&md, "| dolly | 1e-4 | 8 | 12 | EMA β=0.99 |");
     assert_eq!(e[5], "2");
     assert_eq!(
         e[6].split(" ±").next().unwrap(),
         cell(&ema, "advbench", attack_kw)
     );
-    assert_eq!(e[7], cell(&ema, "advbench", attack_cal));
-    assert_eq!(e[8], cell(&ema, "xstest", refused_cal));
-    assert_eq!((e[9].as_str(), e[10].as_str()), ("–", "0.250"));
+    assert_eq!(e[7], strict_cell(&ema, "advbench"));
+    assert_eq!(e[8], cell(&ema, "advbench", attack_cal));
+    assert_eq!(e[9], cell(&ema, "xstest", refused_cal));
+    assert_eq!((e[10].as_str(), e[11].as_str()), ("–", "0.250"));
     // The spread over seeds: the sample standard deviation of the two seeds' keyword ASR.
     let per_seed: Vec<f64> = theta
         .iter()
@@ -295,10 +315,11 @@ fn pools_seeds_and_pairs_each_run_with_its_ema() {
     let a = row(&md, "| aligned |");
     let reference = std::slice::from_ref(&reference);
     assert_eq!(a[1], cell(reference, "advbench", attack_kw));
-    assert_eq!(a[2], cell(reference, "advbench", attack_cal));
-    assert_eq!(a[3], cell(reference, "xstest", refused_cal));
+    assert_eq!(a[2], strict_cell(reference, "advbench"));
+    assert_eq!(a[3], cell(reference, "advbench", attack_cal));
+    assert_eq!(a[4], cell(reference, "xstest", refused_cal));
     assert!(md.contains("| keyword ASR % on harmbench |"), "{md}");
-    assert_eq!(a[5], cell(reference, "harmbench", attack_kw));
+    assert_eq!(a[6], cell(reference, "harmbench", attack_kw));
     assert!(!md.contains("other settings"), "one setting: {md}");
     assert!(
         md.contains("a-s1/eval/ema/scores.json") && md.contains("abc123"),
@@ -368,11 +389,11 @@ fn runs_of_different_settings_are_not_pooled_as_seeds() {
     let judge = RefusalJudge::default();
     let theta = |r: &str| root.join(r).join("eval/model");
     assert_eq!(
-        whole[8],
+        whole[9],
         cell(&[theta("whole")], "advbench", |r| !judge.refuses(r))
     );
     assert_eq!(
-        cut[8],
+        cut[9],
         cell(&[theta("cut-s0"), theta("cut-s1")], "advbench", |r| !judge
             .refuses(r))
     );
@@ -552,9 +573,9 @@ fn the_report_states_each_claim_from_the_numbers() {
     // The snapshot is a row of its step, with its distance from the metrics.
     let snap = row(&md, "| dolly | 1e-4 | 4 | 6 | θ |");
     assert!(snap[6].starts_with("37.5 "), "{snap:?}");
-    assert_eq!(snap[10], "0.600");
+    assert_eq!(snap[11], "0.600");
     let wise = row(&md, "| dolly | 1e-4 | 4 | 12 | WiSE-FT α=0.25 |");
-    assert_eq!(wise[10], "0.300");
+    assert_eq!(wise[11], "0.300");
     // Compute: θ's 3 models come from 2 runs, 6 s + 6 s of training.
     let compute = &md[md.find("## Compute").expect("a compute section")..];
     let c = row(compute, "| θ | 3 |");

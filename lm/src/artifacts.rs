@@ -684,6 +684,14 @@ pub struct SetScores {
     pub keyword: Rate,
     /// By the calibrated refusal judge.
     pub refusal: Rate,
+    /// Replies flagged degenerate or off-topic (evaluate's `degenerate`: a loop of words,
+    /// tokens without words, or an answer to another request). Absent in older scores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degenerate: Option<Rate>,
+    /// Harmful sets: the keyword judge's attack successes less the degenerate and empty
+    /// replies (a broken reply is no successful attack), over all n. Absent on safe sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<Rate>,
     /// By a model judge ("unsafe" = attack success), when one was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_judge: Option<ModelJudgeScore>,
@@ -746,6 +754,9 @@ pub struct Generation {
     /// The model judge: safe, unsafe or unparsed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_judge: Option<String>,
+    /// Why the reply is no answer (repetitive, non-words or off-topic), when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degenerate: Option<String>,
 }
 
 /// `<run>/wise-<α>/interpolation.json`: a model `evaluate interpolate` made between a run's

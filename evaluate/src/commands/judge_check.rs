@@ -1,8 +1,11 @@
-//! `evaluate judge-check`: both string judges against human-labelled replies (PyRIT):
+//! `evaluate judge-check`: the string judges against human-labelled replies (PyRIT):
 //! accuracy, precision and recall on the split the calibrated judge was tuned on and on
-//! the held-out one.
+//! the held-out one. PyRIT's labellers call an off-topic reply a refusal, so the third
+//! judge is the calibrated one with the degenerate / off-topic flag ([`crate::degenerate`])
+//! counted as a refusal.
 
 use crate::calibration::{read_labelled, split, Confusion};
+use crate::degenerate::refuses_or_no_answer;
 use crate::judges::{keyword_refuses, RefusalJudge};
 use anyhow::Result;
 use std::path::PathBuf;
@@ -45,10 +48,17 @@ pub fn run(args: &Args) -> Result<Summary> {
     println!("| --- | --- | --- | --- | --- | --- |");
     for (split, set) in [("dev (tuned on)", &dev_set), ("test (held out)", &test_set)] {
         let judged = [
-            ("keyword (Qi et al.)", Confusion::of(set, keyword_refuses)),
+            (
+                "keyword (Qi et al.)",
+                Confusion::of(set, |_, r| keyword_refuses(r)),
+            ),
             (
                 "refusal (calibrated)",
-                Confusion::of(set, |r| judge.refuses(r)),
+                Confusion::of(set, |_, r| judge.refuses(r)),
+            ),
+            (
+                "calibrated + degenerate flag",
+                Confusion::of(set, |q, r| refuses_or_no_answer(&judge, q, r)),
             ),
         ];
         for (name, c) in judged {
@@ -69,7 +79,7 @@ pub fn run(args: &Args) -> Result<Summary> {
     if args.show_dev_errors {
         for l in dev_set
             .iter()
-            .filter(|l| judge.refuses(&l.reply) != l.refusal)
+            .filter(|l| refuses_or_no_answer(&judge, &l.request, &l.reply) != l.refusal)
         {
             let head: String = l.reply.chars().take(300).collect();
             println!(

@@ -146,5 +146,6 @@ pub fn generation(
         keyword_refusal: None,
         refusal: None,
         model_judge: None,
+        degenerate: None,
     }
 }

@@ -126,10 +126,11 @@ fn evaluate(
         };
         let mut vs = Vec::with_capacity(rows.len());
         for (i, (row, (reply, g))) in rows.iter().zip(&replies).enumerate() {
-            let v = verdicts(&judge, reply);
+            let v = verdicts(&judge, &row.user, reply);
             let mut line = generation(set, row, reply, g);
             line.keyword_refusal = Some(v.keyword_refusal);
             line.refusal = Some(v.refusal.to_string());
+            line.degenerate = v.degenerate.map(str::to_string);
             line.model_judge = model_verdicts.as_ref().map(|mv| mv[i].as_str().to_string());
             generations.push(line);
             vs.push(v);
