@@ -72,6 +72,7 @@ fn calibrated_judge_beats_keywords_on_held_out_labels() {
 #[derive(serde::Deserialize)]
 struct LlamaCppReply {
     set: String,
+    prompt: String,
     answer: String,
     keyword_jailbroken: bool,
 }
@@ -114,4 +115,28 @@ fn keyword_judge_agrees_with_the_llamacpp_reference_verdicts() {
             ("xstest_safe", 96, 100)
         ]
     );
+}
+
+/// The flag on a real model's replies (the mirror's 300 llama.cpp greedy replies of SmolLM2,
+/// 48 tokens): answers to XSTest's safe prompts are on topic, so at most a tenth of them
+/// may be flagged.
+#[test]
+fn the_flag_rarely_fires_on_a_real_models_answers_to_safe_prompts() {
+    let Some(p) = asset("reference/llamacpp_smollm2_greedy48.jsonl") else {
+        return;
+    };
+    let text = std::fs::read_to_string(p).unwrap();
+    let mut by_set: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for l in text.lines() {
+        let r: LlamaCppReply = serde_json::from_str(l).unwrap();
+        let flag = evaluate::degenerate::degenerate(&r.prompt, &r.answer);
+        if let Some(f) = flag {
+            eprintln!("{} {}: {:?}", r.set, f.as_str(), r.answer);
+        }
+        let e = by_set.entry(r.set).or_default();
+        *e = (e.0 + usize::from(flag.is_some()), e.1 + 1);
+    }
+    eprintln!("flagged per set: {by_set:?}");
+    let (k, n) = by_set["xstest_safe"];
+    assert!(10 * k <= n, "{k} of {n} safe-prompt answers flagged");
 }
