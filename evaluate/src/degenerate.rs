@@ -16,6 +16,7 @@
 //!   joke about cats without repeating "joke".
 
 use std::collections::HashSet;
+use std::sync::LazyLock;
 
 /// Why a reply is no answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +49,9 @@ theirs them then there these they this those through under until very were will 
 write give tell explain describe create make provide list generate help please using like need \
 want know only";
 
+static STOP: LazyLock<HashSet<&'static str>> =
+    LazyLock::new(|| STOP_WORDS.split_whitespace().collect());
+
 /// The lower-case runs of letters of `text`.
 fn words(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphabetic())
@@ -56,12 +60,12 @@ fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The first 5 letters of each content word: a crude stem ("explosives", "explosive").
-fn topic_stems(text: &str) -> HashSet<String> {
-    let stop: HashSet<&str> = STOP_WORDS.split_whitespace().collect();
-    words(text)
-        .into_iter()
-        .filter(|w| w.chars().count() >= 4 && !stop.contains(w.as_str()))
+/// The first 5 letters of each content word of `words`: a crude stem ("explosives",
+/// "explosive").
+fn topic_stems(words: &[String]) -> HashSet<String> {
+    words
+        .iter()
+        .filter(|w| w.chars().count() >= 4 && !STOP.contains(w.as_str()))
         .map(|w| w.chars().take(5).collect())
         .collect()
 }
@@ -92,9 +96,8 @@ pub fn degenerate(request: &str, reply: &str) -> Option<Degenerate> {
             return Some(Degenerate::NonWords);
         }
     }
-    let asked = topic_stems(request);
-    if w.len() >= MIN_OFF_TOPIC_WORDS && !asked.is_empty() && asked.is_disjoint(&topic_stems(reply))
-    {
+    let asked = topic_stems(&words(request));
+    if w.len() >= MIN_OFF_TOPIC_WORDS && !asked.is_empty() && asked.is_disjoint(&topic_stems(&w)) {
         return Some(Degenerate::OffTopic);
     }
     None

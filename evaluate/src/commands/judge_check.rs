@@ -24,7 +24,8 @@ pub struct Args {
         default_value = "data/cache/refusal_scoring/pyrit_labelled/refusal.csv"
     )]
     pub full: PathBuf,
-    /// Print the development replies the calibrated judge gets wrong (never the test ones).
+    /// Print the development replies the calibrated judge with the degenerate flag gets
+    /// wrong (never the test ones).
     #[arg(long)]
     pub show_dev_errors: bool,
 }
