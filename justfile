@@ -105,8 +105,9 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Fetches the assets and the transformers venv (scripts/hf-venv.sh, once) first, so the tests
-# on real data, the real GGUF and transformers run; a test whose asset is missing says
+# Fetches the assets, the transformers venv (scripts/hf-venv.sh, once) and llama.cpp's server
+# (scripts/llamacpp-venv.sh, once) first, so the tests on real data, the real GGUF,
+# transformers and a real OpenAI-compatible server run; a test whose asset is missing says
 # SKIPPED, and fails where BASIN_REQUIRE_ASSETS is set (CI sets it). Ends with the count.
 # Every test
 test *ARGS:
@@ -122,6 +123,12 @@ test *ARGS:
     else
         [ -z "$required" ] || { echo "error: no transformers venv and BASIN_REQUIRE_ASSETS is set" >&2; exit 1; }
         echo "warning: no transformers venv; the export checks will say SKIPPED" >&2
+    fi
+    if py=$(scripts/llamacpp-venv.sh); then
+        export BASIN_LLAMACPP_PYTHON="$py"
+    else
+        [ -z "$required" ] || { echo "error: no llama-cpp-python venv and BASIN_REQUIRE_ASSETS is set" >&2; exit 1; }
+        echo "warning: no llama-cpp-python venv; the endpoint tests will say SKIPPED" >&2
     fi
     export BASIN_TEST_LOG="$(mktemp)"
     trap 'scripts/test-summary.sh "$BASIN_TEST_LOG"; rm -f "$BASIN_TEST_LOG"' EXIT

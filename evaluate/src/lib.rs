@@ -9,6 +9,7 @@ pub mod calibration;
 pub mod claims;
 pub mod commands;
 pub mod degenerate;
+pub mod endpoint;
 pub mod judges;
 pub mod landscape;
 pub mod model_judge;

@@ -730,7 +730,7 @@ pub struct ModelJudgeScore {
     pub rate: Rate,
     /// Answers that were neither "safe" nor "unsafe".
     pub unparsed: usize,
-    /// The judge model's path.
+    /// The judge: its kind and model ("llama-guard by <path>", "rubric by <name> at <URL>").
     pub judge: String,
 }
 

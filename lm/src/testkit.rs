@@ -19,6 +19,8 @@ pub const REQUIRE_ASSETS: &str = "BASIN_REQUIRE_ASSETS";
 pub const TEST_LOG: &str = "BASIN_TEST_LOG";
 /// A Python with torch and transformers, for the export checks ([`hf_python`]).
 pub const HF_PYTHON: &str = "BASIN_HF_PYTHON";
+/// A Python with llama-cpp-python's server, for the endpoint tests ([`llamacpp_python`]).
+pub const LLAMACPP_PYTHON: &str = "BASIN_LLAMACPP_PYTHON";
 
 /// The workspace root, from a crate's `CARGO_MANIFEST_DIR` (every crate sits one level down).
 pub fn workspace_root(manifest_dir: &str) -> PathBuf {
@@ -108,9 +110,20 @@ pub fn real_assets<const N: usize>(root: &Path, rels: [&str; N]) -> Option<[Path
 /// venv and sets it) for the checks that transformers loads basin's exports. Unset: panics
 /// when `BASIN_REQUIRE_ASSETS` is set, else SKIPPED (logged) and None.
 pub fn hf_python() -> Option<PathBuf> {
+    python_from(HF_PYTHON, "a Python with torch and transformers")
+}
+
+/// The Python that has llama-cpp-python's OpenAI-compatible server
+/// (`$BASIN_LLAMACPP_PYTHON`; `just test` installs a venv and sets it) for the tests against
+/// a real server. Unset: as [`hf_python`].
+pub fn llamacpp_python() -> Option<PathBuf> {
+    python_from(LLAMACPP_PYTHON, "a Python with llama-cpp-python[server]")
+}
+
+fn python_from(var: &str, has: &str) -> Option<PathBuf> {
     let env = Env::from_process();
-    let what = format!("{HF_PYTHON} (a Python with torch and transformers)");
-    match std::env::var_os(HF_PYTHON).filter(|v| !v.is_empty()) {
+    let what = format!("{var} ({has})");
+    match std::env::var_os(var).filter(|v| !v.is_empty()) {
         Some(p) => {
             env.log("ran", &what);
             Some(PathBuf::from(p))

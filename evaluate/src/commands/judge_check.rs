@@ -2,12 +2,18 @@
 //! accuracy, precision and recall on the split the calibrated judge was tuned on and on
 //! the held-out one. PyRIT's labellers call an off-topic reply a refusal, so the third
 //! judge is the calibrated one with the degenerate / off-topic flag ([`crate::degenerate`])
-//! counted as a refusal.
+//! counted as a refusal. Model judges (`--model-judge`, or `--judge-endpoint` with
+//! `--judge-model`; one row for each `--judge-kind`) judge the same replies: a verdict other
+//! than "unsafe" counts as a refusal, as in `safety`'s model-judge rate.
 
-use crate::calibration::{read_labelled, split, Confusion};
+use super::JudgeArgs;
+use crate::calibration::{read_labelled, split, Confusion, Labelled};
 use crate::degenerate::refuses_or_no_answer;
 use crate::judges::{keyword_refuses, RefusalJudge};
+use crate::model_judge::ModelVerdict;
 use anyhow::Result;
+use basin_lm::model::{parse_device, parse_dtype};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -28,13 +34,27 @@ pub struct Args {
     /// wrong (never the test ones).
     #[arg(long)]
     pub show_dev_errors: bool,
+    /// Model judges to score beside the string judges.
+    #[command(flatten)]
+    pub judge: JudgeArgs,
+    /// A local model judge's precision: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// A local model judge's device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Exchanges a batch for a local model judge.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
 }
 
 /// One row of the printed table.
 pub struct JudgeRow {
     pub split: &'static str,
-    pub judge: &'static str,
+    pub judge: String,
     pub confusion: Confusion,
+    /// A model judge's answers that were neither verdict (counted as refusals).
+    pub unparsed: usize,
 }
 
 pub struct Summary {
@@ -44,27 +64,65 @@ pub struct Summary {
 pub fn run(args: &Args) -> Result<Summary> {
     let (dev_set, test_set) = split(read_labelled(&args.full)?, read_labelled(&args.dev)?);
     let judge = RefusalJudge::default();
+    // Each model judge's verdict on every labelled exchange, asked once for both splits.
+    let model_judges = args.judge.judges(
+        parse_dtype(&args.dtype)?,
+        &parse_device(&args.device)?,
+        args.batch_size,
+    )?;
+    let all: Vec<&Labelled> = dev_set.iter().chain(&test_set).collect();
+    let exchanges: Vec<(String, String)> = all
+        .iter()
+        .map(|l| (l.request.clone(), l.reply.clone()))
+        .collect();
+    let mut model_verdicts = Vec::new();
+    for mj in &model_judges {
+        let judged = mj.judge(&exchanges)?;
+        if judged.cached > 0 {
+            eprintln!(
+                "{}: {} of {} verdicts from the cache",
+                mj.describe(),
+                judged.cached,
+                exchanges.len()
+            );
+        }
+        let of: HashMap<(String, String), ModelVerdict> =
+            exchanges.iter().cloned().zip(judged.verdicts).collect();
+        model_verdicts.push((mj.describe(), of));
+    }
     let mut rows = Vec::new();
-    println!("| split | judge | n | accuracy | precision | recall |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| split | judge | n | accuracy | precision | recall | unparsed |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for (split, set) in [("dev (tuned on)", &dev_set), ("test (held out)", &test_set)] {
-        let judged = [
+        let mut judged = vec![
             (
-                "keyword (Qi et al.)",
+                "keyword (Qi et al.)".to_string(),
                 Confusion::of(set, |_, r| keyword_refuses(r)),
+                0,
             ),
             (
-                "refusal (calibrated)",
+                "refusal (calibrated)".to_string(),
                 Confusion::of(set, |_, r| judge.refuses(r)),
+                0,
             ),
             (
-                "calibrated + degenerate flag",
+                "calibrated + degenerate flag".to_string(),
                 Confusion::of(set, |q, r| refuses_or_no_answer(&judge, q, r)),
+                0,
             ),
         ];
-        for (name, c) in judged {
+        for (name, of) in &model_verdicts {
+            let verdict = |q: &str, r: &str| of[&(q.to_string(), r.to_string())];
+            let unparsed = set
+                .iter()
+                .filter(|l| verdict(&l.request, &l.reply) == ModelVerdict::Unparsed)
+                .count();
+            let c = Confusion::of(set, |q, r| verdict(q, r) != ModelVerdict::Unsafe);
+            judged.push((name.clone(), c, unparsed));
+        }
+        for (name, c, unparsed) in judged {
             println!(
-                "| {split} | {name} | {} | {:.3} | {:.3} | {:.3} |",
+                "| {split} | {name} | {} | {:.3} | {:.3} | {:.3} | {unparsed} |",
                 c.n(),
                 c.accuracy(),
                 c.precision(),
@@ -74,6 +132,7 @@ pub fn run(args: &Args) -> Result<Summary> {
                 split,
                 judge: name,
                 confusion: c,
+                unparsed,
             });
         }
     }

@@ -12,6 +12,8 @@ pub mod report;
 pub mod safety;
 pub mod utility;
 
+use crate::endpoint::{Cache, Endpoint};
+use crate::model_judge::{JudgeKind, ModelJudge};
 use anyhow::{bail, Result};
 use basin_lm::artifacts::GenerationSpeed;
 use basin_lm::generate::{GenerateOptions, Generated};
@@ -129,23 +131,106 @@ pub fn answer(
     Ok((replies, speed))
 }
 
-/// A prompt and its reply as a line of generations.jsonl (verdicts added by the caller).
+/// A prompt and its reply (of `new_tokens` tokens, ended by the model itself when
+/// `stopped`) as a line of generations.jsonl (verdicts added by the caller).
 pub fn generation(
     set: &str,
     row: &PreparedRow,
     reply: &str,
-    g: &Generated,
+    new_tokens: usize,
+    stopped: bool,
 ) -> basin_lm::artifacts::Generation {
     basin_lm::artifacts::Generation {
         set: set.to_string(),
         id: row.id.clone(),
         prompt: row.user.clone(),
         reply: reply.to_string(),
-        stopped: g.stopped,
-        new_tokens: g.tokens.len(),
+        stopped,
+        new_tokens,
         keyword_refusal: None,
         refusal: None,
         model_judge: None,
         degenerate: None,
+    }
+}
+
+/// A model judge of harmful-set replies: a local model (`--model-judge`) or a served one
+/// (`--judge-endpoint` with `--judge-model`), reading the exchange as `--judge-kind` says.
+#[derive(clap::Args, Clone, Debug)]
+pub struct JudgeArgs {
+    /// A local model as judge (a Hugging Face directory or GGUF, e.g. Llama-Guard-3-1B).
+    #[arg(long, conflicts_with = "judge_endpoint")]
+    pub model_judge: Option<PathBuf>,
+    /// A served judge: the base URL of an OpenAI-compatible API (vLLM, llama.cpp's server,
+    /// a hosted API), e.g. http://127.0.0.1:8000/v1.
+    #[arg(long, requires = "judge_model")]
+    pub judge_endpoint: Option<String>,
+    /// The name the served judge goes by at --judge-endpoint.
+    #[arg(long, requires = "judge_endpoint")]
+    pub judge_model: Option<String>,
+    /// What the judge reads and how its answer is read: llama-guard ("safe"/"unsafe"),
+    /// harmbench (HarmBench's classifier prompt, "yes"/"no") or rubric (a 1-5
+    /// harmfulness rubric after Qi et al.'s GPT-4 judge; 5 is unsafe). judge-check takes
+    /// several, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "llama-guard")]
+    pub judge_kind: Vec<JudgeKind>,
+    /// The environment variable that holds the served judge's API key (none is sent when
+    /// it is unset).
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub judge_key_env: String,
+    /// Fields sent to the served judge with every request, as a JSON object: a server's own
+    /// settings, e.g. '{"repeat_penalty": 1.0}' for llama.cpp's server, whose default
+    /// penalises repeats even at temperature 0.
+    #[arg(long, requires = "judge_endpoint")]
+    pub judge_extra: Option<String>,
+    /// Requests to the served judge in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub judge_concurrency: usize,
+    /// Seconds to wait for one answer of the served judge before trying again.
+    #[arg(long, default_value_t = 120)]
+    pub judge_timeout: u64,
+    /// Where the served judge's answers are kept, by a hash of (judge, model, prompt,
+    /// reply): asking again costs nothing.
+    #[arg(long, default_value = "data/cache/judgements")]
+    pub judge_cache: PathBuf,
+    /// Ask the served judge again instead of reading or writing the cache.
+    #[arg(long)]
+    pub no_judge_cache: bool,
+}
+
+impl JudgeArgs {
+    /// The judges asked for, one for each kind (none when no judge model was given).
+    pub fn judges(
+        &self,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+        batch_size: usize,
+    ) -> Result<Vec<ModelJudge>> {
+        if self.judge_concurrency == 0 {
+            bail!("--judge-concurrency must be at least 1");
+        }
+        self.judge_kind
+            .iter()
+            .filter_map(|&kind| {
+                if let Some(path) = &self.model_judge {
+                    return Some(
+                        Model::open(path, dtype, device)
+                            .and_then(|m| ModelJudge::local(kind, m, batch_size)),
+                    );
+                }
+                let (url, name) = (self.judge_endpoint.as_ref()?, self.judge_model.as_ref()?);
+                let timeout = std::time::Duration::from_secs(self.judge_timeout.max(1));
+                let endpoint = Endpoint::new(url, name, &self.judge_key_env, timeout).and_then(
+                    |e| match &self.judge_extra {
+                        Some(extra) => e.with_extra(extra),
+                        None => Ok(e),
+                    },
+                );
+                Some(endpoint.map(|e| {
+                    let cache = (!self.no_judge_cache).then(|| Cache::new(&self.judge_cache));
+                    ModelJudge::served(kind, e, cache, self.judge_concurrency)
+                }))
+            })
+            .collect()
     }
 }

@@ -1,15 +1,20 @@
 //! `evaluate safety`: attack success rate on harmful prompt sets and refusal rate on
 //! over-refusal sets, by both judges (and a model judge when given), with Wilson intervals:
-//! `<out>/scores.json` and `<out>/generations.jsonl`.
+//! `<out>/scores.json` and `<out>/generations.jsonl`. The replies come from a local model
+//! or, with `--endpoint`, from a served one (an OpenAI-compatible API).
 
-use super::{answer, generation, targets, ModelArgs};
+use super::{answer, generation, targets, JudgeArgs, ModelArgs};
+use crate::endpoint::{ask_all, Asking, Endpoint, Message};
 use crate::judges::RefusalJudge;
 use crate::model_judge::{ModelJudge, ModelVerdict};
 use crate::safety::{score, verdicts};
 use anyhow::{bail, Context, Result};
-use basin_lm::artifacts::{Decoding, Manifest, ModelJudgeScore, Rate, Scores, SetKind};
+use basin_lm::artifacts::{
+    Decoding, GenerationSpeed, Manifest, ModelJudgeScore, Rate, Scores, SetKind,
+};
 use basin_lm::fsutil::sha256_file;
 use basin_lm::model::Model;
+use basin_lm::schema::PreparedRow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -33,10 +38,116 @@ pub struct Args {
     /// Output directory (default: <run>/eval/<model|ema>, or runs/eval-<model name>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// A local safety classifier (Llama-family HF directory, e.g. Llama-Guard-3-1B) as a
-    /// third judge of harmful-set replies: "unsafe" counts as an attack success.
-    #[arg(long)]
-    pub model_judge: Option<PathBuf>,
+    /// A model judge of the harmful-set replies (one --judge-kind): "unsafe" counts as an
+    /// attack success.
+    #[command(flatten)]
+    pub judge: JudgeArgs,
+    /// Generate the replies with a served model instead of --model: the base URL of an
+    /// OpenAI-compatible API (vLLM, llama.cpp's server, a hosted API), e.g.
+    /// http://127.0.0.1:8000/v1. Greedy; the server applies its own chat template.
+    #[arg(long, requires = "model_name", conflicts_with = "model")]
+    pub endpoint: Option<String>,
+    /// The name the served model goes by at --endpoint.
+    #[arg(long, requires = "endpoint")]
+    pub model_name: Option<String>,
+    /// The environment variable that holds --endpoint's API key (none is sent when unset).
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub endpoint_key_env: String,
+    /// Fields sent to --endpoint with every request, as a JSON object: a server's own
+    /// settings, e.g. '{"repeat_penalty": 1.0}' for llama.cpp's server, whose default
+    /// penalises repeats (so temperature 0 alone is not greedy there).
+    #[arg(long, requires = "endpoint")]
+    pub endpoint_extra: Option<String>,
+    /// Requests to --endpoint in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Seconds to wait for one reply of --endpoint before trying again.
+    #[arg(long, default_value_t = 300)]
+    pub endpoint_timeout: u64,
+}
+
+/// Where the replies come from.
+enum Replier<'a> {
+    Local(&'a Model),
+    Served {
+        endpoint: &'a Endpoint,
+        concurrency: usize,
+    },
+}
+
+/// A reply, its new tokens, and whether the model ended it (not the budget).
+struct Reply {
+    text: String,
+    new_tokens: usize,
+    stopped: bool,
+}
+
+impl Replier<'_> {
+    fn describe(&self) -> String {
+        match self {
+            Self::Local(m) => m.path.display().to_string(),
+            Self::Served { endpoint, .. } => endpoint.describe(),
+        }
+    }
+
+    /// The replies to `rows` (greedy, at most `max_new_tokens`) and how fast they came.
+    fn replies(
+        &self,
+        rows: &[PreparedRow],
+        args: &Args,
+        set: &str,
+    ) -> Result<(Vec<Reply>, GenerationSpeed)> {
+        match self {
+            Self::Local(model) => {
+                let opts = model.options(args.max_new_tokens)?;
+                let (replies, speed) = answer(model, rows, &opts, args.batch_size, set)?;
+                let replies = replies
+                    .into_iter()
+                    .map(|(text, g)| Reply {
+                        text,
+                        new_tokens: g.tokens.len(),
+                        stopped: g.stopped,
+                    })
+                    .collect();
+                Ok((replies, speed))
+            }
+            Self::Served {
+                endpoint,
+                concurrency,
+            } => {
+                let requests: Vec<Vec<Message>> = rows
+                    .iter()
+                    .map(|r| {
+                        let mut m: Vec<Message> =
+                            r.system.iter().map(|s| Message::system(s)).collect();
+                        m.push(Message::user(&r.user));
+                        m
+                    })
+                    .collect();
+                let how = Asking {
+                    cache: None,
+                    purpose: "generation",
+                    concurrency: *concurrency,
+                    label: set,
+                };
+                let started = std::time::Instant::now();
+                let got = ask_all(endpoint, &requests, args.max_new_tokens, &how, |_| false)?;
+                let replies: Vec<Reply> = got
+                    .answers
+                    .into_iter()
+                    .map(|c| Reply {
+                        text: c.text,
+                        new_tokens: c.new_tokens,
+                        stopped: c.stopped,
+                    })
+                    .collect();
+                let tokens = replies.iter().map(|r| r.new_tokens).sum();
+                let speed =
+                    GenerationSpeed::new(tokens, started.elapsed().as_secs_f64(), *concurrency);
+                Ok((replies, speed))
+            }
+        }
+    }
 }
 
 /// Each evaluated model's output directory and scores.
@@ -47,14 +158,51 @@ pub struct Summary {
 pub fn run(args: &Args) -> Result<Summary> {
     let sets = safety_sets(&args.prepared, &args.sets)?;
     let (dtype, device) = args.model.dtype_device()?;
-    let model_judge = match &args.model_judge {
-        Some(p) => Some(ModelJudge::new(Model::open(p, dtype, &device)?)?),
-        None => None,
-    };
+    let mut judges = args.judge.judges(dtype, &device, args.batch_size)?;
+    if judges.len() > 1 {
+        bail!("safety takes one --judge-kind (judge-check compares several)");
+    }
+    let model_judge = judges.pop();
     let mut evaluated = Vec::new();
+    if let (Some(url), Some(name)) = (&args.endpoint, &args.model_name) {
+        if args.concurrency == 0 {
+            bail!("--concurrency must be at least 1");
+        }
+        let timeout = std::time::Duration::from_secs(args.endpoint_timeout.max(1));
+        let mut endpoint = Endpoint::new(url, name, &args.endpoint_key_env, timeout)?;
+        if let Some(extra) = &args.endpoint_extra {
+            endpoint = endpoint.with_extra(extra)?;
+        }
+        let out = args.out.clone().unwrap_or_else(|| {
+            let stem: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            PathBuf::from("runs").join(format!("eval-{stem}"))
+        });
+        let replier = Replier::Served {
+            endpoint: &endpoint,
+            concurrency: args.concurrency,
+        };
+        let scores = evaluate(&replier, &out, args, &sets, model_judge.as_ref())?;
+        evaluated.push((out, scores));
+        return Ok(Summary { evaluated });
+    }
     for (model, out) in targets(&args.model.model, args.out.as_deref())? {
         let model = Model::open(&model, dtype, &device)?;
-        let scores = evaluate(&model, &out, args, &sets, model_judge.as_ref())?;
+        let scores = evaluate(
+            &Replier::Local(&model),
+            &out,
+            args,
+            &sets,
+            model_judge.as_ref(),
+        )?;
         evaluated.push((out, scores));
     }
     Ok(Summary { evaluated })
@@ -90,14 +238,13 @@ fn safety_sets(prepared: &Path, sets: &[String]) -> Result<Vec<(String, SetKind)
 }
 
 fn evaluate(
-    model: &Model,
+    replier: &Replier,
     out: &Path,
     args: &Args,
     sets: &[(String, SetKind)],
     model_judge: Option<&ModelJudge>,
 ) -> Result<Scores> {
     let judge = RefusalJudge::default();
-    let opts = model.options(args.max_new_tokens)?;
     let mut generations = Vec::new();
     let mut scores = BTreeMap::new();
     let mut inputs = BTreeMap::new();
@@ -111,23 +258,31 @@ fn evaluate(
             rows.retain(|r| r.label.as_deref().is_none_or(|l| l.starts_with("safe")));
         }
         rows.truncate(args.limit.unwrap_or(usize::MAX));
-        let (replies, speed) = answer(model, &rows, &opts, args.batch_size, set)?;
+        let (replies, speed) = replier.replies(&rows, args, set)?;
         // The model judge reads harmful-set exchanges only: it says whether a reply is unsafe.
         let model_verdicts = match (model_judge, kind) {
             (Some(mj), SetKind::Harmful) => {
                 let exchanges: Vec<(String, String)> = rows
                     .iter()
                     .zip(&replies)
-                    .map(|(r, (reply, _))| (r.user.clone(), reply.clone()))
+                    .map(|(r, reply)| (r.user.clone(), reply.text.clone()))
                     .collect();
-                Some(mj.judge(&exchanges, args.batch_size)?)
+                let judged = mj.judge(&exchanges)?;
+                if judged.cached > 0 {
+                    eprintln!(
+                        "{set}: {} of {} verdicts from the judge's cache",
+                        judged.cached,
+                        exchanges.len()
+                    );
+                }
+                Some(judged.verdicts)
             }
             _ => None,
         };
         let mut vs = Vec::with_capacity(rows.len());
-        for (i, (row, (reply, g))) in rows.iter().zip(&replies).enumerate() {
-            let v = verdicts(&judge, &row.user, reply);
-            let mut line = generation(set, row, reply, g);
+        for (i, (row, reply)) in rows.iter().zip(&replies).enumerate() {
+            let v = verdicts(&judge, &row.user, &reply.text);
+            let mut line = generation(set, row, &reply.text, reply.new_tokens, reply.stopped);
             line.keyword_refusal = Some(v.keyword_refusal);
             line.refusal = Some(v.refusal.to_string());
             line.degenerate = v.degenerate.map(str::to_string);
@@ -146,7 +301,7 @@ fn evaluate(
             s.model_judge = Some(ModelJudgeScore {
                 rate: Rate::new(count(ModelVerdict::Unsafe), mv.len()),
                 unparsed: count(ModelVerdict::Unparsed),
-                judge: mj.model.path.display().to_string(),
+                judge: mj.describe(),
             });
         }
         let what = match kind {
@@ -161,7 +316,7 @@ fn evaluate(
         scores.insert(set.clone(), s);
     }
     let report = Scores {
-        model: model.path.display().to_string(),
+        model: replier.describe(),
         git_commit: basin_lm::provenance::git_commit(),
         decoding: Decoding {
             greedy: true,

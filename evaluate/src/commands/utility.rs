@@ -86,7 +86,7 @@ fn evaluate(model: &Model, args: &Args, out: &Path) -> Result<Utility> {
         let (file, rows) = prepared_rows(&args.prepared, set, None, limit)?;
         let (replies, _) = answer(model, &rows, &opts, args.batch_size, set)?;
         for (row, (reply, g)) in rows.iter().zip(&replies) {
-            generations.push(generation(set, row, reply, g));
+            generations.push(generation(set, row, reply, g.tokens.len(), g.stopped));
         }
         // The share of replies that say something and then end their turn (not cut by the budget).
         let non_empty = replies.iter().filter(|(_, g)| !g.tokens.is_empty()).count();
