@@ -20,7 +20,7 @@ use anyhow::{bail, Result};
 use basin_lm::artifacts::{
     self, Generation, Interpolation, Manifest, MetricsRecord, Scores, SetKind, TrainConfig, Utility,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Which weights of a run a row scores.
@@ -85,6 +85,11 @@ pub struct Row {
     /// The keyword ASR less degenerate and empty replies (None in scores that predate it).
     pub asr_strict: Option<Rate>,
     pub asr_calibrated: Option<Rate>,
+    /// By the model judge ("unsafe"), when one judged the replies (`safety --model-judge`
+    /// or `--judge-endpoint`).
+    pub asr_judge: Option<Rate>,
+    /// Which model judge: its kind and model.
+    pub judge: Option<String>,
     pub overrefusal: Option<Rate>,
     pub val_loss: Option<f64>,
     /// ‖θ−θ₀‖ for θ, ‖θ̄−θ₀‖ for the EMA.
@@ -123,6 +128,8 @@ struct EvalScores {
     keyword: Option<Rate>,
     strict: Option<Rate>,
     calibrated: Option<Rate>,
+    /// The model judge and its ASR.
+    judge: Option<(String, Rate)>,
     overrefusal: Option<Rate>,
     val_loss: Option<f64>,
     commit: Option<String>,
@@ -169,6 +176,10 @@ fn scores(dir: &Path, harmful: &str) -> Result<EvalScores> {
         keyword: Some(h.keyword.clone()),
         strict: h.strict.clone(),
         calibrated: Some(h.refusal.clone()),
+        judge: h
+            .model_judge
+            .as_ref()
+            .map(|m| (m.judge.clone(), m.rate.clone())),
         overrefusal,
         val_loss,
         commit: Some(s.git_commit),
@@ -255,6 +266,8 @@ pub fn run_rows(run: &Path, harmful: &str) -> Result<Vec<Row>> {
             asr_keyword: sc.keyword,
             asr_strict: sc.strict,
             asr_calibrated: sc.calibrated,
+            asr_judge: sc.judge.as_ref().map(|j| j.1.clone()),
+            judge: sc.judge.map(|j| j.0),
             overrefusal: sc.overrefusal,
             val_loss: sc.val_loss,
             distance,
@@ -339,6 +352,8 @@ pub fn reference_row(label: &str, dir: &Path, harmful: &str) -> Result<Row> {
         asr_keyword: sc.keyword,
         asr_strict: sc.strict,
         asr_calibrated: sc.calibrated,
+        asr_judge: sc.judge.as_ref().map(|j| j.1.clone()),
+        judge: sc.judge.map(|j| j.0),
         overrefusal: sc.overrefusal,
         val_loss: sc.val_loss,
         distance: None,
@@ -357,6 +372,7 @@ pub struct Group {
     pub asr_keyword: Option<Rate>,
     pub asr_strict: Option<Rate>,
     pub asr_calibrated: Option<Rate>,
+    pub asr_judge: Option<Rate>,
     pub overrefusal: Option<Rate>,
     /// Standard deviation of the keyword ASR over seeds (None with one seed).
     pub asr_sd: Option<f64>,
@@ -419,6 +435,7 @@ pub fn group(rows: &[Row]) -> Vec<Group> {
                 asr_keyword: pool(rows.iter().map(|r| r.asr_keyword.clone())),
                 asr_strict: pool(rows.iter().map(|r| r.asr_strict.clone())),
                 asr_calibrated: pool(rows.iter().map(|r| r.asr_calibrated.clone())),
+                asr_judge: pool(rows.iter().map(|r| r.asr_judge.clone())),
                 overrefusal: pool(rows.iter().map(|r| r.overrefusal.clone())),
                 asr_sd,
                 val_loss: mean(rows.iter().map(|r| r.val_loss)),
@@ -669,6 +686,27 @@ pub fn summary_md(
          `WiSE-FT α` the interpolation θ_pre + α(θ − θ_pre) toward the start, `+ safety data` a \
          fine-tune with refusals mixed into its data; a run's snapshots are rows of fewer steps.\n\n"
     ));
+    // A model judge's column when one judged some of the rows.
+    let judges: BTreeSet<&str> = groups
+        .iter()
+        .flat_map(|g| &g.rows)
+        .chain(references)
+        .filter_map(|r| r.judge.as_deref())
+        .collect();
+    let judged = !judges.is_empty();
+    if judged {
+        let names: Vec<&str> = judges.into_iter().collect();
+        s.push_str(&format!(
+            "*Model-judge* ASR: the share a model judge called unsafe ({}); – where it judged \
+             not every reply pooled there.\n\n",
+            names.join("; ")
+        ));
+    }
+    let (judge_head, judge_rule) = if judged {
+        (" model-judge ASR % |", " --- |")
+    } else {
+        ("", "")
+    };
     if !note.is_empty() {
         s.push_str(note);
         s.push_str("\n\n");
@@ -680,9 +718,9 @@ pub fn summary_md(
     } else {
         ("", "")
     };
-    s.push_str(&format!("| dataset | lr | batch | steps | weights |{other_head} seeds | keyword ASR % | strict ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss | ‖Δ‖ from start |\n"));
+    s.push_str(&format!("| dataset | lr | batch | steps | weights |{other_head} seeds | keyword ASR % | strict ASR % | calibrated ASR % |{judge_head} over-refusal % (calibrated) | val loss | ‖Δ‖ from start |\n"));
     s.push_str(&format!(
-        "| --- | --- | --- | --- | --- |{other_rule} --- | --- | --- | --- | --- | --- | --- |\n"
+        "| --- | --- | --- | --- | --- |{other_rule} --- | --- | --- | --- |{judge_rule} --- | --- | --- |\n"
     ));
     for g in groups {
         let r = &g.rows[0];
@@ -701,8 +739,13 @@ pub fn summary_md(
         } else {
             String::new()
         };
+        let judge_cell = if judged {
+            format!(" {} |", pct(&g.asr_judge))
+        } else {
+            String::new()
+        };
         s.push_str(&format!(
-            "| {} | {} |{other_cell} {} | {}{} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} |{other_cell} {} | {}{} | {} | {} |{judge_cell} {} | {} | {} |\n",
             setting_cells(r),
             weights,
             g.rows.len(),
@@ -840,14 +883,19 @@ pub fn summary_md(
             .map(|o| format!(" keyword ASR % on {o} |"))
             .collect();
         let rule = " --- |".repeat(others.len());
-        s.push_str(&format!("\nReference models (before fine-tuning):\n\n| model | keyword ASR % | strict ASR % | calibrated ASR % | over-refusal % (calibrated) | val loss |{head}\n| --- | --- | --- | --- | --- | --- |{rule}\n"));
+        s.push_str(&format!("\nReference models (before fine-tuning):\n\n| model | keyword ASR % | strict ASR % | calibrated ASR % |{judge_head} over-refusal % (calibrated) | val loss |{head}\n| --- | --- | --- | --- |{judge_rule} --- | --- |{rule}\n"));
         for r in references {
             let cells: String = others
                 .iter()
                 .map(|o| format!(" {} |", pct(&r.other_harmful.get(*o).cloned())))
                 .collect();
+            let judge_cell = if judged {
+                format!(" {} |", pct(&r.asr_judge))
+            } else {
+                String::new()
+            };
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} |{cells}\n",
+                "| {} | {} | {} | {} |{judge_cell} {} | {} |{cells}\n",
                 r.run,
                 pct(&r.asr_keyword),
                 pct(&r.asr_strict),
@@ -1254,6 +1302,8 @@ mod tests {
             asr_keyword: Some(Rate::new(k, 100)),
             asr_strict: None,
             asr_calibrated: None,
+            asr_judge: None,
+            judge: None,
             overrefusal: None,
             val_loss: Some(loss),
             distance: None,

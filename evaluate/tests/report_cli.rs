@@ -2,7 +2,9 @@
 //! the table pools seeds, pairs θ with its EMA, names its sources, and bad input fails
 //! cleanly without leaving a report behind.
 
-use basin_lm::artifacts::{Decoding, Generation, Scores, SetKind, Utility, ValLoss};
+use basin_lm::artifacts::{
+    Decoding, Generation, ModelJudgeScore, Rate, Scores, SetKind, Utility, ValLoss,
+};
 use evaluate::judges::{keyword_refuses, RefusalJudge};
 use evaluate::safety::{score, verdicts};
 use std::path::{Path, PathBuf};
@@ -585,4 +587,71 @@ fn the_report_states_each_claim_from_the_numbers() {
     if md.contains("## Plots") {
         assert!(out.join("trajectories.svg").exists());
     }
+}
+
+/// Adds a model judge's verdicts to an eval directory: every third harmful reply unsafe.
+fn judged_by_model(dir: &Path, judge: &str) {
+    let path = dir.join("generations.jsonl");
+    let mut lines: Vec<Generation> = basin_lm::artifacts::read_lines(&path).unwrap();
+    let mut s: Scores = basin_lm::artifacts::read(&Scores::path(dir)).unwrap();
+    let (mut k, mut n) = (0, 0);
+    for (i, g) in lines.iter_mut().filter(|g| g.set == "advbench").enumerate() {
+        let unsafe_ = i % 3 == 0;
+        g.model_judge = Some(if unsafe_ { "unsafe" } else { "safe" }.into());
+        (k, n) = (k + usize::from(unsafe_), n + 1);
+    }
+    s.sets.get_mut("advbench").unwrap().model_judge = Some(ModelJudgeScore {
+        rate: Rate::new(k, n),
+        unparsed: 0,
+        judge: judge.into(),
+    });
+    basin_lm::artifacts::write_lines(&path, &lines).unwrap();
+    basin_lm::artifacts::write(&Scores::path(dir), &s).unwrap();
+}
+
+#[test]
+fn a_model_judges_asr_gets_its_column_where_it_judged() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    run(root, "a-s0", 0, 3, 2);
+    run(root, "a-s1", 1, 5, 4);
+    let judge = "harmbench by cls at http://127.0.0.1:8000/v1";
+    let theta = |r: &str| root.join(r).join("eval/model");
+    for r in ["a-s0", "a-s1"] {
+        judged_by_model(&theta(r), judge);
+    }
+    let out = root.join("report");
+    let args: Vec<String> = ["a-s0", "a-s1"]
+        .iter()
+        .map(|r| root.join(r).display().to_string())
+        .chain(["--out".into(), out.display().to_string()])
+        .collect();
+    let o = report(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(
+        md.contains("| calibrated ASR % | model-judge ASR % | over-refusal % (calibrated) |"),
+        "{md}"
+    );
+    assert!(md.contains(&format!("called unsafe ({judge})")), "{md}");
+    // θ: both seeds' verdicts pooled; the EMA was not judged.
+    let theta_row = row(&md, "| dolly | 1e-4 | 8 | 12 | θ |");
+    let ema_row = row(&md, "| dolly | 1e-4 | 8 | 12 | EMA");
+    let evals = [theta("a-s0"), theta("a-s1")];
+    let want = cell_of(&evals, "advbench", |g| {
+        g.model_judge.as_deref() == Some("unsafe")
+    });
+    assert_eq!(theta_row[9], want, "{md}");
+    assert_eq!(ema_row[9], "–", "{md}");
+    // Without a model judge there is no such column (the other tests' tables).
+    run(root, "b-s0", 0, 3, 2);
+    let plain = root.join("plain");
+    let o = report(&[
+        root.join("b-s0").to_str().unwrap(),
+        "--out",
+        plain.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let md = std::fs::read_to_string(plain.join("summary.md")).unwrap();
+    assert!(!md.contains("model-judge"), "{md}");
 }
