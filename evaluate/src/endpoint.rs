@@ -52,11 +52,23 @@ pub struct Completion {
     pub stopped: bool,
 }
 
-/// The body of a chat completion request.
+/// What is asked: chat messages (the server renders them with the model's chat template;
+/// the chat completions API) or a prompt rendered here (the completions API).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prompt {
+    Chat(Vec<Message>),
+    Text(String),
+}
+
+/// The body of a chat completion or completion request.
 #[derive(Serialize)]
-struct ChatRequest<'a> {
+struct Request<'a> {
     model: &'a str,
-    messages: &'a [Message],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages: Option<&'a [Message]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<&'a str>,
     max_tokens: usize,
     temperature: f64,
     #[serde(flatten)]
@@ -64,10 +76,10 @@ struct ChatRequest<'a> {
 }
 
 /// The fields of a request that [`Endpoint::with_extra`] may not set.
-const OWN_FIELDS: [&str; 4] = ["model", "messages", "max_tokens", "temperature"];
+const OWN_FIELDS: [&str; 5] = ["model", "messages", "prompt", "max_tokens", "temperature"];
 
-/// The parts of a chat completion response that are read (others are ignored: servers add
-/// their own fields).
+/// The parts of a (chat) completion response that are read (others are ignored: servers
+/// add their own fields).
 #[derive(Deserialize)]
 struct ChatResponse {
     choices: Vec<Choice>,
@@ -75,7 +87,10 @@ struct ChatResponse {
 }
 #[derive(Deserialize)]
 struct Choice {
-    message: ChoiceMessage,
+    /// A chat completion's.
+    message: Option<ChoiceMessage>,
+    /// A completion's.
+    text: Option<String>,
     finish_reason: Option<String>,
 }
 #[derive(Deserialize)]
@@ -119,12 +134,13 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 
 impl Endpoint {
     /// `url`: the API's base (`http://127.0.0.1:8000/v1`; a URL ending in
-    /// /chat/completions is taken as well); `model`: the name the server knows the model by;
+    /// /chat/completions or /completions is taken as well); `model`: the name the server knows the model by;
     /// the key, when the API wants one, from environment variable `key_env`.
     pub fn new(url: &str, model: &str, key_env: &str, timeout: Duration) -> Result<Self> {
         let trimmed = url.trim_end_matches('/');
         let base = trimmed
             .strip_suffix("/chat/completions")
+            .or_else(|| trimmed.strip_suffix("/completions"))
             .unwrap_or(trimmed)
             .to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
@@ -173,11 +189,11 @@ impl Endpoint {
         (!self.extra.is_empty()).then(|| serde_json::Value::Object(self.extra.clone()))
     }
 
-    /// The cache key of asking this endpoint's model `messages` with budget `max_tokens`
+    /// The cache key of asking this endpoint's model `prompt` with budget `max_tokens`
     /// for `purpose` (see [`Cache`]).
-    pub fn cache_key(&self, purpose: &str, messages: &[Message], max_tokens: usize) -> String {
+    pub fn cache_key(&self, purpose: &str, prompt: &Prompt, max_tokens: usize) -> String {
         let asked = serde_json::json!({
-            "purpose": purpose, "model": self.model, "messages": messages,
+            "purpose": purpose, "model": self.model, "prompt": prompt,
             "max_tokens": max_tokens, "extra": self.extra,
         });
         basin_lm::fsutil::sha256_bytes(asked.to_string().as_bytes())
@@ -192,30 +208,40 @@ impl Endpoint {
         }
     }
 
-    fn url(&self) -> String {
-        format!("{}/chat/completions", self.base)
+    fn url(&self, prompt: &Prompt) -> String {
+        match prompt {
+            Prompt::Chat(_) => format!("{}/chat/completions", self.base),
+            Prompt::Text(_) => format!("{}/completions", self.base),
+        }
     }
 
-    /// The endpoint's greedy answer to `messages`, at most `max_tokens` new tokens; retried
+    /// The endpoint's greedy answer to `prompt`, at most `max_tokens` new tokens; retried
     /// with backoff on failures that may pass.
-    pub fn chat(&self, messages: &[Message], max_tokens: usize) -> Result<Completion> {
-        let body = ChatRequest {
+    pub fn ask(&self, prompt: &Prompt, max_tokens: usize) -> Result<Completion> {
+        let body = Request {
             model: &self.model,
-            messages,
+            messages: match prompt {
+                Prompt::Chat(m) => Some(m),
+                Prompt::Text(_) => None,
+            },
+            prompt: match prompt {
+                Prompt::Chat(_) => None,
+                Prompt::Text(t) => Some(t),
+            },
             max_tokens,
             temperature: 0.0,
             extra: &self.extra,
         };
+        let url = self.url(prompt);
         let mut wait = self.backoff;
         for attempt in 0..=self.retries {
-            match self.try_once(&body) {
+            match self.try_once(&url, &body) {
                 Ok(c) => return Ok(c),
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Retry { why, after }) => {
                     if attempt == self.retries {
                         bail!(
-                            "{}: gave up after {} tries; the last: {why}",
-                            self.url(),
+                            "{url}: gave up after {} tries; the last: {why}",
                             self.retries + 1
                         );
                     }
@@ -227,15 +253,14 @@ impl Endpoint {
         unreachable!("the loop returns on its last try")
     }
 
-    fn try_once(&self, body: &ChatRequest) -> std::result::Result<Completion, Failure> {
-        let url = self.url();
-        let mut request = self.agent.post(&url);
+    fn try_once(&self, url: &str, body: &Request) -> std::result::Result<Completion, Failure> {
+        let mut request = self.agent.post(url);
         if let Some(key) = &self.key {
             request = request.header("Authorization", &format!("Bearer {key}"));
         }
         let mut response = match request.send_json(body) {
             Ok(r) => r,
-            Err(e) => return Err(self.transport_failure(e)),
+            Err(e) => return Err(self.transport_failure(url, e)),
         };
         let status = response.status().as_u16();
         let after = response
@@ -246,7 +271,7 @@ impl Endpoint {
             .map(Duration::from_secs);
         let text = match response.body_mut().read_to_string() {
             Ok(t) => t,
-            Err(e) => return Err(self.transport_failure(e)),
+            Err(e) => return Err(self.transport_failure(url, e)),
         };
         let head: String = text.chars().take(300).collect();
         if status == 429 || status >= 500 {
@@ -274,7 +299,7 @@ impl Endpoint {
         }
         let parsed: ChatResponse = serde_json::from_str(&text).map_err(|e| {
             Failure::Fatal(anyhow!(
-                "{url}: malformed response, expected an OpenAI chat completion ({e}): {head}"
+                "{url}: malformed response, expected an OpenAI (chat) completion ({e}): {head}"
             ))
         })?;
         let Some(choice) = parsed.choices.into_iter().next() else {
@@ -282,9 +307,13 @@ impl Endpoint {
                 "{url}: malformed response, no choices: {head}"
             )));
         };
-        let Some(text) = choice.message.content else {
+        let text = match body.messages {
+            Some(_) => choice.message.and_then(|m| m.content),
+            None => choice.text,
+        };
+        let Some(text) = text else {
             return Err(Failure::Fatal(anyhow!(
-                "{url}: malformed response, the first choice has no message content: {head}"
+                "{url}: malformed response, the first choice has no text: {head}"
             )));
         };
         Ok(Completion {
@@ -294,8 +323,7 @@ impl Endpoint {
         })
     }
 
-    fn transport_failure(&self, e: ureq::Error) -> Failure {
-        let url = self.url();
+    fn transport_failure(&self, url: &str, e: ureq::Error) -> Failure {
         match e {
             ureq::Error::Timeout(_) => Failure::Retry {
                 why: format!("no answer within {:.0} s", self.timeout.as_secs_f64()),
@@ -379,7 +407,7 @@ pub struct Asking<'a> {
 /// stay cached.
 pub fn ask_all(
     endpoint: &Endpoint,
-    requests: &[Vec<Message>],
+    requests: &[Prompt],
     max_tokens: usize,
     how: &Asking,
     keep: impl Fn(&Completion) -> bool + Sync,
@@ -420,7 +448,7 @@ pub fn ask_all(
                     let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         break;
                     };
-                    let done = endpoint.chat(&requests[i], max_tokens).and_then(|c| {
+                    let done = endpoint.ask(&requests[i], max_tokens).and_then(|c| {
                         if let (Some(cache), Some(key), true) = (how.cache, &keys[i], keep(&c)) {
                             cache.put(key, &c)?;
                         }
@@ -542,14 +570,14 @@ mod tests {
         e
     }
 
-    fn ask() -> Vec<Message> {
-        vec![Message::user("hello")]
+    fn ask() -> Prompt {
+        Prompt::Chat(vec![Message::user("hello")])
     }
 
     #[test]
     fn answers_and_counts_its_tokens() {
         let (base, served) = scripted(vec![ok("yes")]);
-        let c = endpoint(&base).chat(&ask(), 4).unwrap();
+        let c = endpoint(&base).ask(&ask(), 4).unwrap();
         assert_eq!((c.text.as_str(), c.new_tokens, c.stopped), ("yes", 3, true));
         assert_eq!(served.lock().unwrap().len(), 1);
     }
@@ -560,7 +588,7 @@ mod tests {
         let e = endpoint(&base)
             .with_extra(r#"{"repeat_penalty": 1.0, "top_k": 1}"#)
             .unwrap();
-        e.chat(&ask(), 4).unwrap();
+        e.ask(&ask(), 4).unwrap();
         let body: serde_json::Value = serde_json::from_str(&served.lock().unwrap()[0]).unwrap();
         let want = serde_json::json!({
             "model": "judge", "messages": [{"role": "user", "content": "hello"}],
@@ -584,14 +612,14 @@ mod tests {
             status(500, "oops"),
             ok("no"),
         ]);
-        assert_eq!(endpoint(&base).chat(&ask(), 4).unwrap().text, "no");
+        assert_eq!(endpoint(&base).ask(&ask(), 4).unwrap().text, "no");
         assert_eq!(served.lock().unwrap().len(), 3);
     }
 
     #[test]
     fn gives_up_after_its_retries_and_says_why() {
         let (base, served) = scripted(vec![status(503, "busy"); 5]);
-        let e = endpoint(&base).chat(&ask(), 4).unwrap_err().to_string();
+        let e = endpoint(&base).ask(&ask(), 4).unwrap_err().to_string();
         assert!(
             e.contains("gave up after 3 tries") && e.contains("HTTP 503: busy"),
             "{e}"
@@ -607,7 +635,7 @@ mod tests {
     fn a_timeout_is_retried() {
         let slow = (200, String::new(), Duration::from_millis(1500));
         let (base, served) = scripted(vec![slow, ok("yes")]);
-        assert_eq!(endpoint(&base).chat(&ask(), 4).unwrap().text, "yes");
+        assert_eq!(endpoint(&base).ask(&ask(), 4).unwrap().text, "yes");
         assert_eq!(served.lock().unwrap().len(), 2);
     }
 
@@ -624,7 +652,7 @@ mod tests {
             (status(404, "no such model"), "serve a model named 'judge'"),
         ] {
             let (base, served) = scripted(vec![response, ok("never")]);
-            let e = endpoint(&base).chat(&ask(), 4).unwrap_err().to_string();
+            let e = endpoint(&base).ask(&ask(), 4).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
             assert_eq!(served.lock().unwrap().len(), 1, "no retry: {e}");
         }
@@ -639,7 +667,7 @@ mod tests {
             .unwrap()
             .port();
         let e = endpoint(&format!("http://127.0.0.1:{port}/v1"))
-            .chat(&ask(), 4)
+            .ask(&ask(), 4)
             .unwrap_err()
             .to_string();
         assert!(e.contains("connection refused"), "{e}");
@@ -663,16 +691,45 @@ mod tests {
             Duration::from_secs(1),
         )
         .unwrap();
-        assert_eq!(e.url(), "http://h:1/v1/chat/completions");
+        assert_eq!(e.url(&ask()), "http://h:1/v1/chat/completions");
+        assert_eq!(
+            e.url(&Prompt::Text("x".into())),
+            "http://h:1/v1/completions"
+        );
+    }
+
+    #[test]
+    fn a_rendered_prompt_goes_to_the_completions_api() {
+        let body = serde_json::json!({
+            "choices": [{"text": " yes", "finish_reason": "length"}],
+            "usage": {"completion_tokens": 1},
+        });
+        let (base, served) = scripted(vec![
+            (200, body.to_string(), Duration::ZERO),
+            ok("a chat answer has no text field"),
+        ]);
+        let e = endpoint(&base);
+        let c = e.ask(&Prompt::Text("[INST] hi [/INST]".into()), 1).unwrap();
+        assert_eq!(
+            (c.text.as_str(), c.new_tokens, c.stopped),
+            (" yes", 1, false)
+        );
+        let sent: serde_json::Value = serde_json::from_str(&served.lock().unwrap()[0]).unwrap();
+        let want = serde_json::json!({
+            "model": "judge", "prompt": "[INST] hi [/INST]", "max_tokens": 1, "temperature": 0.0,
+        });
+        assert_eq!(sent, want);
+        let err = e.ask(&Prompt::Text("x".into()), 1).unwrap_err().to_string();
+        assert!(err.contains("the first choice has no text"), "{err}");
     }
 
     #[test]
     fn caches_only_what_is_kept_and_never_a_failure() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::new(dir.path());
-        let requests: Vec<Vec<Message>> = ["a", "b", "c"]
+        let requests: Vec<Prompt> = ["a", "b", "c"]
             .iter()
-            .map(|q| vec![Message::user(q)])
+            .map(|q| Prompt::Chat(vec![Message::user(q)]))
             .collect();
         let how = Asking {
             cache: Some(&cache),
@@ -688,7 +745,7 @@ mod tests {
             .unwrap();
         assert!(format!("{e:#}").contains("request 3 of 3"), "{e:#}");
         let e = endpoint("http://127.0.0.1:1/v1");
-        let key = |q: &[Message]| e.cache_key("test", q, 4);
+        let key = |q: &Prompt| e.cache_key("test", q, 4);
         assert!(cache.get(&key(&requests[0])).is_some());
         assert!(cache.get(&key(&requests[1])).is_none(), "not kept");
         assert!(cache.get(&key(&requests[2])).is_none(), "failed");
@@ -706,12 +763,14 @@ mod tests {
             .with_extra(r#"{"repeat_penalty": 1.0}"#)
             .unwrap();
         assert_ne!(key(&requests[0]), e2.cache_key("test", &requests[0], 4));
+        let text = Prompt::Text("a".into());
+        assert_ne!(key(&requests[0]), key(&text), "a chat is not a completion");
     }
 
     #[test]
     fn asks_concurrently_and_keeps_the_order() {
-        let requests: Vec<Vec<Message>> = (0..6)
-            .map(|i| vec![Message::user(&i.to_string())])
+        let requests: Vec<Prompt> = (0..6)
+            .map(|i| Prompt::Chat(vec![Message::user(&i.to_string())]))
             .collect();
         let (base, served) = scripted((0..6).map(|_| ok("x")).collect());
         let how = Asking {

@@ -390,6 +390,38 @@ fn judge_check_scores_local_model_judges_of_each_kind() {
             "{text}"
         );
     }
+    // A template other than the judge's own: Llama-2's, which HarmBench's classifier reads.
+    let llama2 = evaluate(&[
+        "judge-check",
+        "--dev",
+        dev.to_str().unwrap(),
+        "--full",
+        full.to_str().unwrap(),
+        "--model-judge",
+        model.path().to_str().unwrap(),
+        "--judge-kind",
+        "harmbench",
+        "--judge-template",
+        "llama2-qi",
+    ]);
+    assert!(
+        llama2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&llama2.stderr)
+    );
+    let bad = evaluate(&[
+        "judge-check",
+        "--dev",
+        dev.to_str().unwrap(),
+        "--full",
+        full.to_str().unwrap(),
+        "--model-judge",
+        model.path().to_str().unwrap(),
+        "--judge-template",
+        "chatml",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown chat template 'chatml'"));
     // A served judge needs its model's name; one judge only, local or served.
     for (args, want) in [
         (

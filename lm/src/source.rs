@@ -40,6 +40,36 @@ impl std::str::FromStr for TemplateChoice {
     }
 }
 
+impl TemplateChoice {
+    /// The template this choice names, with these special tokens. `own` is the model's own
+    /// template (None: it has none), `whose` names the model in the error when it is
+    /// asked for and missing.
+    pub fn compile(
+        &self,
+        own: Option<&str>,
+        bos: &str,
+        eos: &str,
+        whose: &str,
+    ) -> Result<ChatTemplate> {
+        match self {
+            Self::Model => {
+                let source = own.ok_or_else(|| {
+                    anyhow!(
+                        "{whose} has no chat template of its own; choose 'llama2-qi' or a .jinja file"
+                    )
+                })?;
+                ChatTemplate::from_jinja("model", source, bos, eos)
+            }
+            Self::Llama2Qi => ChatTemplate::llama2_qi(bos, eos),
+            Self::File(path) => {
+                let source = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read chat template {}", path.display()))?;
+                ChatTemplate::from_jinja(&path.display().to_string(), &source, bos, eos)
+            }
+        }
+    }
+}
+
 /// The text side of a model.
 pub struct ModelText {
     pub path: PathBuf,
@@ -147,23 +177,8 @@ impl ModelText {
     ) -> Result<ChatTemplate> {
         let bos = self.tokenizer.bos_token.clone().unwrap_or_default();
         let eos = self.tokenizer.eos_token.clone().unwrap_or_default();
-        let template = match choice {
-            TemplateChoice::Model => {
-                let source = self.chat_template.as_deref().ok_or_else(|| {
-                    anyhow!(
-                        "model {} has no chat template of its own; choose 'llama2-qi' or a .jinja file",
-                        self.path.display()
-                    )
-                })?;
-                ChatTemplate::from_jinja("model", source, &bos, &eos)?
-            }
-            TemplateChoice::Llama2Qi => ChatTemplate::llama2_qi(&bos, &eos)?,
-            TemplateChoice::File(path) => {
-                let source = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read chat template {}", path.display()))?;
-                ChatTemplate::from_jinja(&path.display().to_string(), &source, &bos, &eos)?
-            }
-        };
+        let whose = format!("model {}", self.path.display());
+        let template = choice.compile(self.chat_template.as_deref(), &bos, &eos, &whose)?;
         Ok(match system_prompt {
             Some(s) => template.with_default_system(Some(s)),
             None => template,

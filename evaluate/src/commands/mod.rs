@@ -19,6 +19,7 @@ use basin_lm::artifacts::GenerationSpeed;
 use basin_lm::generate::{GenerateOptions, Generated};
 use basin_lm::model::{parse_device, parse_dtype, Model, DEFAULT_MODEL};
 use basin_lm::schema::PreparedRow;
+use basin_lm::source::TemplateChoice;
 use std::path::{Path, PathBuf};
 
 /// Which model, in which precision, on which device.
@@ -174,6 +175,13 @@ pub struct JudgeArgs {
     /// several, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "llama-guard")]
     pub judge_kind: Vec<JudgeKind>,
+    /// The chat template around the judge's prompt: model (the judge's own; a served judge
+    /// gets chat messages and its server applies it), llama2-qi (Llama-2's `[INST] <<SYS>>`
+    /// format, which HarmBench's classifier was trained on) or a .jinja file. A template
+    /// other than the model's is rendered here, and a served judge gets the text through
+    /// the completions API.
+    #[arg(long, default_value = "model")]
+    pub judge_template: String,
     /// The environment variable that holds the served judge's API key (none is sent when
     /// it is unset).
     #[arg(long, default_value = "OPENAI_API_KEY")]
@@ -209,28 +217,36 @@ impl JudgeArgs {
         if self.judge_concurrency == 0 {
             bail!("--judge-concurrency must be at least 1");
         }
-        self.judge_kind
-            .iter()
-            .filter_map(|&kind| {
-                if let Some(path) = &self.model_judge {
-                    return Some(
-                        Model::open(path, dtype, device)
-                            .and_then(|m| ModelJudge::local(kind, m, batch_size)),
-                    );
-                }
-                let (url, name) = (self.judge_endpoint.as_ref()?, self.judge_model.as_ref()?);
-                let timeout = std::time::Duration::from_secs(self.judge_timeout.max(1));
-                let endpoint = Endpoint::new(url, name, &self.judge_key_env, timeout).and_then(
-                    |e| match &self.judge_extra {
-                        Some(extra) => e.with_extra(extra),
-                        None => Ok(e),
-                    },
-                );
-                Some(endpoint.map(|e| {
-                    let cache = (!self.no_judge_cache).then(|| Cache::new(&self.judge_cache));
-                    ModelJudge::served(kind, e, cache, self.judge_concurrency)
-                }))
-            })
-            .collect()
+        let choice: TemplateChoice = self.judge_template.parse()?;
+        let mut judges = Vec::new();
+        for &kind in &self.judge_kind {
+            if let Some(path) = &self.model_judge {
+                let model = Model::open(path, dtype, device)?;
+                judges.push(ModelJudge::local(kind, model, &choice, batch_size)?);
+                continue;
+            }
+            let (Some(url), Some(name)) = (&self.judge_endpoint, &self.judge_model) else {
+                break;
+            };
+            let timeout = std::time::Duration::from_secs(self.judge_timeout.max(1));
+            let mut endpoint = Endpoint::new(url, name, &self.judge_key_env, timeout)?;
+            if let Some(extra) = &self.judge_extra {
+                endpoint = endpoint.with_extra(extra)?;
+            }
+            // Rendered here without special tokens: the server adds BOS to a completion.
+            let template = match choice {
+                TemplateChoice::Model => None,
+                _ => Some(choice.compile(None, "", "", "the served judge")?),
+            };
+            let cache = (!self.no_judge_cache).then(|| Cache::new(&self.judge_cache));
+            judges.push(ModelJudge::served(
+                kind,
+                endpoint,
+                template,
+                cache,
+                self.judge_concurrency,
+            ));
+        }
+        Ok(judges)
     }
 }

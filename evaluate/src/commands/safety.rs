@@ -4,7 +4,7 @@
 //! or, with `--endpoint`, from a served one (an OpenAI-compatible API).
 
 use super::{answer, generation, targets, JudgeArgs, ModelArgs};
-use crate::endpoint::{ask_all, Asking, Endpoint, Message};
+use crate::endpoint::{ask_all, Asking, Endpoint, Message, Prompt};
 use crate::judges::RefusalJudge;
 use crate::model_judge::{ModelJudge, ModelVerdict};
 use crate::safety::{score, verdicts};
@@ -115,13 +115,13 @@ impl Replier<'_> {
                 endpoint,
                 concurrency,
             } => {
-                let requests: Vec<Vec<Message>> = rows
+                let requests: Vec<Prompt> = rows
                     .iter()
                     .map(|r| {
                         let mut m: Vec<Message> =
                             r.system.iter().map(|s| Message::system(s)).collect();
                         m.push(Message::user(&r.user));
-                        m
+                        Prompt::Chat(m)
                     })
                     .collect();
                 let how = Asking {
