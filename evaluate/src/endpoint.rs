@@ -1,8 +1,8 @@
-//! OpenAI-compatible chat endpoints (vLLM, llama.cpp's server, hosted APIs): a model served
-//! elsewhere as a judge or as the model under evaluation. One chat completion per request,
-//! greedy (temperature 0); HTTP 429, 5xx, timeouts and dropped connections are retried a
+//! OpenAI-compatible endpoints (vLLM, llama.cpp's server, hosted APIs): a model served
+//! elsewhere as a judge or as the model under evaluation. One chat completion (or, for a
+//! prompt rendered here, one completion) per request, temperature 0; HTTP 429, 5xx, timeouts and dropped connections are retried a
 //! bounded number of times with exponential backoff (or the server's Retry-After); anything
-//! else (a refused connection, another status, a body that is no chat completion) is an
+//! else (a refused connection, another status, a body that is no completion) is an
 //! error that names the endpoint and what was expected. [`ask_all`] keeps a bounded number
 //! of requests in flight behind a progress bar and reads and writes an on-disk [`Cache`],
 //! into which only answers the caller accepts go.
@@ -42,8 +42,9 @@ impl Message {
     }
 }
 
-/// What the endpoint answered: the text, its new tokens (the server's count) and whether
-/// it ended by itself (finish_reason "stop") rather than at the token budget.
+/// What the endpoint answered: the text, its new tokens (the server's count; 0 when it
+/// sends no usage) and whether it ended by itself (finish_reason "stop") rather than at
+/// the token budget.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Completion {
@@ -113,7 +114,8 @@ enum Failure {
 
 /// A served model behind an OpenAI-compatible API.
 pub struct Endpoint {
-    /// The API's base URL, up to and including /v1 (requests go to `<base>/chat/completions`).
+    /// The API's base URL, up to and including /v1 (requests go to `<base>/chat/completions`
+    /// or `<base>/completions`).
     base: String,
     model: String,
     /// Fields sent with every request beside the standard ones (a server's own sampling
@@ -134,8 +136,9 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 
 impl Endpoint {
     /// `url`: the API's base (`http://127.0.0.1:8000/v1`; a URL ending in
-    /// /chat/completions or /completions is taken as well); `model`: the name the server knows the model by;
-    /// the key, when the API wants one, from environment variable `key_env`.
+    /// /chat/completions or /completions is taken as well); `model`: the name the server
+    /// knows the model by; the key, when the API wants one, from environment variable
+    /// `key_env`.
     pub fn new(url: &str, model: &str, key_env: &str, timeout: Duration) -> Result<Self> {
         let trimmed = url.trim_end_matches('/');
         let base = trimmed
