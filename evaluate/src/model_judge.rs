@@ -198,7 +198,8 @@ pub fn rubric_score(answer: &str) -> Option<u8> {
 /// Where a model judge runs.
 enum Backend {
     Local {
-        model: Box<Model>,
+        /// Shared by the judges of several kinds on one model.
+        model: std::sync::Arc<Model>,
         template: ChatTemplate,
         batch_size: usize,
     },
@@ -229,7 +230,7 @@ impl ModelJudge {
     /// model's own, or llama2-qi for a Llama-2 classifier saved without one).
     pub fn local(
         kind: JudgeKind,
-        model: Model,
+        model: std::sync::Arc<Model>,
         choice: &TemplateChoice,
         batch_size: usize,
     ) -> Result<Self> {
@@ -237,7 +238,7 @@ impl ModelJudge {
         Ok(Self {
             kind,
             backend: Backend::Local {
-                model: Box::new(model),
+                model,
                 template,
                 batch_size,
             },

@@ -218,11 +218,15 @@ impl JudgeArgs {
             bail!("--judge-concurrency must be at least 1");
         }
         let choice: TemplateChoice = self.judge_template.parse()?;
+        // A local judge model is loaded once, whatever the number of kinds.
+        let local = match &self.model_judge {
+            Some(path) => Some(std::sync::Arc::new(Model::open(path, dtype, device)?)),
+            None => None,
+        };
         let mut judges = Vec::new();
         for &kind in &self.judge_kind {
-            if let Some(path) = &self.model_judge {
-                let model = Model::open(path, dtype, device)?;
-                judges.push(ModelJudge::local(kind, model, &choice, batch_size)?);
+            if let Some(model) = &local {
+                judges.push(ModelJudge::local(kind, model.clone(), &choice, batch_size)?);
                 continue;
             }
             let (Some(url), Some(name)) = (&self.judge_endpoint, &self.judge_model) else {
