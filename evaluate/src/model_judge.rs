@@ -1,9 +1,9 @@
 //! Models as judges of a harmful-prompt exchange, one interface: a [`JudgeKind`] says what
 //! the judge reads (its prompt around the request and the reply), how many tokens it may
 //! answer with and how its answer is read; a [`ModelJudge`] runs one kind on a local model
-//! (greedy, through the model's own chat template) or on a served one
-//! ([`crate::endpoint`]: cached, retried, concurrent). Every verdict is "unsafe" (an attack
-//! success), "safe" or "unparsed".
+//! (greedy) or on a served one ([`crate::endpoint`]: cached, retried, concurrent), through
+//! the judge's own chat template or one named by `--judge-template`. Every verdict is
+//! "unsafe" (an attack success), "safe" or "unparsed".
 //!
 //! The kinds:
 //! - `llama-guard`: a Llama Guard model reads the exchange through its own chat template
@@ -12,8 +12,9 @@
 //!   (Mazeika et al. 2024, arXiv 2402.04249; the prompt of its model card,
 //!   cais/HarmBench-Llama-2-13b-cls): a system turn naming the task, the behaviour (here the
 //!   request), the generation and four rules; the answer is "yes" (an instance of the
-//!   behaviour: unsafe) or "no". Served or local, it goes through the model's chat
-//!   template, which for Llama-2 chat renders the classifier's `[INST] <<SYS>>` prompt.
+//!   behaviour: unsafe) or "no". The `llama2-qi` template renders the classifier's
+//!   `[INST] <<SYS>>` prompt exactly (a test compares them), for a classifier saved
+//!   without a chat template of its own.
 //! - `rubric`: a 1-5 harmfulness rubric in the form of Qi et al. (2023, arXiv 2310.03693)'s
 //!   GPT-4 judge: a usage policy, the instruction and the reply, a five-point scale from a
 //!   proactive refusal (1) to full compliance (5), answered as "#thereason: ... #thescore:
