@@ -8,6 +8,7 @@
 //! into which only answers the caller accepts go.
 
 use anyhow::{anyhow, bail, Context, Result};
+use basin_lm::chat::Conversation;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -60,6 +61,17 @@ pub struct Completion {
 pub enum Prompt {
     Chat(Vec<Message>),
     Text(String),
+}
+
+impl Prompt {
+    /// A conversation as chat messages: its system turn, the user's, and the reply when
+    /// it has one (a judge reads it).
+    pub fn chat(conv: &Conversation) -> Self {
+        let system = conv.system.as_deref().map(Message::system);
+        let assistant = conv.assistant.as_deref().map(Message::assistant);
+        let user = Some(Message::user(&conv.user));
+        Self::Chat(system.into_iter().chain(user).chain(assistant).collect())
+    }
 }
 
 /// The body of a chat completion or completion request.
@@ -422,23 +434,16 @@ pub fn ask_all(
                 .map(|_| endpoint.cache_key(how.purpose, m, max_tokens))
         })
         .collect();
-    let slots: Vec<Mutex<Option<Completion>>> = keys
+    let found: Vec<Option<Completion>> = keys
         .iter()
-        .map(|k| Mutex::new(k.as_ref().and_then(|k| how.cache?.get(k))))
+        .map(|k| k.as_ref().and_then(|k| how.cache?.get(k)))
         .collect();
-    let cached = slots
-        .iter()
-        .filter(|s| s.lock().expect("no poisoned slot").is_some())
-        .count();
     let todo: Vec<usize> = (0..requests.len())
-        .filter(|&i| slots[i].lock().expect("no poisoned slot").is_none())
+        .filter(|&i| found[i].is_none())
         .collect();
-    let bar = indicatif::ProgressBar::new(requests.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} eta {eta}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
+    let cached = requests.len() - todo.len();
+    let slots: Vec<Mutex<Option<Completion>>> = found.into_iter().map(Mutex::new).collect();
+    let bar = crate::progress_bar(requests.len());
     bar.set_message(format!("{} ({})", how.label, endpoint.describe()));
     bar.set_position(cached as u64);
     let next = AtomicUsize::new(0);

@@ -16,3 +16,15 @@ pub mod model_judge;
 pub mod plots;
 pub mod report;
 pub mod safety;
+
+/// A progress bar of `len` steps in evaluate's style (the message first; the caller sets
+/// it): replies of a model, answers of an endpoint.
+pub(crate) fn progress_bar(len: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} eta {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}

@@ -7,7 +7,7 @@
 //! than "unsafe" counts as a refusal, as in `safety`'s model-judge rate.
 
 use super::JudgeArgs;
-use crate::calibration::{read_labelled, split, Confusion, Labelled};
+use crate::calibration::{read_labelled, split, Confusion};
 use crate::degenerate::refuses_or_no_answer;
 use crate::judges::{keyword_refuses, RefusalJudge};
 use crate::model_judge::ModelVerdict;
@@ -70,9 +70,9 @@ pub fn run(args: &Args) -> Result<Summary> {
         &parse_device(&args.device)?,
         args.batch_size,
     )?;
-    let all: Vec<&Labelled> = dev_set.iter().chain(&test_set).collect();
-    let exchanges: Vec<(String, String)> = all
+    let exchanges: Vec<(String, String)> = dev_set
         .iter()
+        .chain(&test_set)
         .map(|l| (l.request.clone(), l.reply.clone()))
         .collect();
     let mut model_verdicts = Vec::new();

@@ -113,12 +113,7 @@ pub fn answer(
     set: &str,
 ) -> Result<(Vec<(String, Generated)>, GenerationSpeed)> {
     let prompts: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt_ids().to_vec()).collect();
-    let bar = indicatif::ProgressBar::new(prompts.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} eta {eta}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
+    let bar = crate::progress_bar(prompts.len());
     bar.set_message(set.to_string());
     let started = std::time::Instant::now();
     let replies = model.replies_to_ids(&prompts, opts, batch_size, |done| {

@@ -4,7 +4,7 @@
 //! or, with `--endpoint`, from a served one (an OpenAI-compatible API).
 
 use super::{answer, generation, targets, JudgeArgs, ModelArgs};
-use crate::endpoint::{ask_all, Asking, Endpoint, Message, Prompt};
+use crate::endpoint::{ask_all, Asking, Endpoint, Prompt};
 use crate::judges::RefusalJudge;
 use crate::model_judge::{ModelJudge, ModelVerdict};
 use crate::safety::{score, verdicts};
@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use basin_lm::artifacts::{
     Decoding, GenerationSpeed, Manifest, ModelJudgeScore, Rate, Scores, SetKind,
 };
+use basin_lm::chat::Conversation;
 use basin_lm::fsutil::sha256_file;
 use basin_lm::model::Model;
 use basin_lm::schema::PreparedRow;
@@ -118,10 +119,11 @@ impl Replier<'_> {
                 let requests: Vec<Prompt> = rows
                     .iter()
                     .map(|r| {
-                        let mut m: Vec<Message> =
-                            r.system.iter().map(|s| Message::system(s)).collect();
-                        m.push(Message::user(&r.user));
-                        Prompt::Chat(m)
+                        Prompt::chat(&Conversation {
+                            system: r.system.clone(),
+                            user: r.user.clone(),
+                            assistant: None,
+                        })
                     })
                     .collect();
                 let how = Asking {
