@@ -46,3 +46,7 @@ nvcc --version | tail -1
 # The stage binaries and the benchmarks (target/release/deps/{kernels,step}-*).
 cargo build --release -p train -p evaluate -p basin-kernels \
   --features train/cuda,evaluate/cuda,basin-kernels/cuda --bins --bench kernels --bench step "$@"
+# The written-out pass's device tests (target/release/deps/{pass_ops,pass_device}-*), which
+# scripts/stage-device.sh takes to the GPU with the step bench.
+cargo build --release -p basin-kernels -p basin-lm --features basin-kernels/cuda,basin-lm/cuda \
+  --test pass_ops --test pass_device "$@"

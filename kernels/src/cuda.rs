@@ -3,10 +3,13 @@
 //! inputs. The launchers sit beside what they launch: the optimizer's in
 //! `optim/launch.rs`, each fused op's in its own file of `ops/`.
 
-use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr,
+};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{bail, CudaDevice, Result, Storage, Tensor};
+use std::marker::PhantomData;
 use std::sync::OnceLock;
 
 pub(crate) type Compiled = OnceLock<std::result::Result<String, String>>;
@@ -85,3 +88,191 @@ pub(crate) fn u32_arg(n: usize, what: &str) -> Result<u32> {
     u32::try_from(n)
         .map_err(|_| candle_core::Error::Msg(format!("{what} {n} does not fit the kernel's u32")))
 }
+
+/// An address and how many values lie there.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    ptr: u64,
+    len: usize,
+}
+
+impl Span {
+    /// The address, for a launch, once the length is checked against the `n` values the
+    /// kernel touches (`verb`: reads or writes).
+    fn at_least(&self, n: usize, what: &str, verb: &str) -> Result<u64> {
+        if self.len < n {
+            bail!(
+                "{what}: {} values on the device, the kernel {verb} {n}",
+                self.len
+            )
+        }
+        Ok(self.ptr)
+    }
+}
+
+/// f32 or u32 values on the device, borrowed for `'a`: a buffer of the written-out training
+/// pass, a range of one, or a weight inside candle's storage. The launchers of that pass take
+/// these and check every length against the sizes they are given, so they are safe to call.
+#[derive(Clone, Copy, Debug)]
+pub struct Dev<'a, T> {
+    span: Span,
+    _borrow: PhantomData<&'a [T]>,
+}
+
+/// Values on the device borrowed for writing.
+#[derive(Debug)]
+pub struct DevMut<'a, T> {
+    span: Span,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T: candle_core::cuda_backend::CudaDType + DeviceRepr> Dev<'a, T> {
+    /// All of a buffer (on candle's stream, the only one the pass uses).
+    pub fn of(s: &'a CudaSlice<T>, dev: &CudaDevice) -> Self {
+        let stream = dev.cuda_stream();
+        let (ptr, _record) = s.device_ptr(&stream);
+        Dev::at(ptr, s.len())
+    }
+
+    /// A view's values.
+    pub fn of_view(
+        v: &'a candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>,
+        dev: &CudaDevice,
+    ) -> Self {
+        let stream = dev.cuda_stream();
+        let (ptr, _record) = v.device_ptr(&stream);
+        Dev::at(ptr, v.len())
+    }
+
+    /// `len` values from `start` of candle's storage (a tensor's: its layout's start and
+    /// element count).
+    pub fn in_storage(s: &'a candle_core::CudaStorage, start: usize, len: usize) -> Result<Self> {
+        let all = Dev::of(s.as_cuda_slice::<T>()?, &s.device);
+        all.range(start, len)
+    }
+}
+
+impl<'a, T> Dev<'a, T> {
+    fn at(ptr: u64, len: usize) -> Self {
+        Dev {
+            span: Span { ptr, len },
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Values `start .. start + len`.
+    pub fn range(self, start: usize, len: usize) -> Result<Self> {
+        if start + len > self.span.len {
+            bail!(
+                "device range {start}..{} past the end {}",
+                start + len,
+                self.span.len
+            )
+        }
+        let ptr = self.span.ptr + (start * std::mem::size_of::<T>()) as u64;
+        Ok(Dev::at(ptr, len))
+    }
+
+    pub fn len(&self) -> usize {
+        self.span.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.span.len == 0
+    }
+
+    /// The address, for a launch that reads `n` values.
+    pub(crate) fn at_least(&self, n: usize, what: &str) -> Result<u64> {
+        self.span.at_least(n, what, "reads")
+    }
+}
+
+impl<'a, T: DeviceRepr> DevMut<'a, T> {
+    /// All of a buffer, for writing.
+    pub fn of(s: &'a mut CudaSlice<T>, dev: &CudaDevice) -> Self {
+        let stream = dev.cuda_stream();
+        let len = s.len();
+        let (ptr, _record) = s.device_ptr_mut(&stream);
+        DevMut {
+            span: Span { ptr, len },
+            _borrow: PhantomData,
+        }
+    }
+}
+
+impl<T> DevMut<'_, T> {
+    pub fn len(&self) -> usize {
+        self.span.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.span.len == 0
+    }
+
+    /// The address, for a launch that writes `n` values.
+    pub(crate) fn at_least(&self, n: usize, what: &str) -> Result<u64> {
+        self.span.at_least(n, what, "writes")
+    }
+
+    /// The same values borrowed again for writing, for a shorter time.
+    pub fn reborrow(&mut self) -> DevMut<'_, T> {
+        DevMut {
+            span: self.span,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// The same values, for reading.
+    pub fn as_dev(&self) -> Dev<'_, T> {
+        Dev::at(self.span.ptr, self.span.len)
+    }
+}
+
+/// A kernel of pass.cu (the written-out training pass's row operations).
+pub(crate) fn pass_func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    static PTX: Compiled = OnceLock::new();
+    let ptx = compile(
+        &PTX,
+        dev,
+        "kernels/cuda/pass.cu",
+        include_str!("../cuda/pass.cu"),
+        false,
+    )?;
+    Ok(dev
+        .get_or_load_custom_func(name, "basin_pass", ptx)?
+        .into_cuda_function())
+}
+
+/// Threads per block of pass.cu (its `BLOCK`).
+pub(crate) const PASS_BLOCK: u32 = 256;
+
+/// Blocks of [`PASS_BLOCK`] threads for one thread per element of `n`.
+pub(crate) fn blocks_for(n: usize) -> Result<u32> {
+    u32_arg(n.div_ceil(PASS_BLOCK as usize), "blocks")
+}
+
+/// Launches kernel `$name` of pass.cu on candle's stream with a `$grid` of blocks of
+/// [`PASS_BLOCK`] threads and the arguments named (locals: the launch borrows them).
+macro_rules! launch_pass {
+    ($dev:expr, $name:expr, $grid:expr; $($arg:ident),* $(,)?) => {{
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let func = $crate::cuda::pass_func($dev, $name)?;
+        let stream = $dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        $( b.arg(&$arg); )*
+        let (gx, gy): (u32, u32) = $grid;
+        let cfg = LaunchConfig {
+            grid_dim: (gx, gy, 1),
+            block_dim: ($crate::cuda::PASS_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments are the kernel's, in its order and types (pass.cu); every
+        // address came from `Dev`/`DevMut::at_least` for the number of values the kernel
+        // touches with these sizes. The kernel runs on candle's stream, after what wrote its
+        // inputs and before any later use of its buffers; a buffer dropped before the kernel
+        // has run is freed in stream order (cudarc frees asynchronously on the stream).
+        unsafe { b.launch(cfg) }.w()?;
+    }};
+}
+pub(crate) use launch_pass;

@@ -6,15 +6,21 @@
 //!   them — AdamW (the one [`optim::adamw::Step`] struct from the config to the kernel), the
 //!   EMA of the weights, f64 sums of squares, and [`optim::multi`], every tensor of a model
 //!   in one call (one launch of `cuda/optim.cu` on a GPU);
-//! - [`ops`]: the model's operations — the attention softmax and the cross-entropy fused as
-//!   candle custom ops (`cuda/fused.cu`), RMSNorm, RoPE and silu(g)·u as CPU row functions
-//!   for the written-out CPU pass, and the CPU matrix products.
+//! - [`ops`]: the model's operations for the written-out training pass (RMSNorm, RoPE and
+//!   the heads layout, silu(g)·u, attention, the cross-entropy, the embedding's gradient,
+//!   gathers and sums, the products): CPU functions, and with the `cuda` feature their
+//!   launchers of `cuda/pass.cu` and `cuda/fused.cu` and cuBLAS; the softmax and
+//!   cross-entropy also as candle custom ops (the autograd path).
+//!
+//! `cuda` (with the feature): what the launchers share — NVRTC at first use, and
+//! `cuda::Dev`/`DevMut`, device buffers with their lengths, which every launcher
+//! checks against what its kernel touches.
 
 pub mod ops;
 pub mod optim;
 
 #[cfg(feature = "cuda")]
-mod cuda;
+pub mod cuda;
 
 /// Elements per rayon task: large enough that scheduling costs nothing next to the work.
 const CHUNK: usize = 1 << 16;

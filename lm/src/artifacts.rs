@@ -262,6 +262,9 @@ pub struct TrainConfig {
     /// What the model computes in: f32 or bf16.
     pub dtype: String,
     pub device: String,
+    /// How a step computes its gradients: the written-out pass or candle's autograd
+    /// ([`TrainingPass`]).
+    pub pass: TrainingPass,
     /// Activation recompute: the written-out pass keeps each layer's input only and redoes
     /// the layer's forward during the backward (about one more forward of compute, a
     /// fraction of the activations' memory). Same gradients, bit for bit.
@@ -438,6 +441,7 @@ impl Default for TrainConfig {
             max_seq_len: 0,
             dtype: "f32".into(),
             device: "cpu".into(),
+            pass: TrainingPass::Auto,
             recompute: false,
             seed: 0,
             batch_size: 8,
@@ -463,7 +467,31 @@ impl Default for TrainConfig {
     }
 }
 
+/// How a training step computes its gradients (`pass` in a training config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainingPass {
+    /// The written-out pass for f32 on the CPU, candle's autograd otherwise (on a GPU too,
+    /// until the CUDA backend has been measured on a card: issue 21).
+    #[default]
+    Auto,
+    /// The written-out pass (lm/src/backprop.rs): f32 on the CPU or on a GPU.
+    Written,
+    /// candle's autograd: any dtype, any device, no activation recompute.
+    Autograd,
+}
+
 impl TrainConfig {
+    /// Whether steps take the written-out pass (`pass` resolved for this dtype and device).
+    pub fn written_pass(&self) -> bool {
+        let f32_here = self.dtype == "f32";
+        match self.pass {
+            TrainingPass::Auto => f32_here && self.device == "cpu",
+            TrainingPass::Written => f32_here,
+            TrainingPass::Autograd => false,
+        }
+    }
+
     /// Where the run writes everything: `<out_dir>/<name>`.
     pub fn run_dir(&self) -> PathBuf {
         self.out_dir.join(&self.name)
@@ -502,11 +530,20 @@ impl TrainConfig {
             bail!("ema.beta must be in [0, 1] and ema.every >= 1");
         }
         self.state.validate(&self.dtype)?;
-        if self.recompute && (self.dtype != "f32" || self.device != "cpu") {
+        let written = self.written_pass();
+        if self.pass == TrainingPass::Written && !written {
             bail!(
-                "recompute = true: activation recompute is in the written-out pass, which trains f32 models on the CPU; dtype {:?} on {:?} trains through candle's autograd, which has none",
+                "pass = \"written\": the written-out pass trains f32 models (on the CPU, or a GPU in a build with the cuda feature); dtype {:?} trains through candle's autograd (pass = \"auto\" or \"autograd\")",
+                self.dtype
+            );
+        }
+        if self.recompute && !written {
+            bail!(
+                "recompute = true: activation recompute is in the written-out pass, which trains f32 models ({}); dtype {:?} on {:?} with pass = {:?} trains through candle's autograd, which has none",
+                "by default on the CPU; on a GPU with pass = \"written\"",
                 self.dtype,
-                self.device
+                self.device,
+                self.pass
             );
         }
         if self.data.is_empty() {

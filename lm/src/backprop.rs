@@ -1,17 +1,16 @@
-//! The training loss and its gradients for an f32 model on the CPU, with the forward and
-//! backward passes written out layer by layer (llm.c's way) instead of recorded as a graph
-//! for candle's autograd.
+//! The training loss and its gradients with the forward and backward passes written out
+//! layer by layer (llm.c's way) instead of recorded as a graph for candle's autograd: one
+//! pass, two backends. The layer loop, the activation layout and what the forward keeps for
+//! the backward are here; a [`Backend`] supplies the products and the row operations — the
+//! CPU's ([`cpu`]: the gemm crate and basin_kernels' Rust row functions) or the GPU's
+//! (`cuda`, with the `cuda` feature: cuBLAS's GEMMs and basin_kernels' CUDA kernels).
 //!
 //! Why: candle's backward gives every node of the graph (~40 a layer: the projections, but
 //! also every reshape, transpose, copy and the grouped-query broadcast) a fresh tensor of
-//! zeros and adds its gradient into it, and runs attention's small products one batch row
-//! at a time; with the same products, the written-out step is faster (docs/performance.md
-//! has the figures). Here every
-//! gradient is written once into its own buffer, attention runs one (row, head) pair per
-//! task, and the rest is the same arithmetic as [`crate::batch::loss`] with `Pass::Train`:
-//! the gemm crate's products and basin_kernels' fused row operations (RMSNorm, RoPE,
-//! SwiGLU, the masked softmax, the cross-entropy). The tests check the loss and every
-//! gradient against candle's autograd of the same model in f64.
+//! zeros and adds its gradient into it; here every gradient is written once into its own
+//! buffer (docs/performance.md has the figures). The tests check the loss and every
+//! gradient against candle's autograd of the same model in f64, and the CUDA backend
+//! against the CPU's (lm/tests/pass_device.rs).
 //!
 //! Per layer, with x the residual stream ([rows, hidden], rows = batch × time):
 //!
@@ -19,19 +18,40 @@
 //! a = rmsnorm(x)    q, k, v = rope(a·Wqᵀ), rope(a·Wkᵀ), a·Wvᵀ    P = softmax(q·kᵀ/√d + bias)
 //! x += (P·v)·Woᵀ    m = rmsnorm(x)    x += (silu(m·Wgᵀ) ⊙ m·Wuᵀ)·Wdᵀ
 //! ```
+//!
+//! (each projection with its bias where the family has one).
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 
 use crate::batch::Batch;
 use crate::llama::{Layer, Llama, Proj};
 use anyhow::{bail, Result};
-use basin_kernels::ops::linear::{matmul, View};
-use basin_kernels::ops::{cross_entropy, rms_norm, rope, softmax, swiglu};
+use basin_kernels::ops::attention::Heads;
+use basin_kernels::ops::embedding::Lookups;
+use basin_kernels::ops::linear::View;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor};
-use rayon::prelude::*;
 
-/// Whether [`forward`] can run `model`: f32 weights on the CPU.
+pub(crate) use cpu::project;
+
+/// Whether the written-out pass can run `model`: f32 weights on the CPU, or on a GPU in a
+/// build with the `cuda` feature.
 pub fn supports(model: &Llama) -> bool {
-    model.dtype() == DType::F32 && model.device().is_cpu()
+    model.dtype() == DType::F32 && (model.device().is_cpu() || on_cuda(model))
+}
+
+fn on_cuda(model: &Llama) -> bool {
+    cfg!(feature = "cuda") && model.device().is_cuda()
+}
+
+/// Whether training takes the written-out pass when the config leaves it to basin
+/// (`pass = "auto"`): on the CPU for f32. On a GPU not yet — the CUDA backend is built and
+/// tested against the CPU's, but until its device tests and the step bench have run on a card
+/// (issue 21) `pass = "written"` asks for it explicitly.
+pub fn by_default(model: &Llama) -> bool {
+    supports(model) && model.device().is_cpu()
 }
 
 /// The sizes of one pass (the written-out decoder's steps too).
@@ -67,9 +87,19 @@ impl Dims {
             eps: c.rms_norm_eps as f32,
         }
     }
+
+    fn heads(&self) -> Heads {
+        Heads {
+            b: self.b,
+            nh: self.nh,
+            nkv: self.nkv,
+            t: self.t,
+            hd: self.hd,
+        }
+    }
 }
 
-/// A weight's f32 values, read in place under the tensor's read lock.
+/// A tensor's f32 values, held in place under its read lock (on the CPU or a GPU).
 pub(crate) struct Held<'a> {
     storage: StorageRef<'a>,
     start: usize,
@@ -78,8 +108,8 @@ pub(crate) struct Held<'a> {
 
 impl<'a> Held<'a> {
     fn new(t: &'a Tensor) -> Result<Self> {
-        if t.dtype() != DType::F32 || !t.is_contiguous() || !t.device().is_cpu() {
-            bail!("backprop: expected a contiguous f32 CPU tensor, found {t:?}");
+        if t.dtype() != DType::F32 || !t.is_contiguous() {
+            bail!("backprop: expected a contiguous f32 tensor, found {t:?}");
         }
         let (storage, layout) = t.storage_and_layout();
         Ok(Held {
@@ -89,10 +119,11 @@ impl<'a> Held<'a> {
         })
     }
 
-    fn values(&self) -> &[f32] {
+    /// The values of a CPU tensor.
+    pub(crate) fn values(&self) -> Result<&[f32]> {
         match &*self.storage {
-            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.start + self.len],
-            _ => unreachable!("checked in Held::new"),
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(&v[self.start..self.start + self.len]),
+            _ => bail!("backprop: expected f32 values on the CPU"),
         }
     }
 }
@@ -121,305 +152,352 @@ pub(crate) fn held_layers(model: &Llama) -> Result<Vec<Layer<Held<'_>>>> {
         .collect()
 }
 
-pub(crate) struct Weights<'a> {
-    pub(crate) embed: &'a [f32],
-    pub(crate) cos: &'a [f32],
-    pub(crate) sin: &'a [f32],
-    pub(crate) norm: &'a [f32],
-    pub(crate) head: &'a [f32],
-    pub(crate) layers: Vec<Layer<&'a [f32]>>,
+/// The model's weights as a backend reads them (`&[f32]` on the CPU).
+pub(crate) struct Weights<S> {
+    pub(crate) embed: S,
+    pub(crate) cos: S,
+    pub(crate) sin: S,
+    pub(crate) norm: S,
+    pub(crate) head: S,
+    pub(crate) layers: Vec<Layer<S>>,
 }
 
-impl<'a> Weights<'a> {
-    pub(crate) fn new(globals: &'a [Held<'_>], layers: &'a [Layer<Held<'_>>]) -> Result<Self> {
-        let v = |i: usize| globals[i].values();
+impl<S> Weights<S> {
+    /// The held tensors, each read by `f`.
+    pub(crate) fn map<'a, 'h>(
+        globals: &'a [Held<'h>],
+        layers: &'a [Layer<Held<'h>>],
+        mut f: impl FnMut(&'a Held<'h>) -> Result<S>,
+    ) -> Result<Self> {
         Ok(Weights {
-            embed: v(0),
-            cos: v(1),
-            sin: v(2),
-            norm: v(3),
-            head: v(4),
+            embed: f(&globals[0])?,
+            cos: f(&globals[1])?,
+            sin: f(&globals[2])?,
+            norm: f(&globals[3])?,
+            head: f(&globals[4])?,
             layers: layers
                 .iter()
-                .map(|l| l.as_ref().try_map(|h| Ok(h.values())))
+                .map(|l| l.as_ref().try_map(&mut f))
                 .collect::<Result<_>>()?,
         })
     }
 }
 
+impl<'a> Weights<&'a [f32]> {
+    /// The weights of a CPU model.
+    pub(crate) fn new<'h>(globals: &'a [Held<'h>], layers: &'a [Layer<Held<'h>>]) -> Result<Self> {
+        Weights::map(globals, layers, |h| h.values())
+    }
+}
+
+/// What the written-out pass needs of a device: its buffers and the operations on them. Every
+/// operation writes a fresh buffer or one it is given; none reads what another has not
+/// finished writing (a GPU backend runs them in order on one stream).
+pub(crate) trait Backend: Sized {
+    /// f32 values the backend owns.
+    type Buf;
+    /// u32 indices (token ids, positions, rows, targets) on the device.
+    type Ids;
+    /// The embedding's lookups grouped by id ([`Lookups`]) on the device.
+    type Lookups;
+    /// f32 values read: a buffer's, or a weight's in candle's storage.
+    type Src<'a>: Copy
+    where
+        Self: 'a;
+
+    fn src<'a>(&'a self, b: &'a Self::Buf) -> Self::Src<'a>;
+    fn weight<'a>(&'a self, h: &'a Held<'_>) -> Result<Self::Src<'a>>;
+    fn ids(&self, v: &[u32]) -> Result<Self::Ids>;
+    fn lookups(&self, l: &Lookups) -> Result<Self::Lookups>;
+    /// A copy of an f32 tensor's values (the attention bias).
+    fn copy_of(&self, t: &Tensor) -> Result<Self::Buf>;
+    /// A gradient as a tensor shaped like the weight `like`, on its device.
+    fn tensor_of(&self, b: Self::Buf, like: &Tensor) -> Result<Tensor>;
+    /// The sum of `n` values (the loss's numerator: the one value the host waits for).
+    fn sum(&self, x: &Self::Buf, n: usize) -> Result<f64>;
+
+    /// y [rows, out] = x [rows, d_in] · wᵀ, w [out, d_in].
+    fn linear(
+        &self,
+        x: Self::Src<'_>,
+        w: Self::Src<'_>,
+        rows: usize,
+        d_in: usize,
+        out: usize,
+    ) -> Result<Self::Buf>;
+    /// dst = a·b (+ dst with `accumulate`) on row-major views; `dst` holds d.rows·d.cols.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        dst: &mut Self::Buf,
+        d: View,
+        a: Self::Src<'_>,
+        av: View,
+        b: Self::Src<'_>,
+        bv: View,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// A buffer of `n` values for an operation to write in full (its contents until then
+    /// are unspecified).
+    fn output(&self, n: usize) -> Result<Self::Buf>;
+    /// `n` zeros.
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A copy of `n` values.
+    fn copy_buf(&self, x: Self::Src<'_>, n: usize) -> Result<Self::Buf>;
+    fn add_bias(&self, y: &mut Self::Buf, b: Self::Src<'_>, rows: usize, cols: usize)
+        -> Result<()>;
+    /// Σ over the rows of x [rows, cols] (a bias's gradient).
+    fn col_sum(&self, x: Self::Src<'_>, rows: usize, cols: usize) -> Result<Self::Buf>;
+    /// acc += x, `n` values.
+    fn add_into(&self, acc: &mut Self::Buf, x: Self::Src<'_>, n: usize) -> Result<()>;
+    /// out[r] = table[idx[r]] for `rows` rows of `width`.
+    fn gather_rows(
+        &self,
+        table: Self::Src<'_>,
+        idx: &Self::Ids,
+        rows: usize,
+        width: usize,
+    ) -> Result<Self::Buf>;
+    /// `total` rows of `width`, zero but for out[idx[r]] = src[r], r < rows.
+    fn scatter_rows(
+        &self,
+        src: Self::Src<'_>,
+        idx: &Self::Ids,
+        rows: usize,
+        width: usize,
+        total: usize,
+    ) -> Result<Self::Buf>;
+    fn rms_norm(
+        &self,
+        x: Self::Src<'_>,
+        w: Self::Src<'_>,
+        rows: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<Self::Buf>;
+    /// (dx, dw).
+    fn rms_norm_backward(
+        &self,
+        dy: Self::Src<'_>,
+        x: Self::Src<'_>,
+        w: Self::Src<'_>,
+        rows: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// silu(g) ⊙ u over `n` values.
+    fn swiglu(&self, g: Self::Src<'_>, u: Self::Src<'_>, n: usize) -> Result<Self::Buf>;
+    /// (dg, du).
+    fn swiglu_backward(
+        &self,
+        dy: Self::Src<'_>,
+        g: Self::Src<'_>,
+        u: Self::Src<'_>,
+        n: usize,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// [rows, heads·hd] → [batch, heads, t, hd] (or back, `inverse`), rotating by each row's
+    /// RoPE angles (cos, sin, direction) when given.
+    #[allow(clippy::too_many_arguments)]
+    fn heads(
+        &self,
+        x: Self::Src<'_>,
+        rope: Option<(Self::Src<'_>, Self::Src<'_>, f32)>,
+        rows: usize,
+        t: usize,
+        heads: usize,
+        hd: usize,
+        inverse: bool,
+    ) -> Result<Self::Buf>;
+    /// (P, y) of [`basin_kernels::ops::attention`].
+    fn attention(
+        &self,
+        q: Self::Src<'_>,
+        k: Self::Src<'_>,
+        v: Self::Src<'_>,
+        bias: Self::Src<'_>,
+        d: Heads,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// (dq, dk, dv).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dy: Self::Src<'_>,
+        q: Self::Src<'_>,
+        k: Self::Src<'_>,
+        v: Self::Src<'_>,
+        p: Self::Src<'_>,
+        d: Heads,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    /// Each row's negative log-likelihood of its target.
+    fn cross_entropy(
+        &self,
+        logits: Self::Src<'_>,
+        targets: &Self::Ids,
+        rows: usize,
+        v: usize,
+    ) -> Result<Self::Buf>;
+    /// g · (softmax(logits) − onehot(target)) for every row.
+    fn cross_entropy_backward(
+        &self,
+        logits: Self::Src<'_>,
+        targets: &Self::Ids,
+        g: f32,
+        rows: usize,
+        v: usize,
+    ) -> Result<Self::Buf>;
+    /// d_embed += each looked-up row's gradients.
+    fn embedding_backward(
+        &self,
+        d_embed: &mut Self::Buf,
+        dx: Self::Src<'_>,
+        l: &Self::Lookups,
+        width: usize,
+    ) -> Result<()>;
+}
+
 /// What a layer's backward needs from its forward.
-struct Saved {
+struct Saved<B: Backend> {
     /// The layer's input (the residual stream) and its normed copy.
-    x: Vec<f32>,
-    a: Vec<f32>,
+    x: B::Buf,
+    a: B::Buf,
     /// q, k (after RoPE) and v, head-major: [batch, heads, time, head_dim].
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
     /// Attention's probabilities [batch, heads, time, time] and output [rows, heads·head_dim].
-    p: Vec<f32>,
-    y: Vec<f32>,
+    p: B::Buf,
+    y: B::Buf,
     /// The stream after attention, its normed copy, the MLP's gate and up projections and
     /// silu(gate) ⊙ up.
-    x_mid: Vec<f32>,
-    m: Vec<f32>,
-    g: Vec<f32>,
-    u: Vec<f32>,
-    s: Vec<f32>,
+    x_mid: B::Buf,
+    m: B::Buf,
+    g: B::Buf,
+    u: B::Buf,
+    s: B::Buf,
 }
 
 /// What the forward keeps of a layer: everything its backward reads, or only its input
 /// (activation recompute).
-enum Kept {
-    All(Box<Saved>),
-    Input(Vec<f32>),
+enum Kept<B: Backend> {
+    All(Box<Saved<B>>),
+    Input(B::Buf),
+}
+
+/// RoPE's angles of each row and the attention bias, read by every layer.
+struct Rows<B: Backend> {
+    cos: B::Buf,
+    sin: B::Buf,
+    bias: B::Buf,
+}
+
+/// A forward pass on one backend, kept for its backward.
+struct Run<'m, B: Backend> {
+    be: B,
+    model: &'m Llama,
+    d: Dims,
+    rows: Rows<B>,
+    lookups: B::Lookups,
+    layers: Vec<Kept<B>>,
+    /// The last layer's output at the rows the loss reads, those rows normed, their logits.
+    x_loss: B::Buf,
+    loss_rows: B::Ids,
+    n_loss: usize,
+    targets: B::Ids,
+    normed: B::Buf,
+    logits: B::Buf,
+    loss: f64,
 }
 
 /// A forward pass, kept for its backward.
 pub struct Trace<'m> {
-    model: &'m Llama,
-    d: Dims,
-    ids: Vec<u32>,
-    /// RoPE's cos and sin for each row: [rows, head_dim / 2].
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    /// The attention mask's additive bias (recompute runs attention again).
-    bias: Vec<f32>,
-    layers: Vec<Kept>,
-    /// The last layer's output at the rows the loss reads, those rows normed, their logits.
-    x_loss: Vec<f32>,
-    loss_rows: Vec<u32>,
-    targets: Vec<u32>,
-    normed: Vec<f32>,
-    logits: Vec<f32>,
-    loss: f64,
+    run: Runs<'m>,
 }
 
-/// y [rows, out] = x [rows, d_in] · wᵀ (+ b), w [out, d_in].
-pub(crate) fn project(
-    x: &[f32],
-    p: &Proj<&[f32]>,
+enum Runs<'m> {
+    Cpu(Box<Run<'m, cpu::Cpu>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<Run<'m, cuda::Cuda>>),
+}
+
+/// y [rows, out] = x · wᵀ (+ b).
+fn project_on<B: Backend>(
+    be: &B,
+    x: B::Src<'_>,
+    p: &Proj<B::Src<'_>>,
     rows: usize,
     d_in: usize,
     out: usize,
-) -> Vec<f32> {
-    let mut y = basin_kernels::ops::linear::forward(x, p.w, rows, d_in, out);
+) -> Result<B::Buf> {
+    let mut y = be.linear(x, p.w, rows, d_in, out)?;
     if let Some(b) = p.b {
-        y.par_chunks_mut(out)
-            .for_each(|row| row.iter_mut().zip(b.iter()).for_each(|(y, b)| *y += b));
+        be.add_bias(&mut y, b, rows, out)?;
     }
-    y
+    Ok(y)
 }
 
-/// The gradients of a projection's weight (dyᵀ · x) and bias (dy summed over rows).
-fn project_param_grads(
-    dy: &[f32],
-    x: &[f32],
-    p: &Proj<&[f32]>,
+/// The gradients of a projection's weight (dyᵀ · x, [out, d_in]) and bias (dy summed over
+/// rows).
+fn project_param_grads<B: Backend>(
+    be: &B,
+    dy: B::Src<'_>,
+    x: B::Src<'_>,
+    p: &Proj<B::Src<'_>>,
     rows: usize,
     d_in: usize,
     out: usize,
-) -> Proj<Vec<f32>> {
-    Proj {
-        w: project_weight_grad(dy, x, rows, d_in, out),
-        b: p.b.map(|_| {
-            let mut db = vec![0f32; out];
-            for row in dy.chunks(out) {
-                db.iter_mut().zip(row).for_each(|(a, g)| *a += g);
-            }
-            db
-        }),
-    }
+) -> Result<Proj<B::Buf>> {
+    let mut dw = be.output(out * d_in)?;
+    let (dyv, xv) = (View::new(rows, out), View::new(rows, d_in));
+    be.matmul(&mut dw, View::new(out, d_in), dy, dyv.t(), x, xv, false)?;
+    Ok(Proj {
+        w: dw,
+        b: p.b.map(|_| be.col_sum(dy, rows, out)).transpose()?,
+    })
 }
 
-/// dx (+)= dy · w: the input's gradient of [`project`].
-fn project_input_grad(
-    dx: &mut [f32],
-    dy: &[f32],
-    w: &[f32],
+/// dx (+)= dy · w: the input's gradient of a projection.
+#[allow(clippy::too_many_arguments)]
+fn project_input_grad<B: Backend>(
+    be: &B,
+    dx: &mut B::Buf,
+    dy: B::Src<'_>,
+    w: B::Src<'_>,
     rows: usize,
     d_in: usize,
     out: usize,
     accumulate: bool,
-) {
+) -> Result<()> {
     let (dyv, wv) = (View::new(rows, out), View::new(out, d_in));
-    matmul(dx, View::new(rows, d_in), dy, dyv, w, wv, accumulate, true);
-}
-
-/// dw = dyᵀ · x: the weight's gradient of [`project`], [out, d_in].
-fn project_weight_grad(dy: &[f32], x: &[f32], rows: usize, d_in: usize, out: usize) -> Vec<f32> {
-    let mut dw = vec![0f32; out * d_in];
-    let (dyv, xv) = (View::new(rows, out), View::new(rows, d_in));
-    matmul(
-        &mut dw,
-        View::new(out, d_in),
-        dy,
-        dyv.t(),
-        x,
-        xv,
-        false,
-        true,
-    );
-    dw
-}
-
-pub(crate) fn add_into(acc: &mut [f32], x: &[f32]) {
-    acc.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14))
-        .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));
-}
-
-/// RoPE's angles for [`to_heads`] and [`from_heads`]: each row's cos and sin, and the
-/// direction (1 forward, -1 to rotate a gradient back).
-type Rope<'a> = (&'a [f32], &'a [f32], f32);
-
-/// One head's vector of row `row` copied to `dst`, rotated by the row's angles when `rope`
-/// is given.
-fn place_head(dst: &mut [f32], src: &[f32], row: usize, rope: Option<Rope>) {
-    match rope {
-        None => dst.copy_from_slice(src),
-        Some((cos, sin, sign)) => {
-            let half = src.len() / 2;
-            let (c, s) = (&cos[row * half..][..half], &sin[row * half..][..half]);
-            rope::rotate_row(dst, src, c, s, sign)
-        }
-    }
-}
-
-/// [rows, heads·head_dim] → [batch, heads, time, head_dim], rotating each head by its row's
-/// angles when `rope` is given.
-fn to_heads(x: &[f32], d: Dims, heads: usize, rope: Option<Rope>) -> Vec<f32> {
-    let (t, hd) = (d.t, d.hd);
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, o)| {
-        let (b, head) = (bh / heads, bh % heads);
-        for (i, dst) in o.chunks_mut(hd).enumerate() {
-            let row = b * t + i;
-            place_head(dst, &x[(row * heads + head) * hd..][..hd], row, rope);
-        }
-    });
-    out
-}
-
-/// The inverse layout change of [`to_heads`]: [batch, heads, time, head_dim] → [rows,
-/// heads·head_dim], rotating when `rope` is given.
-fn from_heads(xh: &[f32], d: Dims, heads: usize, rope: Option<Rope>) -> Vec<f32> {
-    let (t, hd) = (d.t, d.hd);
-    let mut out = vec![0f32; xh.len()];
-    out.par_chunks_mut(heads * hd)
-        .enumerate()
-        .for_each(|(row, o)| {
-            let (b, i) = (row / t, row % t);
-            for (head, dst) in o.chunks_mut(hd).enumerate() {
-                place_head(
-                    dst,
-                    &xh[((b * heads + head) * t + i) * hd..][..hd],
-                    row,
-                    rope,
-                );
-            }
-        });
-    out
-}
-
-/// Attention per (batch row, query head), one task each: P = softmax(q·kᵀ/√d + bias) and
-/// y = P·v, the key/value head being the query head's group (grouped-query attention).
-fn attention(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
-    let (t, hd, rep) = (d.t, d.hd, d.nh / d.nkv);
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut p = vec![0f32; d.b * d.nh * t * t];
-    let mut y = vec![0f32; q.len()];
-    let (tt, th) = (View::new(t, t), View::new(t, hd));
-    p.par_chunks_mut(t * t)
-        .zip(y.par_chunks_mut(t * hd))
-        .enumerate()
-        .for_each(|(i, (p, y))| {
-            let b = i / d.nh;
-            let kv = b * d.nkv + (i % d.nh) / rep;
-            let (k, v) = (&k[kv * t * hd..][..t * hd], &v[kv * t * hd..][..t * hd]);
-            let mut s = vec![0f32; t * t];
-            matmul(
-                &mut s,
-                tt,
-                &q[i * t * hd..][..t * hd],
-                th,
-                k,
-                th.t(),
-                false,
-                false,
-            );
-            p.copy_from_slice(&softmax::forward(
-                &s,
-                &bias[b * t * t..][..t * t],
-                t,
-                1,
-                t,
-                scale,
-            ));
-            matmul(y, th, p, tt, v, th, false, false);
-        });
-    (p, y)
-}
-
-/// The gradients of [`attention`] for q, k and v from the output's, dy (head-major). One
-/// task per (batch row, key/value head): it owns that head's dk and dv and its group's dq.
-fn attention_backward(dy: &[f32], s: &Saved, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (t, hd, rep) = (d.t, d.hd, d.nh / d.nkv);
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut dq = vec![0f32; s.q.len()];
-    let mut dk = vec![0f32; s.k.len()];
-    let mut dv = vec![0f32; s.v.len()];
-    let (tt, th) = (View::new(t, t), View::new(t, hd));
-    dk.par_chunks_mut(t * hd)
-        .zip(dv.par_chunks_mut(t * hd))
-        .zip(dq.par_chunks_mut(rep * t * hd))
-        .enumerate()
-        .for_each(|(j, ((dk, dv), dq))| {
-            let (k, v) = (&s.k[j * t * hd..][..t * hd], &s.v[j * t * hd..][..t * hd]);
-            let mut dp = vec![0f32; t * t];
-            for (r, dq) in dq.chunks_mut(t * hd).enumerate() {
-                let i = j * rep + r;
-                let (q, dy) = (&s.q[i * t * hd..][..t * hd], &dy[i * t * hd..][..t * hd]);
-                let p = &s.p[i * t * t..][..t * t];
-                matmul(&mut dp, tt, dy, th, v, th.t(), false, false);
-                matmul(dv, th, p, tt.t(), dy, th, r > 0, false);
-                let ds = softmax::backward(&dp, p, t, scale);
-                matmul(dq, th, &ds, tt, k, th, false, false);
-                matmul(dk, th, &ds, tt.t(), q, th, r > 0, false);
-            }
-        });
-    (dq, dk, dv)
-}
-
-fn flat<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
-    Ok(t.flatten_all()?.to_vec1::<T>()?)
+    be.matmul(dx, View::new(rows, d_in), dy, dyv, w, wv, accumulate)
 }
 
 /// One layer's forward from its input `x`: what its backward needs, and its output.
-fn layer_forward(
-    x: Vec<f32>,
-    l: &Layer<&[f32]>,
+fn layer_forward<B: Backend>(
+    be: &B,
+    x: B::Buf,
+    l: &Layer<B::Src<'_>>,
     d: Dims,
-    cos: &[f32],
-    sin: &[f32],
-    bias: &[f32],
-) -> (Saved, Vec<f32>) {
-    let (qd, kvd) = (d.nh * d.hd, d.nkv * d.hd);
-    let a = rms_norm::forward(&x, l.attn_norm, d.eps);
-    let rot = Some((cos, sin, 1.0));
-    let q = to_heads(&project(&a, &l.q, d.n, d.h, qd), d, d.nh, rot);
-    let k = to_heads(&project(&a, &l.k, d.n, d.h, kvd), d, d.nkv, rot);
-    let v = to_heads(&project(&a, &l.v, d.n, d.h, kvd), d, d.nkv, None);
-    let (p, yh) = attention(&q, &k, &v, bias, d);
-    let y = from_heads(&yh, d, d.nh, None);
-    let mut x_mid = project(&y, &l.o, d.n, qd, d.h);
-    add_into(&mut x_mid, &x);
-    let m = rms_norm::forward(&x_mid, l.mlp_norm, d.eps);
-    let g = project(&m, &l.gate, d.n, d.h, d.ff);
-    let u = project(&m, &l.up, d.n, d.h, d.ff);
-    let s = swiglu::forward(&g, &u);
-    let mut x_out = project(&s, &l.down, d.n, d.ff, d.h);
-    add_into(&mut x_out, &x_mid);
+    rows: &Rows<B>,
+) -> Result<(Saved<B>, B::Buf)> {
+    let (qd, kvd, n) = (d.nh * d.hd, d.nkv * d.hd, d.n);
+    let a = be.rms_norm(be.src(&x), l.attn_norm, n, d.h, d.eps)?;
+    let rot = Some((be.src(&rows.cos), be.src(&rows.sin), 1.0));
+    let to_heads = |y: B::Buf, heads, rope| be.heads(be.src(&y), rope, n, d.t, heads, d.hd, false);
+    let q = to_heads(project_on(be, be.src(&a), &l.q, n, d.h, qd)?, d.nh, rot)?;
+    let k = to_heads(project_on(be, be.src(&a), &l.k, n, d.h, kvd)?, d.nkv, rot)?;
+    let v = to_heads(project_on(be, be.src(&a), &l.v, n, d.h, kvd)?, d.nkv, None)?;
+    let bias = be.src(&rows.bias);
+    let (p, yh) = be.attention(be.src(&q), be.src(&k), be.src(&v), bias, d.heads())?;
+    let y = be.heads(be.src(&yh), None, n, d.t, d.nh, d.hd, true)?;
+    drop(yh);
+    let mut x_mid = project_on(be, be.src(&y), &l.o, n, qd, d.h)?;
+    be.add_into(&mut x_mid, be.src(&x), n * d.h)?;
+    let m = be.rms_norm(be.src(&x_mid), l.mlp_norm, n, d.h, d.eps)?;
+    let g = project_on(be, be.src(&m), &l.gate, n, d.h, d.ff)?;
+    let u = project_on(be, be.src(&m), &l.up, n, d.h, d.ff)?;
+    let s = be.swiglu(be.src(&g), be.src(&u), n * d.ff)?;
+    let mut x_out = project_on(be, be.src(&s), &l.down, n, d.ff, d.h)?;
+    be.add_into(&mut x_out, be.src(&x_mid), n * d.h)?;
     let saved = Saved {
         x,
         a,
@@ -434,51 +512,102 @@ fn layer_forward(
         u,
         s,
     };
-    (saved, x_out)
+    Ok((saved, x_out))
 }
 
-/// The forward pass of `model` (f32, CPU) on `batch`, keeping every layer's activations for
-/// the backward.
-pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
-    forward_with(model, batch, false)
+/// One layer's backward: its weights' gradients, with `dx` — the gradient of the layer's
+/// output on entry — turned into that of its input.
+fn layer_backward<B: Backend>(
+    be: &B,
+    dx: &mut B::Buf,
+    s: &Saved<B>,
+    l: &Layer<B::Src<'_>>,
+    d: Dims,
+    rows: &Rows<B>,
+) -> Result<Layer<B::Buf>> {
+    let (qd, kvd, n) = (d.nh * d.hd, d.nkv * d.hd, d.n);
+    // The MLP: dx is the gradient of its output (and of the stream after attention).
+    let mut ds = be.output(n * d.ff)?;
+    project_input_grad(be, &mut ds, be.src(dx), l.down.w, n, d.ff, d.h, false)?;
+    let down = project_param_grads(be, be.src(dx), be.src(&s.s), &l.down, n, d.ff, d.h)?;
+    let (dg, du) = be.swiglu_backward(be.src(&ds), be.src(&s.g), be.src(&s.u), n * d.ff)?;
+    drop(ds);
+    let mut dm = be.output(n * d.h)?;
+    project_input_grad(be, &mut dm, be.src(&dg), l.gate.w, n, d.h, d.ff, false)?;
+    project_input_grad(be, &mut dm, be.src(&du), l.up.w, n, d.h, d.ff, true)?;
+    let gate = project_param_grads(be, be.src(&dg), be.src(&s.m), &l.gate, n, d.h, d.ff)?;
+    let up = project_param_grads(be, be.src(&du), be.src(&s.m), &l.up, n, d.h, d.ff)?;
+    drop((dg, du));
+    let (dx_mid, mlp_norm) =
+        be.rms_norm_backward(be.src(&dm), be.src(&s.x_mid), l.mlp_norm, n, d.h, d.eps)?;
+    be.add_into(dx, be.src(&dx_mid), n * d.h)?;
+    // Attention: dx is now the gradient of its output (and of the layer's input).
+    let mut dy = be.output(n * qd)?;
+    project_input_grad(be, &mut dy, be.src(dx), l.o.w, n, qd, d.h, false)?;
+    let o = project_param_grads(be, be.src(dx), be.src(&s.y), &l.o, n, qd, d.h)?;
+    let dyh = be.heads(be.src(&dy), None, n, d.t, d.nh, d.hd, false)?;
+    drop(dy);
+    let (q, k, v, p) = (be.src(&s.q), be.src(&s.k), be.src(&s.v), be.src(&s.p));
+    let (dqh, dkh, dvh) = be.attention_backward(be.src(&dyh), q, k, v, p, d.heads())?;
+    drop(dyh);
+    let back = Some((be.src(&rows.cos), be.src(&rows.sin), -1.0));
+    let dq = be.heads(be.src(&dqh), back, n, d.t, d.nh, d.hd, true)?;
+    let dk = be.heads(be.src(&dkh), back, n, d.t, d.nkv, d.hd, true)?;
+    let dv = be.heads(be.src(&dvh), None, n, d.t, d.nkv, d.hd, true)?;
+    drop((dqh, dkh, dvh));
+    let mut da = be.output(n * d.h)?;
+    project_input_grad(be, &mut da, be.src(&dq), l.q.w, n, d.h, qd, false)?;
+    project_input_grad(be, &mut da, be.src(&dk), l.k.w, n, d.h, kvd, true)?;
+    project_input_grad(be, &mut da, be.src(&dv), l.v.w, n, d.h, kvd, true)?;
+    let q = project_param_grads(be, be.src(&dq), be.src(&s.a), &l.q, n, d.h, qd)?;
+    let k = project_param_grads(be, be.src(&dk), be.src(&s.a), &l.k, n, d.h, kvd)?;
+    let v = project_param_grads(be, be.src(&dv), be.src(&s.a), &l.v, n, d.h, kvd)?;
+    let (dx_in, attn_norm) =
+        be.rms_norm_backward(be.src(&da), be.src(&s.x), l.attn_norm, n, d.h, d.eps)?;
+    be.add_into(dx, be.src(&dx_in), n * d.h)?;
+    Ok(Layer {
+        attn_norm,
+        q,
+        k,
+        v,
+        o,
+        mlp_norm,
+        gate,
+        up,
+        down,
+    })
 }
 
-/// The forward pass; with `recompute`, each layer keeps only its input, and the backward
-/// runs the layer's forward again from it (the same arithmetic: the same bits).
-pub fn forward_with<'m>(model: &'m Llama, batch: &Batch, recompute: bool) -> Result<Trace<'m>> {
-    if !supports(model) {
-        bail!("backprop: the written-out passes need an f32 model on the CPU");
-    }
+/// The forward pass of `model` on `batch` through backend `be`.
+fn run_forward<'m, B: Backend>(
+    be: B,
+    model: &'m Llama,
+    batch: &Batch,
+    recompute: bool,
+) -> Result<Run<'m, B>> {
     if batch.n_loss_tokens == 0 {
         bail!("the batch has no reply tokens to compute a loss on");
     }
     let (b, t) = batch.ids.dims2()?;
     let d = Dims::new(&model.config, b, t);
+    let host = &batch.host;
+    if let Some(&id) = host.ids.iter().find(|&&id| id as usize >= d.vocab) {
+        bail!("token id {id} is outside the vocabulary of {}", d.vocab);
+    }
+    model.check_positions(host.positions.iter().copied().max().unwrap_or(0) as usize)?;
     let (globals, layer_held) = (held_globals(model)?, held_layers(model)?);
-    let w = Weights::new(&globals, &layer_held)?;
-    let ids: Vec<u32> = flat(&batch.ids)?;
-    let positions: Vec<u32> = flat(&batch.positions)?;
-    let bias: Vec<f32> = flat(&batch.bias.to_dtype(DType::F32)?)?;
+    let w = Weights::map(&globals, &layer_held, |h| be.weight(h))?;
+    let (ids, positions) = (be.ids(&host.ids)?, be.ids(&host.positions)?);
     let half = d.hd / 2;
-    let (mut cos, mut sin) = (
-        Vec::with_capacity(d.n * half),
-        Vec::with_capacity(d.n * half),
-    );
-    model.check_positions(positions.iter().copied().max().unwrap_or(0) as usize)?;
-    for &p in &positions {
-        cos.extend_from_slice(&w.cos[p as usize * half..][..half]);
-        sin.extend_from_slice(&w.sin[p as usize * half..][..half]);
-    }
-    let mut x = Vec::with_capacity(d.n * d.h);
-    for &id in &ids {
-        if id as usize >= d.vocab {
-            bail!("token id {id} is outside the vocabulary of {}", d.vocab);
-        }
-        x.extend_from_slice(&w.embed[id as usize * d.h..][..d.h]);
-    }
+    let rows = Rows {
+        cos: be.gather_rows(w.cos, &positions, d.n, half)?,
+        sin: be.gather_rows(w.sin, &positions, d.n, half)?,
+        bias: be.copy_of(&batch.bias)?,
+    };
+    let mut x = be.gather_rows(w.embed, &ids, d.n, d.h)?;
     let mut layers = Vec::with_capacity(w.layers.len());
     for l in &w.layers {
-        let (saved, x_out) = layer_forward(std::mem::take(&mut x), l, d, &cos, &sin, &bias);
+        let (saved, x_out) = layer_forward(&be, x, l, d, &rows)?;
         layers.push(if recompute {
             Kept::Input(saved.x)
         } else {
@@ -486,30 +615,30 @@ pub fn forward_with<'m>(model: &'m Llama, batch: &Batch, recompute: bool) -> Res
         });
         x = x_out;
     }
-    let loss_rows: Vec<u32> = flat(&batch.loss_positions)?;
-    let targets: Vec<u32> = flat(&batch.loss_targets)?;
+    let n_loss = host.loss_positions.len();
+    let loss_rows = be.ids(&host.loss_positions)?;
+    let targets = be.ids(&host.loss_targets)?;
     // RMSNorm is row by row: only the rows the loss reads need it.
-    let mut x_loss = Vec::with_capacity(loss_rows.len() * d.h);
-    for &r in &loss_rows {
-        x_loss.extend_from_slice(&x[r as usize * d.h..][..d.h]);
-    }
-    let normed = rms_norm::forward(&x_loss, w.norm, d.eps);
+    let x_loss = be.gather_rows(be.src(&x), &loss_rows, n_loss, d.h)?;
+    drop(x);
+    let normed = be.rms_norm(be.src(&x_loss), w.norm, n_loss, d.h, d.eps)?;
     let head = Proj { w: w.head, b: None };
-    let logits = project(&normed, &head, loss_rows.len(), d.h, d.vocab);
-    let nll = cross_entropy::forward(&logits, &targets, d.vocab);
-    let loss = nll.iter().map(|&v| v as f64).sum::<f64>() / nll.len() as f64;
+    let logits = project_on(&be, be.src(&normed), &head, n_loss, d.h, d.vocab)?;
+    let nll = be.cross_entropy(be.src(&logits), &targets, n_loss, d.vocab)?;
+    let loss = be.sum(&nll, n_loss)? / n_loss as f64;
     drop(w);
     drop((globals, layer_held));
-    Ok(Trace {
+    let lookups = be.lookups(&Lookups::new(&host.ids, model.config.pad_token_id))?;
+    Ok(Run {
+        be,
         model,
         d,
-        ids,
-        cos,
-        sin,
-        bias,
+        rows,
+        lookups,
         layers,
         x_loss,
         loss_rows,
+        n_loss,
         targets,
         normed,
         logits,
@@ -517,112 +646,78 @@ pub fn forward_with<'m>(model: &'m Llama, batch: &Batch, recompute: bool) -> Res
     })
 }
 
-impl Trace<'_> {
-    /// The mean cross-entropy over the batch's reply tokens.
-    pub fn loss(&self) -> f64 {
-        self.loss
-    }
-
-    /// The gradients of `scale` × the loss for every weight of the model, keyed by the
-    /// model's tensors as candle's autograd keys them (a tied output projection adds into
-    /// the embedding's).
-    pub fn backward(self, scale: f64) -> Result<GradStore> {
-        let d = self.d;
+impl<B: Backend> Run<'_, B> {
+    /// The gradients of `scale` × the loss for every weight of the model.
+    fn backward(self, scale: f64) -> Result<GradStore> {
+        let (be, d, n_loss) = (&self.be, self.d, self.n_loss);
         let (globals, layer_held) = (held_globals(self.model)?, held_layers(self.model)?);
-        let w = Weights::new(&globals, &layer_held)?;
-        let rows = self.loss_rows.len();
-        let g = vec![(scale / rows as f64) as f32; rows];
-        let dlogits = cross_entropy::backward(&self.logits, &self.targets, &g, d.vocab);
+        let w = Weights::map(&globals, &layer_held, |h| be.weight(h))?;
+        let g = (scale / n_loss as f64) as f32;
+        let dlogits =
+            be.cross_entropy_backward(be.src(&self.logits), &self.targets, g, n_loss, d.vocab)?;
         drop(self.logits);
-        let d_head = project_weight_grad(&dlogits, &self.normed, rows, d.h, d.vocab);
-        let mut dnormed = vec![0f32; rows * d.h];
-        project_input_grad(&mut dnormed, &dlogits, w.head, rows, d.h, d.vocab, false);
+        let head = Proj { w: w.head, b: None };
+        let d_head = project_param_grads(
+            be,
+            be.src(&dlogits),
+            be.src(&self.normed),
+            &head,
+            n_loss,
+            d.h,
+            d.vocab,
+        )?
+        .w;
+        let mut dnormed = be.output(n_loss * d.h)?;
+        project_input_grad(
+            be,
+            &mut dnormed,
+            be.src(&dlogits),
+            w.head,
+            n_loss,
+            d.h,
+            d.vocab,
+            false,
+        )?;
         drop(dlogits);
-        let (dx_loss, d_norm) = rms_norm::backward(&dnormed, &self.x_loss, w.norm, d.eps);
-        let mut dx = vec![0f32; d.n * d.h];
-        for (j, &r) in self.loss_rows.iter().enumerate() {
-            dx[r as usize * d.h..][..d.h].copy_from_slice(&dx_loss[j * d.h..][..d.h]);
-        }
-        let (qd, kvd) = (d.nh * d.hd, d.nkv * d.hd);
-        let back = Some((self.cos.as_slice(), self.sin.as_slice(), -1.0));
+        let (dx_loss, d_norm) = be.rms_norm_backward(
+            be.src(&dnormed),
+            be.src(&self.x_loss),
+            w.norm,
+            n_loss,
+            d.h,
+            d.eps,
+        )?;
+        let mut dx = be.scatter_rows(be.src(&dx_loss), &self.loss_rows, n_loss, d.h, d.n)?;
+        drop(dx_loss);
         let mut grads = Vec::with_capacity(self.layers.len());
         for (kept, l) in self.layers.iter().zip(&w.layers).rev() {
             let redone;
             let s = match kept {
                 Kept::All(s) => &**s,
                 Kept::Input(x) => {
-                    let (cos, sin) = (&self.cos, &self.sin);
-                    redone = layer_forward(x.clone(), l, d, cos, sin, &self.bias).0;
+                    let x = be.copy_buf(be.src(x), d.n * d.h)?;
+                    redone = layer_forward(be, x, l, d, &self.rows)?.0;
                     &redone
                 }
             };
-            // The MLP: dx is the gradient of its output (and of the stream after attention).
-            let mut ds = vec![0f32; d.n * d.ff];
-            project_input_grad(&mut ds, &dx, l.down.w, d.n, d.ff, d.h, false);
-            let down = project_param_grads(&dx, &s.s, &l.down, d.n, d.ff, d.h);
-            let dgu = swiglu::backward(&ds, &s.g, &s.u);
-            let (dg, du) = dgu.split_at(d.n * d.ff);
-            let mut dm = vec![0f32; d.n * d.h];
-            project_input_grad(&mut dm, dg, l.gate.w, d.n, d.h, d.ff, false);
-            project_input_grad(&mut dm, du, l.up.w, d.n, d.h, d.ff, true);
-            let gate = project_param_grads(dg, &s.m, &l.gate, d.n, d.h, d.ff);
-            let up = project_param_grads(du, &s.m, &l.up, d.n, d.h, d.ff);
-            let (dx_mid, mlp_norm) = rms_norm::backward(&dm, &s.x_mid, l.mlp_norm, d.eps);
-            add_into(&mut dx, &dx_mid);
-            // Attention: dx is now the gradient of its output (and of the layer's input).
-            let mut dy = vec![0f32; d.n * qd];
-            project_input_grad(&mut dy, &dx, l.o.w, d.n, qd, d.h, false);
-            let o = project_param_grads(&dx, &s.y, &l.o, d.n, qd, d.h);
-            let (dqh, dkh, dvh) = attention_backward(&to_heads(&dy, d, d.nh, None), s, d);
-            let dq = from_heads(&dqh, d, d.nh, back);
-            let dk = from_heads(&dkh, d, d.nkv, back);
-            let dv = from_heads(&dvh, d, d.nkv, None);
-            let mut da = vec![0f32; d.n * d.h];
-            project_input_grad(&mut da, &dq, l.q.w, d.n, d.h, qd, false);
-            project_input_grad(&mut da, &dk, l.k.w, d.n, d.h, kvd, true);
-            project_input_grad(&mut da, &dv, l.v.w, d.n, d.h, kvd, true);
-            let q = project_param_grads(&dq, &s.a, &l.q, d.n, d.h, qd);
-            let k = project_param_grads(&dk, &s.a, &l.k, d.n, d.h, kvd);
-            let v = project_param_grads(&dv, &s.a, &l.v, d.n, d.h, kvd);
-            let (dx_in, attn_norm) = rms_norm::backward(&da, &s.x, l.attn_norm, d.eps);
-            add_into(&mut dx, &dx_in);
-            grads.push(Layer {
-                attn_norm,
-                q,
-                k,
-                v,
-                o,
-                mlp_norm,
-                gate,
-                up,
-                down,
-            });
+            grads.push(layer_backward(be, &mut dx, s, l, d, &self.rows)?);
         }
         grads.reverse();
         // A tied output projection is the embedding: its gradient adds into the same buffer.
-        let tied = self.model.embed.id() == self.model.lm_head.id();
+        let m = self.model;
+        let tied = m.embed.id() == m.lm_head.id();
         let (mut d_embed, d_head) = if tied {
             (d_head, None)
         } else {
-            (vec![0f32; d.vocab * d.h], Some(d_head))
+            (be.zeros(d.vocab * d.h)?, Some(d_head))
         };
         // The padding token's row gets nothing from lookups (transformers' padding_idx).
-        let pad = self.model.config.pad_token_id;
-        for (r, &id) in self.ids.iter().enumerate() {
-            if Some(id) == pad {
-                continue;
-            }
-            let row = &mut d_embed[id as usize * d.h..][..d.h];
-            row.iter_mut()
-                .zip(&dx[r * d.h..][..d.h])
-                .for_each(|(a, g)| *a += g);
-        }
+        be.embedding_backward(&mut d_embed, be.src(&dx), &self.lookups, d.h)?;
         drop(w);
         drop((globals, layer_held));
-        let m = self.model;
         let mut store = GradStore::default();
-        let mut put = |t: &Tensor, g: Vec<f32>| -> Result<()> {
-            store.insert(t, Tensor::from_vec(g, t.shape(), t.device())?);
+        let mut put = |t: &Tensor, g: B::Buf| -> Result<()> {
+            store.insert(t, be.tensor_of(g, t)?);
             Ok(())
         };
         put(&m.embed, d_embed)?;
@@ -639,25 +734,90 @@ impl Trace<'_> {
     }
 }
 
+/// The forward pass of `model` on `batch`, keeping every layer's activations for the
+/// backward.
+pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
+    forward_with(model, batch, false)
+}
+
+/// The forward pass on the model's device (f32 on the CPU or, with the `cuda` feature, a
+/// GPU); with `recompute`, each layer keeps only its input, and the backward runs the layer's
+/// forward again from it (the same arithmetic: the same bits).
+pub fn forward_with<'m>(model: &'m Llama, batch: &Batch, recompute: bool) -> Result<Trace<'m>> {
+    if !supports(model) {
+        bail!(
+            "backprop: the written-out pass runs f32 models on the CPU{}; this one is {:?} on {:?}",
+            if cfg!(feature = "cuda") {
+                " or a GPU"
+            } else {
+                " (or a GPU, in a build with the cuda feature)"
+            },
+            model.dtype(),
+            model.device()
+        );
+    }
+    let run = match model.device() {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) => Runs::Cuda(Box::new(run_forward(
+            cuda::Cuda::new(dev),
+            model,
+            batch,
+            recompute,
+        )?)),
+        _ => Runs::Cpu(Box::new(run_forward(cpu::Cpu, model, batch, recompute)?)),
+    };
+    Ok(Trace { run })
+}
+
+impl Trace<'_> {
+    /// The mean cross-entropy over the batch's reply tokens.
+    pub fn loss(&self) -> f64 {
+        match &self.run {
+            Runs::Cpu(r) => r.loss,
+            #[cfg(feature = "cuda")]
+            Runs::Cuda(r) => r.loss,
+        }
+    }
+
+    /// The gradients of `scale` × the loss for every weight of the model, keyed by the
+    /// model's tensors as candle's autograd keys them (a tied output projection adds into
+    /// the embedding's), on the model's device.
+    pub fn backward(self, scale: f64) -> Result<GradStore> {
+        match self.run {
+            Runs::Cpu(r) => r.backward(scale),
+            #[cfg(feature = "cuda")]
+            Runs::Cuda(r) => r.backward(scale),
+        }
+    }
+}
+
+/// How a training step computes its gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// The written-out passes of this module, with activation recompute when asked.
+    Written { recompute: bool },
+    /// candle's autograd of [`crate::batch::loss`] (any dtype, any device; no recompute).
+    Autograd,
+}
+
 /// The training loss of `model` on `batch` and the gradients of `scale` × that loss for
-/// every weight: the written-out passes of this module for an f32 model on the CPU (with
-/// activation recompute when asked), candle's autograd of [`crate::batch::loss`] otherwise
-/// (other dtypes, other devices), which has no recompute: asking for it there is an error.
+/// every weight, by `route`.
 pub fn loss_and_grads(
     model: &Llama,
     batch: &Batch,
     scale: f64,
-    recompute: bool,
+    route: Route,
 ) -> Result<(f64, GradStore)> {
-    if supports(model) {
-        let trace = forward_with(model, batch, recompute)?;
-        let l = trace.loss();
-        return Ok((l, trace.backward(scale)?));
+    match route {
+        Route::Written { recompute } => {
+            let trace = forward_with(model, batch, recompute)?;
+            let l = trace.loss();
+            Ok((l, trace.backward(scale)?))
+        }
+        Route::Autograd => {
+            let l = crate::batch::loss(model, batch, crate::llama::Pass::Train)?;
+            let grads = l.affine(scale, 0.0)?.backward()?;
+            Ok((l.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
+        }
     }
-    if recompute {
-        bail!("recompute: activation recompute is in the written-out pass, which runs f32 models on the CPU; this model ({:?} on {:?}) trains through candle's autograd", model.dtype(), model.device());
-    }
-    let l = crate::batch::loss(model, batch, crate::llama::Pass::Train)?;
-    let grads = l.affine(scale, 0.0)?.backward()?;
-    Ok((l.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
 }

@@ -19,6 +19,19 @@ pub struct Batch {
     pub loss_targets: Tensor,
     /// Reply tokens the loss averages over.
     pub n_loss_tokens: usize,
+    /// The same indices on the host, where they were made: the written-out pass reads them
+    /// there (to check them, group the embedding's lookups, upload them) without waiting
+    /// for the device.
+    pub host: HostIndices,
+}
+
+/// A [`Batch`]'s ids, positions, loss positions and targets as host vectors (row-major).
+#[derive(Clone, Debug, Default)]
+pub struct HostIndices {
+    pub ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub loss_positions: Vec<u32>,
+    pub loss_targets: Vec<u32>,
 }
 
 impl Batch {
@@ -53,12 +66,18 @@ impl Batch {
         let n_loss_tokens = loss_positions.len();
         let positions: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
         Ok(Self {
-            ids: Tensor::from_vec(ids, (b, t), device)?,
-            positions: Tensor::from_vec(positions, (b, t), device)?,
+            ids: Tensor::from_slice(&ids, (b, t), device)?,
+            positions: Tensor::from_slice(&positions, (b, t), device)?,
             bias: attention_bias(&valid, t, dtype, device)?,
-            loss_positions: Tensor::from_vec(loss_positions, n_loss_tokens, device)?,
-            loss_targets: Tensor::from_vec(loss_targets, n_loss_tokens, device)?,
+            loss_positions: Tensor::from_slice(&loss_positions, n_loss_tokens, device)?,
+            loss_targets: Tensor::from_slice(&loss_targets, n_loss_tokens, device)?,
             n_loss_tokens,
+            host: HostIndices {
+                ids,
+                positions,
+                loss_positions,
+                loss_targets,
+            },
         })
     }
 }
@@ -120,7 +139,7 @@ pub fn mean_loss(
             // The written-out forward for an f32 model on the CPU (what training runs;
             // keeping only each layer's input, as no backward follows), candle's graph
             // otherwise.
-            let l = if crate::backprop::supports(model) {
+            let l = if crate::backprop::by_default(model) {
                 crate::backprop::forward_with(model, &b, true)?.loss()
             } else {
                 loss(model, &b, Pass::Infer)?

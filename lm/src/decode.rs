@@ -12,14 +12,17 @@
 //! prefill the GEMM. The tests check the logits against candle's graph and the replies of
 //! the real model against it token for token.
 
-use crate::backprop::{add_into, held_globals, held_layers, project, Dims, Held, Weights};
+use crate::backprop::{held_globals, held_layers, project, Dims, Held, Weights};
 use crate::llama::{Layer, Llama};
 use anyhow::{bail, Result};
+use basin_kernels::ops::rows::add_into;
 use basin_kernels::ops::{rms_norm, rope, swiglu};
 use rayon::prelude::*;
 
-/// Whether [`Decoder`] can run `model`: f32 weights on the CPU, as the training pass.
-pub use crate::backprop::supports;
+/// Whether [`Decoder`] can run `model`: f32 weights on the CPU.
+pub fn supports(model: &Llama) -> bool {
+    model.dtype() == candle_core::DType::F32 && model.device().is_cpu()
+}
 
 /// The model's weights, held for reading while a generation runs.
 pub struct HeldModel<'m> {
@@ -52,7 +55,7 @@ struct Cache {
 /// returns the logits after each row's last one.
 pub struct Decoder<'a> {
     model: &'a Llama,
-    w: Weights<'a>,
+    w: Weights<&'a [f32]>,
     /// Batch rows.
     b: usize,
     cache: Cache,

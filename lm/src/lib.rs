@@ -6,7 +6,7 @@
 //!   from GGUF or a Hugging Face directory, refusing any tensor mismatch, and saves it as the
 //!   latter in the model's own layout; [`batch`] builds
 //!   training batches and the masked loss; [`backprop`] is the loss and its gradients
-//!   written out by hand for an f32 model on the CPU; [`generate`] decodes batches with a
+//!   written out by hand for an f32 model, one pass over a CPU or a CUDA backend; [`generate`] decodes batches with a
 //!   KV cache.
 //! - [`model`]: a model opened for use (text side + weights + network), and replies to
 //!   conversations in batches.

@@ -2,14 +2,16 @@
 //! depend on the weights), the figures PyTorch's baselines measure:
 //!
 //! - a training step (forward, backward, AdamW) on `--batch` x `--seq` random tokens, loss
-//!   on every token, f32 and bf16 (bf16 on CUDA only): tokens/s and the time of each phase;
+//!   on every token: f32 through the written-out pass (lm/src/backprop.rs, on the CPU or the
+//!   GPU) and, on a GPU, f32 and bf16 through candle's autograd (`f32-autograd`, `bf16`):
+//!   tokens/s and the time of each phase;
 //! - greedy generation, `--gen-batch` prompts of 64 random tokens + 64 new tokens.
 //!
 //! Defaults: 16 x 512 and batch 64 on a GPU, 4 x 128 and batch 8 on the CPU (the shapes of
 //! the PyTorch + transformers figures we compare with). `--torch FILE` prints PyTorch's
 //! figures (a JSON of hf_train_*_tok_s / hf_generate_*_tok_s keys on a GPU, of
 //! scripts/torch_cpu_bench.py's keys on the CPU: `just bench-cpu-torch`) beside ours; `--json
-//! FILE` writes ours; `--dtype f32|bf16|bf16-pure` trains in that one only (bf16-pure:
+//! FILE` writes ours; `--dtype f32|f32-autograd|bf16|bf16-pure` trains in that one only (bf16-pure:
 //! pure bf16 state with the EMA, as configs/paper-7b.toml; GPU only, and only when named),
 //! `--train-only` skips generation, `--layers N` keeps N of the 30 layers, `--warm N` sets
 //! the untimed steps (for a profiler: `--train-only --dtype f32 --layers 4 --warm 1 --iters
@@ -90,6 +92,7 @@ fn train_step(
     dev: &Device,
     dtype: DType,
     pure: bool,
+    written: bool,
     b: usize,
     t: usize,
     iters: usize,
@@ -122,9 +125,9 @@ fn train_step(
     for i in 0..warm + iters {
         dev.synchronize()?;
         let t0 = Instant::now();
-        // As train runs it (`loss_and_grads`), timed by phase: the written-out passes for
-        // f32 on the CPU, candle's autograd otherwise.
-        let forward = if backprop::supports(&model) {
+        // As train runs it (`loss_and_grads`), timed by phase: the written-out pass (f32, on
+        // the CPU or the GPU) or candle's autograd.
+        let forward = if written {
             Forward::Written(Box::new(backprop::forward(&model, &batch)?))
         } else {
             Forward::Autograd(loss(&model, &batch, Pass::Train)?)
@@ -226,35 +229,43 @@ fn main() -> anyhow::Result<()> {
         });
         println!("{name:<40} {ours:>12.0} {ts:>12} {ratio:>7}");
     };
-    let dtypes: &[(DType, &str)] = if gpu {
+    // (dtype, name, written-out pass): on a GPU f32 both ways, bf16 through candle's autograd.
+    let dtypes: &[(DType, &str, bool)] = if gpu {
         &[
-            (DType::F32, "f32"),
-            (DType::BF16, "bf16"),
-            (DType::BF16, "bf16-pure"),
+            (DType::F32, "f32", true),
+            (DType::F32, "f32-autograd", false),
+            (DType::BF16, "bf16", false),
+            (DType::BF16, "bf16-pure", false),
         ]
     } else {
-        &[(DType::F32, "f32")]
+        &[(DType::F32, "f32", true)]
     };
     let only = arg("--dtype");
     let peak_tflops: f64 = arg("--peak-tflops").map_or(Ok(989.0), |v| v.parse())?;
     let cfg = shape()?;
-    for &(dtype, name) in dtypes.iter().filter(|(_, n)| match only.as_deref() {
+    for &(dtype, name, written) in dtypes.iter().filter(|(_, n, _)| match only.as_deref() {
         Some(o) => o == *n,
         // bf16-pure (the 7B memory setting) only when asked for.
         None => *n != "bf16-pure",
     }) {
         let before = gpu_used(gpu);
-        let (secs, p) = train_step(&dev, dtype, name == "bf16-pure", b, t, iters)?;
+        let (secs, p) = train_step(&dev, dtype, name == "bf16-pure", written, b, t, iters)?;
         let used = gpu_used(gpu);
         let tok_s = (b * t) as f64 / secs;
         let key = if gpu {
-            // PyTorch's bf16 step is pure bf16 (torch_shape_baseline.py): both rows compare to it.
-            let torch_name = name.trim_end_matches("-pure");
+            // PyTorch's bf16 step is pure bf16 (torch_shape_baseline.py): both rows compare to it;
+            // both f32 rows to its f32 step.
+            let torch_name = name.split('-').next().unwrap_or(name);
             format!("hf_train_{torch_name}_b{b}_s{t}_tok_s")
         } else {
             format!("train_{name}_b{b}_s{t}_tok_s")
         };
-        row(&format!("train {name} {b}x{t} tokens/s"), tok_s, &key);
+        let pass = if written { "written-out" } else { "autograd" };
+        row(
+            &format!("train {name} {b}x{t} tokens/s ({pass})"),
+            tok_s,
+            &key,
+        );
         println!(
             "  step {:.1} ms: forward {:.1}, backward {:.1}, optimizer (accumulate, norm, AdamW) {:.1}",
             secs * 1e3,

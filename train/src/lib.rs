@@ -22,7 +22,7 @@ pub mod sweep;
 
 use anyhow::{bail, Context, Result};
 use basin_lm::artifacts::{MetricsRecord, RunInfo, Save};
-use basin_lm::backprop::loss_and_grads;
+use basin_lm::backprop::{loss_and_grads, Route};
 use basin_lm::batch::Batch;
 use basin_lm::fsutil::{sha256_file, write_bytes_atomic};
 use basin_lm::model::{parse_device, parse_dtype, Model};
@@ -252,6 +252,13 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
     );
     bar.set_position(step as u64);
     let mut last_val = first_val;
+    let route = if config.written_pass() {
+        Route::Written {
+            recompute: config.recompute,
+        }
+    } else {
+        Route::Autograd
+    };
     while step < total {
         let started = Instant::now();
         let rows = next_rows(&data.train, &mut pos, config.batch_size, config.seed);
@@ -264,7 +271,7 @@ pub fn run(config: &TrainConfig, opts: &Options) -> Result<Summary> {
         for b in batches.iter().filter(|b| b.n_loss_tokens > 0) {
             // Each micro-batch weighs by its share of reply tokens: the sum is the batch mean.
             let share = b.n_loss_tokens as f64 / tokens.max(1) as f64;
-            let (l, grads) = loss_and_grads(&model.llama, b, share, config.recompute)?;
+            let (l, grads) = loss_and_grads(&model.llama, b, share, route)?;
             state.accumulate(&grads)?;
             loss_sum += l * b.n_loss_tokens as f64;
         }

@@ -326,12 +326,13 @@ pub fn fitting_changes(
     if pure != *config && fits(&pure, seq_len)? {
         out.push(PURE_BF16.join(" --set "));
     }
-    if !config.recompute && config.device == "cpu" {
+    if !config.recompute {
         let c = TrainConfig {
             recompute: true,
             ..config.clone()
         };
-        if fits(&c, seq_len)? {
+        // Where the written-out pass runs (recompute lives there).
+        if c.written_pass() && fits(&c, seq_len)? {
             out.push("recompute=true".into());
         }
     }

@@ -470,6 +470,12 @@ fn pure_bf16_trains_resumes_bitwise_and_tracks_f32_state() {
         (vec!["state.moments=\"pair\""], "state.moments"),
         (vec!["state.distance_every=0"], "distance_every"),
         (vec!["dtype=\"bf16\"", "recompute=true"], "recompute"),
+        (vec!["pass=\"autograd\"", "recompute=true"], "recompute"),
+        (
+            vec!["dtype=\"bf16\"", "pass=\"written\""],
+            "pass = \"written\"",
+        ),
+        (vec!["pass=\"fast\""], "unknown variant"),
         (vec!["state.weights=\"half\""], "unknown variant"),
     ] {
         let out = s.train("refused", &bad);
@@ -495,6 +501,26 @@ fn recompute_trains_the_same_weights() {
     let a = std::fs::read(s.path("runs/kept/model/model.safetensors")).unwrap();
     let b = std::fs::read(s.path("runs/redone/model/model.safetensors")).unwrap();
     assert!(a == b, "recompute changed the weights");
+}
+
+/// The two ways to the gradients (`pass`): the written-out pass (auto's choice on the CPU)
+/// and candle's autograd give the same first step — its loss and gradient norm — to
+/// rounding, and the resolved config says which ran.
+#[test]
+fn the_written_out_pass_and_autograd_train_alike() {
+    let s = Setup::new();
+    ok(&s.train("written", &["steps=1"]));
+    ok(&s.train("autograd", &["steps=1", "pass=\"autograd\""]));
+    let first = |run: &str, field: &str| metrics(&s.path(run))[1][field].as_f64().unwrap();
+    for field in ["loss", "grad_norm"] {
+        let (w, a) = (first("runs/written", field), first("runs/autograd", field));
+        assert!(
+            (w - a).abs() <= 1e-5 * a.abs(),
+            "{field}: {w} written vs {a} autograd"
+        );
+    }
+    let config = std::fs::read_to_string(s.path("runs/autograd/config.toml")).unwrap();
+    assert!(config.contains("pass = \"autograd\""), "{config}");
 }
 
 #[test]

@@ -155,25 +155,83 @@ impl CustomOp3 for Backward {
         Ok((d, l1.shape().clone()))
     }
 }
-/// The CUDA launchers of this op (kernels in `cuda/fused.cu`).
+/// The CUDA launchers of this op (kernels in `cuda/fused.cu`): on device buffers (the
+/// written-out pass) and on candle's storage (the custom op).
 #[cfg(feature = "cuda")]
-mod cuda {
+pub mod cuda {
     use super::super::fused_func;
-    use crate::cuda::{u32_arg, view};
+    use crate::cuda::{u32_arg, view, Dev, DevMut};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{bail, Result};
+    use candle_core::{bail, CudaDevice, Result};
 
     /// One block of `XENT_THREADS` (fused.cu) per row.
-    fn block_rows(rows: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
+    fn block_rows(rows: usize) -> Result<LaunchConfig> {
+        Ok(LaunchConfig {
+            grid_dim: (u32_arg(rows, "rows")?, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
-        }
+        })
     }
 
-    /// fused.cu's xent_fwd over `rows` rows of `v` logits.
+    /// [`super::forward`]: each row's nll. A target outside the vocabulary gives NaN.
+    pub fn forward(
+        dev: &CudaDevice,
+        logits: Dev<f32>,
+        targets: Dev<u32>,
+        nll: DevMut<f32>,
+        rows: usize,
+        v: usize,
+    ) -> Result<()> {
+        let (x, t, o) = (
+            logits.at_least(rows * v, "cross-entropy: logits")?,
+            targets.at_least(rows, "cross-entropy: targets")?,
+            nll.at_least(rows, "cross-entropy: nll")?,
+        );
+        if rows == 0 {
+            return Ok(());
+        }
+        let func = fused_func(dev, "xent_fwd")?;
+        let stream = dev.cuda_stream();
+        let mut a = stream.launch_builder(&func);
+        let v = u32_arg(v, "vocabulary")?;
+        a.arg(&x).arg(&t).arg(&o).arg(&v);
+        // SAFETY: the arguments match xent_fwd's signature: rows·v logits, rows targets (the
+        // kernel checks each against v), rows outputs; checked above.
+        unsafe { a.launch(block_rows(rows)?) }.w()?;
+        Ok(())
+    }
+
+    /// [`super::backward`]: the logits' gradient from each row's nll's gradient g.
+    pub fn backward(
+        dev: &CudaDevice,
+        logits: Dev<f32>,
+        targets: Dev<u32>,
+        g: Dev<f32>,
+        dlogits: DevMut<f32>,
+        rows: usize,
+        v: usize,
+    ) -> Result<()> {
+        let (x, t, gr, d) = (
+            logits.at_least(rows * v, "cross-entropy backward: logits")?,
+            targets.at_least(rows, "cross-entropy backward: targets")?,
+            g.at_least(rows, "cross-entropy backward: g")?,
+            dlogits.at_least(rows * v, "cross-entropy backward: dlogits")?,
+        );
+        if rows == 0 {
+            return Ok(());
+        }
+        let func = fused_func(dev, "xent_bwd")?;
+        let stream = dev.cuda_stream();
+        let mut a = stream.launch_builder(&func);
+        let v = u32_arg(v, "vocabulary")?;
+        a.arg(&x).arg(&t).arg(&gr).arg(&d).arg(&v);
+        // SAFETY: the arguments match xent_bwd's signature; sizes checked above.
+        unsafe { a.launch(block_rows(rows)?) }.w()?;
+        Ok(())
+    }
+
+    /// The custom op's forward on candle's storage.
     pub(super) fn xent_forward(
         logits: &candle_core::CudaStorage,
         ll: &candle_core::Layout,
@@ -186,18 +244,12 @@ mod cuda {
         let (x, t) = (view::<f32>(logits, ll)?, view::<u32>(targets, lt)?);
         // SAFETY: the kernel writes every row's value.
         let mut nll = unsafe { dev.alloc::<f32>(rows) }?;
-        let func = fused_func(dev, "xent_fwd")?;
-        let stream = dev.cuda_stream();
-        let mut a = stream.launch_builder(&func);
-        let v = u32_arg(v, "vocabulary")?;
-        a.arg(&x).arg(&t).arg(&mut nll).arg(&v);
-        // SAFETY: the arguments match xent_fwd's signature: rows·v logits, rows targets (the
-        // kernel checks each against v), rows outputs.
-        unsafe { a.launch(block_rows(rows)) }.w()?;
+        let (x, t) = (Dev::of_view(&x, dev), Dev::of_view(&t, dev));
+        forward(dev, x, t, DevMut::of(&mut nll, dev), rows, v)?;
         Ok(candle_core::CudaStorage::wrap_cuda_slice(nll, dev.clone()))
     }
 
-    /// fused.cu's xent_bwd: the gradient of the logits from the gradient of each row's nll.
+    /// The custom op's backward on candle's storage.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn xent_backward(
         logits: &candle_core::CudaStorage,
@@ -220,13 +272,12 @@ mod cuda {
         }
         // SAFETY: the kernel writes every element.
         let mut d = unsafe { dev.alloc::<f32>(rows * v) }?;
-        let func = fused_func(dev, "xent_bwd")?;
-        let stream = dev.cuda_stream();
-        let mut a = stream.launch_builder(&func);
-        let v = u32_arg(v, "vocabulary")?;
-        a.arg(&x).arg(&t).arg(&g).arg(&mut d).arg(&v);
-        // SAFETY: the arguments match xent_bwd's signature; sizes checked above.
-        unsafe { a.launch(block_rows(rows)) }.w()?;
+        let (x, t, g) = (
+            Dev::of_view(&x, dev),
+            Dev::of_view(&t, dev),
+            Dev::of_view(&g, dev),
+        );
+        backward(dev, x, t, g, DevMut::of(&mut d, dev), rows, v)?;
         Ok(candle_core::CudaStorage::wrap_cuda_slice(d, dev.clone()))
     }
 }

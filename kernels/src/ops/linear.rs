@@ -395,3 +395,129 @@ mod tests {
         }
     }
 }
+
+/// The products on the GPU: cuBLAS's f32 GEMM (no TF32: the CPU pass's arithmetic) on the
+/// same row-major [`View`]s as [`matmul`], one product or a strided batch of them.
+#[cfg(feature = "cuda")]
+pub mod cuda {
+    use super::View;
+    use crate::cuda::{Dev, DevMut};
+    use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t as Op;
+    use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+    use candle_core::{bail, CudaDevice, Result};
+
+    /// How cuBLAS, which reads matrices column-major, takes the transpose of a row-major
+    /// view (it computes Dᵀ = Bᵀ·Aᵀ): (operation, leading dimension). A view with unit column
+    /// stride is, read column-major, its own transpose; one with unit row stride is itself
+    /// and needs a transpose.
+    fn operand(v: View) -> Result<(Op, i32)> {
+        let (op, ld, stored_rows) = if v.cs == 1 {
+            (Op::CUBLAS_OP_N, v.rs, v.cols)
+        } else if v.rs == 1 {
+            (Op::CUBLAS_OP_T, v.cs, v.rows)
+        } else {
+            bail!("matmul: {v:?} is neither rows nor columns of a matrix")
+        };
+        // With one stored column the leading dimension is never stepped; cuBLAS still wants
+        // it at least the column's height.
+        let ld = ld.max(stored_rows).max(1);
+        Ok((
+            op,
+            i32::try_from(ld)
+                .map_err(|_| candle_core::Error::Msg("matmul: stride too large".into()))?,
+        ))
+    }
+
+    /// Values a view reaches: one past its last element.
+    fn extent(v: View) -> usize {
+        if v.rows == 0 || v.cols == 0 {
+            0
+        } else {
+            (v.rows - 1) * v.rs + (v.cols - 1) * v.cs + 1
+        }
+    }
+
+    fn int(n: usize) -> Result<i32> {
+        i32::try_from(n)
+            .map_err(|_| candle_core::Error::Msg(format!("matmul: {n} is too large for cuBLAS")))
+    }
+
+    /// dst = a · b (dst += a · b with `accumulate`) for `batch` products, the i-th at offsets
+    /// i·stride (elements) in each buffer; dst's rows must be contiguous.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_batched(
+        dev: &CudaDevice,
+        dst: DevMut<f32>,
+        d: View,
+        a: Dev<f32>,
+        av: View,
+        b: Dev<f32>,
+        bv: View,
+        accumulate: bool,
+        batch: usize,
+        strides: [usize; 3],
+    ) -> Result<()> {
+        if d.rows != av.rows || d.cols != bv.cols || av.cols != bv.rows {
+            bail!("matmul: {d:?} = {av:?} · {bv:?}")
+        }
+        if d.cs != 1 {
+            bail!("matmul: the output's rows must be contiguous, {d:?}")
+        }
+        if batch == 0 || d.rows == 0 || d.cols == 0 {
+            return Ok(());
+        }
+        let [sd, sa, sb] = strides;
+        let reach = |v: View, stride: usize| (batch - 1) * stride + extent(v);
+        let cp = dst.at_least(reach(d, sd), "matmul: output")?;
+        let ap = a.at_least(reach(av, sa), "matmul: a")?;
+        let bp = b.at_least(reach(bv, sb), "matmul: b")?;
+        let (opb, ldb) = operand(bv)?;
+        let (opa, lda) = operand(av)?;
+        let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+        let blas = dev.cublas_handle();
+        let handle: sys::cublasHandle_t = *blas.handle();
+        let (m, n, k) = (int(d.cols)?, int(d.rows)?, int(av.cols)?);
+        // SAFETY: the handle runs on candle's stream, where the buffers are used; every
+        // address covers what the product reads or writes (checked above: `reach`), and the
+        // scalars are host values that outlive the call.
+        unsafe {
+            // One product is a batch of one (its strides never stepped).
+            result::sgemm_strided_batched(
+                handle,
+                opb,
+                opa,
+                m,
+                n,
+                k,
+                &alpha,
+                bp as *const f32,
+                ldb,
+                sb as i64,
+                ap as *const f32,
+                lda,
+                sa as i64,
+                &beta,
+                cp as *mut f32,
+                int(d.rs)?,
+                sd as i64,
+                int(batch)?,
+            )
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))
+    }
+
+    /// dst = a · b, or dst += a · b with `accumulate`: [`super::matmul`] on the device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        dev: &CudaDevice,
+        dst: DevMut<f32>,
+        d: View,
+        a: Dev<f32>,
+        av: View,
+        b: Dev<f32>,
+        bv: View,
+        accumulate: bool,
+    ) -> Result<()> {
+        matmul_batched(dev, dst, d, a, av, b, bv, accumulate, 1, [0; 3])
+    }
+}

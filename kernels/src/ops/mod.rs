@@ -1,13 +1,18 @@
 //! The model's operations, each beside its CPU reference: the attention softmax and the
-//! cross-entropy of a training step fused forward and backward as candle custom ops (CUDA
-//! kernels in `cuda/fused.cu`, each op's launcher in its file); RMSNorm, RoPE and
-//! silu(g)·u as CPU row functions, forward and backward, for the written-out CPU pass; the
-//! CPU matrix products ([`linear`]).
+//! cross-entropy of a training step fused forward and backward, as candle custom ops and on
+//! device buffers (CUDA kernels in `cuda/fused.cu`, each op's launchers in its file); the
+//! row operations of the written-out pass — RMSNorm, RoPE and the heads layout, silu(g)·u,
+//! gathers and column sums ([`rows`]), the embedding's gradient — as CPU functions with
+//! their launchers of `cuda/pass.cu`; attention ([`attention`]: CPU products, cuBLAS batches
+//! on the GPU); the matrix products ([`linear`]: the gemm crate, cuBLAS).
 
+pub mod attention;
 pub mod cross_entropy;
+pub mod embedding;
 pub mod linear;
 pub mod rms_norm;
 pub mod rope;
+pub mod rows;
 pub mod softmax;
 pub mod swiglu;
 

@@ -63,3 +63,70 @@ pub fn backward(dy: &[f32], x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f3
     }
     (dx, dw)
 }
+
+/// The launchers of `rmsnorm_fwd` and `rmsnorm_bwd` (`cuda/pass.cu`).
+#[cfg(feature = "cuda")]
+pub mod cuda {
+    use super::ROWS_PER_TASK;
+    use crate::cuda::{launch_pass, u32_arg, Dev, DevMut};
+    use crate::ops::rows::cuda::sum_parts;
+    use candle_core::{CudaDevice, Result};
+
+    /// [`super::forward`] over `rows` rows of `h`.
+    pub fn forward(
+        dev: &CudaDevice,
+        x: Dev<f32>,
+        w: Dev<f32>,
+        y: DevMut<f32>,
+        rows: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let n = rows * h;
+        let (x, w, y) = (
+            x.at_least(n, "rmsnorm: x")?,
+            w.at_least(h, "rmsnorm: weight")?,
+            y.at_least(n, "rmsnorm: y")?,
+        );
+        let hh = u32_arg(h, "hidden size")?;
+        if rows > 0 {
+            launch_pass!(dev, "rmsnorm_fwd", (u32_arg(rows, "rows")?, 1); x, w, y, hh, eps);
+        }
+        Ok(())
+    }
+
+    /// [`super::backward`]: dx and dw (written, not added to).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        dev: &CudaDevice,
+        dy: Dev<f32>,
+        x: Dev<f32>,
+        w: Dev<f32>,
+        dx: DevMut<f32>,
+        dw: DevMut<f32>,
+        rows: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let n = rows * h;
+        let chunks = rows.div_ceil(ROWS_PER_TASK);
+        // SAFETY: rmsnorm_bwd zeroes each chunk's partial before adding into it.
+        let mut part = unsafe { dev.alloc::<f32>((chunks * h).max(1)) }?;
+        let (g, xs, ws, d) = (
+            dy.at_least(n, "rmsnorm backward: dy")?,
+            x.at_least(n, "rmsnorm backward: x")?,
+            w.at_least(h, "rmsnorm backward: weight")?,
+            dx.at_least(n, "rmsnorm backward: dx")?,
+        );
+        let p = DevMut::of(&mut part, dev).at_least(chunks * h, "partials")?;
+        let (r, hh, per) = (
+            u32_arg(rows, "rows")?,
+            u32_arg(h, "hidden size")?,
+            ROWS_PER_TASK as u32,
+        );
+        if chunks > 0 {
+            launch_pass!(dev, "rmsnorm_bwd", (u32_arg(chunks, "chunks")?, 1); g, xs, ws, d, p, r, hh, per, eps);
+        }
+        sum_parts(dev, Dev::of(&part, dev), dw, chunks, h, false)
+    }
+}

@@ -176,38 +176,42 @@ impl CustomOp2 for Backward {
         Ok((ds, l1.shape().clone()))
     }
 }
-/// The CUDA launchers of this op (kernels in `cuda/fused.cu`).
+/// The CUDA launchers of this op (kernels in `cuda/fused.cu`): on device buffers (the
+/// written-out pass's attention) and on candle's storage (the custom op).
 #[cfg(feature = "cuda")]
-mod cuda {
+pub mod cuda {
     use super::super::fused_func;
-    use crate::cuda::{u32_arg, view};
+    use crate::cuda::{u32_arg, view, Dev, DevMut};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{bail, Result};
+    use candle_core::{bail, CudaDevice, Result};
 
     /// One warp per row, 8 rows per block.
-    fn warp_rows(rows: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+    fn warp_rows(rows: usize) -> Result<LaunchConfig> {
+        Ok(LaunchConfig {
+            grid_dim: (u32_arg(rows.div_ceil(8), "blocks")?, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
-        }
+        })
     }
 
-    /// fused.cu's softmax_fwd; `dims` = [rows, n, heads, tq].
-    pub(super) fn softmax_forward(
-        s: &candle_core::CudaStorage,
-        ls: &candle_core::Layout,
-        bias: &candle_core::CudaStorage,
-        lb: &candle_core::Layout,
+    /// [`super::forward`]: y = softmax(scale·s + bias) over rows of n; `dims` = [rows, n,
+    /// heads, tq], the bias [batch, 1, tq, n].
+    pub fn forward(
+        dev: &CudaDevice,
+        s: Dev<f32>,
+        bias: Dev<f32>,
+        y: DevMut<f32>,
         dims: [usize; 4],
         scale: f32,
-    ) -> Result<candle_core::CudaStorage> {
-        let dev = &s.device;
-        let (x, b) = (view::<f32>(s, ls)?, view::<f32>(bias, lb)?);
+    ) -> Result<()> {
         let [rows, n, heads, tq] = dims;
-        // SAFETY: every element is written by the kernel before it is read.
-        let mut y = unsafe { dev.alloc::<f32>(rows * n) }?;
+        if heads == 0 || tq == 0 || !rows.is_multiple_of(heads * tq) {
+            bail!("softmax: {rows} rows are not batches of {heads} heads × {tq} queries")
+        }
+        let x = s.at_least(rows * n, "softmax: scores")?;
+        let b = bias.at_least(rows / heads * n, "softmax: bias")?;
+        let o = y.at_least(rows * n, "softmax: y")?;
         let func = fused_func(dev, "softmax_fwd")?;
         let stream = dev.cuda_stream();
         let mut a = stream.launch_builder(&func);
@@ -219,19 +223,62 @@ mod cuda {
         );
         a.arg(&x)
             .arg(&b)
-            .arg(&mut y)
+            .arg(&o)
             .arg(&r)
             .arg(&n)
             .arg(&h)
             .arg(&t)
             .arg(&scale);
         // SAFETY: the arguments match softmax_fwd's signature; x and y hold rows·n floats and
-        // the bias (checked [batch, 1, tq, n] by the caller) every row's bias row.
-        unsafe { a.launch(warp_rows(rows)) }.w()?;
+        // the bias a row for each (batch, query), checked above.
+        unsafe { a.launch(warp_rows(rows)?) }.w()?;
+        Ok(())
+    }
+
+    /// [`super::backward`]: ds from dy and y, rows of n.
+    pub fn backward(
+        dev: &CudaDevice,
+        dy: Dev<f32>,
+        y: Dev<f32>,
+        ds: DevMut<f32>,
+        dims: [usize; 2],
+        scale: f32,
+    ) -> Result<()> {
+        let [rows, n] = dims;
+        let (g, p, d) = (
+            dy.at_least(rows * n, "softmax backward: dy")?,
+            y.at_least(rows * n, "softmax backward: y")?,
+            ds.at_least(rows * n, "softmax backward: ds")?,
+        );
+        let func = fused_func(dev, "softmax_bwd")?;
+        let stream = dev.cuda_stream();
+        let mut a = stream.launch_builder(&func);
+        let (r, n) = (u32_arg(rows, "rows")?, u32_arg(n, "keys")?);
+        a.arg(&g).arg(&p).arg(&d).arg(&r).arg(&n).arg(&scale);
+        // SAFETY: the arguments match softmax_bwd's signature; all three hold rows·n floats.
+        unsafe { a.launch(warp_rows(rows)?) }.w()?;
+        Ok(())
+    }
+
+    /// The custom op's forward on candle's storage; `dims` = [rows, n, heads, tq].
+    pub(super) fn softmax_forward(
+        s: &candle_core::CudaStorage,
+        ls: &candle_core::Layout,
+        bias: &candle_core::CudaStorage,
+        lb: &candle_core::Layout,
+        dims: [usize; 4],
+        scale: f32,
+    ) -> Result<candle_core::CudaStorage> {
+        let dev = &s.device;
+        let (x, b) = (view::<f32>(s, ls)?, view::<f32>(bias, lb)?);
+        // SAFETY: every element is written by the kernel before it is read.
+        let mut y = unsafe { dev.alloc::<f32>(dims[0] * dims[1]) }?;
+        let (x, b) = (Dev::of_view(&x, dev), Dev::of_view(&b, dev));
+        forward(dev, x, b, DevMut::of(&mut y, dev), dims, scale)?;
         Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
 
-    /// fused.cu's softmax_bwd; `dims` = [rows, n].
+    /// The custom op's backward on candle's storage; `dims` = [rows, n].
     pub(super) fn softmax_backward(
         dy: &candle_core::CudaStorage,
         ldy: &candle_core::Layout,
@@ -242,19 +289,13 @@ mod cuda {
     ) -> Result<candle_core::CudaStorage> {
         let dev = &dy.device;
         let (g, p) = (view::<f32>(dy, ldy)?, view::<f32>(y, ly)?);
-        let [rows, n] = dims;
-        if p.len() != rows * n {
+        if p.len() != dims[0] * dims[1] || g.len() != p.len() {
             bail!("softmax backward: y and dy differ in size")
         }
         // SAFETY: every element is written by the kernel before it is read.
-        let mut ds = unsafe { dev.alloc::<f32>(rows * n) }?;
-        let func = fused_func(dev, "softmax_bwd")?;
-        let stream = dev.cuda_stream();
-        let mut a = stream.launch_builder(&func);
-        let (r, n) = (u32_arg(rows, "rows")?, u32_arg(n, "keys")?);
-        a.arg(&g).arg(&p).arg(&mut ds).arg(&r).arg(&n).arg(&scale);
-        // SAFETY: the arguments match softmax_bwd's signature; all three hold rows·n floats.
-        unsafe { a.launch(warp_rows(rows)) }.w()?;
+        let mut ds = unsafe { dev.alloc::<f32>(dims[0] * dims[1]) }?;
+        let (g, p) = (Dev::of_view(&g, dev), Dev::of_view(&p, dev));
+        backward(dev, g, p, DevMut::of(&mut ds, dev), dims, scale)?;
         Ok(candle_core::CudaStorage::wrap_cuda_slice(ds, dev.clone()))
     }
 }

@@ -46,3 +46,56 @@ pub fn backward(dy: &[f32], g: &[f32], u: &[f32]) -> Vec<f32> {
         });
     out
 }
+
+/// The launchers of `swiglu_fwd` and `swiglu_bwd` (`cuda/pass.cu`).
+#[cfg(feature = "cuda")]
+pub mod cuda {
+    use crate::cuda::{blocks_for, launch_pass, Dev, DevMut};
+    use candle_core::{CudaDevice, Result};
+
+    /// [`super::forward`] over `n` values.
+    pub fn forward(
+        dev: &CudaDevice,
+        g: Dev<f32>,
+        u: Dev<f32>,
+        y: DevMut<f32>,
+        n: usize,
+    ) -> Result<()> {
+        let (g, u, y) = (
+            g.at_least(n, "swiglu: g")?,
+            u.at_least(n, "swiglu: u")?,
+            y.at_least(n, "swiglu: y")?,
+        );
+        let n64 = n as u64;
+        if n > 0 {
+            launch_pass!(dev, "swiglu_fwd", (blocks_for(n)?, 1); g, u, y, n64);
+        }
+        Ok(())
+    }
+
+    /// [`super::backward`], dg and du into their own buffers.
+    pub fn backward(
+        dev: &CudaDevice,
+        dy: Dev<f32>,
+        g: Dev<f32>,
+        u: Dev<f32>,
+        dg: DevMut<f32>,
+        du: DevMut<f32>,
+        n: usize,
+    ) -> Result<()> {
+        let (d, g, u) = (
+            dy.at_least(n, "swiglu backward: dy")?,
+            g.at_least(n, "swiglu backward: g")?,
+            u.at_least(n, "swiglu backward: u")?,
+        );
+        let (dg, du) = (
+            dg.at_least(n, "swiglu backward: dg")?,
+            du.at_least(n, "swiglu backward: du")?,
+        );
+        let n64 = n as u64;
+        if n > 0 {
+            launch_pass!(dev, "swiglu_bwd", (blocks_for(n)?, 1); d, g, u, dg, du, n64);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,191 @@
+//! The copies and sums between the written-out pass's layers, each a CPU reference beside
+//! its kernel (`cuda/pass.cu`): rows gathered by index (the embedding lookup, RoPE's angles
+//! of each position, the rows the loss reads) and scattered back, a residual added in, a
+//! bias added to every row, and a column sum (a bias's gradient) in a fixed order — partial
+//! sums over chunks of [`ROWS_PER_PART`] rows, then the chunks in order — so that it has the
+//! same bits on every run and on both backends.
+
+use crate::CHUNK;
+use rayon::prelude::*;
+
+/// Rows per partial sum of [`col_sum`].
+pub const ROWS_PER_PART: usize = 32;
+
+/// out[r] = table[idx[r]], rows of `width`.
+pub fn gather_rows(table: &[f32], idx: &[u32], width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; idx.len() * width];
+    out.par_chunks_mut(width)
+        .zip(idx.par_iter())
+        .for_each(|(o, &i)| o.copy_from_slice(&table[i as usize * width..][..width]));
+    out
+}
+
+/// A buffer of `total` rows of `width`, zero but for rows idx[r] = src[r] (distinct indices).
+pub fn scatter_rows(src: &[f32], idx: &[u32], width: usize, total: usize) -> Vec<f32> {
+    let mut out = vec![0f32; total * width];
+    for (r, &i) in idx.iter().enumerate() {
+        out[i as usize * width..][..width].copy_from_slice(&src[r * width..][..width]);
+    }
+    out
+}
+
+/// acc += x.
+pub fn add_into(acc: &mut [f32], x: &[f32]) {
+    acc.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));
+}
+
+/// y[r] += b for every row r of `b.len()` values.
+pub fn add_bias(y: &mut [f32], b: &[f32]) {
+    y.par_chunks_mut(b.len())
+        .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+}
+
+/// Σ over the rows of x [rows, cols]: each chunk of [`ROWS_PER_PART`] rows summed, then
+/// the chunks in order.
+pub fn col_sum(x: &[f32], cols: usize) -> Vec<f32> {
+    let parts: Vec<Vec<f32>> = x
+        .par_chunks(cols * ROWS_PER_PART)
+        .map(|rows| {
+            let mut p = vec![0f32; cols];
+            for row in rows.chunks(cols) {
+                p.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+            p
+        })
+        .collect();
+    let mut out = vec![0f32; cols];
+    for p in &parts {
+        out.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+    }
+    out
+}
+
+/// The launchers of these operations (kernels in `cuda/pass.cu`).
+#[cfg(feature = "cuda")]
+pub mod cuda {
+    use super::ROWS_PER_PART;
+    use crate::cuda::{blocks_for, launch_pass, u32_arg, Dev, DevMut, PASS_BLOCK};
+    use candle_core::{CudaDevice, Result};
+
+    /// [`super::gather_rows`].
+    pub fn gather_rows(
+        dev: &CudaDevice,
+        table: Dev<f32>,
+        idx: Dev<u32>,
+        out: DevMut<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        // The kernel reads whole rows of the table at the indices: the table must hold a
+        // whole number of rows, and the caller checked the indices against it.
+        let (t, i, o) = (
+            table.at_least(width, "gather: table")?,
+            idx.at_least(rows, "gather: indices")?,
+            out.at_least(rows * width, "gather: output")?,
+        );
+        let w = u32_arg(width, "width")?;
+        if rows > 0 {
+            launch_pass!(dev, "gather_rows", (u32_arg(rows, "rows")?, 1); t, i, o, w);
+        }
+        Ok(())
+    }
+
+    /// [`super::scatter_rows`] into `out`, which holds zeros (or what the other rows keep).
+    pub fn scatter_rows(
+        dev: &CudaDevice,
+        src: Dev<f32>,
+        idx: Dev<u32>,
+        out: DevMut<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        let (s, i, o) = (
+            src.at_least(rows * width, "scatter: source")?,
+            idx.at_least(rows, "scatter: indices")?,
+            out.at_least(width, "scatter: output")?,
+        );
+        let w = u32_arg(width, "width")?;
+        if rows > 0 {
+            launch_pass!(dev, "scatter_rows", (u32_arg(rows, "rows")?, 1); s, i, o, w);
+        }
+        Ok(())
+    }
+
+    /// [`super::add_into`] over `n` values.
+    pub fn add_into(dev: &CudaDevice, acc: DevMut<f32>, x: Dev<f32>, n: usize) -> Result<()> {
+        let (a, x) = (acc.at_least(n, "add: acc")?, x.at_least(n, "add: x")?);
+        let n64 = n as u64;
+        if n > 0 {
+            launch_pass!(dev, "add_into", (blocks_for(n)?, 1); a, x, n64);
+        }
+        Ok(())
+    }
+
+    /// [`super::add_bias`] over `rows` rows of `b`'s `cols` values.
+    pub fn add_bias(
+        dev: &CudaDevice,
+        y: DevMut<f32>,
+        b: Dev<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let n = rows * cols;
+        let (y, b) = (y.at_least(n, "bias: y")?, b.at_least(cols, "bias: b")?);
+        let (n64, c) = (n as u64, u32_arg(cols, "columns")?);
+        if n > 0 {
+            launch_pass!(dev, "add_bias", (blocks_for(n)?, 1); y, b, n64, c);
+        }
+        Ok(())
+    }
+
+    /// [`super::col_sum`] of x [rows, cols] into `out` [cols], added to it when `accumulate`.
+    pub fn col_sum(
+        dev: &CudaDevice,
+        x: Dev<f32>,
+        out: DevMut<f32>,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let parts = rows.div_ceil(ROWS_PER_PART);
+        // SAFETY: col_partial writes every partial before col_sum reads it.
+        let mut part = unsafe { dev.alloc::<f32>((parts * cols).max(1)) }?;
+        let xs = x.at_least(rows * cols, "column sum: x")?;
+        let p = DevMut::of(&mut part, dev).at_least(parts * cols, "column sum: partials")?;
+        let (r, c, per) = (
+            u32_arg(rows, "rows")?,
+            u32_arg(cols, "columns")?,
+            ROWS_PER_PART as u32,
+        );
+        let col_blocks = u32_arg(cols.div_ceil(PASS_BLOCK as usize), "blocks")?;
+        if parts > 0 {
+            launch_pass!(dev, "col_partial", (col_blocks, u32_arg(parts, "parts")?); xs, p, r, c, per);
+        }
+        sum_parts(dev, Dev::of(&part, dev), out, parts, cols, accumulate)
+    }
+
+    /// out[j] (+)= Σ_k part[k, j], k in order: the last stage of a column sum.
+    pub(crate) fn sum_parts(
+        dev: &CudaDevice,
+        part: Dev<f32>,
+        out: DevMut<f32>,
+        parts: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let p = part.at_least(parts * cols, "column sum: partials")?;
+        let o = out.at_least(cols, "column sum: output")?;
+        let (k, c, acc) = (
+            u32_arg(parts, "parts")?,
+            u32_arg(cols, "columns")?,
+            accumulate as u32,
+        );
+        let col_blocks = u32_arg(cols.div_ceil(PASS_BLOCK as usize), "blocks")?;
+        if cols > 0 {
+            launch_pass!(dev, "col_sum", (col_blocks, 1); p, o, k, c, acc);
+        }
+        Ok(())
+    }
+}

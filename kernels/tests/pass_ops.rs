@@ -1,0 +1,496 @@
+//! The row operations of the written-out training pass: their CPU references checked on
+//! their own (layouts, sums in a fixed order, the embedding's grouped lookups), and with
+//! `--features cuda` on a machine with a GPU, every CUDA kernel and product of the pass
+//! against its CPU reference (`device_ops_match_their_cpu_references`).
+
+use basin_kernels::ops::embedding::{self, Lookups};
+use basin_kernels::ops::{rope, rows};
+
+fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32 * 0.618 + seed as f32 * 2.17).sin() * 43758.547).fract() * scale)
+        .collect()
+}
+
+#[test]
+fn heads_layout_round_trips_and_rotates_as_rope_does() {
+    let (b, t, heads, hd) = (2, 5, 3, 8);
+    let rows = b * t;
+    let x = values(rows * heads * hd, 1, 2.0);
+    let cos = values(rows * hd / 2, 2, 1.0);
+    let sin = values(rows * hd / 2, 3, 1.0);
+    let plain = rope::to_heads(&x, t, heads, hd, None);
+    assert_eq!(rope::from_heads(&plain, t, heads, hd, None), x);
+    // Element (row r = b·t + i, head h, j) lands at ((b·heads + h)·t + i)·hd + j.
+    let (r, h, j) = (t + 3, 2, 5);
+    assert_eq!(
+        plain[((heads + h) * t + 3) * hd + j],
+        x[(r * heads + h) * hd + j]
+    );
+    // Rotating on the way in is rope::rotate of the head-major layout (angles per (b, i)).
+    let rotated = rope::to_heads(&x, t, heads, hd, Some((&cos, &sin, 1.0)));
+    assert_eq!(
+        rotated,
+        rope::rotate(&plain, &cos, &sin, [b, heads, t, hd], 1.0)
+    );
+    // And rotating back on the way out undoes it, to rounding.
+    let back = rope::from_heads(&rotated, t, heads, hd, Some((&cos, &sin, -1.0)));
+    let scale: Vec<f32> = (0..rows)
+        .flat_map(|r| {
+            let (c, s) = (&cos[r * hd / 2..][..hd / 2], &sin[r * hd / 2..][..hd / 2]);
+            let k: Vec<f32> = c.iter().zip(s).map(|(c, s)| c * c + s * s).collect();
+            (0..heads).flat_map(move |_| [k.clone(), k.clone()].concat())
+        })
+        .collect();
+    for ((b, x), k) in back.iter().zip(&x).zip(&scale) {
+        // cos² + sin² of arbitrary test values is not 1: the round trip scales by it.
+        assert!((b - x * k).abs() < 1e-5, "{b} vs {}", x * k);
+    }
+}
+
+#[test]
+fn gathers_scatters_and_column_sums() {
+    let (width, table_rows) = (6, 9);
+    let table = values(width * table_rows, 4, 3.0);
+    let idx = [3u32, 0, 8, 3];
+    let g = rows::gather_rows(&table, &idx, width);
+    for (r, &i) in idx.iter().enumerate() {
+        assert_eq!(
+            g[r * width..][..width],
+            table[i as usize * width..][..width]
+        );
+    }
+    let distinct = [7u32, 2];
+    let s = rows::scatter_rows(&g[..2 * width], &distinct, width, table_rows);
+    assert_eq!(s[7 * width..][..width], g[..width]);
+    assert_eq!(s[2 * width..][..width], g[width..2 * width]);
+    assert_eq!(s.iter().filter(|v| **v != 0.0).count(), 2 * width);
+    // The column sum: chunks of ROWS_PER_PART rows, then the chunks in order.
+    let n = 3 * rows::ROWS_PER_PART + 5;
+    let x = values(n * width, 5, 1.0);
+    let sum = rows::col_sum(&x, width);
+    for j in 0..width {
+        let mut want = 0f32;
+        for chunk in x.chunks(width * rows::ROWS_PER_PART) {
+            want += chunk.chunks(width).map(|r| r[j]).fold(0f32, |a, v| a + v);
+        }
+        assert_eq!(sum[j].to_bits(), want.to_bits(), "column {j}");
+    }
+    let mut y = x[..2 * width].to_vec();
+    rows::add_bias(&mut y, &x[..width]);
+    assert_eq!(y[width], x[width] + x[0]);
+}
+
+#[test]
+fn embedding_gradient_groups_lookups_by_id_in_row_order() {
+    let ids = [5u32, 1, 5, 0, 7, 5, 1];
+    let l = Lookups::new(&ids, Some(0));
+    assert_eq!(l.ids, vec![1, 5, 7]);
+    assert_eq!(l.starts, vec![0, 2, 5, 6]);
+    assert_eq!(l.rows, vec![1, 6, 0, 2, 5, 4]);
+    let width = 4;
+    let dx = values(ids.len() * width, 6, 1.0);
+    let base = values(8 * width, 7, 1.0);
+    let mut got = base.clone();
+    embedding::backward(&mut got, &dx, &l, width);
+    // The plain loop: every position's gradient added to its id's row, rows in order,
+    // the padding id left alone.
+    let mut want = base;
+    for (r, &id) in ids.iter().enumerate() {
+        if id != 0 {
+            for j in 0..width {
+                want[id as usize * width + j] += dx[r * width + j];
+            }
+        }
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got), bits(&want));
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn device_ops_match_their_cpu_references() {
+    eprintln!(
+        "device_ops_match_their_cpu_references: SKIPPED (built without the cuda feature: \
+         scripts/device-pass.sh runs it on a GPU)"
+    );
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn device_ops_match_their_cpu_references() {
+    device::run();
+}
+
+#[cfg(feature = "cuda")]
+mod device {
+    use super::values;
+    use basin_kernels::cuda::{Dev, DevMut};
+    use basin_kernels::ops::attention::{self, Heads};
+    use basin_kernels::ops::embedding::{self, cuda::DevLookups, Lookups};
+    use basin_kernels::ops::linear::{self, View};
+    use basin_kernels::ops::{cross_entropy, rms_norm, rope, rows, swiglu};
+    use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+    use candle_core::{CudaDevice, Device};
+
+    struct Gpu(CudaDevice);
+
+    impl Gpu {
+        fn up(&self, v: &[f32]) -> CudaSlice<f32> {
+            self.0.clone_htod(v).unwrap()
+        }
+        fn ids(&self, v: &[u32]) -> CudaSlice<u32> {
+            self.0.clone_htod(v).unwrap()
+        }
+        fn out(&self, n: usize) -> CudaSlice<f32> {
+            self.0.alloc_zeros::<f32>(n).unwrap()
+        }
+        fn down(&self, s: &CudaSlice<f32>) -> Vec<f32> {
+            self.0.clone_dtoh(s).unwrap()
+        }
+        fn r<'a>(&self, s: &'a CudaSlice<f32>) -> Dev<'a, f32> {
+            Dev::of(s, &self.0)
+        }
+        fn w<'a>(&self, s: &'a mut CudaSlice<f32>) -> DevMut<'a, f32> {
+            DevMut::of(s, &self.0)
+        }
+    }
+
+    /// Largest |a − b| relative to the largest |b| (or 1).
+    fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{what}: worst difference {worst:.2e} of {scale:.2e}");
+        assert!(worst <= tol * scale, "{what}: {worst} > {tol} × {scale}");
+    }
+
+    pub(super) fn run() {
+        let dev = match Device::new_cuda(0) {
+            Ok(Device::Cuda(d)) => d,
+            _ => {
+                eprintln!("device_ops_match_their_cpu_references: SKIPPED (no CUDA device)");
+                return;
+            }
+        };
+        let g = Gpu(dev);
+        let d = &g.0;
+
+        // RMSNorm, forward and backward (rows not a multiple of the partial's 32).
+        let (rows_n, h) = (70, 300);
+        let (x, wt, dy) = (
+            values(rows_n * h, 1, 2.0),
+            values(h, 2, 1.0),
+            values(rows_n * h, 3, 1.0),
+        );
+        let (gx, gw, gdy) = (g.up(&x), g.up(&wt), g.up(&dy));
+        let mut y = g.out(rows_n * h);
+        rms_norm::cuda::forward(d, g.r(&gx), g.r(&gw), g.w(&mut y), rows_n, h, 1e-5).unwrap();
+        close(
+            "rmsnorm",
+            &g.down(&y),
+            &rms_norm::forward(&x, &wt, 1e-5),
+            1e-6,
+        );
+        let (mut dx, mut dw) = (g.out(rows_n * h), g.out(h));
+        rms_norm::cuda::backward(
+            d,
+            g.r(&gdy),
+            g.r(&gx),
+            g.r(&gw),
+            g.w(&mut dx),
+            g.w(&mut dw),
+            rows_n,
+            h,
+            1e-5,
+        )
+        .unwrap();
+        let (cdx, cdw) = rms_norm::backward(&dy, &x, &wt, 1e-5);
+        close("rmsnorm dx", &g.down(&dx), &cdx, 1e-5);
+        close("rmsnorm dw", &g.down(&dw), &cdw, 1e-5);
+
+        // silu(g)·u.
+        let n = 5000;
+        let (gg, uu, dd) = (values(n, 4, 6.0), values(n, 5, 2.0), values(n, 6, 1.0));
+        let (ggd, uud, ddd) = (g.up(&gg), g.up(&uu), g.up(&dd));
+        let mut s = g.out(n);
+        swiglu::cuda::forward(d, g.r(&ggd), g.r(&uud), g.w(&mut s), n).unwrap();
+        close("swiglu", &g.down(&s), &swiglu::forward(&gg, &uu), 1e-6);
+        let (mut dg, mut du) = (g.out(n), g.out(n));
+        swiglu::cuda::backward(
+            d,
+            g.r(&ddd),
+            g.r(&ggd),
+            g.r(&uud),
+            g.w(&mut dg),
+            g.w(&mut du),
+            n,
+        )
+        .unwrap();
+        let cgu = swiglu::backward(&dd, &gg, &uu);
+        close("swiglu dg", &g.down(&dg), &cgu[..n], 1e-6);
+        close("swiglu du", &g.down(&du), &cgu[n..], 1e-6);
+
+        // The head layout, both ways, with and without RoPE.
+        let (b, t, heads, hd) = (2, 7, 3, 8);
+        let rn = b * t;
+        let (xh, cos, sin) = (
+            values(rn * heads * hd, 7, 2.0),
+            values(rn * hd / 2, 8, 1.0),
+            values(rn * hd / 2, 9, 1.0),
+        );
+        let (gxh, gcos, gsin) = (g.up(&xh), g.up(&cos), g.up(&sin));
+        for (inverse, rot) in [
+            (false, None),
+            (false, Some(1.0f32)),
+            (true, None),
+            (true, Some(-1.0)),
+        ] {
+            let mut out = g.out(xh.len());
+            let dev_rope = rot.map(|sign| (g.r(&gcos), g.r(&gsin), sign));
+            rope::cuda::heads(
+                d,
+                g.r(&gxh),
+                dev_rope,
+                g.w(&mut out),
+                rn,
+                t,
+                heads,
+                hd,
+                inverse,
+            )
+            .unwrap();
+            let cpu_rope = rot.map(|sign| (cos.as_slice(), sin.as_slice(), sign));
+            let want = if inverse {
+                rope::from_heads(&xh, t, heads, hd, cpu_rope)
+            } else {
+                rope::to_heads(&xh, t, heads, hd, cpu_rope)
+            };
+            close(
+                &format!("heads inverse={inverse} rope={rot:?}"),
+                &g.down(&out),
+                &want,
+                1e-6,
+            );
+        }
+
+        // Gather, scatter, add, bias, column sum.
+        let (width, table_rows) = (40, 50);
+        let table = values(width * table_rows, 10, 3.0);
+        let idx = [3u32, 0, 49, 3, 17];
+        let gt = g.up(&table);
+        let gi = g.ids(&idx);
+        let mut gath = g.out(idx.len() * width);
+        rows::cuda::gather_rows(
+            d,
+            g.r(&gt),
+            Dev::of(&gi, d),
+            g.w(&mut gath),
+            idx.len(),
+            width,
+        )
+        .unwrap();
+        assert_eq!(
+            g.down(&gath),
+            rows::gather_rows(&table, &idx, width),
+            "gather"
+        );
+        let distinct = g.ids(&[9u32, 4, 30]);
+        let mut sc = g.out(table_rows * width);
+        rows::cuda::scatter_rows(d, g.r(&gath), Dev::of(&distinct, d), g.w(&mut sc), 3, width)
+            .unwrap();
+        assert_eq!(
+            g.down(&sc),
+            rows::scatter_rows(&g.down(&gath)[..3 * width], &[9, 4, 30], width, table_rows),
+            "scatter"
+        );
+        let mut acc = g.up(&table);
+        rows::cuda::add_into(d, g.w(&mut acc), g.r(&gt), table.len()).unwrap();
+        assert_eq!(
+            g.down(&acc),
+            table.iter().map(|v| v + v).collect::<Vec<_>>(),
+            "add"
+        );
+        let bias = values(width, 11, 1.0);
+        let mut biased = g.up(&table);
+        rows::cuda::add_bias(d, g.w(&mut biased), g.r(&g.up(&bias)), table_rows, width).unwrap();
+        let mut want = table.clone();
+        rows::add_bias(&mut want, &bias);
+        assert_eq!(g.down(&biased), want, "bias");
+        let mut cs = g.out(width);
+        rows::cuda::col_sum(d, g.r(&gt), g.w(&mut cs), table_rows, width, false).unwrap();
+        // The same order of additions: the same bits.
+        assert_eq!(g.down(&cs), rows::col_sum(&table, width), "column sum");
+
+        // The embedding's gradient.
+        let ids = [5u32, 1, 5, 0, 7, 5, 1, 49];
+        let l = Lookups::new(&ids, Some(0));
+        let dxe = values(ids.len() * width, 12, 1.0);
+        let mut de = g.up(&table);
+        let dl = DevLookups::new(d, &l).unwrap();
+        embedding::cuda::backward(d, g.w(&mut de), g.r(&g.up(&dxe)), &dl, width).unwrap();
+        let mut want = table.clone();
+        embedding::backward(&mut want, &dxe, &l, width);
+        assert_eq!(g.down(&de), want, "embedding gradient");
+
+        // Products on transposed views, and accumulation.
+        let (m, k, nn) = (33, 20, 17);
+        let a = values(m * k, 13, 1.0);
+        let bm = values(nn * k, 14, 1.0);
+        let (ga, gb) = (g.up(&a), g.up(&bm));
+        for (bv, acc) in [(View::new(nn, k).t(), false), (View::new(nn, k).t(), true)] {
+            let init = values(m * nn, 15, 1.0);
+            let mut gd = g.up(&init);
+            linear::cuda::matmul(
+                d,
+                g.w(&mut gd),
+                View::new(m, nn),
+                g.r(&ga),
+                View::new(m, k),
+                g.r(&gb),
+                bv,
+                acc,
+            )
+            .unwrap();
+            let mut want = init.clone();
+            linear::matmul(
+                &mut want,
+                View::new(m, nn),
+                &a,
+                View::new(m, k),
+                &bm,
+                bv,
+                acc,
+                false,
+            );
+            close(&format!("matmul acc={acc}"), &g.down(&gd), &want, 1e-5);
+        }
+        // dW = dyᵀ·x: both operands transposed or not.
+        let dyw = values(m * nn, 16, 1.0);
+        let mut gdw = g.out(nn * k);
+        linear::cuda::matmul(
+            d,
+            g.w(&mut gdw),
+            View::new(nn, k),
+            g.r(&g.up(&dyw)),
+            View::new(m, nn).t(),
+            g.r(&ga),
+            View::new(m, k),
+            false,
+        )
+        .unwrap();
+        let mut want = vec![0f32; nn * k];
+        linear::matmul(
+            &mut want,
+            View::new(nn, k),
+            &dyw,
+            View::new(m, nn).t(),
+            &a,
+            View::new(m, k),
+            false,
+            false,
+        );
+        close("matmul aᵀ·b", &g.down(&gdw), &want, 1e-5);
+
+        // Attention with grouped queries (4 query heads on 2 key/value heads), padding.
+        let hs = Heads {
+            b: 2,
+            nh: 4,
+            nkv: 2,
+            t: 9,
+            hd: 8,
+        };
+        let (qn, kn) = (hs.b * hs.nh * hs.t * hs.hd, hs.b * hs.nkv * hs.t * hs.hd);
+        let (q, kk, v) = (
+            values(qn, 17, 1.0),
+            values(kn, 18, 1.0),
+            values(kn, 19, 1.0),
+        );
+        let mut bias = Vec::new();
+        for row in 0..hs.b {
+            for i in 0..hs.t {
+                for j in 0..hs.t {
+                    let ok = j <= i && !(row == 1 && j >= 6);
+                    bias.push(if ok { 0f32 } else { -1e9 });
+                }
+            }
+        }
+        let (gq, gk, gv, gbias) = (g.up(&q), g.up(&kk), g.up(&v), g.up(&bias));
+        let (mut p, mut y) = (g.out(hs.b * hs.nh * hs.t * hs.t), g.out(qn));
+        attention::cuda::forward(
+            d,
+            g.r(&gq),
+            g.r(&gk),
+            g.r(&gv),
+            g.r(&gbias),
+            g.w(&mut p),
+            g.w(&mut y),
+            hs,
+        )
+        .unwrap();
+        let (cp, cy) = attention::forward(&q, &kk, &v, &bias, hs);
+        close("attention P", &g.down(&p), &cp, 1e-5);
+        close("attention y", &g.down(&y), &cy, 1e-5);
+        let dya = values(qn, 20, 1.0);
+        let (mut dq, mut dk, mut dv) = (g.out(qn), g.out(kn), g.out(kn));
+        attention::cuda::backward(
+            d,
+            g.r(&g.up(&dya)),
+            g.r(&gq),
+            g.r(&gk),
+            g.r(&gv),
+            g.r(&p),
+            g.w(&mut dq),
+            g.w(&mut dk),
+            g.w(&mut dv),
+            hs,
+        )
+        .unwrap();
+        let (cdq, cdk, cdv) = attention::backward(&dya, &q, &kk, &v, &cp, hs);
+        close("attention dq", &g.down(&dq), &cdq, 1e-5);
+        close("attention dk", &g.down(&dk), &cdk, 1e-5);
+        close("attention dv", &g.down(&dv), &cdv, 1e-5);
+
+        // The cross-entropy on device buffers, a row longer than a block.
+        let (xr, vv) = (3, 5000);
+        let logits = values(xr * vv, 21, 10.0);
+        let targets = [4999u32, 0, 2500];
+        let (gl, gtg) = (g.up(&logits), g.ids(&targets));
+        let mut nll = g.out(xr);
+        cross_entropy::cuda::forward(d, g.r(&gl), Dev::of(&gtg, d), g.w(&mut nll), xr, vv).unwrap();
+        close(
+            "cross-entropy",
+            &g.down(&nll),
+            &cross_entropy::forward(&logits, &targets, vv),
+            1e-5,
+        );
+        let gr = [0.5f32, 0.25, 0.125];
+        let mut dl = g.out(xr * vv);
+        cross_entropy::cuda::backward(
+            d,
+            g.r(&gl),
+            Dev::of(&gtg, d),
+            g.r(&g.up(&gr)),
+            g.w(&mut dl),
+            xr,
+            vv,
+        )
+        .unwrap();
+        close(
+            "cross-entropy backward",
+            &g.down(&dl),
+            &cross_entropy::backward(&logits, &targets, &gr, vv),
+            1e-5,
+        );
+
+        // A launcher refuses a buffer shorter than what its kernel would touch.
+        let mut short = g.out(10);
+        let err = rms_norm::cuda::forward(d, g.r(&gx), g.r(&gw), g.w(&mut short), rows_n, h, 1e-5)
+            .unwrap_err();
+        assert!(err.to_string().contains("the kernel writes"), "{err}");
+    }
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Issue 21's GPU check, as one prepared script for a GPU machine (docs/performance.md has
+# what it measured). Run on the machine from the checkout's root with $BIN holding what
+# `scripts/stage-device.sh` staged here (the CUDA binaries of the step bench and of the
+# two device tests, PyTorch's shape baseline, the library-path wrapper; .xz-compressed or
+# not). Writes into $OUT:
+#   1. every kernel and product of the written-out pass on the device against its CPU
+#      reference (`pass_ops`), then the whole pass on the device against the CPU pass —
+#      tiny model, every family, the SmolLM2 shape — and repeated bit for bit (`pass_device`);
+#   2. the step bench on the SmolLM2-135M shape, 16 x 512: f32 through the written-out pass,
+#      f32 and bf16 through candle's autograd, beside PyTorch + transformers (f32 and pure
+#      bf16, AdamW fused) in the same run: tokens/s and the ratios, forward/backward/optimizer;
+#   3. the same on the Llama-3.2-1B shape (configs/models/, random weights), 4 x 512;
+#   4. a per-kernel profile (ncu) of the written-out f32 pass on 4 layers, one step.
+# Each part has a time limit, so that one stuck part leaves the others' figures.
+set -uo pipefail
+BIN="${BIN:?set BIN to the folder scripts/stage-device.sh filled}"
+OUT="${OUT:-out}"
+mkdir -p "$OUT"
+for f in "$BIN"/*.xz; do
+  [ -e "$f" ] || continue
+  python3 -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' "$f" "${f%.xz}"
+  chmod +x "${f%.xz}"
+done
+run() { timeout "$1" bash "$BIN/gpu-libpath.sh" "${@:2}"; }
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/gpu.txt"
+
+run 120 "$BIN/pass_ops" --nocapture --test-threads 1 2>&1 | tee "$OUT/pass_ops.txt"
+run 240 "$BIN/pass_device" --nocapture 2>&1 | tee "$OUT/pass_device.txt"
+
+python3 - <<'PY'
+import json
+# The step bench's built-in shape (SmolLM2-135M-Instruct's config.json sizes), for PyTorch.
+json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+           "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_act": "silu",
+           "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+           "tie_word_embeddings": True}, open("/tmp/smollm2.json", "w"))
+PY
+torch_on() {  # name config train-spec
+  timeout 300 python3 "$BIN/torch_shape_baseline.py" --config "$2" --train "$3" --generate "" \
+    --steps 5 --warm 2 --peak-tflops 989 --out "$OUT/torch-$1.json" 2>&1 | tee "$OUT/torch-$1.txt"
+}
+step_on() {  # name dtype args...
+  run 300 "$BIN/step" --dtype "$2" --train-only --iters 5 --warm 2 --json "$OUT/step-$1-$2.json" \
+    --torch "$OUT/torch-$1.json" "${@:3}" 2>&1 | tee "$OUT/step-$1-$2.txt"
+}
+torch_on smollm2 /tmp/smollm2.json f32:16x512,bf16:16x512
+for dt in f32 f32-autograd bf16; do step_on smollm2 "$dt" --batch 16 --seq 512; done
+
+llama=configs/models/llama-3.2-1b-instruct.json
+torch_on llama1b "$llama" f32:4x512,bf16:4x512
+for dt in f32 f32-autograd bf16; do step_on llama1b "$dt" --model-config "$llama" --batch 4 --seq 512; done
+
+if command -v ncu >/dev/null; then
+  run 300 ncu --metrics gpu__time_duration.sum --print-summary per-kernel "$BIN/step" --dtype f32 \
+    --train-only --layers 4 --warm 1 --iters 1 --batch 16 --seq 512 > "$OUT/ncu-f32.txt" 2>&1
+  tail -60 "$OUT/ncu-f32.txt"
+fi
