@@ -16,6 +16,7 @@ for name in step pass_ops pass_device; do
   [ -n "$bin" ] || { echo "no $name binary under $target/deps: run scripts/build-cuda.sh" >&2; exit 1; }
   xz -9 -T0 -c "$bin" > "$dir/$name.xz"
 done
-cp "$tools/torch_shape_baseline.py" "$tools/gpu-libpath.sh" "$dir/"
+install -m 0644 "$tools/torch_shape_baseline.py" "$dir/"
+install -m 0755 "$tools/gpu-libpath.sh" "$dir/"
 ls -la "$dir"
 du -sh "$dir"

@@ -107,13 +107,28 @@ fn embedding_gradient_groups_lookups_by_id_in_row_order() {
     assert_eq!(bits(&got), bits(&want));
 }
 
+/// Says that the device check could not run here, on stderr and — under `just test` — in
+/// its summary (a `skipped` line in `$BASIN_TEST_LOG`, the format of basin_lm::testkit, which
+/// this crate cannot depend on).
+fn skipped(reason: &str) {
+    let test = "pass_ops::device_ops_match_their_cpu_references";
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(log) = std::env::var_os("BASIN_TEST_LOG").filter(|v| !v.is_empty()) {
+        use std::io::Write;
+        let line = format!("skipped\t{test}\t{reason}\n");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .expect("BASIN_TEST_LOG is writable");
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn device_ops_match_their_cpu_references() {
-    eprintln!(
-        "device_ops_match_their_cpu_references: SKIPPED (built without the cuda feature: \
-         scripts/device-pass.sh runs it on a GPU)"
-    );
+    skipped("built without the cuda feature (scripts/device-pass.sh runs it on a GPU)");
 }
 
 #[cfg(feature = "cuda")]
@@ -124,7 +139,7 @@ fn device_ops_match_their_cpu_references() {
 
 #[cfg(feature = "cuda")]
 mod device {
-    use super::values;
+    use super::{skipped, values};
     use basin_kernels::cuda::{Dev, DevMut};
     use basin_kernels::ops::attention::{self, Heads};
     use basin_kernels::ops::embedding::{self, cuda::DevLookups, Lookups};
@@ -172,10 +187,7 @@ mod device {
     pub(super) fn run() {
         let dev = match Device::new_cuda(0) {
             Ok(Device::Cuda(d)) => d,
-            _ => {
-                eprintln!("device_ops_match_their_cpu_references: SKIPPED (no CUDA device)");
-                return;
-            }
+            _ => return skipped("no CUDA device"),
         };
         let g = Gpu(dev);
         let d = &g.0;

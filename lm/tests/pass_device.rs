@@ -9,9 +9,8 @@
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn cuda_pass_equals_the_cpu_pass() {
-    eprintln!(
-        "cuda_pass_equals_the_cpu_pass: SKIPPED (built without the cuda feature: \
-         scripts/device-pass.sh runs it on a GPU)"
+    basin_lm::testkit::skipped(
+        "built without the cuda feature (scripts/device-pass.sh runs it on a GPU)",
     );
 }
 
@@ -20,8 +19,7 @@ fn cuda_pass_equals_the_cpu_pass() {
 fn cuda_pass_equals_the_cpu_pass() {
     use basin_lm::llama::ModelConfig;
     let Ok(gpu) = candle_core::Device::new_cuda(0) else {
-        eprintln!("cuda_pass_equals_the_cpu_pass: SKIPPED (no CUDA device)");
-        return;
+        return basin_lm::testkit::skipped("no CUDA device");
     };
     let rows = device::rows(3, &[7, 5, 9], 300);
     device::compare(&basin_lm::tiny::tiny_config(), &rows, &gpu);
@@ -53,11 +51,18 @@ mod device {
     use basin_lm::llama::{random_weights, Llama, ModelConfig};
     use candle_core::{DType, Device, Tensor};
 
+    /// A family's tiny config: from this crate's sources where they were built, or — on a
+    /// GPU machine that got the binary and a checkout — from `lm/` under the current folder.
     pub fn family(name: &str) -> ModelConfig {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/families")
+        let rel = std::path::Path::new("tests/fixtures/families")
             .join(name)
             .join("config.json");
+        let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(&rel);
+        let path = if built.exists() {
+            built
+        } else {
+            std::path::Path::new("lm").join(&rel)
+        };
         ModelConfig::from_hf_json(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
