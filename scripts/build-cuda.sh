@@ -46,7 +46,8 @@ nvcc --version | tail -1
 # The stage binaries and the benchmarks (target/release/deps/{kernels,step}-*).
 cargo build --release -p train -p evaluate -p basin-kernels \
   --features train/cuda,evaluate/cuda,basin-kernels/cuda --bins --bench kernels --bench step "$@"
-# The written-out pass's device tests (target/release/deps/{pass_ops,pass_device}-*), which
-# scripts/stage-device.sh takes to the GPU with the step bench.
+# The device tests that scripts/stage-device.sh takes to the GPU with the step bench
+# (target/release/deps/{pass_ops,fused,pass_device}-*): the written-out pass's kernels and
+# whole pass, and the fused softmax / cross-entropy of the autograd path.
 cargo build --release -p basin-kernels -p basin-lm --features basin-kernels/cuda,basin-lm/cuda \
-  --test pass_ops --test pass_device "$@"
+  --test pass_ops --test fused --test pass_device "$@"

@@ -2,11 +2,13 @@
 # Issue 21's GPU check, as one prepared script for a GPU machine (docs/performance.md has
 # what it measured). Run on the machine from the checkout's root with $BIN holding what
 # `scripts/stage-device.sh` staged here (the CUDA binaries of the step bench and of the
-# two device tests, PyTorch's shape baseline, the library-path wrapper; .xz-compressed or
+# three device tests, PyTorch's shape baseline, the library-path wrapper; .xz-compressed or
 # not). Writes into $OUT:
 #   1. every kernel and product of the written-out pass on the device against its CPU
-#      reference (`pass_ops`), then the whole pass on the device against the CPU pass —
-#      tiny model, every family, the SmolLM2 shape — and repeated bit for bit (`pass_device`);
+#      reference (`pass_ops`), the fused softmax and cross-entropy of the autograd path
+#      against the CPU (`fused`: their launchers were reworked with the pass), then the
+#      whole pass on the device against the CPU pass — tiny model, every family, the
+#      SmolLM2 shape — and repeated bit for bit (`pass_device`);
 #   2. the step bench on the SmolLM2-135M shape, 16 x 512: f32 through the written-out pass,
 #      f32 and bf16 through candle's autograd, beside PyTorch + transformers (f32 and pure
 #      bf16, AdamW fused) in the same run: tokens/s and the ratios, forward/backward/optimizer;
@@ -26,6 +28,7 @@ run() { timeout "$1" bash "$BIN/gpu-libpath.sh" "${@:2}"; }
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/gpu.txt"
 
 run 120 "$BIN/pass_ops" --nocapture --test-threads 1 2>&1 | tee "$OUT/pass_ops.txt"
+run 120 "$BIN/fused" --nocapture 2>&1 | tee "$OUT/fused.txt"
 run 240 "$BIN/pass_device" --nocapture 2>&1 | tee "$OUT/pass_device.txt"
 
 python3 - <<'PY'
