@@ -96,25 +96,27 @@ pub fn backward(
     (dq, dk, dv)
 }
 
+/// Attention's products as strided batches over (batch row, key/value head), the GPU's
+/// way: the rep query heads of a key/value head lie one after another head-major, so they
+/// are one [rep·t, hd] matrix. The views of (that query group, its key/value head [t, hd],
+/// the group's scores [rep·t, t]) and their strides (elements) from one batch entry to the
+/// next; the batch has batch rows × key/value heads entries.
+pub fn groups(d: Heads) -> ([View; 3], [usize; 3]) {
+    let (g, t, hd) = (d.rep() * d.t, d.t, d.hd);
+    (
+        [View::new(g, hd), View::new(t, hd), View::new(g, t)],
+        [g * hd, t * hd, g * t],
+    )
+}
+
 /// The GPU attention: cuBLAS's strided batched GEMMs and fused.cu's softmax.
 #[cfg(feature = "cuda")]
 pub mod cuda {
-    use super::Heads;
+    use super::{groups, Heads};
     use crate::cuda::{Dev, DevMut};
     use crate::ops::linear::cuda::matmul_batched;
-    use crate::ops::linear::View;
     use crate::ops::softmax::cuda as softmax;
     use candle_core::{CudaDevice, Result};
-
-    /// A group's products: (the group's query rows [rep·t, hd], its key/value head [t, hd],
-    /// its scores [rep·t, t]) and their strides over the (batch row, key/value head) batch.
-    fn shapes(d: Heads) -> ([View; 3], [usize; 3]) {
-        let (g, t, hd) = (d.rep() * d.t, d.t, d.hd);
-        (
-            [View::new(g, hd), View::new(t, hd), View::new(g, t)],
-            [g * hd, t * hd, g * t],
-        )
-    }
 
     /// [`super::forward`] into p [batch, heads, t, t] and y [batch, heads, t, hd].
     #[allow(clippy::too_many_arguments)]
@@ -128,7 +130,7 @@ pub mod cuda {
         y: DevMut<f32>,
         d: Heads,
     ) -> Result<()> {
-        let ([qv, kv, sv], [sq, sk, ss]) = shapes(d);
+        let ([qv, kv, sv], [sq, sk, ss]) = groups(d);
         let batch = d.b * d.nkv;
         // SAFETY: the first product writes every score before the softmax reads them.
         let mut s = unsafe { dev.alloc::<f32>(d.b * d.nh * d.t * d.t) }?;
@@ -155,7 +157,7 @@ pub mod cuda {
         dv: DevMut<f32>,
         d: Heads,
     ) -> Result<()> {
-        let ([qv, kv, sv], [sq, sk, ss]) = shapes(d);
+        let ([qv, kv, sv], [sq, sk, ss]) = groups(d);
         let batch = d.b * d.nkv;
         let n = d.b * d.nh * d.t * d.t;
         // SAFETY: dP and dS are written in full (a product, the softmax's backward) before
@@ -179,5 +181,96 @@ pub mod cuda {
         let dsr = Dev::of(&ds, dev);
         matmul_batched(dev, dq, qv, dsr, sv, k, kv, false, batch, [sq, ss, sk])?;
         matmul_batched(dev, dk, kv, dsr, sv.t(), q, qv, false, batch, [sk, ss, sq])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// dst_i (+)= a_i · b_i for each of `batch` entries at the strides given: the GPU's
+    /// strided batch, on the CPU.
+    #[allow(clippy::too_many_arguments)]
+    fn batched(
+        dst: &mut [f32],
+        d: View,
+        a: &[f32],
+        av: View,
+        b: &[f32],
+        bv: View,
+        batch: usize,
+        s: [usize; 3],
+    ) {
+        for i in 0..batch {
+            let (o, x, y) = (&mut dst[i * s[0]..], &a[i * s[1]..], &b[i * s[2]..]);
+            matmul(o, d, x, av, y, bv, false, false);
+        }
+    }
+
+    /// The GPU's grouped products (cuda::forward, cuda::backward: the same views, strides
+    /// and order), run on the CPU with the CPU softmax, give the CPU attention: grouped
+    /// queries (3 per key/value head), a padded row.
+    #[test]
+    fn grouped_products_are_the_per_head_attention() {
+        let d = Heads {
+            b: 2,
+            nh: 6,
+            nkv: 2,
+            t: 5,
+            hd: 4,
+        };
+        let val = |n: usize, seed: f32| {
+            (0..n)
+                .map(|i| (i as f32 * 0.37 + seed).sin())
+                .collect::<Vec<f32>>()
+        };
+        let (qn, kn) = (d.b * d.nh * d.t * d.hd, d.b * d.nkv * d.t * d.hd);
+        let (q, k, v, dy) = (val(qn, 1.0), val(kn, 2.0), val(kn, 3.0), val(qn, 4.0));
+        let mut bias = Vec::new();
+        for row in 0..d.b {
+            for i in 0..d.t {
+                for j in 0..d.t {
+                    bias.push(if j <= i && !(row == 1 && j >= 3) {
+                        0.0
+                    } else {
+                        -1e9
+                    });
+                }
+            }
+        }
+        let ([qv, kv, sv], [sq, sk, ss]) = groups(d);
+        let batch = d.b * d.nkv;
+        let n = d.b * d.nh * d.t * d.t;
+        // Forward: S = q·kᵀ, P = softmax, y = P·v.
+        let mut s = vec![0f32; n];
+        batched(&mut s, sv, &q, qv, &k, kv.t(), batch, [ss, sq, sk]);
+        let p = softmax::forward(&s, &bias, d.t, d.nh, d.t, d.scale());
+        let mut y = vec![0f32; qn];
+        batched(&mut y, qv, &p, sv, &v, kv, batch, [sq, ss, sk]);
+        let (cp, cy) = forward(&q, &k, &v, &bias, d);
+        let close = |what: &str, a: &[f32], b: &[f32]| {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{what}: {worst}");
+        };
+        close("P", &p, &cp);
+        close("y", &y, &cy);
+        // Backward: dP = dy·vᵀ, dv = Pᵀ·dy, dS, dq = dS·k, dk = dSᵀ·q.
+        let mut dp = vec![0f32; n];
+        batched(&mut dp, sv, &dy, qv, &v, kv.t(), batch, [ss, sq, sk]);
+        let mut dv = vec![0f32; kn];
+        batched(&mut dv, kv, &p, sv.t(), &dy, qv, batch, [sk, ss, sq]);
+        let ds = softmax::backward(&dp, &p, d.t, d.scale());
+        let mut dq = vec![0f32; qn];
+        batched(&mut dq, qv, &ds, sv, &k, kv, batch, [sq, ss, sk]);
+        let mut dk = vec![0f32; kn];
+        batched(&mut dk, kv, &ds, sv.t(), &q, qv, batch, [sk, ss, sq]);
+        let (cdq, cdk, cdv) = backward(&dy, &q, &k, &v, &cp, d);
+        close("dq", &dq, &cdq);
+        close("dk", &dk, &cdk);
+        close("dv", &dv, &cdv);
     }
 }

@@ -394,39 +394,142 @@ mod tests {
             }
         }
     }
+
+    /// A column-major BLAS gemm as its reference defines it (what cuBLAS computes):
+    /// C[i + j·ldc] = Σ_l op(A)[i, l] · op(B)[l, j] + beta · C, op(X)[i, l] = X[l + i·ld]
+    /// transposed, X[i + l·ld] not.
+    #[allow(clippy::too_many_arguments)]
+    fn blas_gemm(g: &ColMajor, a: &[f32], b: &[f32], c: &mut [f32], beta: f32) {
+        let at = |x: &[f32], trans: bool, ld: usize, i: usize, l: usize| {
+            if trans {
+                x[l + i * ld]
+            } else {
+                x[i + l * ld]
+            }
+        };
+        for i in 0..g.m {
+            for j in 0..g.n {
+                let sum: f32 = (0..g.k)
+                    .map(|l| {
+                        at(a, g.trans_first, g.ld_first, i, l)
+                            * at(b, g.trans_second, g.ld_second, l, j)
+                    })
+                    .sum();
+                let c = &mut c[i + j * g.ld_out];
+                *c = sum + beta * *c;
+            }
+        }
+    }
+
+    /// The arguments cuBLAS gets for a product on row-major views (ops::linear::cuda) give
+    /// the CPU's product: every way the pass reads its operands (a or aᵀ, b or bᵀ), with
+    /// accumulation, and the one-row and one-column shapes.
+    #[test]
+    fn column_major_arguments_give_the_row_major_product() {
+        for (m, k, n) in [(5, 7, 3), (1, 4, 6), (6, 4, 1), (3, 1, 2), (1, 1, 1)] {
+            let a_rows: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b_rows: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.71).cos()).collect();
+            // The same matrices stored transposed.
+            let a_cols: Vec<f32> = (0..k * m).map(|i| a_rows[(i % m) * k + i / m]).collect();
+            let b_cols: Vec<f32> = (0..n * k).map(|i| b_rows[(i % k) * n + i / k]).collect();
+            let dv = View::new(m, n);
+            for (a, av) in [(&a_rows, View::new(m, k)), (&a_cols, View::new(k, m).t())] {
+                for (b, bv) in [(&b_rows, View::new(k, n)), (&b_cols, View::new(n, k).t())] {
+                    for accumulate in [false, true] {
+                        let start: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.1).collect();
+                        let mut want = start.clone();
+                        matmul(&mut want, dv, a, av, b, bv, accumulate, false);
+                        let g = col_major(dv, av, bv).unwrap();
+                        let mut got = start.clone();
+                        let beta = if accumulate { 1.0 } else { 0.0 };
+                        // cuBLAS's first operand is b's memory, its second a's.
+                        blas_gemm(&g, b, a, &mut got, beta);
+                        for (x, y) in got.iter().zip(&want) {
+                            assert!(
+                                (x - y).abs() < 1e-5,
+                                "{m}x{k}x{n} {av:?} {bv:?} acc {accumulate}: {got:?} vs {want:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // A view that is neither rows nor columns (both strides > 1) is refused.
+        let odd = View {
+            rows: 2,
+            cols: 2,
+            rs: 4,
+            cs: 2,
+        };
+        assert!(col_major(View::new(2, 2), odd, View::new(2, 2)).is_err());
+    }
+}
+
+/// A product dst = a·b on row-major [`View`]s as a column-major BLAS (cuBLAS) computes it:
+/// dst read column-major is dstᵀ, so it computes dstᵀ = bᵀ·aᵀ — `first` is b's memory,
+/// `second` a's, each transposed or not, with its leading dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColMajor {
+    pub trans_first: bool,
+    pub trans_second: bool,
+    /// dstᵀ is m × n (m = dst's columns, n = its rows); k = a's columns.
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub ld_first: usize,
+    pub ld_second: usize,
+    pub ld_out: usize,
+}
+
+/// How a column-major BLAS reads a row-major view's transpose: (transpose?, leading
+/// dimension). A view with unit column stride is, read column-major, its own transpose; one
+/// with unit row stride is itself and needs a transpose.
+fn col_major_operand(v: View) -> Result<(bool, usize)> {
+    let (trans, ld, stored_rows) = if v.cs == 1 {
+        (false, v.rs, v.cols)
+    } else if v.rs == 1 {
+        (true, v.cs, v.rows)
+    } else {
+        bail!("matmul: {v:?} is neither rows nor columns of a matrix")
+    };
+    // With one stored column the leading dimension is never stepped; a BLAS still wants it
+    // at least the column's height.
+    Ok((trans, ld.max(stored_rows).max(1)))
+}
+
+/// The column-major arguments of dst = a·b (dst's rows contiguous).
+pub fn col_major(d: View, av: View, bv: View) -> Result<ColMajor> {
+    if d.rows != av.rows || d.cols != bv.cols || av.cols != bv.rows {
+        bail!("matmul: {d:?} = {av:?} · {bv:?}")
+    }
+    if d.cs != 1 {
+        bail!("matmul: the output's rows must be contiguous, {d:?}")
+    }
+    let (trans_first, ld_first) = col_major_operand(bv)?;
+    let (trans_second, ld_second) = col_major_operand(av)?;
+    Ok(ColMajor {
+        trans_first,
+        trans_second,
+        m: d.cols,
+        n: d.rows,
+        k: av.cols,
+        ld_first,
+        ld_second,
+        ld_out: d.rs.max(d.cols).max(1),
+    })
 }
 
 /// The products on the GPU: cuBLAS's f32 GEMM (no TF32: the CPU pass's arithmetic) on the
-/// same row-major [`View`]s as [`matmul`], one product or a strided batch of them.
+/// same row-major [`View`]s as [`matmul`], one product or a strided batch of them. The
+/// arguments are [`col_major`]'s, which a test checks on the CPU against the BLAS
+/// definition.
 #[cfg(feature = "cuda")]
 pub mod cuda {
     use super::View;
     use crate::cuda::{Dev, DevMut};
     use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t as Op;
     use candle_core::cuda_backend::cudarc::cublas::{result, sys};
-    use candle_core::{bail, CudaDevice, Result};
-
-    /// How cuBLAS, which reads matrices column-major, takes the transpose of a row-major
-    /// view (it computes Dᵀ = Bᵀ·Aᵀ): (operation, leading dimension). A view with unit column
-    /// stride is, read column-major, its own transpose; one with unit row stride is itself
-    /// and needs a transpose.
-    fn operand(v: View) -> Result<(Op, i32)> {
-        let (op, ld, stored_rows) = if v.cs == 1 {
-            (Op::CUBLAS_OP_N, v.rs, v.cols)
-        } else if v.rs == 1 {
-            (Op::CUBLAS_OP_T, v.cs, v.rows)
-        } else {
-            bail!("matmul: {v:?} is neither rows nor columns of a matrix")
-        };
-        // With one stored column the leading dimension is never stepped; cuBLAS still wants
-        // it at least the column's height.
-        let ld = ld.max(stored_rows).max(1);
-        Ok((
-            op,
-            i32::try_from(ld)
-                .map_err(|_| candle_core::Error::Msg("matmul: stride too large".into()))?,
-        ))
-    }
+    use candle_core::{CudaDevice, Result};
 
     /// Values a view reaches: one past its last element.
     fn extent(v: View) -> usize {
@@ -457,12 +560,7 @@ pub mod cuda {
         batch: usize,
         strides: [usize; 3],
     ) -> Result<()> {
-        if d.rows != av.rows || d.cols != bv.cols || av.cols != bv.rows {
-            bail!("matmul: {d:?} = {av:?} · {bv:?}")
-        }
-        if d.cs != 1 {
-            bail!("matmul: the output's rows must be contiguous, {d:?}")
-        }
+        let g = super::col_major(d, av, bv)?;
         if batch == 0 || d.rows == 0 || d.cols == 0 {
             return Ok(());
         }
@@ -471,12 +569,11 @@ pub mod cuda {
         let cp = dst.at_least(reach(d, sd), "matmul: output")?;
         let ap = a.at_least(reach(av, sa), "matmul: a")?;
         let bp = b.at_least(reach(bv, sb), "matmul: b")?;
-        let (opb, ldb) = operand(bv)?;
-        let (opa, lda) = operand(av)?;
+        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
         let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
         let blas = dev.cublas_handle();
         let handle: sys::cublasHandle_t = *blas.handle();
-        let (m, n, k) = (int(d.cols)?, int(d.rows)?, int(av.cols)?);
+        let (m, n, k) = (int(g.m)?, int(g.n)?, int(g.k)?);
         // SAFETY: the handle runs on candle's stream, where the buffers are used; every
         // address covers what the product reads or writes (checked above: `reach`), and the
         // scalars are host values that outlive the call.
@@ -484,21 +581,21 @@ pub mod cuda {
             // One product is a batch of one (its strides never stepped).
             result::sgemm_strided_batched(
                 handle,
-                opb,
-                opa,
+                op(g.trans_first),
+                op(g.trans_second),
                 m,
                 n,
                 k,
                 &alpha,
                 bp as *const f32,
-                ldb,
+                int(g.ld_first)?,
                 sb as i64,
                 ap as *const f32,
-                lda,
+                int(g.ld_second)?,
                 sa as i64,
                 &beta,
                 cp as *mut f32,
-                int(d.rs)?,
+                int(g.ld_out)?,
                 sd as i64,
                 int(batch)?,
             )
