@@ -24,7 +24,12 @@ for f in "$BIN"/*.xz; do
   python3 -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' "$f" "${f%.xz}"
   chmod +x "${f%.xz}"
 done
-run() { timeout "$1" bash "$BIN/gpu-libpath.sh" "${@:2}"; }
+# The library-path wrapper puts the machine's CUDA libraries (torch's wheels) in reach
+# when it was staged; without it the binaries run as they are.
+run() {
+  if [ -f "$BIN/gpu-libpath.sh" ]; then timeout "$1" bash "$BIN/gpu-libpath.sh" "${@:2}"
+  else timeout "$1" "${@:2}"; fi
+}
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/gpu.txt"
 
 run 120 "$BIN/pass_ops" --nocapture --test-threads 1 2>&1 | tee "$OUT/pass_ops.txt"
@@ -40,7 +45,8 @@ json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_
            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
            "tie_word_embeddings": True}, open("/tmp/smollm2.json", "w"))
 PY
-torch_on() {  # name config train-spec
+torch_on() {  # name config train-spec (PyTorch's side, when its script was staged)
+  [ -f "$BIN/torch_shape_baseline.py" ] || { echo "no torch_shape_baseline.py: no PyTorch column"; return; }
   timeout 300 python3 "$BIN/torch_shape_baseline.py" --config "$2" --train "$3" --generate "" \
     --steps 5 --warm 2 --peak-tflops 989 --out "$OUT/torch-$1.json" 2>&1 | tee "$OUT/torch-$1.txt"
 }
