@@ -34,8 +34,6 @@ use basin_kernels::ops::linear::View;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor};
 
-pub(crate) use cpu::project;
-
 /// Whether the written-out pass can run `model`: f32 weights on the CPU, or on a GPU in a
 /// build with the `cuda` feature.
 pub fn supports(model: &Llama) -> bool {
@@ -208,7 +206,7 @@ pub(crate) trait Backend: Sized {
     fn src<'a>(&'a self, b: &'a Self::Buf) -> Self::Src<'a>;
     fn weight<'a>(&'a self, h: &'a Held<'_>) -> Result<Self::Src<'a>>;
     fn ids(&self, v: &[u32]) -> Result<Self::Ids>;
-    fn lookups(&self, l: &Lookups) -> Result<Self::Lookups>;
+    fn lookups(&self, l: Lookups) -> Result<Self::Lookups>;
     /// A copy of an f32 tensor's values (the attention bias).
     fn copy_of(&self, t: &Tensor) -> Result<Self::Buf>;
     /// A gradient as a tensor shaped like the weight `like`, on its device.
@@ -396,7 +394,8 @@ struct Run<'m, B: Backend> {
     model: &'m Llama,
     d: Dims,
     rows: Rows<B>,
-    lookups: B::Lookups,
+    /// The batch's token ids (host), whose lookups the embedding's gradient groups.
+    ids: Vec<u32>,
     layers: Vec<Kept<B>>,
     /// The last layer's output at the rows the loss reads, those rows normed, their logits.
     x_loss: B::Buf,
@@ -417,6 +416,17 @@ enum Runs<'m> {
     Cpu(Box<Run<'m, cpu::Cpu>>),
     #[cfg(feature = "cuda")]
     Cuda(Box<Run<'m, cuda::Cuda>>),
+}
+
+/// y [rows, out] = x · wᵀ (+ b) on the CPU: the written-out decoder's projections.
+pub(crate) fn project(
+    x: &[f32],
+    p: &Proj<&[f32]>,
+    rows: usize,
+    d_in: usize,
+    out: usize,
+) -> Result<Vec<f32>> {
+    project_on(&cpu::Cpu, x, p, rows, d_in, out)
 }
 
 /// y [rows, out] = x · wᵀ (+ b).
@@ -628,13 +638,12 @@ fn run_forward<'m, B: Backend>(
     let loss = be.sum(&nll, n_loss)? / n_loss as f64;
     drop(w);
     drop((globals, layer_held));
-    let lookups = be.lookups(&Lookups::new(&host.ids, model.config.pad_token_id))?;
     Ok(Run {
         be,
         model,
         d,
         rows,
-        lookups,
+        ids: host.ids.clone(),
         layers,
         x_loss,
         loss_rows,
@@ -712,7 +721,8 @@ impl<B: Backend> Run<'_, B> {
             (be.zeros(d.vocab * d.h)?, Some(d_head))
         };
         // The padding token's row gets nothing from lookups (transformers' padding_idx).
-        be.embedding_backward(&mut d_embed, be.src(&dx), &self.lookups, d.h)?;
+        let lookups = be.lookups(Lookups::new(&self.ids, m.config.pad_token_id))?;
+        be.embedding_backward(&mut d_embed, be.src(&dx), &lookups, d.h)?;
         drop(w);
         drop((globals, layer_held));
         let mut store = GradStore::default();

@@ -142,9 +142,9 @@ impl<'a> Decoder<'a> {
             .zip(self.cache.k.iter_mut().zip(self.cache.v.iter_mut()))
         {
             let a = rms_norm::forward(&x, l.attn_norm, d.eps);
-            let mut q = project(&a, &l.q, n, d.h, qd);
-            let k = project(&a, &l.k, n, d.h, kvd);
-            let v = project(&a, &l.v, n, d.h, kvd);
+            let mut q = project(&a, &l.q, n, d.h, qd)?;
+            let k = project(&a, &l.k, n, d.h, kvd)?;
+            let v = project(&a, &l.v, n, d.h, kvd)?;
             rotate_heads(&mut q, &cos, &sin, d.hd);
             // The new keys (rotated) and values, each into its place in the cache.
             for row in 0..n {
@@ -158,12 +158,12 @@ impl<'a> Decoder<'a> {
                 }
             }
             let y = attention(&q, k_cache, v_cache, key_valid, d, len, cap);
-            let mut x_mid = project(&y, &l.o, n, qd, d.h);
+            let mut x_mid = project(&y, &l.o, n, qd, d.h)?;
             add_into(&mut x_mid, &x);
             let m = rms_norm::forward(&x_mid, l.mlp_norm, d.eps);
-            let g = project(&m, &l.gate, n, d.h, d.ff);
-            let u = project(&m, &l.up, n, d.h, d.ff);
-            x = project(&swiglu::forward(&g, &u), &l.down, n, d.ff, d.h);
+            let g = project(&m, &l.gate, n, d.h, d.ff)?;
+            let u = project(&m, &l.up, n, d.h, d.ff)?;
+            x = project(&swiglu::forward(&g, &u), &l.down, n, d.ff, d.h)?;
             add_into(&mut x, &x_mid);
         }
         self.cache.len = keys;
@@ -177,7 +177,7 @@ impl<'a> Decoder<'a> {
             w: self.w.head,
             b: None,
         };
-        Ok(project(&normed, &head, b, d.h, d.vocab))
+        project(&normed, &head, b, d.h, d.vocab)
     }
 }
 

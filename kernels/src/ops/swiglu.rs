@@ -26,11 +26,10 @@ pub fn forward(g: &[f32], u: &[f32]) -> Vec<f32> {
     y
 }
 
-/// CPU reference of the backward pass: [dg, du] (dg's n values, then du's) from dy, g, u.
-pub fn backward(dy: &[f32], g: &[f32], u: &[f32]) -> Vec<f32> {
+/// CPU reference of the backward pass: (dg, du) from dy, g, u.
+pub fn backward(dy: &[f32], g: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let n = g.len();
-    let mut out = vec![0f32; 2 * n];
-    let (dg, du) = out.split_at_mut(n);
+    let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
     dg.par_chunks_mut(CHUNK)
         .zip(du.par_chunks_mut(CHUNK))
         .zip(
@@ -44,7 +43,7 @@ pub fn backward(dy: &[f32], g: &[f32], u: &[f32]) -> Vec<f32> {
                 du[i] = dy[i] * g[i] * s;
             }
         });
-    out
+    (dg, du)
 }
 
 /// The launchers of `swiglu_fwd` and `swiglu_bwd` (`cuda/pass.cu`).

@@ -3,7 +3,6 @@
 //! parallel over rayon's threads.
 
 use super::{Backend, Held};
-use crate::llama::Proj;
 use anyhow::Result;
 use basin_kernels::ops::attention::{self, Heads};
 use basin_kernels::ops::embedding::{self, Lookups};
@@ -12,21 +11,6 @@ use basin_kernels::ops::{cross_entropy, rms_norm, rope, rows, swiglu};
 use candle_core::Tensor;
 
 pub(crate) struct Cpu;
-
-/// y [rows, out] = x [rows, d_in] · wᵀ (+ b), w [out, d_in] (the written-out decoder's too).
-pub(crate) fn project(
-    x: &[f32],
-    p: &Proj<&[f32]>,
-    rows: usize,
-    d_in: usize,
-    out: usize,
-) -> Vec<f32> {
-    let mut y = basin_kernels::ops::linear::forward(x, p.w, rows, d_in, out);
-    if let Some(b) = p.b {
-        rows::add_bias(&mut y, b);
-    }
-    y
-}
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
@@ -46,8 +30,8 @@ impl Backend for Cpu {
         Ok(v.to_vec())
     }
 
-    fn lookups(&self, l: &Lookups) -> Result<Lookups> {
-        Ok(l.clone())
+    fn lookups(&self, l: Lookups) -> Result<Lookups> {
+        Ok(l)
     }
 
     fn copy_of(&self, t: &Tensor) -> Result<Vec<f32>> {
@@ -161,9 +145,7 @@ impl Backend for Cpu {
         u: &[f32],
         n: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let mut dgu = swiglu::backward(&dy[..n], &g[..n], &u[..n]);
-        let du = dgu.split_off(n);
-        Ok((dgu, du))
+        Ok(swiglu::backward(&dy[..n], &g[..n], &u[..n]))
     }
 
     fn heads(

@@ -52,8 +52,8 @@ impl Backend for Cuda {
             .clone_htod(if v.is_empty() { &[0u32][..] } else { v })?)
     }
 
-    fn lookups(&self, l: &Lookups) -> Result<DevLookups> {
-        Ok(DevLookups::new(&self.dev, l)?)
+    fn lookups(&self, l: Lookups) -> Result<DevLookups> {
+        Ok(DevLookups::new(&self.dev, &l)?)
     }
 
     fn copy_of(&self, t: &Tensor) -> Result<CudaSlice<f32>> {
