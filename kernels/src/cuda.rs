@@ -112,7 +112,9 @@ impl Span {
 
 /// f32 or u32 values on the device, borrowed for `'a`: a buffer of the written-out training
 /// pass, a range of one, or a weight inside candle's storage. The launchers of that pass take
-/// these and check every length against the sizes they are given, so they are safe to call.
+/// these and check every length against the sizes they are given, so they are safe to call —
+/// but for the two whose kernels follow indices held on the device (gathering and scattering
+/// rows), which are `unsafe fn`s with the indices' bound as their contract.
 #[derive(Clone, Copy, Debug)]
 pub struct Dev<'a, T> {
     span: Span,

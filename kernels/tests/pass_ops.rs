@@ -297,14 +297,17 @@ mod device {
         let gt = g.up(&table);
         let gi = g.ids(&idx);
         let mut gath = g.out(idx.len() * width);
-        rows::cuda::gather_rows(
-            d,
-            g.r(&gt),
-            Dev::of(&gi, d),
-            g.w(&mut gath),
-            idx.len(),
-            width,
-        )
+        // SAFETY: every index is below the table's 50 rows.
+        unsafe {
+            rows::cuda::gather_rows(
+                d,
+                g.r(&gt),
+                Dev::of(&gi, d),
+                g.w(&mut gath),
+                idx.len(),
+                width,
+            )
+        }
         .unwrap();
         assert_eq!(
             g.down(&gath),
@@ -313,8 +316,11 @@ mod device {
         );
         let distinct = g.ids(&[9u32, 4, 30]);
         let mut sc = g.out(table_rows * width);
-        rows::cuda::scatter_rows(d, g.r(&gath), Dev::of(&distinct, d), g.w(&mut sc), 3, width)
-            .unwrap();
+        // SAFETY: every index is below the output's 50 rows.
+        unsafe {
+            rows::cuda::scatter_rows(d, g.r(&gath), Dev::of(&distinct, d), g.w(&mut sc), 3, width)
+        }
+        .unwrap();
         assert_eq!(
             g.down(&sc),
             rows::scatter_rows(&g.down(&gath)[..3 * width], &[9, 4, 30], width, table_rows),

@@ -70,7 +70,12 @@ pub mod cuda {
     use candle_core::{CudaDevice, Result};
 
     /// [`super::gather_rows`].
-    pub fn gather_rows(
+    ///
+    /// # Safety
+    /// Every index must name a row of `table` (index · width + width ≤ its length): the
+    /// indices are on the device, where this cannot check them (the written-out pass checks
+    /// token ids and positions on the host first).
+    pub unsafe fn gather_rows(
         dev: &CudaDevice,
         table: Dev<f32>,
         idx: Dev<u32>,
@@ -78,8 +83,6 @@ pub mod cuda {
         rows: usize,
         width: usize,
     ) -> Result<()> {
-        // The kernel reads whole rows of the table at the indices: the table must hold a
-        // whole number of rows, and the caller checked the indices against it.
         let (t, i, o) = (
             table.at_least(width, "gather: table")?,
             idx.at_least(rows, "gather: indices")?,
@@ -93,7 +96,10 @@ pub mod cuda {
     }
 
     /// [`super::scatter_rows`] into `out`, which holds zeros (or what the other rows keep).
-    pub fn scatter_rows(
+    ///
+    /// # Safety
+    /// Every index must name a row of `out` (as for [`gather_rows`]).
+    pub unsafe fn scatter_rows(
         dev: &CudaDevice,
         src: Dev<f32>,
         idx: Dev<u32>,

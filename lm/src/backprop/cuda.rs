@@ -172,7 +172,12 @@ impl Backend for Cuda {
     ) -> Result<CudaSlice<f32>> {
         let mut out = self.output(rows * width)?;
         let i = Dev::of(idx, &self.dev);
-        rows::cuda::gather_rows(&self.dev, table, i, w(&mut out, &self.dev), rows, width)?;
+        // SAFETY: the pass gathers rows of the embedding at token ids and of RoPE's tables at
+        // positions, both checked on the host (run_forward), and of the last layer's output at
+        // the loss rows, which Batch::new made below rows × time.
+        unsafe {
+            rows::cuda::gather_rows(&self.dev, table, i, w(&mut out, &self.dev), rows, width)?
+        };
         Ok(out)
     }
 
@@ -186,7 +191,11 @@ impl Backend for Cuda {
     ) -> Result<CudaSlice<f32>> {
         let mut out = self.zeros(total * width)?;
         let i = Dev::of(idx, &self.dev);
-        rows::cuda::scatter_rows(&self.dev, src, i, w(&mut out, &self.dev), rows, width)?;
+        // SAFETY: `out` holds `total` rows and the pass scatters only to the loss rows, which
+        // Batch::new made below rows × time = total.
+        unsafe {
+            rows::cuda::scatter_rows(&self.dev, src, i, w(&mut out, &self.dev), rows, width)?
+        };
         Ok(out)
     }
 
