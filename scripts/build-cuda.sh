@@ -43,11 +43,16 @@ PY
   export CUDA_HOME="$cuda" PATH="$cuda/bin:$PATH" LIBRARY_PATH="$cuda/lib:${LIBRARY_PATH:-}"
 fi
 nvcc --version | tail -1
+# The kernels compiled as the launchers compile them at run time (NVRTC), every variant.
+home="${CUDA_HOME:-/usr/local/cuda}"
+CUDA_HOME="$home" LD_LIBRARY_PATH="$home/lib:$home/lib64:${LD_LIBRARY_PATH:-}" python3 scripts/nvrtc-check.py
 # The stage binaries and the benchmarks (target/release/deps/{kernels,step}-*).
 cargo build --release -p train -p evaluate -p basin-kernels \
   --features train/cuda,evaluate/cuda,basin-kernels/cuda --bins --bench kernels --bench step "$@"
 # The device tests that scripts/stage-device.sh takes to the GPU with the step bench
-# (target/release/deps/{pass_ops,fused,pass_device}-*): the written-out pass's kernels and
-# whole pass, and the fused softmax / cross-entropy of the autograd path.
-cargo build --release -p basin-kernels -p basin-lm --features basin-kernels/cuda,basin-lm/cuda \
-  --test pass_ops --test fused --test pass_device "$@"
+# (target/release/deps/{pass_ops,fused,pass_device,bf16_device}-*): the written-out pass's
+# kernels and whole pass in f32 and bf16, the fused softmax / cross-entropy of the autograd
+# path, and bf16 training against f32.
+cargo build --release -p basin-kernels -p basin-lm -p train \
+  --features basin-kernels/cuda,basin-lm/cuda,train/cuda \
+  --test pass_ops --test fused --test pass_device --test bf16_device "$@"

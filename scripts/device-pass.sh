@@ -2,16 +2,19 @@
 # Issue 21's GPU check, as one prepared script for a GPU machine (docs/performance.md has
 # what it measured). Run on the machine from the checkout's root with $BIN holding what
 # `scripts/stage-device.sh` staged here (the CUDA binaries of the step bench and of the
-# three device tests, PyTorch's shape baseline, the library-path wrapper; .xz-compressed or
+# four device tests, PyTorch's shape baseline, the library-path wrapper; .xz-compressed or
 # not). Writes into $OUT:
-#   1. every kernel and product of the written-out pass on the device against its CPU
-#      reference (`pass_ops`), the fused softmax and cross-entropy of the autograd path
-#      against the CPU (`fused`: their launchers were reworked with the pass), then the
+#   1. every kernel and product of the written-out pass on the device, f32 and bf16, against
+#      its CPU reference (`pass_ops`), the fused softmax and cross-entropy of the autograd
+#      path against the CPU (`fused`: their launchers were reworked with the pass), then the
 #      whole pass on the device against the CPU pass — tiny model, every family, the
-#      SmolLM2 shape — and repeated bit for bit (`pass_device`);
-#   2. the step bench on the SmolLM2-135M shape, 16 x 512: f32 through the written-out pass,
-#      f32 and bf16 through candle's autograd, beside PyTorch + transformers (f32 and pure
-#      bf16, AdamW fused) in the same run: tokens/s and the ratios, forward/backward/optimizer;
+#      SmolLM2 shape — and repeated bit for bit; in bf16 against the f32 CPU pass beside
+#      candle's bf16 autograd (`pass_device`); 20 steps of bf16 training against f32
+#      (`bf16_device`);
+#   2. the step bench on the SmolLM2-135M shape, 16 x 512: f32 and bf16 through the
+#      written-out pass and through candle's autograd, beside PyTorch + transformers (f32 and
+#      pure bf16, AdamW fused) in the same run: tokens/s and the ratios, forward/backward/
+#      optimizer;
 #   3. the same on the Llama-3.2-1B shape (configs/models/, random weights), 4 x 512;
 #   4. a per-kernel profile (ncu) of the written-out f32 pass on 4 layers, one step.
 # Each part has a time limit, so that one stuck part leaves the others' figures.
@@ -34,7 +37,8 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 
 run 120 "$BIN/pass_ops" --nocapture --test-threads 1 2>&1 | tee "$OUT/pass_ops.txt"
 run 120 "$BIN/fused" --nocapture 2>&1 | tee "$OUT/fused.txt"
-run 240 "$BIN/pass_device" --nocapture 2>&1 | tee "$OUT/pass_device.txt"
+run 240 "$BIN/pass_device" --nocapture --test-threads 1 2>&1 | tee "$OUT/pass_device.txt"
+run 180 "$BIN/bf16_device" --nocapture 2>&1 | tee "$OUT/bf16_device.txt"
 
 python3 - <<'PY'
 import json
@@ -55,11 +59,11 @@ step_on() {  # name dtype args...
     --torch "$OUT/torch-$1.json" "${@:3}" 2>&1 | tee "$OUT/step-$1-$2.txt"
 }
 torch_on smollm2 /tmp/smollm2.json f32:16x512,bf16:16x512
-for dt in f32 f32-autograd bf16; do step_on smollm2 "$dt" --batch 16 --seq 512; done
+for dt in f32 f32-autograd bf16 bf16-autograd; do step_on smollm2 "$dt" --batch 16 --seq 512; done
 
 llama=configs/models/llama-3.2-1b-instruct.json
 torch_on llama1b "$llama" f32:4x512,bf16:4x512
-for dt in f32 f32-autograd bf16; do step_on llama1b "$dt" --model-config "$llama" --batch 4 --seq 512; done
+for dt in f32 f32-autograd bf16 bf16-autograd; do step_on llama1b "$dt" --model-config "$llama" --batch 4 --seq 512; done
 
 if command -v ncu >/dev/null; then
   run 300 ncu --metrics gpu__time_duration.sum --print-summary per-kernel "$BIN/step" --dtype f32 \

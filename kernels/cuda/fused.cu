@@ -7,6 +7,10 @@
 // Each is one pass over a row (two for the cross-entropy's backward) instead of 6–10 full
 // passes. The CPU references are kernels/src/softmax.rs and kernels/src/cross_entropy.rs;
 // these are checked against them to a tolerance (expf and the order of the sums differ).
+//
+// Scores, probabilities and logits are `act` (bf16.cuh: f32, or bf16 in the module compiled
+// with ACT_BF16; the written-out pass uses both, candle's custom ops f32); the arithmetic is
+// f32, and each row's loss is written as f32.
 
 typedef unsigned long long u64;
 typedef unsigned int u32;
@@ -25,45 +29,45 @@ __device__ __forceinline__ float warp_sum(float x) {
 // y = softmax(scale·s + bias) over rows of n. s and y: [rows, n]; bias: [batch, 1, tq, n],
 // shared by the `heads` rows of one query (row r = ((batch·heads + head)·tq + query)).
 // One warp per row.
-extern "C" __global__ void softmax_fwd(const float* s, const float* bias, float* y, u32 rows,
-                                       u32 n, u32 heads, u32 tq, float scale) {
+extern "C" __global__ void softmax_fwd(const act* s, const act* bias, act* y, u32 rows, u32 n,
+                                       u32 heads, u32 tq, float scale) {
     const u64 row = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const u32 lane = threadIdx.x % 32;
     if (row >= rows) return;
-    const float* x = s + row * n;
-    const float* b = bias + ((row / ((u64)heads * tq)) * tq + row % tq) * n;
+    const act* x = s + row * n;
+    const act* b = bias + ((row / ((u64)heads * tq)) * tq + row % tq) * n;
     float m = NEG_INF;
-    for (u32 j = lane; j < n; j += 32) m = fmaxf(m, x[j] * scale + b[j]);
+    for (u32 j = lane; j < n; j += 32) m = fmaxf(m, ld(x[j]) * scale + ld(b[j]));
     m = warp_max(m);
     float sum = 0.f;
-    for (u32 j = lane; j < n; j += 32) sum += expf(x[j] * scale + b[j] - m);
+    for (u32 j = lane; j < n; j += 32) sum += expf(ld(x[j]) * scale + ld(b[j]) - m);
     const float inv = 1.f / warp_sum(sum);
-    float* out = y + row * n;
-    for (u32 j = lane; j < n; j += 32) out[j] = expf(x[j] * scale + b[j] - m) * inv;
+    act* out = y + row * n;
+    for (u32 j = lane; j < n; j += 32) st(&out[j], expf(ld(x[j]) * scale + ld(b[j]) - m) * inv);
 }
 
 // ds = scale · y ⊙ (dy − Σ_j dy_j·y_j), row by row. One warp per row.
-extern "C" __global__ void softmax_bwd(const float* dy, const float* y, float* ds, u32 rows, u32 n,
+extern "C" __global__ void softmax_bwd(const act* dy, const act* y, act* ds, u32 rows, u32 n,
                                        float scale) {
     const u64 row = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const u32 lane = threadIdx.x % 32;
     if (row >= rows) return;
-    const float* g = dy + row * n;
-    const float* p = y + row * n;
+    const act* g = dy + row * n;
+    const act* p = y + row * n;
     float dot = 0.f;
-    for (u32 j = lane; j < n; j += 32) dot += g[j] * p[j];
+    for (u32 j = lane; j < n; j += 32) dot += ld(g[j]) * ld(p[j]);
     dot = warp_sum(dot);
-    float* out = ds + row * n;
-    for (u32 j = lane; j < n; j += 32) out[j] = scale * p[j] * (g[j] - dot);
+    act* out = ds + row * n;
+    for (u32 j = lane; j < n; j += 32) st(&out[j], scale * ld(p[j]) * (ld(g[j]) - dot));
 }
 
 // (max, Σ exp(x − max)) of a row in one pass (the online softmax), combined over a block.
 #define XENT_THREADS 256
-__device__ float row_logsumexp(const float* x, u32 v) {
+__device__ float row_logsumexp(const act* x, u32 v) {
     __shared__ float sm[XENT_THREADS / 32], ss[XENT_THREADS / 32];
     float m = NEG_INF, s = 0.f;
     for (u32 j = threadIdx.x; j < v; j += XENT_THREADS) {
-        const float a = x[j];
+        const float a = ld(x[j]);
         if (a > m) {
             s = s * expf(m - a) + 1.f;
             m = a;
@@ -95,24 +99,24 @@ __device__ float row_logsumexp(const float* x, u32 v) {
 }
 
 // nll[r] = logsumexp(logits[r]) − logits[r, targets[r]]. One block per row of v logits.
-extern "C" __global__ void xent_fwd(const float* logits, const u32* targets, float* nll, u32 v) {
+extern "C" __global__ void xent_fwd(const act* logits, const u32* targets, float* nll, u32 v) {
     const u64 row = blockIdx.x;
-    const float* x = logits + row * v;
+    const act* x = logits + row * v;
     const float lse = row_logsumexp(x, v);
     const u32 t = targets[row];
     // A target outside the vocabulary gives NaN (training stops on it), not a stray read.
-    if (threadIdx.x == 0) nll[row] = t < v ? lse - x[t] : __int_as_float(0x7fc00000);
+    if (threadIdx.x == 0) nll[row] = t < v ? lse - ld(x[t]) : __int_as_float(0x7fc00000);
 }
 
 // dlogits[r] = g[r] · (softmax(logits[r]) − onehot(targets[r])). One block per row.
-extern "C" __global__ void xent_bwd(const float* logits, const u32* targets, const float* g,
-                                    float* dlogits, u32 v) {
+extern "C" __global__ void xent_bwd(const act* logits, const u32* targets, const float* g,
+                                    act* dlogits, u32 v) {
     const u64 row = blockIdx.x;
-    const float* x = logits + row * v;
+    const act* x = logits + row * v;
     const float lse = row_logsumexp(x, v);
     const float gr = g[row];
     const u32 t = targets[row];
-    float* out = dlogits + row * v;
+    act* out = dlogits + row * v;
     for (u32 j = threadIdx.x; j < v; j += XENT_THREADS)
-        out[j] = gr * (expf(x[j] - lse) - (j == t ? 1.f : 0.f));
+        st(&out[j], gr * (expf(ld(x[j]) - lse) - (j == t ? 1.f : 0.f)));
 }

@@ -6,13 +6,12 @@
 // the rounding of each step made explicit (__fmaf_rn, __fmul_rn, ...) so that the compiler
 // cannot contract or reorder it: the GPU result is meant to equal the CPU one bit for bit.
 //
-// bf16 is handled as raw 16-bit words (no headers needed under NVRTC): a bf16 gradient is
-// widened to f32, and the bf16 copy of θ that the model computes with is rounded to nearest
-// even from the f32 master weights.
+// bf16 is handled as raw 16-bit words (bf16.cuh, prepended): a bf16 gradient is widened to
+// f32, and the bf16 copy of θ that the model computes with is rounded to nearest even from
+// the f32 master weights.
 
 typedef unsigned long long u64;
 typedef unsigned int u32;
-typedef unsigned short bf16;
 
 // One parameter tensor. `param` is the model's lower-precision copy of θ (bf16), or 0 when
 // the model computes with θ itself (f32). `ema` is 0 when the EMA is not updated.
@@ -41,17 +40,6 @@ struct Step {
     float grad_scale;  // gradient clipping: min(1, clip / ||g||)
     float ema_weight;  // 1 - beta of the EMA (0: this step does not blend)
 };
-
-__device__ __forceinline__ float bf16_to_f32(bf16 x) {
-    return __uint_as_float(((u32)x) << 16);
-}
-
-__device__ __forceinline__ bf16 f32_to_bf16(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);  // NaN stays NaN
-    u += 0x7fffu + ((u >> 16) & 1u);                                       // round to nearest even
-    return (bf16)(u >> 16);
-}
 
 // s + w * (t - s): the blend both the moments and the EMA use (ema.rs: blend).
 __device__ __forceinline__ float blend(float s, float t, float w) {

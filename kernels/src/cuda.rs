@@ -4,7 +4,7 @@
 //! `optim/launch.rs`, each fused op's in its own file of `ops/`.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr,
+    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::CudaStorageSlice;
@@ -230,20 +230,74 @@ impl<T> DevMut<'_, T> {
     }
 }
 
-/// A kernel of pass.cu (the written-out training pass's row operations).
-pub(crate) fn pass_func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-    static PTX: Compiled = OnceLock::new();
-    let ptx = compile(
-        &PTX,
-        dev,
-        "kernels/cuda/pass.cu",
-        include_str!("../cuda/pass.cu"),
-        false,
-    )?;
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// What the written-out training pass keeps on the device — activations, weights, gradients:
+/// f32, or bf16 with f32 arithmetic. Each has its own compilation of pass.cu and fused.cu
+/// (their `act`, bf16.cuh), so a launcher's element type picks the kernels.
+pub trait Act:
+    sealed::Sealed
+    + candle_core::cuda_backend::CudaDType
+    + DeviceRepr
+    + ValidAsZeroBits
+    + Copy
+    + 'static
+{
+    /// Index of the compilation: 0 for f32, 1 for bf16 (ACT_BF16 defined).
+    const VARIANT: usize;
+}
+
+impl Act for f32 {
+    const VARIANT: usize = 0;
+}
+
+impl Act for half::bf16 {
+    const VARIANT: usize = 1;
+}
+
+/// A .cu file whose kernels read and write `act` (bf16.cuh), compiled once per element type.
+pub(crate) struct ActSource {
+    pub(crate) file: &'static str,
+    /// The modules' names and sources: [f32, bf16].
+    pub(crate) modules: [&'static str; 2],
+    pub(crate) sources: [&'static str; 2],
+    pub(crate) ptx: [Compiled; 2],
+}
+
+/// Kernel `name` of `source` compiled for `T`.
+pub(crate) fn act_func<T: Act>(
+    dev: &CudaDevice,
+    source: &'static ActSource,
+    name: &str,
+) -> Result<CudaFunction> {
+    let v = T::VARIANT;
+    let ptx = compile(&source.ptx[v], dev, source.file, source.sources[v], false)?;
     Ok(dev
-        .get_or_load_custom_func(name, "basin_pass", ptx)?
+        .get_or_load_custom_func(name, source.modules[v], ptx)?
         .into_cuda_function())
 }
+
+/// The written-out training pass's row operations.
+pub(crate) static PASS: ActSource = ActSource {
+    file: "kernels/cuda/pass.cu",
+    modules: ["basin_pass", "basin_pass_bf16"],
+    sources: [
+        concat!(
+            include_str!("../cuda/bf16.cuh"),
+            include_str!("../cuda/pass.cu")
+        ),
+        concat!(
+            "#define ACT_BF16\n",
+            include_str!("../cuda/bf16.cuh"),
+            include_str!("../cuda/pass.cu")
+        ),
+    ],
+    ptx: [OnceLock::new(), OnceLock::new()],
+};
 
 /// Threads per block of pass.cu (its `BLOCK`).
 pub(crate) const PASS_BLOCK: u32 = 256;
@@ -253,13 +307,14 @@ pub(crate) fn blocks_for(n: usize) -> Result<u32> {
     u32_arg(n.div_ceil(PASS_BLOCK as usize), "blocks")
 }
 
-/// Launches kernel `$name` of pass.cu on candle's stream with a `$grid` of blocks of
-/// [`PASS_BLOCK`] threads and the arguments named (locals: the launch borrows them).
+/// Launches kernel `$name` of pass.cu, compiled for element type `$t`, on candle's stream
+/// with a `$grid` of blocks of [`PASS_BLOCK`] threads and the arguments named (locals: the
+/// launch borrows them).
 macro_rules! launch_pass {
-    ($dev:expr, $name:expr, $grid:expr; $($arg:ident),* $(,)?) => {{
+    ($dev:expr, $t:ty, $name:expr, $grid:expr; $($arg:ident),* $(,)?) => {{
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
-        let func = $crate::cuda::pass_func($dev, $name)?;
+        let func = $crate::cuda::act_func::<$t>($dev, &$crate::cuda::PASS, $name)?;
         let stream = $dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
         $( b.arg(&$arg); )*
@@ -269,7 +324,8 @@ macro_rules! launch_pass {
             block_dim: ($crate::cuda::PASS_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments are the kernel's, in its order and types (pass.cu); every
+        // SAFETY: the arguments are the kernel's, in its order and types (pass.cu compiled
+        // for `$t`: its `act` is `$t`); every
         // address came from `Dev`/`DevMut::at_least` for the number of values the kernel
         // touches with these sizes. The kernel runs on candle's stream, after what wrote its
         // inputs and before any later use of its buffers; a buffer dropped before the kernel

@@ -139,49 +139,119 @@ fn device_ops_match_their_cpu_references() {
 
 #[cfg(feature = "cuda")]
 mod device {
-    use super::{skipped, values};
-    use basin_kernels::cuda::{Dev, DevMut};
+    use super::skipped;
+    use basin_kernels::cuda::{Act, Dev, DevMut};
     use basin_kernels::ops::attention::{self, Heads};
     use basin_kernels::ops::embedding::{self, cuda::DevLookups, Lookups};
     use basin_kernels::ops::linear::{self, View};
     use basin_kernels::ops::{cross_entropy, rms_norm, rope, rows, swiglu};
     use candle_core::cuda_backend::cudarc::driver::CudaSlice;
     use candle_core::{CudaDevice, Device};
+    use half::bf16;
 
-    struct Gpu(CudaDevice);
+    /// An element type of the pass's kernels, as the test writes and reads it.
+    trait Elem: Act {
+        const NAME: &'static str;
+        /// What rounding a result to this type can change, relative to the largest value (a
+        /// unit in the last place: half of it to nearest, once more where the f32 sums of
+        /// the kernel and of the reference round apart).
+        const ROUNDING: f32;
+        fn of(x: f32) -> Self;
+        fn get(self) -> f32;
+    }
 
-    impl Gpu {
-        fn up(&self, v: &[f32]) -> CudaSlice<f32> {
+    impl Elem for f32 {
+        const NAME: &'static str = "f32";
+        const ROUNDING: f32 = 0.0;
+        fn of(x: f32) -> Self {
+            x
+        }
+        fn get(self) -> f32 {
+            self
+        }
+    }
+
+    impl Elem for bf16 {
+        const NAME: &'static str = "bf16";
+        const ROUNDING: f32 = 1.0 / 256.0;
+        fn of(x: f32) -> Self {
+            bf16::from_f32(x)
+        }
+        fn get(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
+    /// The device, and the element type the kernels under test read and write.
+    struct Gpu<T>(CudaDevice, std::marker::PhantomData<T>);
+
+    impl<T: Elem> Gpu<T> {
+        /// Values as `T` holds them (the CPU references read these: the same inputs).
+        fn held(&self, v: &[f32]) -> Vec<f32> {
+            v.iter().map(|&x| T::of(x).get()).collect()
+        }
+        fn values(&self, n: usize, seed: u32, scale: f32) -> Vec<f32> {
+            self.held(&super::values(n, seed, scale))
+        }
+        fn up(&self, v: &[f32]) -> CudaSlice<T> {
+            let t: Vec<T> = v.iter().map(|&x| T::of(x)).collect();
+            self.0.clone_htod(&t).unwrap()
+        }
+        fn up32(&self, v: &[f32]) -> CudaSlice<f32> {
             self.0.clone_htod(v).unwrap()
         }
         fn ids(&self, v: &[u32]) -> CudaSlice<u32> {
             self.0.clone_htod(v).unwrap()
         }
-        fn out(&self, n: usize) -> CudaSlice<f32> {
+        fn out(&self, n: usize) -> CudaSlice<T> {
+            self.0.alloc_zeros::<T>(n).unwrap()
+        }
+        fn out32(&self, n: usize) -> CudaSlice<f32> {
             self.0.alloc_zeros::<f32>(n).unwrap()
         }
-        fn down(&self, s: &CudaSlice<f32>) -> Vec<f32> {
+        fn down(&self, s: &CudaSlice<T>) -> Vec<f32> {
+            self.0
+                .clone_dtoh(s)
+                .unwrap()
+                .into_iter()
+                .map(T::get)
+                .collect()
+        }
+        fn down32(&self, s: &CudaSlice<f32>) -> Vec<f32> {
             self.0.clone_dtoh(s).unwrap()
         }
-        fn r<'a>(&self, s: &'a CudaSlice<f32>) -> Dev<'a, f32> {
+        fn r<'a, U: Act>(&self, s: &'a CudaSlice<U>) -> Dev<'a, U> {
             Dev::of(s, &self.0)
         }
-        fn w<'a>(&self, s: &'a mut CudaSlice<f32>) -> DevMut<'a, f32> {
+        fn w<'a, U: Act>(&self, s: &'a mut CudaSlice<U>) -> DevMut<'a, U> {
             DevMut::of(s, &self.0)
         }
-    }
 
-    /// Largest |a − b| relative to the largest |b| (or 1).
-    fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
-        assert_eq!(a.len(), b.len(), "{what}: lengths");
-        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let worst = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        eprintln!("{what}: worst difference {worst:.2e} of {scale:.2e}");
-        assert!(worst <= tol * scale, "{what}: {worst} > {tol} × {scale}");
+        /// Largest |a − b| relative to the largest |b| (or 1), at most `tol` in f32, at
+        /// most `tol` + a rounding of `T` otherwise.
+        fn close(&self, what: &str, a: &[f32], b: &[f32], tol: f32) {
+            self.close_to(what, a, b, tol + T::ROUNDING);
+        }
+
+        /// As [`Self::close`], with the tolerance given as is: for results that went
+        /// through several roundings to `T` (attention's scores, then its probabilities).
+        fn close_to(&self, what: &str, a: &[f32], b: &[f32], tol: f32) {
+            let what = format!("{what} ({})", T::NAME);
+            assert_eq!(a.len(), b.len(), "{what}: lengths");
+            let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            eprintln!("{what}: worst difference {worst:.2e} of {scale:.2e}");
+            assert!(worst <= tol * scale, "{what}: {worst} > {tol} × {scale}");
+        }
+
+        /// Bit for bit: the kernel's f32 sums in the reference's order, rounded once to `T`.
+        fn same(&self, what: &str, got: Vec<f32>, want: Vec<f32>) {
+            assert_eq!(got, self.held(&want), "{what} ({})", T::NAME);
+        }
     }
 
     pub(super) fn run() {
@@ -189,20 +259,26 @@ mod device {
             Ok(Device::Cuda(d)) => d,
             _ => return skipped("no CUDA device"),
         };
-        let g = Gpu(dev);
+        check(Gpu::<f32>(dev.clone(), std::marker::PhantomData));
+        check(Gpu::<bf16>(dev, std::marker::PhantomData));
+    }
+
+    /// Every kernel and product of the pass on `T` against its CPU reference on the same
+    /// (`T`-held) inputs.
+    fn check<T: Elem>(g: Gpu<T>) {
         let d = &g.0;
 
         // RMSNorm, forward and backward (rows not a multiple of the partial's 32).
         let (rows_n, h) = (70, 300);
         let (x, wt, dy) = (
-            values(rows_n * h, 1, 2.0),
-            values(h, 2, 1.0),
-            values(rows_n * h, 3, 1.0),
+            g.values(rows_n * h, 1, 2.0),
+            g.values(h, 2, 1.0),
+            g.values(rows_n * h, 3, 1.0),
         );
         let (gx, gw, gdy) = (g.up(&x), g.up(&wt), g.up(&dy));
         let mut y = g.out(rows_n * h);
         rms_norm::cuda::forward(d, g.r(&gx), g.r(&gw), g.w(&mut y), rows_n, h, 1e-5).unwrap();
-        close(
+        g.close(
             "rmsnorm",
             &g.down(&y),
             &rms_norm::forward(&x, &wt, 1e-5),
@@ -222,16 +298,20 @@ mod device {
         )
         .unwrap();
         let (cdx, cdw) = rms_norm::backward(&dy, &x, &wt, 1e-5);
-        close("rmsnorm dx", &g.down(&dx), &cdx, 1e-5);
-        close("rmsnorm dw", &g.down(&dw), &cdw, 1e-5);
+        g.close("rmsnorm dx", &g.down(&dx), &cdx, 1e-5);
+        g.close("rmsnorm dw", &g.down(&dw), &cdw, 1e-5);
 
         // silu(g)·u.
         let n = 5000;
-        let (gg, uu, dd) = (values(n, 4, 6.0), values(n, 5, 2.0), values(n, 6, 1.0));
+        let (gg, uu, dd) = (
+            g.values(n, 4, 6.0),
+            g.values(n, 5, 2.0),
+            g.values(n, 6, 1.0),
+        );
         let (ggd, uud, ddd) = (g.up(&gg), g.up(&uu), g.up(&dd));
         let mut s = g.out(n);
         swiglu::cuda::forward(d, g.r(&ggd), g.r(&uud), g.w(&mut s), n).unwrap();
-        close("swiglu", &g.down(&s), &swiglu::forward(&gg, &uu), 1e-6);
+        g.close("swiglu", &g.down(&s), &swiglu::forward(&gg, &uu), 1e-6);
         let (mut dg, mut du) = (g.out(n), g.out(n));
         swiglu::cuda::backward(
             d,
@@ -244,16 +324,16 @@ mod device {
         )
         .unwrap();
         let (cdg, cdu) = swiglu::backward(&dd, &gg, &uu);
-        close("swiglu dg", &g.down(&dg), &cdg, 1e-6);
-        close("swiglu du", &g.down(&du), &cdu, 1e-6);
+        g.close("swiglu dg", &g.down(&dg), &cdg, 1e-6);
+        g.close("swiglu du", &g.down(&du), &cdu, 1e-6);
 
         // The head layout, both ways, with and without RoPE.
         let (b, t, heads, hd) = (2, 7, 3, 8);
         let rn = b * t;
         let (xh, cos, sin) = (
-            values(rn * heads * hd, 7, 2.0),
-            values(rn * hd / 2, 8, 1.0),
-            values(rn * hd / 2, 9, 1.0),
+            g.values(rn * heads * hd, 7, 2.0),
+            g.values(rn * hd / 2, 8, 1.0),
+            g.values(rn * hd / 2, 9, 1.0),
         );
         let (gxh, gcos, gsin) = (g.up(&xh), g.up(&cos), g.up(&sin));
         for (inverse, rot) in [
@@ -282,7 +362,7 @@ mod device {
             } else {
                 rope::to_heads(&xh, t, heads, hd, cpu_rope)
             };
-            close(
+            g.close(
                 &format!("heads inverse={inverse} rope={rot:?}"),
                 &g.down(&out),
                 &want,
@@ -292,7 +372,7 @@ mod device {
 
         // Gather, scatter, add, bias, column sum.
         let (width, table_rows) = (40, 50);
-        let table = values(width * table_rows, 10, 3.0);
+        let table = g.values(width * table_rows, 10, 3.0);
         let idx = [3u32, 0, 49, 3, 17];
         let gt = g.up(&table);
         let gi = g.ids(&idx);
@@ -309,10 +389,10 @@ mod device {
             )
         }
         .unwrap();
-        assert_eq!(
+        g.same(
+            "gather",
             g.down(&gath),
             rows::gather_rows(&table, &idx, width),
-            "gather"
         );
         let distinct = g.ids(&[9u32, 4, 30]);
         let mut sc = g.out(table_rows * width);
@@ -321,47 +401,47 @@ mod device {
             rows::cuda::scatter_rows(d, g.r(&gath), Dev::of(&distinct, d), g.w(&mut sc), 3, width)
         }
         .unwrap();
-        assert_eq!(
+        g.same(
+            "scatter",
             g.down(&sc),
             rows::scatter_rows(&g.down(&gath)[..3 * width], &[9, 4, 30], width, table_rows),
-            "scatter"
         );
         let mut acc = g.up(&table);
         rows::cuda::add_into(d, g.w(&mut acc), g.r(&gt), table.len()).unwrap();
-        assert_eq!(
+        g.same(
+            "add",
             g.down(&acc),
             table.iter().map(|v| v + v).collect::<Vec<_>>(),
-            "add"
         );
-        let bias = values(width, 11, 1.0);
+        let bias = g.values(width, 11, 1.0);
         let mut biased = g.up(&table);
         rows::cuda::add_bias(d, g.w(&mut biased), g.r(&g.up(&bias)), table_rows, width).unwrap();
         let mut want = table.clone();
         rows::add_bias(&mut want, &bias);
-        assert_eq!(g.down(&biased), want, "bias");
+        g.same("bias", g.down(&biased), want);
         let mut cs = g.out(width);
         rows::cuda::col_sum(d, g.r(&gt), g.w(&mut cs), table_rows, width, false).unwrap();
         // The same order of additions: the same bits.
-        assert_eq!(g.down(&cs), rows::col_sum(&table, width), "column sum");
+        g.same("column sum", g.down(&cs), rows::col_sum(&table, width));
 
         // The embedding's gradient.
         let ids = [5u32, 1, 5, 0, 7, 5, 1, 49];
         let l = Lookups::new(&ids, Some(0));
-        let dxe = values(ids.len() * width, 12, 1.0);
+        let dxe = g.values(ids.len() * width, 12, 1.0);
         let mut de = g.up(&table);
         let dl = DevLookups::new(d, &l).unwrap();
         embedding::cuda::backward(d, g.w(&mut de), g.r(&g.up(&dxe)), &dl, width).unwrap();
         let mut want = table.clone();
         embedding::backward(&mut want, &dxe, &l, width);
-        assert_eq!(g.down(&de), want, "embedding gradient");
+        g.same("embedding gradient", g.down(&de), want);
 
         // Products on transposed views, and accumulation.
         let (m, k, nn) = (33, 20, 17);
-        let a = values(m * k, 13, 1.0);
-        let bm = values(nn * k, 14, 1.0);
+        let a = g.values(m * k, 13, 1.0);
+        let bm = g.values(nn * k, 14, 1.0);
         let (ga, gb) = (g.up(&a), g.up(&bm));
         for (bv, acc) in [(View::new(nn, k).t(), false), (View::new(nn, k).t(), true)] {
-            let init = values(m * nn, 15, 1.0);
+            let init = g.values(m * nn, 15, 1.0);
             let mut gd = g.up(&init);
             linear::cuda::matmul(
                 d,
@@ -385,10 +465,10 @@ mod device {
                 acc,
                 false,
             );
-            close(&format!("matmul acc={acc}"), &g.down(&gd), &want, 1e-5);
+            g.close(&format!("matmul acc={acc}"), &g.down(&gd), &want, 1e-5);
         }
         // dW = dyᵀ·x: both operands transposed or not.
-        let dyw = values(m * nn, 16, 1.0);
+        let dyw = g.values(m * nn, 16, 1.0);
         let mut gdw = g.out(nn * k);
         linear::cuda::matmul(
             d,
@@ -412,7 +492,7 @@ mod device {
             false,
             false,
         );
-        close("matmul aᵀ·b", &g.down(&gdw), &want, 1e-5);
+        g.close("matmul aᵀ·b", &g.down(&gdw), &want, 1e-5);
 
         // Attention with grouped queries (4 query heads on 2 key/value heads), padding.
         let hs = Heads {
@@ -424,9 +504,9 @@ mod device {
         };
         let (qn, kn) = (hs.b * hs.nh * hs.t * hs.hd, hs.b * hs.nkv * hs.t * hs.hd);
         let (q, kk, v) = (
-            values(qn, 17, 1.0),
-            values(kn, 18, 1.0),
-            values(kn, 19, 1.0),
+            g.values(qn, 17, 1.0),
+            g.values(kn, 18, 1.0),
+            g.values(kn, 19, 1.0),
         );
         let mut bias = Vec::new();
         for row in 0..hs.b {
@@ -437,7 +517,11 @@ mod device {
                 }
             }
         }
+        let bias = g.held(&bias);
         let (gq, gk, gv, gbias) = (g.up(&q), g.up(&kk), g.up(&v), g.up(&bias));
+        // In bf16 the scores (and in the backward dP and dS) are rounded between the products
+        // and the softmax, where the CPU reference keeps f32: a few roundings deep.
+        let deep = if T::ROUNDING > 0.0 { 5e-2 } else { 1e-5 };
         let (mut p, mut y) = (g.out(hs.b * hs.nh * hs.t * hs.t), g.out(qn));
         attention::cuda::forward(
             d,
@@ -451,9 +535,9 @@ mod device {
         )
         .unwrap();
         let (cp, cy) = attention::forward(&q, &kk, &v, &bias, hs);
-        close("attention P", &g.down(&p), &cp, 1e-5);
-        close("attention y", &g.down(&y), &cy, 1e-5);
-        let dya = values(qn, 20, 1.0);
+        g.close_to("attention P", &g.down(&p), &cp, deep);
+        g.close_to("attention y", &g.down(&y), &cy, deep);
+        let dya = g.values(qn, 20, 1.0);
         let (mut dq, mut dk, mut dv) = (g.out(qn), g.out(kn), g.out(kn));
         attention::cuda::backward(
             d,
@@ -469,20 +553,20 @@ mod device {
         )
         .unwrap();
         let (cdq, cdk, cdv) = attention::backward(&dya, &q, &kk, &v, &cp, hs);
-        close("attention dq", &g.down(&dq), &cdq, 1e-5);
-        close("attention dk", &g.down(&dk), &cdk, 1e-5);
-        close("attention dv", &g.down(&dv), &cdv, 1e-5);
+        g.close_to("attention dq", &g.down(&dq), &cdq, deep);
+        g.close_to("attention dk", &g.down(&dk), &cdk, deep);
+        g.close_to("attention dv", &g.down(&dv), &cdv, deep);
 
         // The cross-entropy on device buffers, a row longer than a block.
         let (xr, vv) = (3, 5000);
-        let logits = values(xr * vv, 21, 10.0);
+        let logits = g.values(xr * vv, 21, 10.0);
         let targets = [4999u32, 0, 2500];
         let (gl, gtg) = (g.up(&logits), g.ids(&targets));
-        let mut nll = g.out(xr);
+        let mut nll = g.out32(xr);
         cross_entropy::cuda::forward(d, g.r(&gl), Dev::of(&gtg, d), g.w(&mut nll), xr, vv).unwrap();
-        close(
+        g.close(
             "cross-entropy",
-            &g.down(&nll),
+            &g.down32(&nll),
             &cross_entropy::forward(&logits, &targets, vv),
             1e-5,
         );
@@ -492,13 +576,13 @@ mod device {
             d,
             g.r(&gl),
             Dev::of(&gtg, d),
-            g.r(&g.up(&gr)),
+            g.r(&g.up32(&gr)),
             g.w(&mut dl),
             xr,
             vv,
         )
         .unwrap();
-        close(
+        g.close(
             "cross-entropy backward",
             &g.down(&dl),
             &cross_entropy::backward(&logits, &targets, &gr, vv),

@@ -475,7 +475,7 @@ pub enum TrainingPass {
     /// until the CUDA backend has been measured on a card: issue 21).
     #[default]
     Auto,
-    /// The written-out pass (lm/src/backprop.rs): f32 on the CPU or on a GPU.
+    /// The written-out pass (lm/src/backprop.rs): f32 on the CPU, f32 or bf16 on a GPU.
     Written,
     /// candle's autograd: any dtype, any device, no activation recompute.
     Autograd,
@@ -485,9 +485,10 @@ impl TrainConfig {
     /// Whether steps take the written-out pass (`pass` resolved for this dtype and device).
     pub fn written_pass(&self) -> bool {
         let f32_here = self.dtype == "f32";
+        let on_gpu = self.device.starts_with("cuda");
         match self.pass {
             TrainingPass::Auto => f32_here && self.device == "cpu",
-            TrainingPass::Written => f32_here,
+            TrainingPass::Written => f32_here || (self.dtype == "bf16" && on_gpu),
             TrainingPass::Autograd => false,
         }
     }
@@ -533,14 +534,15 @@ impl TrainConfig {
         let written = self.written_pass();
         if self.pass == TrainingPass::Written && !written {
             bail!(
-                "pass = \"written\": the written-out pass trains f32 models (on the CPU, or a GPU in a build with the cuda feature); dtype {:?} trains through candle's autograd (pass = \"auto\" or \"autograd\")",
-                self.dtype
+                "pass = \"written\": the written-out pass trains f32 models on the CPU, and f32 or bf16 models on a GPU (in a build with the cuda feature); dtype {:?} on {:?} trains through candle's autograd (pass = \"auto\" or \"autograd\")",
+                self.dtype,
+                self.device
             );
         }
         if self.recompute && !written {
             bail!(
-                "recompute = true: activation recompute is in the written-out pass, which trains f32 models ({}); dtype {:?} on {:?} with pass = {:?} trains through candle's autograd, which has none",
-                "by default on the CPU; on a GPU with pass = \"written\"",
+                "recompute = true: activation recompute is in the written-out pass ({}); dtype {:?} on {:?} with pass = {:?} trains through candle's autograd, which has none",
+                "by default for f32 on the CPU; f32 or bf16 on a GPU with pass = \"written\"",
                 self.dtype,
                 self.device,
                 self.pass

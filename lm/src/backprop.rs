@@ -34,14 +34,35 @@ use basin_kernels::ops::linear::View;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor};
 
-/// Whether the written-out pass can run `model`: f32 weights on the CPU, or on a GPU in a
-/// build with the `cuda` feature.
+/// Whether the written-out pass can run `model`: f32 weights on the CPU, or f32 or bf16
+/// weights on a GPU in a build with the `cuda` feature.
 pub fn supports(model: &Llama) -> bool {
-    model.dtype() == DType::F32 && (model.device().is_cpu() || on_cuda(model))
+    match model.dtype() {
+        DType::F32 => model.device().is_cpu() || on_cuda(model),
+        DType::BF16 => on_cuda(model),
+        _ => false,
+    }
 }
 
 fn on_cuda(model: &Llama) -> bool {
     cfg!(feature = "cuda") && model.device().is_cuda()
+}
+
+/// Why the written-out pass cannot run `model` (None when it can).
+pub fn unsupported(model: &Llama) -> Option<String> {
+    if supports(model) {
+        return None;
+    }
+    let gpu = if cfg!(feature = "cuda") {
+        "on a GPU"
+    } else {
+        "on a GPU (in a build with the cuda feature)"
+    };
+    Some(format!(
+        "the written-out pass runs f32 models on the CPU, and f32 or bf16 models {gpu}; this one is {:?} on {:?}",
+        model.dtype(),
+        model.device()
+    ))
 }
 
 /// Whether training takes the written-out pass when the config leaves it to basin
@@ -97,7 +118,7 @@ impl Dims {
     }
 }
 
-/// A tensor's f32 values, held in place under its read lock (on the CPU or a GPU).
+/// A tensor's values (f32, or bf16 on a GPU), held in place under its read lock.
 pub(crate) struct Held<'a> {
     storage: StorageRef<'a>,
     start: usize,
@@ -106,8 +127,8 @@ pub(crate) struct Held<'a> {
 
 impl<'a> Held<'a> {
     fn new(t: &'a Tensor) -> Result<Self> {
-        if t.dtype() != DType::F32 || !t.is_contiguous() {
-            bail!("backprop: expected a contiguous f32 tensor, found {t:?}");
+        if !matches!(t.dtype(), DType::F32 | DType::BF16) || !t.is_contiguous() {
+            bail!("backprop: expected a contiguous f32 or bf16 tensor, found {t:?}");
         }
         let (storage, layout) = t.storage_and_layout();
         Ok(Held {
@@ -211,8 +232,6 @@ pub(crate) trait Backend: Sized {
     fn copy_of(&self, t: &Tensor) -> Result<Self::Buf>;
     /// A gradient as a tensor shaped like the weight `like`, on its device.
     fn tensor_of(&self, b: Self::Buf, like: &Tensor) -> Result<Tensor>;
-    /// The sum of `n` values (the loss's numerator: the one value the host waits for).
-    fn sum(&self, x: &Self::Buf, n: usize) -> Result<f64>;
 
     /// y [rows, out] = x [rows, d_in] · wᵀ, w [out, d_in].
     fn linear(
@@ -326,14 +345,15 @@ pub(crate) trait Backend: Sized {
         p: Self::Src<'_>,
         d: Heads,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
-    /// Each row's negative log-likelihood of its target.
-    fn cross_entropy(
+    /// The sum over rows of each row's negative log-likelihood of its target, each in f32
+    /// (the loss's numerator: the one value the host waits for).
+    fn nll_sum(
         &self,
         logits: Self::Src<'_>,
         targets: &Self::Ids,
         rows: usize,
         v: usize,
-    ) -> Result<Self::Buf>;
+    ) -> Result<f64>;
     /// g · (softmax(logits) − onehot(target)) for every row.
     fn cross_entropy_backward(
         &self,
@@ -415,7 +435,9 @@ pub struct Trace<'m> {
 enum Runs<'m> {
     Cpu(Box<Run<'m, cpu::Cpu>>),
     #[cfg(feature = "cuda")]
-    Cuda(Box<Run<'m, cuda::Cuda>>),
+    Cuda(Box<Run<'m, cuda::Cuda<f32>>>),
+    #[cfg(feature = "cuda")]
+    CudaBf16(Box<Run<'m, cuda::Cuda<half::bf16>>>),
 }
 
 /// y [rows, out] = x · wᵀ (+ b) on the CPU: the written-out decoder's projections.
@@ -634,8 +656,7 @@ fn run_forward<'m, B: Backend>(
     let normed = be.rms_norm(be.src(&x_loss), w.norm, n_loss, d.h, d.eps)?;
     let head = Proj { w: w.head, b: None };
     let logits = project_on(&be, be.src(&normed), &head, n_loss, d.h, d.vocab)?;
-    let nll = be.cross_entropy(be.src(&logits), &targets, n_loss, d.vocab)?;
-    let loss = be.sum(&nll, n_loss)? / n_loss as f64;
+    let loss = be.nll_sum(be.src(&logits), &targets, n_loss, d.vocab)? / n_loss as f64;
     drop(w);
     drop((globals, layer_held));
     Ok(Run {
@@ -750,23 +771,18 @@ pub fn forward<'m>(model: &'m Llama, batch: &Batch) -> Result<Trace<'m>> {
     forward_with(model, batch, false)
 }
 
-/// The forward pass on the model's device (f32 on the CPU or, with the `cuda` feature, a
-/// GPU); with `recompute`, each layer keeps only its input, and the backward runs the layer's
-/// forward again from it (the same arithmetic: the same bits).
+/// The forward pass on the model's device (f32 on the CPU or, with the `cuda` feature, f32
+/// or bf16 on a GPU); with `recompute`, each layer keeps only its input, and the backward
+/// runs the layer's forward again from it (the same arithmetic: the same bits).
 pub fn forward_with<'m>(model: &'m Llama, batch: &Batch, recompute: bool) -> Result<Trace<'m>> {
-    if !supports(model) {
-        bail!(
-            "backprop: the written-out pass runs f32 models on the CPU{}; this one is {:?} on {:?}",
-            if cfg!(feature = "cuda") {
-                " or a GPU"
-            } else {
-                " (or a GPU, in a build with the cuda feature)"
-            },
-            model.dtype(),
-            model.device()
-        );
+    if let Some(why) = unsupported(model) {
+        bail!("backprop: {why}");
     }
     let run = match model.device() {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) if model.dtype() == DType::BF16 => Runs::CudaBf16(Box::new(
+            run_forward(cuda::Cuda::new(dev), model, batch, recompute)?,
+        )),
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(dev) => Runs::Cuda(Box::new(run_forward(
             cuda::Cuda::new(dev),
@@ -786,6 +802,8 @@ impl Trace<'_> {
             Runs::Cpu(r) => r.loss,
             #[cfg(feature = "cuda")]
             Runs::Cuda(r) => r.loss,
+            #[cfg(feature = "cuda")]
+            Runs::CudaBf16(r) => r.loss,
         }
     }
 
@@ -797,6 +815,8 @@ impl Trace<'_> {
             Runs::Cpu(r) => r.backward(scale),
             #[cfg(feature = "cuda")]
             Runs::Cuda(r) => r.backward(scale),
+            #[cfg(feature = "cuda")]
+            Runs::CudaBf16(r) => r.backward(scale),
         }
     }
 }

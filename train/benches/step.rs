@@ -3,16 +3,18 @@
 //!
 //! - a training step (forward, backward, AdamW) on `--batch` x `--seq` random tokens, loss
 //!   on every token: f32 through the written-out pass (lm/src/backprop.rs, on the CPU or the
-//!   GPU) and, on a GPU, f32 and bf16 through candle's autograd (`f32-autograd`, `bf16`):
-//!   tokens/s and the time of each phase;
+//!   GPU) and, on a GPU, bf16 through it too (`bf16`: bf16 weights and activations, f32
+//!   master weights), and f32 and bf16 through candle's autograd (`f32-autograd`,
+//!   `bf16-autograd`): tokens/s and the time of each phase;
 //! - greedy generation, `--gen-batch` prompts of 64 random tokens + 64 new tokens.
 //!
 //! Defaults: 16 x 512 and batch 64 on a GPU, 4 x 128 and batch 8 on the CPU (the shapes of
 //! the PyTorch + transformers figures we compare with). `--torch FILE` prints PyTorch's
 //! figures (a JSON of hf_train_*_tok_s / hf_generate_*_tok_s keys on a GPU, of
 //! scripts/torch_cpu_bench.py's keys on the CPU: `just bench-cpu-torch`) beside ours; `--json
-//! FILE` writes ours; `--dtype f32|f32-autograd|bf16|bf16-pure` trains in that one only (bf16-pure:
-//! pure bf16 state with the EMA, as configs/paper-7b.toml; GPU only, and only when named),
+//! FILE` writes ours; `--dtype f32|f32-autograd|bf16|bf16-autograd|bf16-pure` trains in that
+//! one only (bf16-pure: pure bf16 state with the EMA, as configs/paper-7b.toml, through
+//! autograd as `pass = "auto"` trains it; GPU only, and only when named),
 //! `--train-only` skips generation, `--layers N` keeps N of the 30 layers, `--warm N` sets
 //! the untimed steps (for a profiler: `--train-only --dtype f32 --layers 4 --warm 1 --iters
 //! 1`). `--model-config FILE` trains another shape (configs/models/*.json): with
@@ -125,8 +127,8 @@ fn train_step(
     for i in 0..warm + iters {
         dev.synchronize()?;
         let t0 = Instant::now();
-        // As train runs it (`loss_and_grads`), timed by phase: the written-out pass (f32, on
-        // the CPU or the GPU) or candle's autograd.
+        // As train runs it (`loss_and_grads`), timed by phase: the written-out pass (f32 on
+        // the CPU, f32 or bf16 on the GPU) or candle's autograd.
         let forward = if written {
             Forward::Written(Box::new(backprop::forward(&model, &batch)?))
         } else {
@@ -229,12 +231,13 @@ fn main() -> anyhow::Result<()> {
         });
         println!("{name:<40} {ours:>12.0} {ts:>12} {ratio:>7}");
     };
-    // (dtype, name, written-out pass): on a GPU f32 both ways, bf16 through candle's autograd.
+    // (dtype, name, written-out pass): on a GPU f32 and bf16 both ways.
     let dtypes: &[(DType, &str, bool)] = if gpu {
         &[
             (DType::F32, "f32", true),
             (DType::F32, "f32-autograd", false),
-            (DType::BF16, "bf16", false),
+            (DType::BF16, "bf16", true),
+            (DType::BF16, "bf16-autograd", false),
             (DType::BF16, "bf16-pure", false),
         ]
     } else {
@@ -253,8 +256,8 @@ fn main() -> anyhow::Result<()> {
         let used = gpu_used(gpu);
         let tok_s = (b * t) as f64 / secs;
         let key = if gpu {
-            // PyTorch's bf16 step is pure bf16 (torch_shape_baseline.py): both rows compare to it;
-            // both f32 rows to its f32 step.
+            // PyTorch's bf16 step is pure bf16 (torch_shape_baseline.py): every bf16 row compares
+            // to it; both f32 rows to its f32 step.
             let torch_name = name.split('-').next().unwrap_or(name);
             format!("hf_train_{torch_name}_b{b}_s{t}_tok_s")
         } else {

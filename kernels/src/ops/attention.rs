@@ -109,31 +109,33 @@ pub fn groups(d: Heads) -> ([View; 3], [usize; 3]) {
     )
 }
 
-/// The GPU attention: cuBLAS's strided batched GEMMs and fused.cu's softmax.
+/// The GPU attention: cuBLAS's strided batched GEMMs and fused.cu's softmax. The scores and
+/// their gradients are kept as `T`, as the probabilities are (PyTorch's eager bf16 attention
+/// keeps them so too).
 #[cfg(feature = "cuda")]
 pub mod cuda {
     use super::{groups, Heads};
-    use crate::cuda::{Dev, DevMut};
+    use crate::cuda::{Act, Dev, DevMut};
     use crate::ops::linear::cuda::matmul_batched;
     use crate::ops::softmax::cuda as softmax;
     use candle_core::{CudaDevice, Result};
 
     /// [`super::forward`] into p [batch, heads, t, t] and y [batch, heads, t, hd].
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(
+    pub fn forward<T: Act>(
         dev: &CudaDevice,
-        q: Dev<f32>,
-        k: Dev<f32>,
-        v: Dev<f32>,
-        bias: Dev<f32>,
-        mut p: DevMut<f32>,
-        y: DevMut<f32>,
+        q: Dev<T>,
+        k: Dev<T>,
+        v: Dev<T>,
+        bias: Dev<T>,
+        mut p: DevMut<T>,
+        y: DevMut<T>,
         d: Heads,
     ) -> Result<()> {
         let ([qv, kv, sv], [sq, sk, ss]) = groups(d);
         let batch = d.b * d.nkv;
         // SAFETY: the first product writes every score before the softmax reads them.
-        let mut s = unsafe { dev.alloc::<f32>(d.b * d.nh * d.t * d.t) }?;
+        let mut s = unsafe { dev.alloc::<T>(d.b * d.nh * d.t * d.t) }?;
         let sm = DevMut::of(&mut s, dev);
         matmul_batched(dev, sm, sv, q, qv, k, kv.t(), false, batch, [ss, sq, sk])?;
         let rows = d.b * d.nh * d.t;
@@ -145,16 +147,16 @@ pub mod cuda {
 
     /// [`super::backward`] into dq, dk, dv (written).
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    pub fn backward<T: Act>(
         dev: &CudaDevice,
-        dy: Dev<f32>,
-        q: Dev<f32>,
-        k: Dev<f32>,
-        v: Dev<f32>,
-        p: Dev<f32>,
-        dq: DevMut<f32>,
-        dk: DevMut<f32>,
-        dv: DevMut<f32>,
+        dy: Dev<T>,
+        q: Dev<T>,
+        k: Dev<T>,
+        v: Dev<T>,
+        p: Dev<T>,
+        dq: DevMut<T>,
+        dk: DevMut<T>,
+        dv: DevMut<T>,
         d: Heads,
     ) -> Result<()> {
         let ([qv, kv, sv], [sq, sk, ss]) = groups(d);
@@ -162,12 +164,12 @@ pub mod cuda {
         let n = d.b * d.nh * d.t * d.t;
         // SAFETY: dP and dS are written in full (a product, the softmax's backward) before
         // they are read.
-        let mut dp = unsafe { dev.alloc::<f32>(n) }?;
+        let mut dp = unsafe { dev.alloc::<T>(n) }?;
         // dP = dy·vᵀ;  dv = Pᵀ·dy (the group's heads summed by the product itself).
         let m = DevMut::of(&mut dp, dev);
         matmul_batched(dev, m, sv, dy, qv, v, kv.t(), false, batch, [ss, sq, sk])?;
         matmul_batched(dev, dv, kv, p, sv.t(), dy, qv, false, batch, [sk, ss, sq])?;
-        let mut ds = unsafe { dev.alloc::<f32>(n) }?;
+        let mut ds = unsafe { dev.alloc::<T>(n) }?;
         let dims = [d.b * d.nh * d.t, d.t];
         softmax::backward(
             dev,

@@ -160,7 +160,7 @@ impl CustomOp3 for Backward {
 #[cfg(feature = "cuda")]
 pub mod cuda {
     use super::super::fused_func;
-    use crate::cuda::{u32_arg, view, Dev, DevMut};
+    use crate::cuda::{u32_arg, view, Act, Dev, DevMut};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{bail, CudaDevice, Result};
@@ -174,10 +174,11 @@ pub mod cuda {
         })
     }
 
-    /// [`super::forward`]: each row's nll. A target outside the vocabulary gives NaN.
-    pub fn forward(
+    /// [`super::forward`]: each row's nll (f32 whatever the logits are). A target outside
+    /// the vocabulary gives NaN.
+    pub fn forward<T: Act>(
         dev: &CudaDevice,
-        logits: Dev<f32>,
+        logits: Dev<T>,
         targets: Dev<u32>,
         nll: DevMut<f32>,
         rows: usize,
@@ -191,7 +192,7 @@ pub mod cuda {
         if rows == 0 {
             return Ok(());
         }
-        let func = fused_func(dev, "xent_fwd")?;
+        let func = fused_func::<T>(dev, "xent_fwd")?;
         let stream = dev.cuda_stream();
         let mut a = stream.launch_builder(&func);
         let v = u32_arg(v, "vocabulary")?;
@@ -202,13 +203,13 @@ pub mod cuda {
         Ok(())
     }
 
-    /// [`super::backward`]: the logits' gradient from each row's nll's gradient g.
-    pub fn backward(
+    /// [`super::backward`]: the logits' gradient from each row's nll's gradient g (f32).
+    pub fn backward<T: Act>(
         dev: &CudaDevice,
-        logits: Dev<f32>,
+        logits: Dev<T>,
         targets: Dev<u32>,
         g: Dev<f32>,
-        dlogits: DevMut<f32>,
+        dlogits: DevMut<T>,
         rows: usize,
         v: usize,
     ) -> Result<()> {
@@ -221,7 +222,7 @@ pub mod cuda {
         if rows == 0 {
             return Ok(());
         }
-        let func = fused_func(dev, "xent_bwd")?;
+        let func = fused_func::<T>(dev, "xent_bwd")?;
         let stream = dev.cuda_stream();
         let mut a = stream.launch_builder(&func);
         let v = u32_arg(v, "vocabulary")?;

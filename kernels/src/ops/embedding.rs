@@ -70,7 +70,7 @@ pub fn backward(d_embed: &mut [f32], dx: &[f32], l: &Lookups, width: usize) {
 /// The launcher of `embed_bwd` (`cuda/pass.cu`).
 #[cfg(feature = "cuda")]
 pub mod cuda {
-    use crate::cuda::{launch_pass, u32_arg, Dev, DevMut};
+    use crate::cuda::{launch_pass, u32_arg, Act, Dev, DevMut};
     use candle_core::{CudaDevice, Result};
 
     /// [`Lookups`](super::Lookups) on the device.
@@ -100,10 +100,10 @@ pub mod cuda {
     }
 
     /// [`super::backward`].
-    pub fn backward(
+    pub fn backward<T: Act>(
         dev: &CudaDevice,
-        d_embed: DevMut<f32>,
-        dx: Dev<f32>,
+        d_embed: DevMut<T>,
+        dx: Dev<T>,
         l: &DevLookups,
         width: usize,
     ) -> Result<()> {
@@ -118,7 +118,7 @@ pub mod cuda {
             Dev::of(&l.rows, dev).at_least(1, "rows")?,
         );
         let w = u32_arg(width, "width")?;
-        launch_pass!(dev, "embed_bwd", (u32_arg(l.distinct, "ids")?, 1); g, ids, starts, rows, d, w);
+        launch_pass!(dev, T, "embed_bwd", (u32_arg(l.distinct, "ids")?, 1); g, ids, starts, rows, d, w);
         Ok(())
     }
 }

@@ -519,14 +519,16 @@ pub fn col_major(d: View, av: View, bv: View) -> Result<ColMajor> {
     })
 }
 
-/// The products on the GPU: cuBLAS's f32 GEMM (no TF32: the CPU pass's arithmetic) on the
-/// same row-major [`View`]s as [`matmul`], one product or a strided batch of them. The
-/// arguments are [`col_major`]'s, which a test checks on the CPU against the BLAS
-/// definition.
+/// The products on the GPU: cuBLAS's GEMM on the same row-major [`View`]s as [`matmul`], one
+/// product or a strided batch of them. f32 operands go through the f32 GEMM (no TF32: the
+/// CPU pass's arithmetic); bf16 operands through the mixed one — bf16 in and out, f32
+/// products and sums, one rounding of the result (which with `accumulate` includes dst's
+/// old value). The arguments are [`col_major`]'s, which a test checks on the CPU against the
+/// BLAS definition.
 #[cfg(feature = "cuda")]
 pub mod cuda {
     use super::View;
-    use crate::cuda::{Dev, DevMut};
+    use crate::cuda::{Act, Dev, DevMut};
     use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t as Op;
     use candle_core::cuda_backend::cudarc::cublas::{result, sys};
     use candle_core::{CudaDevice, Result};
@@ -548,13 +550,13 @@ pub mod cuda {
     /// dst = a · b (dst += a · b with `accumulate`) for `batch` products, the i-th at offsets
     /// i·stride (elements) in each buffer; dst's rows must be contiguous.
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul_batched(
+    pub fn matmul_batched<T: Act>(
         dev: &CudaDevice,
-        dst: DevMut<f32>,
+        dst: DevMut<T>,
         d: View,
-        a: Dev<f32>,
+        a: Dev<T>,
         av: View,
-        b: Dev<f32>,
+        b: Dev<T>,
         bv: View,
         accumulate: bool,
         batch: usize,
@@ -574,44 +576,78 @@ pub mod cuda {
         let blas = dev.cublas_handle();
         let handle: sys::cublasHandle_t = *blas.handle();
         let (m, n, k) = (int(g.m)?, int(g.n)?, int(g.k)?);
+        let (lda, ldb, ldc) = (int(g.ld_first)?, int(g.ld_second)?, int(g.ld_out)?);
+        let (ta, tb, batch) = (op(g.trans_first), op(g.trans_second), int(batch)?);
+        let (sa, sb, sd) = (sa as i64, sb as i64, sd as i64);
         // SAFETY: the handle runs on candle's stream, where the buffers are used; every
-        // address covers what the product reads or writes (checked above: `reach`), and the
-        // scalars are host values that outlive the call.
+        // address covers what the product reads or writes (checked above: `reach`) in values
+        // of T, the type each call names; the scalars are host f32 values that outlive the
+        // call (f32 is the scale type of both the f32 GEMM and the 32F compute type).
+        // One product is a batch of one (its strides never stepped).
         unsafe {
-            // One product is a batch of one (its strides never stepped).
-            result::sgemm_strided_batched(
-                handle,
-                op(g.trans_first),
-                op(g.trans_second),
-                m,
-                n,
-                k,
-                &alpha,
-                bp as *const f32,
-                int(g.ld_first)?,
-                sb as i64,
-                ap as *const f32,
-                int(g.ld_second)?,
-                sa as i64,
-                &beta,
-                cp as *mut f32,
-                int(g.ld_out)?,
-                sd as i64,
-                int(batch)?,
-            )
+            if T::VARIANT == <f32 as Act>::VARIANT {
+                result::sgemm_strided_batched(
+                    handle,
+                    ta,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    &alpha,
+                    bp as *const f32,
+                    lda,
+                    sb,
+                    ap as *const f32,
+                    ldb,
+                    sa,
+                    &beta,
+                    cp as *mut f32,
+                    ldc,
+                    sd,
+                    batch,
+                )
+            } else {
+                use sys::{cublasComputeType_t as Compute, cudaDataType as Ty};
+                let bf16 = Ty::CUDA_R_16BF;
+                result::gemm_strided_batched_ex(
+                    handle,
+                    ta,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    (&alpha as *const f32).cast(),
+                    bp as *const _,
+                    bf16,
+                    lda,
+                    sb,
+                    ap as *const _,
+                    bf16,
+                    ldb,
+                    sa,
+                    (&beta as *const f32).cast(),
+                    cp as *mut _,
+                    bf16,
+                    ldc,
+                    sd,
+                    batch,
+                    Compute::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
         }
         .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))
     }
 
     /// dst = a · b, or dst += a · b with `accumulate`: [`super::matmul`] on the device.
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul(
+    pub fn matmul<T: Act>(
         dev: &CudaDevice,
-        dst: DevMut<f32>,
+        dst: DevMut<T>,
         d: View,
-        a: Dev<f32>,
+        a: Dev<T>,
         av: View,
-        b: Dev<f32>,
+        b: Dev<T>,
         bv: View,
         accumulate: bool,
     ) -> Result<()> {

@@ -63,21 +63,30 @@ where
         .apply_op2_no_bwd(&b.contiguous()?, &CpuOp2 { name, fwd })
 }
 
-/// A kernel of fused.cu (the softmax and cross-entropy of a training step).
+/// fused.cu: the softmax and cross-entropy of a training step.
 #[cfg(feature = "cuda")]
-fn fused_func(
+static FUSED: crate::cuda::ActSource = crate::cuda::ActSource {
+    file: "kernels/cuda/fused.cu",
+    modules: ["basin_fused", "basin_fused_bf16"],
+    sources: [
+        concat!(
+            include_str!("../../cuda/bf16.cuh"),
+            include_str!("../../cuda/fused.cu")
+        ),
+        concat!(
+            "#define ACT_BF16\n",
+            include_str!("../../cuda/bf16.cuh"),
+            include_str!("../../cuda/fused.cu")
+        ),
+    ],
+    ptx: [std::sync::OnceLock::new(), std::sync::OnceLock::new()],
+};
+
+/// Kernel `name` of fused.cu compiled for `T`.
+#[cfg(feature = "cuda")]
+fn fused_func<T: crate::cuda::Act>(
     dev: &candle_core::CudaDevice,
     name: &str,
 ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
-    static PTX: crate::cuda::Compiled = std::sync::OnceLock::new();
-    let ptx = crate::cuda::compile(
-        &PTX,
-        dev,
-        "kernels/cuda/fused.cu",
-        include_str!("../../cuda/fused.cu"),
-        false,
-    )?;
-    Ok(dev
-        .get_or_load_custom_func(name, "basin_fused", ptx)?
-        .into_cuda_function())
+    crate::cuda::act_func::<T>(dev, &FUSED, name)
 }

@@ -68,16 +68,16 @@ pub fn backward(dy: &[f32], x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f3
 #[cfg(feature = "cuda")]
 pub mod cuda {
     use super::ROWS_PER_TASK;
-    use crate::cuda::{launch_pass, u32_arg, Dev, DevMut};
+    use crate::cuda::{launch_pass, u32_arg, Act, Dev, DevMut};
     use crate::ops::rows::cuda::sum_parts;
     use candle_core::{CudaDevice, Result};
 
     /// [`super::forward`] over `rows` rows of `h`.
-    pub fn forward(
+    pub fn forward<T: Act>(
         dev: &CudaDevice,
-        x: Dev<f32>,
-        w: Dev<f32>,
-        y: DevMut<f32>,
+        x: Dev<T>,
+        w: Dev<T>,
+        y: DevMut<T>,
         rows: usize,
         h: usize,
         eps: f32,
@@ -90,20 +90,20 @@ pub mod cuda {
         );
         let hh = u32_arg(h, "hidden size")?;
         if rows > 0 {
-            launch_pass!(dev, "rmsnorm_fwd", (u32_arg(rows, "rows")?, 1); x, w, y, hh, eps);
+            launch_pass!(dev, T, "rmsnorm_fwd", (u32_arg(rows, "rows")?, 1); x, w, y, hh, eps);
         }
         Ok(())
     }
 
     /// [`super::backward`]: dx and dw (written, not added to).
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    pub fn backward<T: Act>(
         dev: &CudaDevice,
-        dy: Dev<f32>,
-        x: Dev<f32>,
-        w: Dev<f32>,
-        dx: DevMut<f32>,
-        dw: DevMut<f32>,
+        dy: Dev<T>,
+        x: Dev<T>,
+        w: Dev<T>,
+        dx: DevMut<T>,
+        dw: DevMut<T>,
         rows: usize,
         h: usize,
         eps: f32,
@@ -125,7 +125,7 @@ pub mod cuda {
             ROWS_PER_TASK as u32,
         );
         if chunks > 0 {
-            launch_pass!(dev, "rmsnorm_bwd", (u32_arg(chunks, "chunks")?, 1); g, xs, ws, d, p, r, hh, per, eps);
+            launch_pass!(dev, T, "rmsnorm_bwd", (u32_arg(chunks, "chunks")?, 1); g, xs, ws, d, p, r, hh, per, eps);
         }
         sum_parts(dev, Dev::of(&part, dev), dw, chunks, h, false)
     }

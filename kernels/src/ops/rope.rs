@@ -105,19 +105,19 @@ pub fn from_heads(xh: &[f32], t: usize, heads: usize, hd: usize, rope: Option<An
 /// `inverse`.
 #[cfg(feature = "cuda")]
 pub mod cuda {
-    use crate::cuda::{blocks_for, launch_pass, u32_arg, Dev, DevMut};
+    use crate::cuda::{blocks_for, launch_pass, u32_arg, Act, Dev, DevMut};
     use candle_core::{bail, CudaDevice, Result};
 
     /// RoPE's angles on the device: cos, sin ([rows, head_dim / 2]) and the direction.
-    pub type Angles<'a> = (Dev<'a, f32>, Dev<'a, f32>, f32);
+    pub type Angles<'a, T> = (Dev<'a, T>, Dev<'a, T>, f32);
 
     /// `rows` rows (batch × `t`) of `heads` heads of `hd` values from x to y.
     #[allow(clippy::too_many_arguments)]
-    pub fn heads(
+    pub fn heads<T: Act>(
         dev: &CudaDevice,
-        x: Dev<f32>,
-        rope: Option<Angles>,
-        y: DevMut<f32>,
+        x: Dev<T>,
+        rope: Option<Angles<T>>,
+        y: DevMut<T>,
         rows: usize,
         t: usize,
         nheads: usize,
@@ -146,7 +146,7 @@ pub mod cuda {
             inverse as u32,
         );
         if n > 0 {
-            launch_pass!(dev, "heads", (blocks_for(n / 2)?, 1); xs, cos, sin, ys, r, tt, h, d, sign, inv);
+            launch_pass!(dev, T, "heads", (blocks_for(n / 2)?, 1); xs, cos, sin, ys, r, tt, h, d, sign, inv);
         }
         Ok(())
     }

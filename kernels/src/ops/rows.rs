@@ -66,7 +66,7 @@ pub fn col_sum(x: &[f32], cols: usize) -> Vec<f32> {
 #[cfg(feature = "cuda")]
 pub mod cuda {
     use super::ROWS_PER_PART;
-    use crate::cuda::{blocks_for, launch_pass, u32_arg, Dev, DevMut, PASS_BLOCK};
+    use crate::cuda::{blocks_for, launch_pass, u32_arg, Act, Dev, DevMut, PASS_BLOCK};
     use candle_core::{CudaDevice, Result};
 
     /// [`super::gather_rows`].
@@ -75,11 +75,11 @@ pub mod cuda {
     /// Every index must name a row of `table` (index · width + width ≤ its length): the
     /// indices are on the device, where this cannot check them (the written-out pass checks
     /// token ids and positions on the host first).
-    pub unsafe fn gather_rows(
+    pub unsafe fn gather_rows<T: Act>(
         dev: &CudaDevice,
-        table: Dev<f32>,
+        table: Dev<T>,
         idx: Dev<u32>,
-        out: DevMut<f32>,
+        out: DevMut<T>,
         rows: usize,
         width: usize,
     ) -> Result<()> {
@@ -90,7 +90,7 @@ pub mod cuda {
         );
         let w = u32_arg(width, "width")?;
         if rows > 0 {
-            launch_pass!(dev, "gather_rows", (u32_arg(rows, "rows")?, 1); t, i, o, w);
+            launch_pass!(dev, T, "gather_rows", (u32_arg(rows, "rows")?, 1); t, i, o, w);
         }
         Ok(())
     }
@@ -99,11 +99,11 @@ pub mod cuda {
     ///
     /// # Safety
     /// Every index must name a row of `out` (as for [`gather_rows`]).
-    pub unsafe fn scatter_rows(
+    pub unsafe fn scatter_rows<T: Act>(
         dev: &CudaDevice,
-        src: Dev<f32>,
+        src: Dev<T>,
         idx: Dev<u32>,
-        out: DevMut<f32>,
+        out: DevMut<T>,
         rows: usize,
         width: usize,
     ) -> Result<()> {
@@ -114,26 +114,26 @@ pub mod cuda {
         );
         let w = u32_arg(width, "width")?;
         if rows > 0 {
-            launch_pass!(dev, "scatter_rows", (u32_arg(rows, "rows")?, 1); s, i, o, w);
+            launch_pass!(dev, T, "scatter_rows", (u32_arg(rows, "rows")?, 1); s, i, o, w);
         }
         Ok(())
     }
 
     /// [`super::add_into`] over `n` values.
-    pub fn add_into(dev: &CudaDevice, acc: DevMut<f32>, x: Dev<f32>, n: usize) -> Result<()> {
+    pub fn add_into<T: Act>(dev: &CudaDevice, acc: DevMut<T>, x: Dev<T>, n: usize) -> Result<()> {
         let (a, x) = (acc.at_least(n, "add: acc")?, x.at_least(n, "add: x")?);
         let n64 = n as u64;
         if n > 0 {
-            launch_pass!(dev, "add_into", (blocks_for(n)?, 1); a, x, n64);
+            launch_pass!(dev, T, "add_into", (blocks_for(n)?, 1); a, x, n64);
         }
         Ok(())
     }
 
     /// [`super::add_bias`] over `rows` rows of `b`'s `cols` values.
-    pub fn add_bias(
+    pub fn add_bias<T: Act>(
         dev: &CudaDevice,
-        y: DevMut<f32>,
-        b: Dev<f32>,
+        y: DevMut<T>,
+        b: Dev<T>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
@@ -141,16 +141,16 @@ pub mod cuda {
         let (y, b) = (y.at_least(n, "bias: y")?, b.at_least(cols, "bias: b")?);
         let (n64, c) = (n as u64, u32_arg(cols, "columns")?);
         if n > 0 {
-            launch_pass!(dev, "add_bias", (blocks_for(n)?, 1); y, b, n64, c);
+            launch_pass!(dev, T, "add_bias", (blocks_for(n)?, 1); y, b, n64, c);
         }
         Ok(())
     }
 
     /// [`super::col_sum`] of x [rows, cols] into `out` [cols], added to it when `accumulate`.
-    pub fn col_sum(
+    pub fn col_sum<T: Act>(
         dev: &CudaDevice,
-        x: Dev<f32>,
-        out: DevMut<f32>,
+        x: Dev<T>,
+        out: DevMut<T>,
         rows: usize,
         cols: usize,
         accumulate: bool,
@@ -167,16 +167,17 @@ pub mod cuda {
         );
         let col_blocks = u32_arg(cols.div_ceil(PASS_BLOCK as usize), "blocks")?;
         if parts > 0 {
-            launch_pass!(dev, "col_partial", (col_blocks, u32_arg(parts, "parts")?); xs, p, r, c, per);
+            launch_pass!(dev, T, "col_partial", (col_blocks, u32_arg(parts, "parts")?); xs, p, r, c, per);
         }
         sum_parts(dev, Dev::of(&part, dev), out, parts, cols, accumulate)
     }
 
-    /// out[j] (+)= Σ_k part[k, j], k in order: the last stage of a column sum.
-    pub(crate) fn sum_parts(
+    /// out[j] (+)= Σ_k part[k, j], k in order: the last stage of a column sum (the partials
+    /// f32 whatever `out` holds).
+    pub(crate) fn sum_parts<T: Act>(
         dev: &CudaDevice,
         part: Dev<f32>,
-        out: DevMut<f32>,
+        out: DevMut<T>,
         parts: usize,
         cols: usize,
         accumulate: bool,
@@ -190,7 +191,7 @@ pub mod cuda {
         );
         let col_blocks = u32_arg(cols.div_ceil(PASS_BLOCK as usize), "blocks")?;
         if cols > 0 {
-            launch_pass!(dev, "col_sum", (col_blocks, 1); p, o, k, c, acc);
+            launch_pass!(dev, T, "col_sum", (col_blocks, 1); p, o, k, c, acc);
         }
         Ok(())
     }

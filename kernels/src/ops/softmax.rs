@@ -181,7 +181,7 @@ impl CustomOp2 for Backward {
 #[cfg(feature = "cuda")]
 pub mod cuda {
     use super::super::fused_func;
-    use crate::cuda::{u32_arg, view, Dev, DevMut};
+    use crate::cuda::{u32_arg, view, Act, Dev, DevMut};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{bail, CudaDevice, Result};
@@ -197,11 +197,11 @@ pub mod cuda {
 
     /// [`super::forward`]: y = softmax(scale·s + bias) over rows of n; `dims` = [rows, n,
     /// heads, tq], the bias [batch, 1, tq, n].
-    pub fn forward(
+    pub fn forward<T: Act>(
         dev: &CudaDevice,
-        s: Dev<f32>,
-        bias: Dev<f32>,
-        y: DevMut<f32>,
+        s: Dev<T>,
+        bias: Dev<T>,
+        y: DevMut<T>,
         dims: [usize; 4],
         scale: f32,
     ) -> Result<()> {
@@ -212,7 +212,7 @@ pub mod cuda {
         let x = s.at_least(rows * n, "softmax: scores")?;
         let b = bias.at_least(rows / heads * n, "softmax: bias")?;
         let o = y.at_least(rows * n, "softmax: y")?;
-        let func = fused_func(dev, "softmax_fwd")?;
+        let func = fused_func::<T>(dev, "softmax_fwd")?;
         let stream = dev.cuda_stream();
         let mut a = stream.launch_builder(&func);
         let (r, n, h, t) = (
@@ -236,11 +236,11 @@ pub mod cuda {
     }
 
     /// [`super::backward`]: ds from dy and y, rows of n.
-    pub fn backward(
+    pub fn backward<T: Act>(
         dev: &CudaDevice,
-        dy: Dev<f32>,
-        y: Dev<f32>,
-        ds: DevMut<f32>,
+        dy: Dev<T>,
+        y: Dev<T>,
+        ds: DevMut<T>,
         dims: [usize; 2],
         scale: f32,
     ) -> Result<()> {
@@ -250,7 +250,7 @@ pub mod cuda {
             y.at_least(rows * n, "softmax backward: y")?,
             ds.at_least(rows * n, "softmax backward: ds")?,
         );
-        let func = fused_func(dev, "softmax_bwd")?;
+        let func = fused_func::<T>(dev, "softmax_bwd")?;
         let stream = dev.cuda_stream();
         let mut a = stream.launch_builder(&func);
         let (r, n) = (u32_arg(rows, "rows")?, u32_arg(n, "keys")?);

@@ -49,15 +49,15 @@ pub fn backward(dy: &[f32], g: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>) {
 /// The launchers of `swiglu_fwd` and `swiglu_bwd` (`cuda/pass.cu`).
 #[cfg(feature = "cuda")]
 pub mod cuda {
-    use crate::cuda::{blocks_for, launch_pass, Dev, DevMut};
+    use crate::cuda::{blocks_for, launch_pass, Act, Dev, DevMut};
     use candle_core::{CudaDevice, Result};
 
     /// [`super::forward`] over `n` values.
-    pub fn forward(
+    pub fn forward<T: Act>(
         dev: &CudaDevice,
-        g: Dev<f32>,
-        u: Dev<f32>,
-        y: DevMut<f32>,
+        g: Dev<T>,
+        u: Dev<T>,
+        y: DevMut<T>,
         n: usize,
     ) -> Result<()> {
         let (g, u, y) = (
@@ -67,19 +67,19 @@ pub mod cuda {
         );
         let n64 = n as u64;
         if n > 0 {
-            launch_pass!(dev, "swiglu_fwd", (blocks_for(n)?, 1); g, u, y, n64);
+            launch_pass!(dev, T, "swiglu_fwd", (blocks_for(n)?, 1); g, u, y, n64);
         }
         Ok(())
     }
 
     /// [`super::backward`], dg and du into their own buffers.
-    pub fn backward(
+    pub fn backward<T: Act>(
         dev: &CudaDevice,
-        dy: Dev<f32>,
-        g: Dev<f32>,
-        u: Dev<f32>,
-        dg: DevMut<f32>,
-        du: DevMut<f32>,
+        dy: Dev<T>,
+        g: Dev<T>,
+        u: Dev<T>,
+        dg: DevMut<T>,
+        du: DevMut<T>,
         n: usize,
     ) -> Result<()> {
         let (d, g, u) = (
@@ -93,7 +93,7 @@ pub mod cuda {
         );
         let n64 = n as u64;
         if n > 0 {
-            launch_pass!(dev, "swiglu_bwd", (blocks_for(n)?, 1); d, g, u, dg, du, n64);
+            launch_pass!(dev, T, "swiglu_bwd", (blocks_for(n)?, 1); d, g, u, dg, du, n64);
         }
         Ok(())
     }

@@ -11,7 +11,10 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, CudaDevice, Result, Tensor, Var};
 use std::sync::OnceLock;
 
-const SOURCE: &str = include_str!("../../cuda/optim.cu");
+const SOURCE: &str = concat!(
+    include_str!("../../cuda/bf16.cuh"),
+    include_str!("../../cuda/optim.cu")
+);
 const MODULE: &str = "basin_optim";
 /// Elements per block: enough work per block that launching it costs little (4 float4s per
 /// thread), few enough that the 30 small norm vectors do not leave the GPU idle.

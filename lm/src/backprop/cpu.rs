@@ -42,10 +42,6 @@ impl Backend for Cpu {
         Ok(Tensor::from_vec(b, like.shape(), like.device())?)
     }
 
-    fn sum(&self, x: &Vec<f32>, n: usize) -> Result<f64> {
-        Ok(x[..n].iter().map(|&v| v as f64).sum())
-    }
-
     fn linear(
         &self,
         x: &[f32],
@@ -189,18 +185,9 @@ impl Backend for Cpu {
         Ok(attention::backward(dy, q, k, v, p, d))
     }
 
-    fn cross_entropy(
-        &self,
-        logits: &[f32],
-        targets: &Vec<u32>,
-        rows: usize,
-        v: usize,
-    ) -> Result<Vec<f32>> {
-        Ok(cross_entropy::forward(
-            &logits[..rows * v],
-            &targets[..rows],
-            v,
-        ))
+    fn nll_sum(&self, logits: &[f32], targets: &Vec<u32>, rows: usize, v: usize) -> Result<f64> {
+        let nll = cross_entropy::forward(&logits[..rows * v], &targets[..rows], v);
+        Ok(nll.iter().map(|&x| x as f64).sum())
     }
 
     fn cross_entropy_backward(

@@ -1,11 +1,17 @@
-//! The written-out pass's GPU backend: cuBLAS's f32 GEMMs and basin_kernels' CUDA kernels
+//! The written-out pass's GPU backend: cuBLAS's GEMMs and basin_kernels' CUDA kernels
 //! (`kernels/cuda/pass.cu`, `fused.cu`) on candle's stream, over `CudaSlice`s this pass owns
 //! and the weights where candle keeps them. Nothing comes back to the host inside a pass
 //! but the loss's sum; the batch's indices go up once.
+//!
+//! `Cuda<T>` keeps everything — weights, activations, gradients — as `T`: f32 (the CPU
+//! pass's arithmetic, f32 GEMMs without TF32), or bf16 for a bf16 model (bf16 GEMMs with f32
+//! products and sums; every kernel computes in f32 and rounds what it writes once; the loss
+//! rows in f32). A bf16 model's gradients are bf16, as candle's autograd gives them; the
+//! optimizer applies them to its f32 master weights (`state.weights`).
 
 use super::{Backend, Held};
 use anyhow::{bail, Result};
-use basin_kernels::cuda::{Dev, DevMut};
+use basin_kernels::cuda::{Act, Dev, DevMut};
 use basin_kernels::ops::attention::{self, Heads};
 use basin_kernels::ops::embedding::{self, cuda::DevLookups, Lookups};
 use basin_kernels::ops::linear::{self, View};
@@ -13,32 +19,36 @@ use basin_kernels::ops::{cross_entropy, rms_norm, rope, rows, swiglu};
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{CudaDevice, CudaStorage, Storage, Tensor};
 
-pub(crate) struct Cuda {
+pub(crate) struct Cuda<T> {
     dev: CudaDevice,
+    _values: std::marker::PhantomData<T>,
 }
 
-impl Cuda {
+impl<T> Cuda<T> {
     pub(crate) fn new(dev: &CudaDevice) -> Self {
-        Cuda { dev: dev.clone() }
+        Cuda {
+            dev: dev.clone(),
+            _values: std::marker::PhantomData,
+        }
     }
 }
 
 /// Writable access to a buffer.
-fn w<'a>(b: &'a mut CudaSlice<f32>, dev: &CudaDevice) -> DevMut<'a, f32> {
+fn w<'a, T: Act>(b: &'a mut CudaSlice<T>, dev: &CudaDevice) -> DevMut<'a, T> {
     DevMut::of(b, dev)
 }
 
-impl Backend for Cuda {
-    type Buf = CudaSlice<f32>;
+impl<T: Act> Backend for Cuda<T> {
+    type Buf = CudaSlice<T>;
     type Ids = CudaSlice<u32>;
     type Lookups = DevLookups;
-    type Src<'a> = Dev<'a, f32>;
+    type Src<'a> = Dev<'a, T>;
 
-    fn src<'a>(&'a self, b: &'a CudaSlice<f32>) -> Dev<'a, f32> {
+    fn src<'a>(&'a self, b: &'a CudaSlice<T>) -> Dev<'a, T> {
         Dev::of(b, &self.dev)
     }
 
-    fn weight<'a>(&'a self, h: &'a Held<'_>) -> Result<Dev<'a, f32>> {
+    fn weight<'a>(&'a self, h: &'a Held<'_>) -> Result<Dev<'a, T>> {
         match &*h.storage {
             Storage::Cuda(cs) => Ok(Dev::in_storage(cs, h.start, h.len)?),
             _ => bail!("backprop: expected a weight on the GPU"),
@@ -56,13 +66,13 @@ impl Backend for Cuda {
         Ok(DevLookups::new(&self.dev, &l)?)
     }
 
-    fn copy_of(&self, t: &Tensor) -> Result<CudaSlice<f32>> {
+    fn copy_of(&self, t: &Tensor) -> Result<CudaSlice<T>> {
         let held = Held::new(t)?;
         let src = self.weight(&held)?;
         self.copy_buf(src, held.len)
     }
 
-    fn tensor_of(&self, b: CudaSlice<f32>, like: &Tensor) -> Result<Tensor> {
+    fn tensor_of(&self, b: CudaSlice<T>, like: &Tensor) -> Result<Tensor> {
         if b.len() != like.elem_count() {
             bail!("backprop: a gradient of {} values for {like:?}", b.len());
         }
@@ -71,19 +81,14 @@ impl Backend for Cuda {
         Ok(Tensor::from_storage(storage, like.shape(), op, false))
     }
 
-    fn sum(&self, x: &CudaSlice<f32>, n: usize) -> Result<f64> {
-        let host = self.dev.clone_dtoh(x)?;
-        Ok(host[..n].iter().map(|&v| v as f64).sum())
-    }
-
     fn linear(
         &self,
-        x: Dev<'_, f32>,
-        wt: Dev<'_, f32>,
+        x: Dev<'_, T>,
+        wt: Dev<'_, T>,
         rows: usize,
         d_in: usize,
         out: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<CudaSlice<T>> {
         let mut y = self.output(rows * out)?;
         let (xv, wv) = (View::new(rows, d_in), View::new(out, d_in));
         linear::cuda::matmul(
@@ -101,11 +106,11 @@ impl Backend for Cuda {
 
     fn matmul(
         &self,
-        dst: &mut CudaSlice<f32>,
+        dst: &mut CudaSlice<T>,
         d: View,
-        a: Dev<'_, f32>,
+        a: Dev<'_, T>,
         av: View,
-        b: Dev<'_, f32>,
+        b: Dev<'_, T>,
         bv: View,
         accumulate: bool,
     ) -> Result<()> {
@@ -121,17 +126,17 @@ impl Backend for Cuda {
         )?)
     }
 
-    fn output(&self, n: usize) -> Result<CudaSlice<f32>> {
+    fn output(&self, n: usize) -> Result<CudaSlice<T>> {
         // SAFETY: the caller writes all n values before any is read (the trait's contract);
         // until then the memory holds whatever it held, never read.
-        Ok(unsafe { self.dev.alloc::<f32>(n.max(1)) }?)
+        Ok(unsafe { self.dev.alloc::<T>(n.max(1)) }?)
     }
 
-    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        Ok(self.dev.alloc_zeros::<f32>(n.max(1))?)
+    fn zeros(&self, n: usize) -> Result<CudaSlice<T>> {
+        Ok(self.dev.alloc_zeros::<T>(n.max(1))?)
     }
 
-    fn copy_buf(&self, x: Dev<'_, f32>, n: usize) -> Result<CudaSlice<f32>> {
+    fn copy_buf(&self, x: Dev<'_, T>, n: usize) -> Result<CudaSlice<T>> {
         let mut out = self.zeros(n)?;
         rows::cuda::add_into(&self.dev, w(&mut out, &self.dev), x, n)?;
         Ok(out)
@@ -139,8 +144,8 @@ impl Backend for Cuda {
 
     fn add_bias(
         &self,
-        y: &mut CudaSlice<f32>,
-        b: Dev<'_, f32>,
+        y: &mut CudaSlice<T>,
+        b: Dev<'_, T>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
@@ -153,23 +158,23 @@ impl Backend for Cuda {
         )?)
     }
 
-    fn col_sum(&self, x: Dev<'_, f32>, rows: usize, cols: usize) -> Result<CudaSlice<f32>> {
+    fn col_sum(&self, x: Dev<'_, T>, rows: usize, cols: usize) -> Result<CudaSlice<T>> {
         let mut out = self.output(cols)?;
         rows::cuda::col_sum(&self.dev, x, w(&mut out, &self.dev), rows, cols, false)?;
         Ok(out)
     }
 
-    fn add_into(&self, acc: &mut CudaSlice<f32>, x: Dev<'_, f32>, n: usize) -> Result<()> {
+    fn add_into(&self, acc: &mut CudaSlice<T>, x: Dev<'_, T>, n: usize) -> Result<()> {
         Ok(rows::cuda::add_into(&self.dev, w(acc, &self.dev), x, n)?)
     }
 
     fn gather_rows(
         &self,
-        table: Dev<'_, f32>,
+        table: Dev<'_, T>,
         idx: &CudaSlice<u32>,
         rows: usize,
         width: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<CudaSlice<T>> {
         let mut out = self.output(rows * width)?;
         let i = Dev::of(idx, &self.dev);
         // SAFETY: the pass gathers rows of the embedding at token ids and of RoPE's tables at
@@ -183,12 +188,12 @@ impl Backend for Cuda {
 
     fn scatter_rows(
         &self,
-        src: Dev<'_, f32>,
+        src: Dev<'_, T>,
         idx: &CudaSlice<u32>,
         rows: usize,
         width: usize,
         total: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<CudaSlice<T>> {
         let mut out = self.zeros(total * width)?;
         let i = Dev::of(idx, &self.dev);
         // SAFETY: `out` holds `total` rows and the pass scatters only to the loss rows, which
@@ -201,12 +206,12 @@ impl Backend for Cuda {
 
     fn rms_norm(
         &self,
-        x: Dev<'_, f32>,
-        wt: Dev<'_, f32>,
+        x: Dev<'_, T>,
+        wt: Dev<'_, T>,
         rows: usize,
         h: usize,
         eps: f32,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<CudaSlice<T>> {
         let mut y = self.output(rows * h)?;
         rms_norm::cuda::forward(&self.dev, x, wt, w(&mut y, &self.dev), rows, h, eps)?;
         Ok(y)
@@ -214,13 +219,13 @@ impl Backend for Cuda {
 
     fn rms_norm_backward(
         &self,
-        dy: Dev<'_, f32>,
-        x: Dev<'_, f32>,
-        wt: Dev<'_, f32>,
+        dy: Dev<'_, T>,
+        x: Dev<'_, T>,
+        wt: Dev<'_, T>,
         rows: usize,
         h: usize,
         eps: f32,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
         let (mut dx, mut dw) = (self.output(rows * h)?, self.output(h)?);
         let dev = &self.dev;
         rms_norm::cuda::backward(
@@ -237,7 +242,7 @@ impl Backend for Cuda {
         Ok((dx, dw))
     }
 
-    fn swiglu(&self, g: Dev<'_, f32>, u: Dev<'_, f32>, n: usize) -> Result<CudaSlice<f32>> {
+    fn swiglu(&self, g: Dev<'_, T>, u: Dev<'_, T>, n: usize) -> Result<CudaSlice<T>> {
         let mut y = self.output(n)?;
         swiglu::cuda::forward(&self.dev, g, u, w(&mut y, &self.dev), n)?;
         Ok(y)
@@ -245,11 +250,11 @@ impl Backend for Cuda {
 
     fn swiglu_backward(
         &self,
-        dy: Dev<'_, f32>,
-        g: Dev<'_, f32>,
-        u: Dev<'_, f32>,
+        dy: Dev<'_, T>,
+        g: Dev<'_, T>,
+        u: Dev<'_, T>,
         n: usize,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
         let (mut dg, mut du) = (self.output(n)?, self.output(n)?);
         let dev = &self.dev;
         swiglu::cuda::backward(dev, dy, g, u, w(&mut dg, dev), w(&mut du, dev), n)?;
@@ -258,14 +263,14 @@ impl Backend for Cuda {
 
     fn heads(
         &self,
-        x: Dev<'_, f32>,
-        rope: Option<(Dev<'_, f32>, Dev<'_, f32>, f32)>,
+        x: Dev<'_, T>,
+        rope: Option<(Dev<'_, T>, Dev<'_, T>, f32)>,
         rows: usize,
         t: usize,
         heads: usize,
         hd: usize,
         inverse: bool,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<CudaSlice<T>> {
         let mut y = self.output(rows * heads * hd)?;
         let yw = w(&mut y, &self.dev);
         rope::cuda::heads(&self.dev, x, rope, yw, rows, t, heads, hd, inverse)?;
@@ -274,12 +279,12 @@ impl Backend for Cuda {
 
     fn attention(
         &self,
-        q: Dev<'_, f32>,
-        k: Dev<'_, f32>,
-        v: Dev<'_, f32>,
-        bias: Dev<'_, f32>,
+        q: Dev<'_, T>,
+        k: Dev<'_, T>,
+        v: Dev<'_, T>,
+        bias: Dev<'_, T>,
         d: Heads,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
         let mut p = self.output(d.b * d.nh * d.t * d.t)?;
         let mut y = self.output(d.b * d.nh * d.t * d.hd)?;
         let dev = &self.dev;
@@ -289,13 +294,13 @@ impl Backend for Cuda {
 
     fn attention_backward(
         &self,
-        dy: Dev<'_, f32>,
-        q: Dev<'_, f32>,
-        k: Dev<'_, f32>,
-        v: Dev<'_, f32>,
-        p: Dev<'_, f32>,
+        dy: Dev<'_, T>,
+        q: Dev<'_, T>,
+        k: Dev<'_, T>,
+        v: Dev<'_, T>,
+        p: Dev<'_, T>,
         d: Heads,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)> {
         let mut dq = self.output(d.b * d.nh * d.t * d.hd)?;
         let mut dk = self.output(d.b * d.nkv * d.t * d.hd)?;
         let mut dv = self.output(d.b * d.nkv * d.t * d.hd)?;
@@ -305,27 +310,29 @@ impl Backend for Cuda {
         Ok((dq, dk, dv))
     }
 
-    fn cross_entropy(
+    fn nll_sum(
         &self,
-        logits: Dev<'_, f32>,
+        logits: Dev<'_, T>,
         targets: &CudaSlice<u32>,
         rows: usize,
         v: usize,
-    ) -> Result<CudaSlice<f32>> {
-        let mut nll = self.output(rows)?;
+    ) -> Result<f64> {
+        // SAFETY: the kernel writes every row's value before the copy reads them.
+        let mut nll = unsafe { self.dev.alloc::<f32>(rows.max(1)) }?;
         let t = Dev::of(targets, &self.dev);
         cross_entropy::cuda::forward(&self.dev, logits, t, w(&mut nll, &self.dev), rows, v)?;
-        Ok(nll)
+        let host = self.dev.clone_dtoh(&nll)?;
+        Ok(host[..rows].iter().map(|&v| v as f64).sum())
     }
 
     fn cross_entropy_backward(
         &self,
-        logits: Dev<'_, f32>,
+        logits: Dev<'_, T>,
         targets: &CudaSlice<u32>,
         g: f32,
         rows: usize,
         v: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<CudaSlice<T>> {
         let gs = self.dev.clone_htod(&vec![g; rows.max(1)])?;
         let mut d = self.output(rows * v)?;
         let (t, g) = (Dev::of(targets, &self.dev), Dev::of(&gs, &self.dev));
@@ -335,8 +342,8 @@ impl Backend for Cuda {
 
     fn embedding_backward(
         &self,
-        d_embed: &mut CudaSlice<f32>,
-        dx: Dev<'_, f32>,
+        d_embed: &mut CudaSlice<T>,
+        dx: Dev<'_, T>,
         l: &DevLookups,
         width: usize,
     ) -> Result<()> {
