@@ -50,9 +50,9 @@ CUDA_HOME="$home" LD_LIBRARY_PATH="$home/lib:$home/lib64:${LD_LIBRARY_PATH:-}" p
 cargo build --release -p train -p evaluate -p basin-kernels \
   --features train/cuda,evaluate/cuda,basin-kernels/cuda --bins --bench kernels --bench step "$@"
 # The device tests that scripts/stage-device.sh takes to the GPU with the step bench
-# (target/release/deps/{pass_ops,fused,pass_device,bf16_device}-*): the written-out pass's
-# kernels and whole pass in f32 and bf16, the fused softmax / cross-entropy of the autograd
-# path, and bf16 training against f32.
+# (target/release/deps/{pass_ops,fused,pass_device,decode_device,bf16_device}-*): the
+# written-out pass's kernels and whole pass in f32 and bf16, decoding through its layers, the
+# fused softmax / cross-entropy of the autograd path, and bf16 training against f32.
 cargo build --release -p basin-kernels -p basin-lm -p train \
   --features basin-kernels/cuda,basin-lm/cuda,train/cuda \
-  --test pass_ops --test fused --test pass_device --test bf16_device "$@"
+  --test pass_ops --test fused --test pass_device --test decode_device --test bf16_device "$@"

@@ -2,23 +2,30 @@
 # Issue 21's GPU check, as one prepared script for a GPU machine (docs/performance.md has
 # what it measured). Run on the machine from the checkout's root with $BIN holding what
 # `scripts/stage-device.sh` staged here (the CUDA binaries of the step bench and of the
-# four device tests, PyTorch's shape baseline, the library-path wrapper; .xz-compressed or
+# five device tests, PyTorch's shape baseline, the library-path wrapper; .xz-compressed or
 # not). Writes into $OUT:
 #   1. every kernel and product of the written-out pass on the device, f32 and bf16, against
 #      its CPU reference (`pass_ops`), the fused softmax and cross-entropy of the autograd
 #      path against the CPU (`fused`: their launchers were reworked with the pass), then the
 #      whole pass on the device against the CPU pass — tiny model, every family, the
 #      SmolLM2 shape — and repeated bit for bit; in bf16 against the f32 CPU pass beside
-#      candle's bf16 autograd (`pass_device`); 20 steps of bf16 training against f32
-#      (`bf16_device`);
+#      candle's bf16 autograd (`pass_device`); decoding through the pass's layers against
+#      the CPU decoder in f32 and beside candle's graph in bf16 (`decode_device`, issue 23);
+#      20 steps of bf16 training against f32 (`bf16_device`);
 #   2. the step bench on the SmolLM2-135M shape, 16 x 512: f32 and bf16 through the
 #      written-out pass and through candle's autograd, beside PyTorch + transformers (f32 and
 #      pure bf16, AdamW fused) in the same run: tokens/s and the ratios, forward/backward/
 #      optimizer;
 #   3. the same on the Llama-3.2-1B shape (configs/models/, random weights), 4 x 512;
-#   4. a per-kernel profile (ncu) of the written-out f32 pass on 4 layers, one step.
-# Each part has a time limit, so that one stuck part leaves the others' figures.
+#   4. greedy generation on the SmolLM2 shape, batch 1 and 64, 64 + 64 tokens: candle's
+#      graph and the pass's layers (f32, bf16) beside PyTorch's `generate` (issue 23);
+#   5. a per-kernel profile (ncu) of the written-out f32 pass on 4 layers, one step.
+# Each part has a time limit, so that one stuck part leaves the others' figures. All of it
+# may not fit one device call (600 s): `device-pass.sh tests` runs 1, `device-pass.sh bench`
+# 2-5, no argument both.
 set -uo pipefail
+what="${1:-all}"
+case "$what" in tests|bench|all) ;; *) echo "usage: device-pass.sh [tests|bench|all]" >&2; exit 2 ;; esac
 BIN="${BIN:?set BIN to the folder scripts/stage-device.sh filled}"
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
@@ -35,10 +42,14 @@ run() {
 }
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/gpu.txt"
 
+if [ "$what" != bench ]; then
 run 120 "$BIN/pass_ops" --nocapture --test-threads 1 2>&1 | tee "$OUT/pass_ops.txt"
 run 120 "$BIN/fused" --nocapture 2>&1 | tee "$OUT/fused.txt"
 run 240 "$BIN/pass_device" --nocapture --test-threads 1 2>&1 | tee "$OUT/pass_device.txt"
+run 180 "$BIN/decode_device" --nocapture 2>&1 | tee "$OUT/decode_device.txt"
 run 180 "$BIN/bf16_device" --nocapture 2>&1 | tee "$OUT/bf16_device.txt"
+fi
+[ "$what" = tests ] && exit 0
 
 python3 - <<'PY'
 import json
@@ -49,9 +60,9 @@ json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_
            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
            "tie_word_embeddings": True}, open("/tmp/smollm2.json", "w"))
 PY
-torch_on() {  # name config train-spec (PyTorch's side, when its script was staged)
+torch_on() {  # name config train-spec [generate-batches] (PyTorch's side, when staged)
   [ -f "$BIN/torch_shape_baseline.py" ] || { echo "no torch_shape_baseline.py: no PyTorch column"; return; }
-  timeout 300 python3 "$BIN/torch_shape_baseline.py" --config "$2" --train "$3" --generate "" \
+  timeout 300 python3 "$BIN/torch_shape_baseline.py" --config "$2" --train "$3" --generate "${4:-}" \
     --steps 5 --warm 2 --peak-tflops 989 --out "$OUT/torch-$1.json" 2>&1 | tee "$OUT/torch-$1.txt"
 }
 step_on() {  # name dtype args...
@@ -60,6 +71,10 @@ step_on() {  # name dtype args...
 }
 torch_on smollm2 /tmp/smollm2.json f32:16x512,bf16:16x512
 for dt in f32 f32-autograd bf16 bf16-autograd; do step_on smollm2 "$dt" --batch 16 --seq 512; done
+
+torch_on smollm2-gen /tmp/smollm2.json "" 1,64
+run 300 "$BIN/step" --gen-only --gen-batch 64 --json "$OUT/step-smollm2-gen.json" \
+  --torch "$OUT/torch-smollm2-gen.json" 2>&1 | tee "$OUT/step-smollm2-gen.txt"
 
 llama=configs/models/llama-3.2-1b-instruct.json
 torch_on llama1b "$llama" f32:4x512,bf16:4x512

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stages what scripts/device-pass.sh needs on a GPU machine into DIR (default .device/,
-# ignored by git; a device run carries it): the CUDA step bench and the four device-test
+# ignored by git; a device run carries it): the CUDA step bench and the five device-test
 # binaries from `scripts/build-cuda.sh`, xz-compressed (the PTX inside is text: ~48 MB
 # become ~7), and, where ${SHARED_TOOLS:-../shared/tools} has them, PyTorch's shape
 # baseline and the library-path wrapper.
@@ -11,7 +11,7 @@ target="${CARGO_TARGET_DIR:-target}/release"
 tools="${SHARED_TOOLS:-../shared/tools}"
 mkdir -p "$dir"
 newest() { ls -t "$target"/deps/"$1"-* 2>/dev/null | grep -v '\.d$' | head -1; }
-for name in step pass_ops fused pass_device bf16_device; do
+for name in step pass_ops fused pass_device decode_device bf16_device; do
   bin=$(newest "$name")
   [ -n "$bin" ] || { echo "no $name binary under $target/deps: run scripts/build-cuda.sh" >&2; exit 1; }
   xz -9 -T0 -c "$bin" > "$dir/$name.xz"

@@ -582,7 +582,7 @@ pub struct Probes {
     /// Harmful prompts answered (greedy) where the attack success rate is measured.
     pub harmful: Vec<basin_lm::schema::PreparedRow>,
     pub micro_batch: usize,
-    pub batch_size: usize,
+    pub batch_size: basin_lm::generate::BatchSize,
     pub max_new_tokens: usize,
 }
 

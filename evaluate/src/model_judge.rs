@@ -24,6 +24,7 @@
 use crate::endpoint::{ask_all, Asking, Cache, Endpoint, Prompt};
 use anyhow::Result;
 use basin_lm::chat::{ChatTemplate, Conversation};
+use basin_lm::generate::BatchSize;
 use basin_lm::model::Model;
 use basin_lm::source::TemplateChoice;
 
@@ -188,7 +189,7 @@ enum Backend {
         /// Shared by the judges of several kinds on one model.
         model: std::sync::Arc<Model>,
         template: ChatTemplate,
-        batch_size: usize,
+        batch_size: BatchSize,
     },
     Served {
         endpoint: Endpoint,
@@ -219,7 +220,7 @@ impl ModelJudge {
         kind: JudgeKind,
         model: std::sync::Arc<Model>,
         choice: &TemplateChoice,
-        batch_size: usize,
+        batch_size: BatchSize,
     ) -> Result<Self> {
         let template = model.text.template(choice, None)?;
         Ok(Self {

@@ -30,10 +30,18 @@ fn generates_for_each_prompt_reproducibly() {
         "{out}"
     );
     assert!(String::from_utf8_lossy(&a.stderr).contains("tokens/s"));
-    // Batch size does not change greedy replies.
+    // Batch size does not change greedy replies; auto (8 on the CPU) neither.
     let mut one = args.to_vec();
     one[10] = "1";
     assert_eq!(String::from_utf8_lossy(&evaluate(&one).stdout), out);
+    one[10] = "auto";
+    assert_eq!(String::from_utf8_lossy(&evaluate(&one).stdout), out);
+    // A batch of none is refused by the argument parser.
+    one[10] = "0";
+    let refused = evaluate(&one);
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("positive number or auto"), "{err}");
 }
 
 #[test]

@@ -162,6 +162,16 @@ extern "C" __global__ void heads(const act* x, const act* cos, const act* sin, a
     }
 }
 
+// cache[blk, at + i, :] = x[blk, i, :]: x [blocks, t, width] into cache [blocks, cap,
+// width] (a decoding step's keys or values). One thread per element of x.
+extern "C" __global__ void write_cache(const act* x, act* cache, u64 n, u32 t, u32 cap, u32 at,
+                                       u32 width) {
+    const u64 e = (u64)blockIdx.x * BLOCK + threadIdx.x;
+    if (e >= n) return;
+    const u64 block = (u64)t * width;
+    cache[(e / block * cap + at) * width + e % block] = x[e];
+}
+
 // out[r] = table[idx[r]], rows of `width`. One block per row.
 extern "C" __global__ void gather_rows(const act* table, const u32* idx, act* out, u32 width) {
     const u64 r = blockIdx.x;

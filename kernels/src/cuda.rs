@@ -249,14 +249,22 @@ pub trait Act:
 {
     /// Index of the compilation: 0 for f32, 1 for bf16 (ACT_BF16 defined).
     const VARIANT: usize;
+    /// The value as f32 (exact).
+    fn to_f32(self) -> f32;
 }
 
 impl Act for f32 {
     const VARIANT: usize = 0;
+    fn to_f32(self) -> f32 {
+        self
+    }
 }
 
 impl Act for half::bf16 {
     const VARIANT: usize = 1;
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
 }
 
 /// A .cu file whose kernels read and write `act` (bf16.cuh), compiled once per element type.

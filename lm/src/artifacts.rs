@@ -747,7 +747,7 @@ pub struct GenerationSpeed {
     pub new_tokens: usize,
     pub seconds: f64,
     pub new_tokens_per_s: f64,
-    /// Prompts a batch.
+    /// Prompts a batch (what `--batch-size auto` chose, where it was auto).
     pub batch_size: usize,
 }
 

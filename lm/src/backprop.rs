@@ -21,9 +21,9 @@
 //!
 //! (each projection with its bias where the family has one).
 
-mod cpu;
+pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 
 use crate::batch::Batch;
 use crate::llama::{Layer, Llama, Proj};
@@ -107,7 +107,7 @@ impl Dims {
         }
     }
 
-    fn heads(&self) -> Heads {
+    pub(crate) fn heads(&self) -> Heads {
         Heads {
             b: self.b,
             nh: self.nh,
@@ -334,6 +334,33 @@ pub(crate) trait Backend: Sized {
         bias: Self::Src<'_>,
         d: Heads,
     ) -> Result<(Self::Buf, Self::Buf)>;
+    /// y of [`basin_kernels::ops::attention::forward_over`]: t queries over the first `keys`
+    /// of `cap` positions of a KV cache (decoding; no probabilities kept).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_over(
+        &self,
+        q: Self::Src<'_>,
+        k: Self::Src<'_>,
+        v: Self::Src<'_>,
+        bias: Self::Src<'_>,
+        d: Heads,
+        keys: usize,
+        cap: usize,
+    ) -> Result<Self::Buf>;
+    /// x [blocks, t, width] into the cache [blocks, cap, width] at positions at..at + t.
+    #[allow(clippy::too_many_arguments)]
+    fn write_cache(
+        &self,
+        cache: &mut Self::Buf,
+        x: Self::Src<'_>,
+        blocks: usize,
+        t: usize,
+        cap: usize,
+        at: usize,
+        width: usize,
+    ) -> Result<()>;
+    /// A buffer's first `n` values on the host, as f32.
+    fn to_host(&self, x: &Self::Buf, n: usize) -> Result<Vec<f32>>;
     /// (dq, dk, dv).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
@@ -373,8 +400,8 @@ pub(crate) trait Backend: Sized {
     ) -> Result<()>;
 }
 
-/// What a layer's backward needs from its forward.
-struct Saved<B: Backend> {
+/// What a layer's backward needs from its forward (decoding drops it: `p` is empty there).
+pub(crate) struct Saved<B: Backend> {
     /// The layer's input (the residual stream) and its normed copy.
     x: B::Buf,
     a: B::Buf,
@@ -402,10 +429,25 @@ enum Kept<B: Backend> {
 }
 
 /// RoPE's angles of each row and the attention bias, read by every layer.
-struct Rows<B: Backend> {
-    cos: B::Buf,
-    sin: B::Buf,
-    bias: B::Buf,
+pub(crate) struct Rows<B: Backend> {
+    pub(crate) cos: B::Buf,
+    pub(crate) sin: B::Buf,
+    pub(crate) bias: B::Buf,
+}
+
+/// Where a layer's attention finds its keys and values: the layer's own (training: the
+/// bias is [batch, 1, t, t]), or a KV cache of `cap` positions a head ([batch, kv heads,
+/// cap, head_dim]) that the layer's new keys and values are first written into at
+/// positions at..at + t (decoding: the bias is [batch, 1, t, at + t], and no probabilities
+/// are kept).
+pub(crate) enum Keys<'c, B: Backend> {
+    Own,
+    Cache {
+        k: &'c mut B::Buf,
+        v: &'c mut B::Buf,
+        at: usize,
+        cap: usize,
+    },
 }
 
 /// A forward pass on one backend, kept for its backward.
@@ -452,7 +494,7 @@ pub(crate) fn project(
 }
 
 /// y [rows, out] = x · wᵀ (+ b).
-fn project_on<B: Backend>(
+pub(crate) fn project_on<B: Backend>(
     be: &B,
     x: B::Src<'_>,
     p: &Proj<B::Src<'_>>,
@@ -504,12 +546,13 @@ fn project_input_grad<B: Backend>(
 }
 
 /// One layer's forward from its input `x`: what its backward needs, and its output.
-fn layer_forward<B: Backend>(
+pub(crate) fn layer_forward<B: Backend>(
     be: &B,
     x: B::Buf,
     l: &Layer<B::Src<'_>>,
     d: Dims,
     rows: &Rows<B>,
+    keys: Keys<'_, B>,
 ) -> Result<(Saved<B>, B::Buf)> {
     let (qd, kvd, n) = (d.nh * d.hd, d.nkv * d.hd, d.n);
     let a = be.rms_norm(be.src(&x), l.attn_norm, n, d.h, d.eps)?;
@@ -519,7 +562,22 @@ fn layer_forward<B: Backend>(
     let k = to_heads(project_on(be, be.src(&a), &l.k, n, d.h, kvd)?, d.nkv, rot)?;
     let v = to_heads(project_on(be, be.src(&a), &l.v, n, d.h, kvd)?, d.nkv, None)?;
     let bias = be.src(&rows.bias);
-    let (p, yh) = be.attention(be.src(&q), be.src(&k), be.src(&v), bias, d.heads())?;
+    let (p, yh) = match keys {
+        Keys::Own => be.attention(be.src(&q), be.src(&k), be.src(&v), bias, d.heads())?,
+        Keys::Cache {
+            k: kc,
+            v: vc,
+            at,
+            cap,
+        } => {
+            let blocks = d.b * d.nkv;
+            be.write_cache(kc, be.src(&k), blocks, d.t, cap, at, d.hd)?;
+            be.write_cache(vc, be.src(&v), blocks, d.t, cap, at, d.hd)?;
+            let (kc, vc) = (be.src(kc), be.src(vc));
+            let yh = be.attention_over(be.src(&q), kc, vc, bias, d.heads(), at + d.t, cap)?;
+            (be.output(0)?, yh)
+        }
+    };
     let y = be.heads(be.src(&yh), None, n, d.t, d.nh, d.hd, true)?;
     drop(yh);
     let mut x_mid = project_on(be, be.src(&y), &l.o, n, qd, d.h)?;
@@ -639,7 +697,7 @@ fn run_forward<'m, B: Backend>(
     let mut x = be.gather_rows(w.embed, &ids, d.n, d.h)?;
     let mut layers = Vec::with_capacity(w.layers.len());
     for l in &w.layers {
-        let (saved, x_out) = layer_forward(&be, x, l, d, &rows)?;
+        let (saved, x_out) = layer_forward(&be, x, l, d, &rows, Keys::Own)?;
         layers.push(if recompute {
             Kept::Input(saved.x)
         } else {
@@ -726,7 +784,7 @@ impl<B: Backend> Run<'_, B> {
                 Kept::All(s) => &**s,
                 Kept::Input(x) => {
                     let x = be.copy_buf(be.src(x), d.n * d.h)?;
-                    redone = layer_forward(be, x, l, d, &self.rows)?.0;
+                    redone = layer_forward(be, x, l, d, &self.rows, Keys::Own)?.0;
                     &redone
                 }
             };

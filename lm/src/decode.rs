@@ -11,9 +11,16 @@
 //! [`basin_kernels::ops::linear::rows_dot`], which reads each weight once, a prompt's
 //! prefill the GEMM. The tests check the logits against candle's graph and the replies of
 //! the real model against it token for token.
+//!
+//! [`PassDecoder`] decodes through the training pass's own layers
+//! ([`crate::backprop::layer_forward`] over a KV cache) on any of its backends: on a GPU in
+//! f32 or bf16 with cuBLAS and the pass's kernels (a few launches a layer, the cache
+//! written in place), on the CPU as the check of it against [`Decoder`].
 
-use crate::backprop::{held_globals, held_layers, project, Dims, Held, Weights};
-use crate::llama::{Layer, Llama};
+use crate::backprop::{
+    held_globals, held_layers, layer_forward, project, Backend, Dims, Held, Keys, Rows, Weights,
+};
+use crate::llama::{attention_bias, Layer, Llama};
 use anyhow::{bail, Result};
 use basin_kernels::ops::rows::add_into;
 use basin_kernels::ops::{rms_norm, rope, swiglu};
@@ -35,11 +42,55 @@ impl<'m> HeldModel<'m> {
         if !supports(model) {
             bail!("the written-out decoder needs an f32 model on the CPU");
         }
+        Self::any(model)
+    }
+
+    /// The weights of a model on any device and dtype the pass's backends take.
+    fn any(model: &'m Llama) -> Result<Self> {
         Ok(Self {
             globals: held_globals(model)?,
             layers: held_layers(model)?,
         })
     }
+}
+
+/// Checks a decoding step of `ids` and `positions` ([b, t] row-major) with `key_valid` (b
+/// rows of the keys so far and the new ones) against a cache of `capacity` positions, `len`
+/// of them filled: (t, keys).
+fn check_step(
+    model: &Llama,
+    b: usize,
+    (capacity, len): (usize, usize),
+    ids: &[u32],
+    positions: &[u32],
+    key_valid: &[Vec<bool>],
+) -> Result<(usize, usize)> {
+    let n = ids.len();
+    if b == 0 || n == 0 || !n.is_multiple_of(b) || positions.len() != n || key_valid.len() != b {
+        bail!(
+            "decode step: {n} ids, {} positions and {} mask rows for a batch of {b}",
+            positions.len(),
+            key_valid.len()
+        );
+    }
+    let t = n / b;
+    let keys = len + t;
+    if keys > capacity {
+        bail!("decode step: {keys} positions exceed the cache's {capacity}");
+    }
+    if let Some(r) = key_valid.iter().position(|k| k.len() != keys) {
+        bail!(
+            "decode step: mask row {r} has {} keys, not {keys}",
+            key_valid[r].len()
+        );
+    }
+    let vocab = model.config.vocab_size;
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+        bail!("token id {id} is outside the vocabulary of {vocab}");
+    }
+    let max_pos = positions.iter().copied().max().unwrap_or(0) as usize;
+    model.check_positions(max_pos.max(keys - 1))?;
+    Ok((t, keys))
 }
 
 /// A batch's keys and values, every layer's [batch, kv heads, capacity, head_dim], the
@@ -95,31 +146,10 @@ impl<'a> Decoder<'a> {
         positions: &[u32],
         key_valid: &[Vec<bool>],
     ) -> Result<Vec<f32>> {
-        let (b, n) = (self.b, ids.len());
-        if b == 0 || n == 0 || n % b != 0 || positions.len() != n || key_valid.len() != b {
-            bail!(
-                "decode step: {n} ids, {} positions and {} mask rows for a batch of {b}",
-                positions.len(),
-                key_valid.len()
-            );
-        }
-        let t = n / b;
+        let (b, n, len) = (self.b, ids.len(), self.cache.len);
+        let fill = (self.cache.capacity, len);
+        let (t, keys) = check_step(self.model, b, fill, ids, positions, key_valid)?;
         let d = Dims::new(&self.model.config, b, t);
-        let (len, keys) = (self.cache.len, self.cache.len + t);
-        if keys > self.cache.capacity {
-            bail!(
-                "decode step: {keys} positions exceed the cache's {}",
-                self.cache.capacity
-            );
-        }
-        if let Some(r) = key_valid.iter().position(|k| k.len() != keys) {
-            bail!(
-                "decode step: mask row {r} has {} keys, not {keys}",
-                key_valid[r].len()
-            );
-        }
-        let max_pos = positions.iter().copied().max().unwrap_or(0) as usize;
-        self.model.check_positions(max_pos.max(keys - 1))?;
         let half = d.hd / 2;
         let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
         for &p in positions {
@@ -128,9 +158,6 @@ impl<'a> Decoder<'a> {
         }
         let mut x = Vec::with_capacity(n * d.h);
         for &id in ids {
-            if id as usize >= d.vocab {
-                bail!("token id {id} is outside the vocabulary of {}", d.vocab);
-            }
             x.extend_from_slice(&self.w.embed[id as usize * d.h..][..d.h]);
         }
         let (qd, kvd) = (d.nh * d.hd, d.nkv * d.hd);
@@ -178,6 +205,133 @@ impl<'a> Decoder<'a> {
             b: None,
         };
         project(&normed, &head, b, d.h, d.vocab)
+    }
+}
+
+/// A generation's forward passes through the written-out pass's layers on backend `B`: each
+/// [`PassDecoder::step`] feeds a batch's next tokens, writes their keys and values into the
+/// cache (every layer's [b, kv heads, capacity, head_dim], allocated once) and returns the
+/// logits after each row's last token, on the host.
+pub(crate) struct PassDecoder<'a, B: Backend> {
+    be: &'a B,
+    model: &'a Llama,
+    w: Weights<B::Src<'a>>,
+    b: usize,
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    capacity: usize,
+    len: usize,
+}
+
+impl<'a, B: Backend> PassDecoder<'a, B> {
+    /// A decoder for `b` rows of up to `capacity` positions each (prompt and reply).
+    fn new(
+        be: &'a B,
+        model: &'a Llama,
+        held: &'a HeldModel<'_>,
+        b: usize,
+        capacity: usize,
+    ) -> Result<Self> {
+        let c = &model.config;
+        let per_layer = b * c.num_key_value_heads * capacity * c.head_dim();
+        let layers = c.num_hidden_layers;
+        let zeros = || {
+            (0..layers)
+                .map(|_| be.zeros(per_layer))
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok(Self {
+            be,
+            model,
+            w: Weights::map(&held.globals, &held.layers, |h| be.weight(h))?,
+            b,
+            k: zeros()?,
+            v: zeros()?,
+            capacity,
+            len: 0,
+        })
+    }
+
+    /// [`Decoder::step`] on `B`.
+    fn step(
+        &mut self,
+        ids: &[u32],
+        positions: &[u32],
+        key_valid: &[Vec<bool>],
+    ) -> Result<Vec<f32>> {
+        let (be, b, len) = (self.be, self.b, self.len);
+        let fill = (self.capacity, len);
+        let (t, keys) = check_step(self.model, b, fill, ids, positions, key_valid)?;
+        let d = Dims::new(&self.model.config, b, t);
+        let n = d.n;
+        let pos = be.ids(positions)?;
+        let bias = attention_bias(key_valid, t, self.model.dtype(), self.model.device())?;
+        let rows = Rows {
+            cos: be.gather_rows(self.w.cos, &pos, n, d.hd / 2)?,
+            sin: be.gather_rows(self.w.sin, &pos, n, d.hd / 2)?,
+            bias: be.copy_of(&bias)?,
+        };
+        let mut x = be.gather_rows(self.w.embed, &be.ids(ids)?, n, d.h)?;
+        let caches = self.k.iter_mut().zip(self.v.iter_mut());
+        for (l, (k, v)) in self.w.layers.iter().zip(caches) {
+            let cache = Keys::Cache {
+                k,
+                v,
+                at: len,
+                cap: self.capacity,
+            };
+            x = layer_forward(be, x, l, d, &rows, cache)?.1;
+        }
+        self.len = keys;
+        // Each row's last position: normed, then onto the vocabulary.
+        let last: Vec<u32> = (0..b).map(|r| ((r + 1) * t - 1) as u32).collect();
+        let x_last = be.gather_rows(be.src(&x), &be.ids(&last)?, b, d.h)?;
+        let normed = be.rms_norm(be.src(&x_last), self.w.norm, b, d.h, d.eps)?;
+        let logits = be.linear(be.src(&normed), self.w.head, b, d.h, d.vocab)?;
+        be.to_host(&logits, b * d.vocab)
+    }
+}
+
+/// A decoder's step: ids, positions, key_valid → the logits [b, vocab] after each row's
+/// last token, on the host ([`Decoder::step`]).
+pub type Step<'a> = &'a mut dyn FnMut(&[u32], &[u32], &[Vec<bool>]) -> Result<Vec<f32>>;
+
+/// Runs `run` with the step of a [`PassDecoder`] for `b` rows of up to `capacity` positions
+/// on the model's device (the pass's backend for it: f32 on the CPU, f32 or bf16 on a GPU):
+/// step(ids, positions, key_valid) → the logits [b, vocab] on the host, as
+/// [`Decoder::step`].
+pub fn with_pass_decoder<R>(
+    model: &Llama,
+    b: usize,
+    capacity: usize,
+    run: impl FnOnce(Step) -> Result<R>,
+) -> Result<R> {
+    fn on<B: Backend, R>(
+        be: &B,
+        model: &Llama,
+        b: usize,
+        capacity: usize,
+        run: impl FnOnce(Step) -> Result<R>,
+    ) -> Result<R> {
+        let held = HeldModel::any(model)?;
+        let mut dec = PassDecoder::new(be, model, &held, b, capacity)?;
+        run(&mut |ids, positions, key_valid| dec.step(ids, positions, key_valid))
+    }
+    if let Some(why) = crate::backprop::unsupported(model) {
+        bail!("decoding through the written-out pass: {why}");
+    }
+    match model.device() {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) if model.dtype() == candle_core::DType::BF16 => {
+            let be = crate::backprop::cuda::Cuda::<half::bf16>::new(dev);
+            on(&be, model, b, capacity, run)
+        }
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) => {
+            let be = crate::backprop::cuda::Cuda::<f32>::new(dev);
+            on(&be, model, b, capacity, run)
+        }
+        _ => on(&crate::backprop::cpu::Cpu, model, b, capacity, run),
     }
 }
 

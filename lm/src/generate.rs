@@ -90,6 +90,36 @@ pub fn generate_with_candle(
     })
 }
 
+/// [`generate`] through the written-out training pass's layers on the model's device
+/// ([`crate::decode`]'s `PassDecoder`: f32 or bf16 on a GPU, f32 on the CPU, where it is the
+/// check of the GPU's path against the CPU decoder): a KV cache allocated once and written
+/// in place, a few launches a layer on a GPU. Not yet what [`generate`] picks on a GPU —
+/// until its device test (lm/tests/decode_device.rs) has run on a card, candle's graph
+/// decodes there.
+pub fn generate_written(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    rows: &[usize],
+    opts: &GenerateOptions,
+) -> Result<Vec<Generated>> {
+    let Some(width) = check(model, prompts, rows, opts)? else {
+        return Ok(Vec::new());
+    };
+    let b = prompts.len();
+    let capacity = width + opts.max_new_tokens;
+    crate::decode::with_pass_decoder(model, b, capacity, |step| {
+        decode_loop(prompts, rows, opts, |ids, positions, key_valid| {
+            let logits = step(&ids, &positions, key_valid)?;
+            let vocab = logits.len() / b;
+            Ok(Tensor::from_vec(
+                logits,
+                (b, vocab),
+                &candle_core::Device::Cpu,
+            )?)
+        })
+    })
+}
+
 /// Checks a request; the prompts' common (padded) width, or None when there are none.
 fn check(
     model: &Llama,
@@ -217,4 +247,128 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut SplitMix64) -> u32 {
         u -= p;
     }
     probs[n - 1].1
+}
+
+/// How many prompts one generation batch takes (`--batch-size`): a number, or `auto` —
+/// on a GPU as many as its free memory holds ([`fitting_batch`]), on the CPU
+/// [`CPU_BATCH`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchSize {
+    Auto,
+    Fixed(usize),
+}
+
+/// `auto`'s batch on the CPU: the fixed default `evaluate` had before `auto` (its CPU
+/// figures in docs/performance.md are at batch 1 and 8). On the CPU memory is not what
+/// limits a batch, and past a few rows the decoder's throughput grows slowly.
+pub const CPU_BATCH: usize = 8;
+
+/// The largest batch `auto` picks on a GPU: past it a batch gains little throughput and
+/// pads more (prompts differ in length).
+pub const MAX_AUTO_BATCH: usize = 256;
+
+impl std::str::FromStr for BatchSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BatchSize::Auto),
+            n => match n.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(BatchSize::Fixed(n)),
+                _ => Err(format!("expected a positive number or auto, found '{s}'")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for BatchSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchSize::Auto => write!(f, "auto"),
+            BatchSize::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Bytes of device memory one sequence of `prompt` + `new` tokens takes while candle's graph
+/// generates it in `dtype_bytes`-wide values: its KV cache over every layer (and one layer's
+/// copy while the cache grows), one layer's activations over the prompt (the residual
+/// stream and norms, q/k/v with their RoPE copies, attention's output, the MLP's three
+/// [t, ff] values, and the scores and probabilities [heads, t, t] in f32), and the last
+/// position's logits in f32 twice. An upper estimate: what `auto` divides free memory by.
+pub fn generation_bytes(
+    c: &crate::architecture::ModelConfig,
+    dtype_bytes: usize,
+    prompt: usize,
+    new: usize,
+) -> u64 {
+    let (w, hd) = (dtype_bytes as u64, c.head_dim() as u64);
+    let (h, ff, v) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+    );
+    let (nh, nkv, layers) = (
+        c.num_attention_heads as u64,
+        c.num_key_value_heads as u64,
+        c.num_hidden_layers as u64,
+    );
+    let (p, len) = (prompt as u64, (prompt + new) as u64);
+    let kv = 2 * (layers + 1) * nkv * hd * len * w;
+    let activations = p * (4 * h + 2 * (nh + 2 * nkv) * hd + 2 * nh * hd + 4 * ff) * w;
+    let scores = 2 * nh * p * p * 4;
+    kv + activations + scores + 2 * v * 4
+}
+
+/// `auto`'s batch on a GPU with `free` bytes: 80% of them over [`generation_bytes`] of the
+/// longest prompt, at least 1 and at most [`MAX_AUTO_BATCH`] and `prompts`.
+pub fn fitting_batch(per_sequence: u64, free: u64, prompts: usize) -> usize {
+    let fits = (free / 5 * 4) / per_sequence.max(1);
+    (fits as usize).clamp(1, MAX_AUTO_BATCH).min(prompts.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::architecture::ModelConfig;
+
+    #[test]
+    fn batch_size_is_a_positive_number_or_auto() {
+        assert_eq!("auto".parse::<BatchSize>(), Ok(BatchSize::Auto));
+        assert_eq!("16".parse::<BatchSize>(), Ok(BatchSize::Fixed(16)));
+        for bad in ["0", "-1", "eight", ""] {
+            let err = bad.parse::<BatchSize>().unwrap_err();
+            assert!(err.contains("positive number or auto"), "{bad}: {err}");
+        }
+        assert_eq!(BatchSize::Fixed(3).to_string(), "3");
+        assert_eq!(BatchSize::Auto.to_string(), "auto");
+    }
+
+    /// The memory a sequence takes grows by its KV cache's row per new token (every layer's
+    /// keys and values, and the copy of one while the cache grows), and with the prompt by
+    /// more than that (the prompt's activations and scores besides its cache).
+    #[test]
+    fn a_sequence_takes_its_kv_cache_and_its_prompts_activations() {
+        let smol = ModelConfig::llama(49152, 576, 1536, 30, 9, 3, 100000.0, 1e-5, true, 2048);
+        let kv_row = 2 * 31 * 3 * 64 * 2;
+        let bytes = |p, n| generation_bytes(&smol, 2, p, n);
+        assert_eq!(bytes(64, 65) - bytes(64, 64), kv_row);
+        assert!(bytes(65, 64) - bytes(64, 64) > kv_row);
+        // bf16, 64 + 64 tokens: a few MB (the cache alone is 128 rows).
+        let b = bytes(64, 64);
+        assert!((128 * kv_row..16 << 20).contains(&b), "{b}");
+        assert!(generation_bytes(&smol, 4, 64, 64) > b);
+    }
+
+    #[test]
+    fn the_fitting_batch_is_clamped() {
+        let gib = 1u64 << 30;
+        // 80% of the free memory over a sequence's bytes.
+        assert_eq!(fitting_batch(gib / 10, gib, 1000), 8);
+        // At least one, at most MAX_AUTO_BATCH and the prompts there are.
+        assert_eq!(fitting_batch(2 * gib, gib, 1000), 1);
+        assert_eq!(fitting_batch(1, 80 * gib, 1000), MAX_AUTO_BATCH);
+        assert_eq!(fitting_batch(1, 80 * gib, 40), 40);
+        assert_eq!(fitting_batch(0, 0, 0), 1);
+    }
 }

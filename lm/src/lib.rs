@@ -37,6 +37,7 @@ pub mod fsutil;
 pub mod generate;
 pub mod gguf_meta;
 pub mod llama;
+pub mod memory;
 pub mod model;
 pub mod provenance;
 pub mod rng;

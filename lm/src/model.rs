@@ -3,7 +3,7 @@
 
 use crate::architecture::ModelConfig;
 use crate::chat::{ChatTemplate, Conversation};
-use crate::generate::{generate, GenerateOptions, Generated};
+use crate::generate::{generate, BatchSize, GenerateOptions, Generated};
 use crate::llama::Llama;
 use crate::source::ModelText;
 use anyhow::{anyhow, bail, Result};
@@ -64,7 +64,7 @@ impl Model {
         template: &ChatTemplate,
         conversations: &[Conversation],
         opts: &GenerateOptions,
-        batch_size: usize,
+        batch_size: BatchSize,
         on_batch: impl FnMut(Progress),
     ) -> Result<Vec<(String, Generated)>> {
         let prompts: Vec<Vec<u32>> = conversations
@@ -78,20 +78,21 @@ impl Model {
     }
 
     /// Replies (decoded, and as tokens) to prompts already tokenized. Prompts are batched in
-    /// order of length (less padding); results come back in input order and do not depend
-    /// on the batching.
+    /// order of length (less padding) into batches of [`Self::batch_for`]; results come
+    /// back in input order and do not depend on the batching.
     pub fn replies_to_ids(
         &self,
         prompts: &[Vec<u32>],
         opts: &GenerateOptions,
-        batch_size: usize,
+        batch_size: BatchSize,
         mut on_batch: impl FnMut(Progress),
     ) -> Result<Vec<(String, Generated)>> {
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by_key(|&i| (prompts[i].len(), i));
         let mut out: Vec<Option<(String, Generated)>> = vec![None; prompts.len()];
+        let size = self.batch_for(batch_size, prompts, opts.max_new_tokens)?;
         let mut done = Progress::default();
-        for chunk in order.chunks(batch_size.max(1)) {
+        for chunk in order.chunks(size) {
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
             // Each row samples with its index in the whole request: batching changes nothing.
             let generated = generate(&self.llama, &batch, chunk, opts)?;
@@ -106,6 +107,29 @@ impl Model {
             .into_iter()
             .map(|o| o.expect("every prompt generated"))
             .collect())
+    }
+
+    /// The prompts a generation batch takes: `Fixed(n)` as given; `Auto` on a GPU as many
+    /// sequences of the longest prompt plus `max_new` tokens as 80% of its free memory holds
+    /// (`nvidia-smi`, at most [`crate::generate::MAX_AUTO_BATCH`]), on the CPU
+    /// [`crate::generate::CPU_BATCH`]; never more than there are prompts.
+    pub fn batch_for(&self, b: BatchSize, prompts: &[Vec<u32>], max_new: usize) -> Result<usize> {
+        use crate::generate::{fitting_batch, generation_bytes, CPU_BATCH};
+        let n = prompts.len().max(1);
+        Ok(match b {
+            BatchSize::Fixed(size) => size.max(1),
+            BatchSize::Auto => match self.llama.device().location() {
+                candle_core::DeviceLocation::Cuda { gpu_id } => {
+                    let (total, used) = crate::memory::gpu_memory(&gpu_id.to_string())
+                        .map_err(|e| anyhow!("--batch-size auto: {e:#} (give --batch-size N)"))?;
+                    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+                    let width = self.llama.dtype().size_in_bytes();
+                    let per = generation_bytes(&self.config, width, longest, max_new);
+                    fitting_batch(per, total.saturating_sub(used), n)
+                }
+                _ => CPU_BATCH.min(n),
+            },
+        })
     }
 }
 

@@ -114,8 +114,15 @@ fn every_family_decodes_transformers_greedy_tokens() {
             stop: vec![],
             pad_id: 0,
         };
-        let got = generate(&m, std::slice::from_ref(&e.greedy.prompt), &[0], &opts).unwrap();
+        let prompt = std::slice::from_ref(&e.greedy.prompt);
+        let got = generate(&m, prompt, &[0], &opts).unwrap();
         assert_eq!(got[0].tokens, e.greedy.tokens, "{name}");
+        // Through the training pass's layers too (the GPU's decoder, on the CPU backend).
+        let got = basin_lm::generate::generate_written(&m, prompt, &[0], &opts).unwrap();
+        assert_eq!(
+            got[0].tokens, e.greedy.tokens,
+            "{name} (the pass's decoder)"
+        );
     }
 }
 

@@ -3,8 +3,10 @@
 
 use basin_lm::backprop;
 use basin_lm::batch::{loss, Batch};
-use basin_lm::decode::{Decoder, HeldModel};
-use basin_lm::generate::{generate, generate_with_candle, GenerateOptions, Sampling};
+use basin_lm::decode::{Decoder, HeldModel, Step};
+use basin_lm::generate::{
+    generate, generate_with_candle, generate_written, GenerateOptions, Sampling,
+};
 use basin_lm::llama::{attention_bias, KvCache};
 use basin_lm::llama::{random_weights, Llama, ModelConfig, Pass};
 use basin_lm::tiny::tiny_config;
@@ -393,11 +395,26 @@ fn a_batch_decodes_like_one_prompt_at_a_time() {
     );
 }
 
-/// The written-out decoder's logits against candle's graph over a prefill of mixed-length
-/// prompts and `steps` decoding steps (both fed the same tokens); the max relative
-/// difference.
-fn decoder_vs_graph(config: &ModelConfig, seed: u64, steps: usize) -> f32 {
+/// The written-out decoder's logits (`written_pass`: the decoder through the training
+/// pass's layers, else the CPU decoder) against candle's graph over a prefill of
+/// mixed-length prompts and `steps` decoding steps (both fed the same tokens); the max
+/// relative difference.
+fn decoder_vs_graph(config: &ModelConfig, seed: u64, steps: usize, written_pass: bool) -> f32 {
     let (m, _) = model(config, seed, DType::F32);
+    let (b, width) = (3, 6);
+    if written_pass {
+        let run = |step: Step| Ok(steps_vs_graph(&m, steps, step));
+        return basin_lm::decode::with_pass_decoder(&m, b, width + steps, run).unwrap();
+    }
+    let held = HeldModel::of(&m).unwrap();
+    let mut decoder = Decoder::new(&m, &held, b, width + steps).unwrap();
+    steps_vs_graph(&m, steps, &mut |ids, pos, valid| {
+        decoder.step(ids, pos, valid)
+    })
+}
+
+/// [`decoder_vs_graph`] with the decoder's `step`.
+fn steps_vs_graph(m: &Llama, steps: usize, step: Step) -> f32 {
     let dev = Device::Cpu;
     let prompts: Vec<Vec<u32>> = vec![vec![1, 80], vec![1, 81, 82, 83, 84, 85], vec![1, 90, 91]];
     let (b, width) = (prompts.len(), 6);
@@ -410,13 +427,11 @@ fn decoder_vs_graph(config: &ModelConfig, seed: u64, steps: usize) -> f32 {
         pos.extend(std::iter::repeat_n(0, pad).chain(0..p.len() as u32));
         valid.push((0..width).map(|i| i >= pad).collect());
     }
-    let held = HeldModel::of(&m).unwrap();
-    let mut decoder = Decoder::new(&m, &held, b, width + steps).unwrap();
     let mut cache = KvCache::default();
     let mut worst = 0f32;
-    for step in 0..=steps {
+    for i in 0..=steps {
         let t = ids.len() / b;
-        let ours = decoder.step(&ids, &pos, &valid).unwrap();
+        let ours = step(&ids, &pos, &valid).unwrap();
         let bias = attention_bias(&valid, t, DType::F32, &dev).unwrap();
         let input = Tensor::from_vec(ids.clone(), (b, t), &dev).unwrap();
         let positions = Tensor::from_vec(pos.clone(), (b, t), &dev).unwrap();
@@ -433,8 +448,8 @@ fn decoder_vs_graph(config: &ModelConfig, seed: u64, steps: usize) -> f32 {
             .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
         worst = worst.max(diff / scale);
         // The next tokens: a few fixed ones per row, then a step at a time.
-        ids = (0..b as u32).map(|r| 100 + r + step as u32).collect();
-        pos = prompts.iter().map(|p| (p.len() + step) as u32).collect();
+        ids = (0..b as u32).map(|r| 100 + r + i as u32).collect();
+        pos = prompts.iter().map(|p| (p.len() + i) as u32).collect();
         valid.iter_mut().for_each(|v| v.push(true));
     }
     worst
@@ -449,9 +464,16 @@ fn written_out_decoder_matches_candles_graph_in_every_family() {
         configs.push((name, family(name)));
     }
     for (name, config) in configs {
-        let diff = decoder_vs_graph(&config, 8, 6);
-        eprintln!("{name}: decoder vs graph logits, max relative difference {diff:.1e} (tolerance {tol:.0e})");
-        assert!(diff < tol, "{name}: {diff}");
+        for written_pass in [false, true] {
+            let diff = decoder_vs_graph(&config, 8, 6, written_pass);
+            let which = if written_pass {
+                "the pass's decoder (CPU backend)"
+            } else {
+                "decoder"
+            };
+            eprintln!("{name}: {which} vs graph logits, max relative difference {diff:.1e} (tolerance {tol:.0e})");
+            assert!(diff < tol, "{name} {which}: {diff}");
+        }
     }
 }
 
@@ -470,6 +492,11 @@ fn written_out_decoding_gives_the_graphs_replies() {
         generate_with_candle(&m, &prompts, &all, &greedy(16)).unwrap()
     );
     assert!(ours.iter().any(|g| g.tokens.len() > 4), "{ours:?}");
+    // And through the training pass's layers (the GPU's decoder, here on the CPU backend).
+    assert_eq!(
+        ours,
+        generate_written(&m, &prompts, &all, &greedy(16)).unwrap()
+    );
 }
 
 #[test]
@@ -558,4 +585,29 @@ fn the_padding_tokens_embedding_gets_no_gradient_from_lookups() {
         .unwrap();
     assert!(g[40].iter().all(|&v| v == 0.0));
     assert!(g[41].iter().any(|&v| v != 0.0));
+}
+
+/// `--batch-size`: a number as given; auto on the CPU is CPU_BATCH, never more than the
+/// prompts; the replies do not depend on it.
+#[test]
+fn auto_batches_on_the_cpu_and_replies_do_not_depend_on_it() {
+    use basin_lm::generate::{BatchSize, CPU_BATCH};
+    let dir = tempfile::tempdir().unwrap();
+    basin_lm::tiny::write_tiny_model(dir.path(), &tiny_config(), 21).unwrap();
+    let m = basin_lm::model::Model::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..11u32).map(|i| vec![1, 40 + i, 41, 2 + i % 3]).collect();
+    assert_eq!(
+        m.batch_for(BatchSize::Auto, &prompts, 8).unwrap(),
+        CPU_BATCH
+    );
+    assert_eq!(m.batch_for(BatchSize::Auto, &prompts[..3], 8).unwrap(), 3);
+    assert_eq!(m.batch_for(BatchSize::Fixed(5), &prompts, 8).unwrap(), 5);
+    let opts = m.options(6).unwrap();
+    let auto = m
+        .replies_to_ids(&prompts, &opts, BatchSize::Auto, |_| ())
+        .unwrap();
+    let one = m
+        .replies_to_ids(&prompts, &opts, BatchSize::Fixed(1), |_| ())
+        .unwrap();
+    assert_eq!(auto, one);
 }

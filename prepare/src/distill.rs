@@ -298,7 +298,7 @@ pub fn run(config: &PrepareConfig, only: &[String], progress: bool) -> Result<Ve
             &setup.template,
             &conversations,
             &model.options(spec.max_new_tokens)?,
-            spec.batch_size,
+            basin_lm::generate::BatchSize::Fixed(spec.batch_size),
             |done| bar.set_position(done.prompts as u64),
         )?;
         bar.finish_and_clear();

@@ -86,7 +86,15 @@ fn model_replies(config: &PrepareConfig, path: &Path) -> Vec<(String, String, bo
         })
         .collect();
     let opts = model.options(40).unwrap();
-    let replies = model.replies(&template, &convs, &opts, 3, |_| ()).unwrap();
+    let replies = model
+        .replies(
+            &template,
+            &convs,
+            &opts,
+            basin_lm::generate::BatchSize::Fixed(3),
+            |_| (),
+        )
+        .unwrap();
     prompts
         .into_iter()
         .zip(replies)

@@ -6,7 +6,9 @@
 //!   GPU) and, on a GPU, bf16 through it too (`bf16`: bf16 weights and activations, f32
 //!   master weights), and f32 and bf16 through candle's autograd (`f32-autograd`,
 //!   `bf16-autograd`): tokens/s and the time of each phase;
-//! - greedy generation, `--gen-batch` prompts of 64 random tokens + 64 new tokens.
+//! - greedy generation, `--gen-batch` prompts of 64 random tokens + 64 new tokens (and
+//!   batch 1): on a GPU through candle's graph (what `generate` runs there) and through the
+//!   training pass's layers (`generate_written`) in f32 and bf16.
 //!
 //! Defaults: 16 x 512 and batch 64 on a GPU, 4 x 128 and batch 8 on the CPU (the shapes of
 //! the PyTorch + transformers figures we compare with). `--torch FILE` prints PyTorch's
@@ -15,7 +17,7 @@
 //! FILE` writes ours; `--dtype f32|f32-autograd|bf16|bf16-autograd|bf16-pure` trains in that
 //! one only (bf16-pure: pure bf16 state with the EMA, as configs/paper-7b.toml, through
 //! autograd as `pass = "auto"` trains it; GPU only, and only when named),
-//! `--train-only` skips generation, `--layers N` keeps N of the 30 layers, `--warm N` sets
+//! `--train-only` skips generation (`--gen-only` training), `--layers N` keeps N of the 30 layers, `--warm N` sets
 //! the untimed steps (for a profiler: `--train-only --dtype f32 --layers 4 --warm 1 --iters
 //! 1`). `--model-config FILE` trains another shape (configs/models/*.json): with
 //! `--dtype bf16-pure --batch 4 --seq 512 --train-only --iters 3 --warm 1` on the 7B shape it
@@ -26,7 +28,7 @@
 use basin_lm::artifacts::{Keep, StateConfig, Theta0};
 use basin_lm::backprop;
 use basin_lm::batch::{loss, Batch};
-use basin_lm::generate::{generate, GenerateOptions};
+use basin_lm::generate::{generate, generate_written, GenerateOptions};
 use basin_lm::llama::{random_weights, Llama, ModelConfig, Pass};
 use basin_lm::rng::SplitMix64;
 use candle_core::{DType, Device};
@@ -161,10 +163,12 @@ fn train_step(
     Ok((total, p))
 }
 
-/// New tokens/s of greedy generation: `b` prompts of 64 tokens, 64 new tokens each.
-fn generation(dev: &Device, b: usize) -> anyhow::Result<f64> {
+/// New tokens/s of greedy generation: `b` prompts of 64 tokens, 64 new tokens each, in
+/// `dtype`, through the training pass's layers (`written`: `generate_written`) or as
+/// `generate` decodes (the CPU decoder on the CPU, candle's graph on a GPU).
+fn generation(dev: &Device, b: usize, dtype: DType, written: bool) -> anyhow::Result<f64> {
     let cfg = shape()?;
-    let varmap = random_weights(&cfg, 0, DType::F32, dev)?;
+    let varmap = random_weights(&cfg, 0, dtype, dev)?;
     let model = Llama::new(&cfg, &varmap)?;
     let prompts: Vec<Vec<u32>> = (0..b)
         .map(|i| random_ids(64, 10 + i as u64, cfg.vocab_size))
@@ -176,7 +180,8 @@ fn generation(dev: &Device, b: usize) -> anyhow::Result<f64> {
         stop: vec![],
         pad_id: 0,
     };
-    generate(
+    let decode = if written { generate_written } else { generate };
+    decode(
         &model,
         &prompts[..1],
         &rows[..1],
@@ -187,7 +192,7 @@ fn generation(dev: &Device, b: usize) -> anyhow::Result<f64> {
     )?;
     dev.synchronize()?;
     let t0 = Instant::now();
-    let out = generate(&model, &prompts, &rows, &opts)?;
+    let out = decode(&model, &prompts, &rows, &opts)?;
     dev.synchronize()?;
     let new: usize = out.iter().map(|g| g.tokens.len()).sum();
     Ok(new as f64 / t0.elapsed().as_secs_f64())
@@ -195,7 +200,7 @@ fn generation(dev: &Device, b: usize) -> anyhow::Result<f64> {
 
 /// Bytes of GPU memory in use (nvidia-smi), None off a GPU or without nvidia-smi.
 fn gpu_used(gpu: bool) -> Option<u64> {
-    gpu.then(|| train::plan::gpu_memory("0").ok().map(|(_, used)| used))
+    gpu.then(|| basin_lm::memory::gpu_memory("0").ok().map(|(_, used)| used))
         .flatten()
 }
 
@@ -246,7 +251,9 @@ fn main() -> anyhow::Result<()> {
     let only = arg("--dtype");
     let peak_tflops: f64 = arg("--peak-tflops").map_or(Ok(989.0), |v| v.parse())?;
     let cfg = shape()?;
+    let gen_only = std::env::args().any(|a| a == "--gen-only");
     for &(dtype, name, written) in dtypes.iter().filter(|(_, n, _)| match only.as_deref() {
+        _ if gen_only => false,
         Some(o) => o == *n,
         // bf16-pure (the 7B memory setting) only when asked for.
         None => *n != "bf16-pure",
@@ -298,19 +305,38 @@ fn main() -> anyhow::Result<()> {
     } else {
         vec![1, gen_batch]
     };
+    // (dtype, name, through the training pass's layers): on a GPU candle's graph (what
+    // `generate` runs there) and the pass's decoder in f32 and bf16; on the CPU its decoder.
+    let decoders: &[(DType, &str, bool)] = if gpu {
+        &[
+            (DType::F32, "f32", false),
+            (DType::F32, "f32-written", true),
+            (DType::BF16, "bf16-written", true),
+        ]
+    } else {
+        &[(DType::F32, "f32", false)]
+    };
     for gb in gen_batches {
-        let tok_s = generation(&dev, gb)?;
-        let key = if gpu {
-            format!("hf_generate_f32_b{gb}_tok_s")
-        } else {
-            format!("generate_f32_b{gb}_new64_tok_s")
-        };
-        row(
-            &format!("generate f32 batch {gb} new tokens/s"),
-            tok_s,
-            &key,
-        );
-        report[format!("generate_f32_b{gb}")] = tok_s.into();
+        for &(dtype, name, written) in decoders {
+            let tok_s = generation(&dev, gb, dtype, written)?;
+            // PyTorch's figure is f32 (torch_shape_baseline.py): the f32 rows compare to it.
+            let key = if gpu {
+                format!("hf_generate_{name}_b{gb}_tok_s").replace("-written", "")
+            } else {
+                format!("generate_f32_b{gb}_new64_tok_s")
+            };
+            let how = match (gpu, written) {
+                (true, true) => "the training pass's layers",
+                (true, false) => "candle's graph",
+                (false, _) => "the CPU decoder",
+            };
+            row(
+                &format!("generate {name} batch {gb} new tokens/s ({how})"),
+                tok_s,
+                &key,
+            );
+            report[format!("generate_{name}_b{gb}")] = tok_s.into();
+        }
     }
     if let Some(path) = arg("--json") {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;

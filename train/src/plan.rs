@@ -20,9 +20,10 @@
 //!   tensor widened to f32 (accumulation, the distance of a pair).
 
 use crate::config::TrainConfig;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use basin_lm::architecture::ModelConfig;
 use basin_lm::artifacts::{Keep, Manifest, Theta0};
+use basin_lm::memory::device_memory;
 use std::path::Path;
 
 /// One part of the plan.
@@ -209,49 +210,6 @@ pub fn seq_len(config: &TrainConfig) -> Result<usize> {
     Ok(longest)
 }
 
-/// The free memory of the run's device, in bytes, and where the figure comes from: a
-/// CUDA device's by `nvidia-smi`; None on the CPU (the host's memory is not planned).
-pub fn device_memory(device: &str) -> Result<Option<(u64, String)>> {
-    let Some(rest) = device.strip_prefix("cuda") else {
-        return Ok(None);
-    };
-    let (total, used) = gpu_memory(rest.strip_prefix(':').unwrap_or("0"))?;
-    Ok(Some((
-        total.saturating_sub(used),
-        format!("free on {device}, by nvidia-smi"),
-    )))
-}
-
-/// The total and used memory of GPU `index`, in bytes, by `nvidia-smi`.
-pub fn gpu_memory(index: &str) -> Result<(u64, u64)> {
-    let out = std::process::Command::new("nvidia-smi")
-        .args([
-            "-i",
-            index,
-            "--query-gpu=memory.total,memory.used",
-            "--format=csv,noheader,nounits",
-        ])
-        .output()
-        .context("cannot run nvidia-smi to read the GPU's memory (give --memory-gib N)")?;
-    if !out.status.success() {
-        bail!(
-            "nvidia-smi -i {index}: {} (give --memory-gib N)",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (total, used) = parse_nvidia_smi(&text)
-        .with_context(|| format!("nvidia-smi printed {text:?}; expected 'total, used' in MiB"))?;
-    Ok((total << 20, used << 20))
-}
-
-/// `total, used` (MiB) of nvidia-smi's CSV line.
-fn parse_nvidia_smi(text: &str) -> Option<(u64, u64)> {
-    let line = text.lines().next()?;
-    let (total, used) = line.split_once(',')?;
-    Some((total.trim().parse().ok()?, used.trim().parse().ok()?))
-}
-
 /// Pure bf16 training, as `--set` values: bf16 weights with a bf16 low half, bf16 moments,
 /// the EMA as a bf16 pair, θ₀ on the host.
 pub const PURE_BF16: [&str; 5] = [
@@ -355,7 +313,7 @@ pub fn plan(config: &TrainConfig, memory_gib: Option<f64>) -> Result<(String, Op
     let memory = match memory_gib {
         Some(g) => Some(((g * GIB) as u64, "--memory-gib".to_string())),
         None => device_memory(&config.device).unwrap_or_else(|e| {
-            eprintln!("warning: {e:#}");
+            eprintln!("warning: {e:#} (give --memory-gib N)");
             None
         }),
     };
@@ -540,12 +498,5 @@ mod tests {
             act(&less),
             act(&full)
         );
-    }
-
-    #[test]
-    fn nvidia_smis_line_is_read_in_mib() {
-        assert_eq!(parse_nvidia_smi("81559, 1024\n"), Some((81559, 1024)));
-        assert_eq!(parse_nvidia_smi("[N/A], 3"), None);
-        assert_eq!(parse_nvidia_smi(""), None);
     }
 }

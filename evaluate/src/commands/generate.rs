@@ -28,8 +28,10 @@ pub struct Args {
     pub template: String,
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
+    /// Prompts a generation batch takes: a number, or auto (on a GPU as many as 80% of its
+    /// free memory holds, at most 256; on the CPU 8).
+    #[arg(long, default_value = "auto")]
+    pub batch_size: basin_lm::generate::BatchSize,
     /// Sample at this temperature instead of greedy decoding.
     #[arg(long)]
     pub temperature: Option<f64>,

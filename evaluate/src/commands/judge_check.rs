@@ -43,9 +43,9 @@ pub struct Args {
     /// A local model judge's device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Exchanges a batch for a local model judge.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
+    /// Exchanges a batch for a local model judge: a number, or auto (as evaluate safety's).
+    #[arg(long, default_value = "auto")]
+    pub batch_size: basin_lm::generate::BatchSize,
 }
 
 /// One row of the printed table.

@@ -73,8 +73,9 @@ pub struct Args {
     pub asr_limit: usize,
     #[arg(long, default_value_t = 48)]
     pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
+    /// Prompts a generation batch takes: a number, or auto (as evaluate safety's).
+    #[arg(long, default_value = "16")]
+    pub batch_size: basin_lm::generate::BatchSize,
     /// f32 or bf16 (points are built in f32 either way).
     #[arg(long, default_value = "f32")]
     pub dtype: String,

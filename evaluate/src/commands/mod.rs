@@ -109,21 +109,23 @@ pub fn answer(
     model: &Model,
     rows: &[PreparedRow],
     opts: &GenerateOptions,
-    batch_size: usize,
+    batch_size: basin_lm::generate::BatchSize,
     set: &str,
 ) -> Result<(Vec<(String, Generated)>, GenerationSpeed)> {
     let prompts: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt_ids().to_vec()).collect();
     let bar = crate::progress_bar(prompts.len());
     bar.set_message(set.to_string());
     let started = std::time::Instant::now();
-    let replies = model.replies_to_ids(&prompts, opts, batch_size, |done| {
+    let used = model.batch_for(batch_size, &prompts, opts.max_new_tokens)?;
+    let fixed = basin_lm::generate::BatchSize::Fixed(used);
+    let replies = model.replies_to_ids(&prompts, opts, fixed, |done| {
         let rate = done.new_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        bar.set_message(format!("{set}: {rate:.0} new tokens/s"));
+        bar.set_message(format!("{set}: {rate:.0} new tokens/s, batches of {used}"));
         bar.set_position(done.prompts as u64)
     })?;
     bar.finish_and_clear();
     let new_tokens = replies.iter().map(|(_, g)| g.tokens.len()).sum();
-    let speed = GenerationSpeed::new(new_tokens, started.elapsed().as_secs_f64(), batch_size);
+    let speed = GenerationSpeed::new(new_tokens, started.elapsed().as_secs_f64(), used);
     Ok((replies, speed))
 }
 
@@ -207,7 +209,7 @@ impl JudgeArgs {
         &self,
         dtype: candle_core::DType,
         device: &candle_core::Device,
-        batch_size: usize,
+        batch_size: basin_lm::generate::BatchSize,
     ) -> Result<Vec<ModelJudge>> {
         if self.judge_concurrency == 0 {
             bail!("--judge-concurrency must be at least 1");

@@ -34,8 +34,10 @@ pub struct Args {
     pub limit: Option<usize>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
+    /// Prompts a generation batch takes: a number, or auto (on a GPU as many as 80% of its
+    /// free memory holds, at most 256; on the CPU 8).
+    #[arg(long, default_value = "auto")]
+    pub batch_size: basin_lm::generate::BatchSize,
     /// Output directory (default: <run>/eval/<model|ema>, or runs/eval-<model name>).
     #[arg(long)]
     pub out: Option<PathBuf>,

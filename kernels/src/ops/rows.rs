@@ -3,7 +3,8 @@
 //! of each position, the rows the loss reads) and scattered back, a residual added in, a
 //! bias added to every row, and a column sum (a bias's gradient) in a fixed order — partial
 //! sums over chunks of [`ROWS_PER_PART`] rows, then the chunks in order — so that it has the
-//! same bits on every run and on both backends.
+//! same bits on every run and on both backends; and a decoding step's new keys or values
+//! written into their places in the KV cache ([`write_cache`]).
 
 use crate::CHUNK;
 use rayon::prelude::*;
@@ -40,6 +41,16 @@ pub fn add_into(acc: &mut [f32], x: &[f32]) {
 pub fn add_bias(y: &mut [f32], b: &[f32]) {
     y.par_chunks_mut(b.len())
         .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+}
+
+/// cache[blk, at + i] = x[blk, i] for every block blk and i < t: x [blocks, t, width] into
+/// the cache [blocks, cap, width] (a layer's keys or values, blocks = batch × kv heads).
+pub fn write_cache(cache: &mut [f32], x: &[f32], t: usize, cap: usize, at: usize, width: usize) {
+    let block = t * width;
+    cache
+        .par_chunks_mut(cap * width)
+        .zip(x.par_chunks(block))
+        .for_each(|(c, x)| c[at * width..][..block].copy_from_slice(x));
 }
 
 /// Σ over the rows of x [rows, cols]: each chunk of [`ROWS_PER_PART`] rows summed, then
@@ -115,6 +126,39 @@ pub mod cuda {
         let w = u32_arg(width, "width")?;
         if rows > 0 {
             launch_pass!(dev, T, "scatter_rows", (u32_arg(rows, "rows")?, 1); s, i, o, w);
+        }
+        Ok(())
+    }
+
+    /// [`super::write_cache`] for `blocks` blocks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_cache<T: Act>(
+        dev: &CudaDevice,
+        cache: DevMut<T>,
+        x: Dev<T>,
+        blocks: usize,
+        t: usize,
+        cap: usize,
+        at: usize,
+        width: usize,
+    ) -> Result<()> {
+        if at + t > cap {
+            candle_core::bail!("cache: {t} positions at {at} past its {cap}")
+        }
+        let n = blocks * t * width;
+        let (c, x) = (
+            cache.at_least(blocks * cap * width, "cache")?,
+            x.at_least(n, "cache: new values")?,
+        );
+        let (n64, tt, cc, a, w) = (
+            n as u64,
+            u32_arg(t, "positions")?,
+            u32_arg(cap, "capacity")?,
+            u32_arg(at, "position")?,
+            u32_arg(width, "width")?,
+        );
+        if n > 0 {
+            launch_pass!(dev, T, "write_cache", (blocks_for(n)?, 1); x, c, n64, tt, cc, a, w);
         }
         Ok(())
     }

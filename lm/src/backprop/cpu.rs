@@ -173,6 +173,40 @@ impl Backend for Cpu {
         Ok(attention::forward(q, k, v, bias, d))
     }
 
+    fn attention_over(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        bias: &[f32],
+        d: Heads,
+        keys: usize,
+        cap: usize,
+    ) -> Result<Vec<f32>> {
+        Ok(attention::forward_over(q, k, v, bias, d, keys, cap).1)
+    }
+
+    fn write_cache(
+        &self,
+        cache: &mut Vec<f32>,
+        x: &[f32],
+        blocks: usize,
+        t: usize,
+        cap: usize,
+        at: usize,
+        width: usize,
+    ) -> Result<()> {
+        if at + t > cap || cache.len() < blocks * cap * width || x.len() < blocks * t * width {
+            anyhow::bail!("cache: {t} positions at {at} of {cap} do not fit");
+        }
+        rows::write_cache(cache, &x[..blocks * t * width], t, cap, at, width);
+        Ok(())
+    }
+
+    fn to_host(&self, x: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        Ok(x[..n].to_vec())
+    }
+
     fn attention_backward(
         &self,
         dy: &[f32],

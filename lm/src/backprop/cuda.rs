@@ -292,6 +292,45 @@ impl<T: Act> Backend for Cuda<T> {
         Ok((p, y))
     }
 
+    fn attention_over(
+        &self,
+        q: Dev<'_, T>,
+        k: Dev<'_, T>,
+        v: Dev<'_, T>,
+        bias: Dev<'_, T>,
+        d: Heads,
+        keys: usize,
+        cap: usize,
+    ) -> Result<CudaSlice<T>> {
+        let mut p = self.output(d.b * d.nh * d.t * keys)?;
+        let mut y = self.output(d.b * d.nh * d.t * d.hd)?;
+        let dev = &self.dev;
+        let (pw, yw) = (w(&mut p, dev), w(&mut y, dev));
+        attention::cuda::forward_over(dev, q, k, v, bias, pw, yw, d, [keys, cap])?;
+        Ok(y)
+    }
+
+    fn write_cache(
+        &self,
+        cache: &mut CudaSlice<T>,
+        x: Dev<'_, T>,
+        blocks: usize,
+        t: usize,
+        cap: usize,
+        at: usize,
+        width: usize,
+    ) -> Result<()> {
+        let c = w(cache, &self.dev);
+        Ok(rows::cuda::write_cache(
+            &self.dev, c, x, blocks, t, cap, at, width,
+        )?)
+    }
+
+    fn to_host(&self, x: &CudaSlice<T>, n: usize) -> Result<Vec<f32>> {
+        let values = self.dev.clone_dtoh(x)?;
+        Ok(values[..n].iter().map(|&v| v.to_f32()).collect())
+    }
+
     fn attention_backward(
         &self,
         dy: Dev<'_, T>,
