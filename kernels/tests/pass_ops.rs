@@ -79,6 +79,20 @@ fn gathers_scatters_and_column_sums() {
     let mut y = x[..2 * width].to_vec();
     rows::add_bias(&mut y, &x[..width]);
     assert_eq!(y[width], x[width] + x[0]);
+    // A step's 2 positions into a cache of 5 at 3, for 2 blocks; the rest left as it was.
+    let mut cache = vec![-1f32; 2 * 5 * width];
+    let new = values(2 * 2 * width, 8, 1.0);
+    rows::write_cache(&mut cache, &new, 2, 5, 3, width);
+    for blk in 0..2 {
+        for p in 0..5 {
+            let got = &cache[(blk * 5 + p) * width..][..width];
+            if p >= 3 {
+                assert_eq!(got, &new[(blk * 2 + p - 3) * width..][..width], "{blk} {p}");
+            } else {
+                assert!(got.iter().all(|&v| v == -1.0), "{blk} {p}");
+            }
+        }
+    }
 }
 
 #[test]
@@ -556,6 +570,57 @@ mod device {
         g.close_to("attention dq", &g.down(&dq), &cdq, deep);
         g.close_to("attention dk", &g.down(&dk), &cdk, deep);
         g.close_to("attention dv", &g.down(&dv), &cdv, deep);
+
+        // Decoding: a step's keys into the cache, and attention over the cache's first keys
+        // (2 new queries over 6 of 8 positions; the rest of the cache never read).
+        let (blocks, tn, cap, at) = (hs.b * hs.nkv, 2, 8, 4);
+        let cache0 = g.values(blocks * cap * hs.hd, 22, 1.0);
+        let fresh = g.values(blocks * tn * hs.hd, 23, 1.0);
+        let mut gc = g.up(&cache0);
+        rows::cuda::write_cache(
+            d,
+            g.w(&mut gc),
+            g.r(&g.up(&fresh)),
+            blocks,
+            tn,
+            cap,
+            at,
+            hs.hd,
+        )
+        .unwrap();
+        let mut want = cache0.clone();
+        rows::write_cache(&mut want, &fresh, tn, cap, at, hs.hd);
+        g.same("write_cache", g.down(&gc), want.clone());
+        let hd2 = Heads { t: tn, ..hs };
+        let keys = at + tn;
+        let q2 = g.values(hs.b * hs.nh * tn * hs.hd, 24, 1.0);
+        let mut bias2 = Vec::new();
+        for row in 0..hs.b {
+            for i in 0..tn {
+                for j in 0..keys {
+                    let ok = j <= at + i && !(row == 1 && j < 1);
+                    bias2.push(if ok { 0f32 } else { -1e9 });
+                }
+            }
+        }
+        let bias2 = g.held(&bias2);
+        let vc = g.up(&want);
+        let (mut p2, mut y2) = (g.out(hs.b * hs.nh * tn * keys), g.out(q2.len()));
+        attention::cuda::forward_over(
+            d,
+            g.r(&g.up(&q2)),
+            g.r(&gc),
+            g.r(&vc),
+            g.r(&g.up(&bias2)),
+            g.w(&mut p2),
+            g.w(&mut y2),
+            hd2,
+            [keys, cap],
+        )
+        .unwrap();
+        let (cp2, cy2) = attention::forward_over(&q2, &want, &want, &bias2, hd2, keys, cap);
+        g.close_to("attention over a cache P", &g.down(&p2), &cp2, deep);
+        g.close_to("attention over a cache y", &g.down(&y2), &cy2, deep);
 
         // The cross-entropy on device buffers, a row longer than a block.
         let (xr, vv) = (3, 5000);

@@ -54,6 +54,14 @@ impl<'m> HeldModel<'m> {
     }
 }
 
+/// The layers of a KV cache for `b` rows of `capacity` positions, and the values of each
+/// layer's keys (or values): [b, kv heads, capacity, head_dim].
+fn cache_size(model: &Llama, b: usize, capacity: usize) -> (usize, usize) {
+    let c = &model.config;
+    let per_layer = b * c.num_key_value_heads * capacity * c.head_dim();
+    (c.num_hidden_layers, per_layer)
+}
+
 /// Checks a decoding step of `ids` and `positions` ([b, t] row-major) with `key_valid` (b
 /// rows of the keys so far and the new ones) against a cache of `capacity` positions, `len`
 /// of them filled: (t, keys).
@@ -120,9 +128,7 @@ impl<'a> Decoder<'a> {
         b: usize,
         capacity: usize,
     ) -> Result<Self> {
-        let c = &model.config;
-        let per_layer = b * c.num_key_value_heads * capacity * c.head_dim();
-        let layers = c.num_hidden_layers;
+        let (layers, per_layer) = cache_size(model, b, capacity);
         Ok(Self {
             model,
             w: Weights::new(&held.globals, &held.layers)?,
@@ -232,9 +238,7 @@ impl<'a, B: Backend> PassDecoder<'a, B> {
         b: usize,
         capacity: usize,
     ) -> Result<Self> {
-        let c = &model.config;
-        let per_layer = b * c.num_key_value_heads * capacity * c.head_dim();
-        let layers = c.num_hidden_layers;
+        let (layers, per_layer) = cache_size(model, b, capacity);
         let zeros = || {
             (0..layers)
                 .map(|_| be.zeros(per_layer))

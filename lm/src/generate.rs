@@ -55,14 +55,18 @@ pub fn generate(
         crate::decode::Decoder::new(model, &held, prompts.len(), width + opts.max_new_tokens)?;
     let b = prompts.len();
     decode_loop(prompts, rows, opts, |ids, positions, key_valid| {
-        let logits = decoder.step(&ids, &positions, key_valid)?;
-        let vocab = logits.len() / b;
-        Ok(Tensor::from_vec(
-            logits,
-            (b, vocab),
-            &candle_core::Device::Cpu,
-        )?)
+        on_host(decoder.step(&ids, &positions, key_valid)?, b)
     })
+}
+
+/// A step's logits [b, vocab] (row-major, on the host) as the tensor decode_loop samples.
+fn on_host(logits: Vec<f32>, b: usize) -> Result<Tensor> {
+    let vocab = logits.len() / b;
+    Ok(Tensor::from_vec(
+        logits,
+        (b, vocab),
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 /// [`generate`] through candle's graph of the model ([`Llama::hidden`] with its KV cache),
@@ -109,13 +113,7 @@ pub fn generate_written(
     let capacity = width + opts.max_new_tokens;
     crate::decode::with_pass_decoder(model, b, capacity, |step| {
         decode_loop(prompts, rows, opts, |ids, positions, key_valid| {
-            let logits = step(&ids, &positions, key_valid)?;
-            let vocab = logits.len() / b;
-            Ok(Tensor::from_vec(
-                logits,
-                (b, vocab),
-                &candle_core::Device::Cpu,
-            )?)
+            on_host(step(&ids, &positions, key_valid)?, b)
         })
     })
 }

@@ -234,6 +234,24 @@ pub fn tiny_training_rows(
         .collect()
 }
 
+/// The architecture of a family fixture (lm/tests/fixtures/families/<name>/config.json,
+/// saved by transformers): from this crate's sources where they were built, or — on a GPU
+/// machine that got a test binary and a checkout — from `lm/` under the current folder.
+pub fn family_config(name: &str) -> anyhow::Result<crate::architecture::ModelConfig> {
+    let rel = Path::new("tests/fixtures/families")
+        .join(name)
+        .join("config.json");
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(&rel);
+    let path = if built.exists() {
+        built
+    } else {
+        Path::new("lm").join(&rel)
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    crate::architecture::ModelConfig::from_hf_json(&text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

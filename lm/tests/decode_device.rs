@@ -23,7 +23,10 @@ fn gpu_decoding_matches_the_cpu() {
     };
     let mut configs = vec![("tiny".to_string(), basin_lm::tiny::tiny_config())];
     for name in ["llama3", "llama-bias-4x", "qwen2", "phi3", "mistral"] {
-        configs.push((name.to_string(), device::family(name)));
+        configs.push((
+            name.to_string(),
+            basin_lm::testkit::family_config(name).unwrap(),
+        ));
     }
     let mut smol = ModelConfig::llama(49152, 576, 1536, 30, 9, 3, 100000.0, 1e-5, true, 2048);
     smol.num_hidden_layers = 4;
@@ -41,20 +44,6 @@ mod device {
     use basin_lm::llama::{attention_bias, random_weights, KvCache, Llama, ModelConfig, Pass};
     use candle_core::{DType, Device, Tensor, Var};
     use candle_nn::VarMap;
-
-    /// A family's tiny config (as lm/tests/pass_device.rs finds it).
-    pub fn family(name: &str) -> ModelConfig {
-        let rel = std::path::Path::new("tests/fixtures/families")
-            .join(name)
-            .join("config.json");
-        let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(&rel);
-        let path = if built.exists() {
-            built
-        } else {
-            std::path::Path::new("lm").join(&rel)
-        };
-        ModelConfig::from_hf_json(&std::fs::read_to_string(path).unwrap()).unwrap()
-    }
 
     const STEPS: usize = 6;
     const WIDTH: usize = 6;

@@ -461,7 +461,7 @@ fn written_out_decoder_matches_candles_graph_in_every_family() {
     let tol = 2e-6;
     let mut configs = vec![("tiny", tiny_config())];
     for name in ["llama3", "llama-bias-4x", "qwen2", "phi3", "mistral"] {
-        configs.push((name, family(name)));
+        configs.push((name, basin_lm::testkit::family_config(name).unwrap()));
     }
     for (name, config) in configs {
         for written_pass in [false, true] {
@@ -539,28 +539,19 @@ fn saved_hf_directory_loads_back_identically() {
     assert_eq!(reopened.tokenizer.eos_token.as_deref(), Some("<|im_end|>"));
 }
 
-/// The architecture of a family fixture (lm/tests/fixtures/families/, saved by transformers).
-fn family(name: &str) -> ModelConfig {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/families")
-        .join(name)
-        .join("config.json");
-    ModelConfig::from_hf_json(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 #[test]
 fn written_out_backprop_has_autograds_gradients_in_every_family() {
     // Biases everywhere (llama-bias-4x), q/k/v biases (qwen2), llama3 RoPE scaling and a
     // head size that is not hidden / heads (llama3, mistral), Phi-3's split projections.
     for name in ["llama3", "llama-bias-4x", "qwen2", "phi3", "mistral"] {
         eprintln!("{name}:");
-        check_written_out_backprop(&family(name));
+        check_written_out_backprop(&basin_lm::testkit::family_config(name).unwrap());
     }
 }
 
 #[test]
 fn gradients_match_finite_differences_with_biases() {
-    check_gradients(&family("llama-bias-4x"));
+    check_gradients(&basin_lm::testkit::family_config("llama-bias-4x").unwrap());
 }
 
 #[test]

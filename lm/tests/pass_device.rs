@@ -37,7 +37,7 @@ fn cuda_pass_equals_the_cpu_pass() {
     );
     for name in ["llama3", "llama-bias-4x", "qwen2", "phi3", "mistral"] {
         eprintln!("{name}:");
-        let c = device::family(name);
+        let c = basin_lm::testkit::family_config(name).unwrap();
         device::compare(&c, &device::rows(4, &[33, 20, 41, 12], c.vocab_size), &gpu);
     }
     // The SmolLM2-135M shape (4 of its 30 layers), 4 rows of 256 tokens.
@@ -68,7 +68,7 @@ fn cuda_bf16_pass_tracks_the_f32_pass() {
     );
     for name in ["llama3", "llama-bias-4x", "qwen2", "phi3"] {
         eprintln!("{name}:");
-        let c = device::family(name);
+        let c = basin_lm::testkit::family_config(name).unwrap();
         device::compare_bf16(&c, &device::rows(4, &[33, 20, 41, 12], c.vocab_size), &gpu);
     }
     let mut smol = ModelConfig::llama(49152, 576, 1536, 30, 9, 3, 100000.0, 1e-5, true, 2048);
@@ -83,21 +83,6 @@ mod device {
     use basin_lm::llama::{random_weights, Llama, ModelConfig};
     use candle_core::{DType, Device, Tensor};
     use candle_nn::VarMap;
-
-    /// A family's tiny config: from this crate's sources where they were built, or — on a
-    /// GPU machine that got the binary and a checkout — from `lm/` under the current folder.
-    pub fn family(name: &str) -> ModelConfig {
-        let rel = std::path::Path::new("tests/fixtures/families")
-            .join(name)
-            .join("config.json");
-        let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(&rel);
-        let path = if built.exists() {
-            built
-        } else {
-            std::path::Path::new("lm").join(&rel)
-        };
-        ModelConfig::from_hf_json(&std::fs::read_to_string(path).unwrap()).unwrap()
-    }
 
     /// `n` rows of the given lengths, ids below `vocab` (none 0, the padding id), prompts of
     /// a third of each row.

@@ -178,8 +178,9 @@ impl<T: Act> Backend for Cuda<T> {
         let mut out = self.output(rows * width)?;
         let i = Dev::of(idx, &self.dev);
         // SAFETY: the pass gathers rows of the embedding at token ids and of RoPE's tables at
-        // positions, both checked on the host (run_forward), and of the last layer's output at
-        // the loss rows, which Batch::new made below rows × time.
+        // positions, both checked on the host (run_forward; decode::check_step when
+        // decoding), of the last layer's output at the loss rows, which Batch::new made below
+        // rows × time, and (decoding) at each row's last position, below rows × time.
         unsafe {
             rows::cuda::gather_rows(&self.dev, table, i, w(&mut out, &self.dev), rows, width)?
         };
