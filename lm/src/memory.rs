@@ -10,19 +10,28 @@ pub fn device_memory(device: &str) -> Result<Option<(u64, String)>> {
     let Some(rest) = device.strip_prefix("cuda") else {
         return Ok(None);
     };
-    let (total, used) = gpu_memory(rest.strip_prefix(':').unwrap_or("0"))?;
+    let ordinal = match rest.strip_prefix(':') {
+        None if rest.is_empty() => Some(0),
+        Some(n) => n.parse().ok(),
+        None => None,
+    }
+    .ok_or_else(|| anyhow::anyhow!("device '{device}': expected cuda or cuda:N"))?;
+    let (total, used) = gpu_memory(ordinal)?;
     Ok(Some((
         total.saturating_sub(used),
         format!("free on {device}, by nvidia-smi"),
     )))
 }
 
-/// The total and used memory of GPU `index`, in bytes, by `nvidia-smi`.
-pub fn gpu_memory(index: &str) -> Result<(u64, u64)> {
+/// The total and used memory, in bytes, of the GPU that CUDA numbers `ordinal` in this
+/// process, by `nvidia-smi`.
+pub fn gpu_memory(ordinal: usize) -> Result<(u64, u64)> {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let index = smi_id(ordinal, visible.as_deref());
     let out = std::process::Command::new("nvidia-smi")
         .args([
             "-i",
-            index,
+            &index,
             "--query-gpu=memory.total,memory.used",
             "--format=csv,noheader,nounits",
         ])
@@ -40,6 +49,16 @@ pub fn gpu_memory(index: &str) -> Result<(u64, u64)> {
     Ok((total << 20, used << 20))
 }
 
+/// What `nvidia-smi -i` calls CUDA's device `ordinal`: with `CUDA_VISIBLE_DEVICES` set,
+/// its entry at that place (an index, a UUID or a MIG name, which nvidia-smi takes as they
+/// are); without it, the ordinal itself.
+fn smi_id(ordinal: usize, visible: Option<&str>) -> String {
+    visible
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| v.split(',').nth(ordinal))
+        .map_or_else(|| ordinal.to_string(), |id| id.trim().to_string())
+}
+
 /// `total, used` (MiB) of nvidia-smi's CSV line.
 fn parse_nvidia_smi(text: &str) -> Option<(u64, u64)> {
     let line = text.lines().next()?;
@@ -50,6 +69,14 @@ fn parse_nvidia_smi(text: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cudas_ordinal_is_named_as_nvidia_smi_names_it() {
+        assert_eq!(smi_id(1, None), "1");
+        assert_eq!(smi_id(0, Some("")), "0");
+        assert_eq!(smi_id(1, Some("3,5")), "5");
+        assert_eq!(smi_id(0, Some(" GPU-8f2c , 2")), "GPU-8f2c");
+    }
 
     #[test]
     fn nvidia_smis_line_is_read_in_mib() {

@@ -120,7 +120,7 @@ impl Model {
             BatchSize::Fixed(size) => size.max(1),
             BatchSize::Auto => match self.llama.device().location() {
                 candle_core::DeviceLocation::Cuda { gpu_id } => {
-                    let (total, used) = crate::memory::gpu_memory(&gpu_id.to_string())
+                    let (total, used) = crate::memory::gpu_memory(gpu_id)
                         .map_err(|e| anyhow!("--batch-size auto: {e:#} (give --batch-size N)"))?;
                     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
                     let width = self.llama.dtype().size_in_bytes();

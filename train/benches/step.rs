@@ -200,7 +200,7 @@ fn generation(dev: &Device, b: usize, dtype: DType, written: bool) -> anyhow::Re
 
 /// Bytes of GPU memory in use (nvidia-smi), None off a GPU or without nvidia-smi.
 fn gpu_used(gpu: bool) -> Option<u64> {
-    gpu.then(|| basin_lm::memory::gpu_memory("0").ok().map(|(_, used)| used))
+    gpu.then(|| basin_lm::memory::gpu_memory(0).ok().map(|(_, used)| used))
         .flatten()
 }
 
