@@ -359,8 +359,9 @@ pub(crate) trait Backend: Sized {
         at: usize,
         width: usize,
     ) -> Result<()>;
-    /// A buffer's first `n` values on the host, as f32.
-    fn to_host(&self, x: &Self::Buf, n: usize) -> Result<Vec<f32>>;
+    /// A buffer's first `n` values on the host, as f32 (the buffer is used up: on the CPU
+    /// it is the result).
+    fn to_host(&self, x: Self::Buf, n: usize) -> Result<Vec<f32>>;
     /// (dq, dk, dv).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(

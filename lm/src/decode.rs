@@ -292,7 +292,7 @@ impl<'a, B: Backend> PassDecoder<'a, B> {
         let x_last = be.gather_rows(be.src(&x), &be.ids(&last)?, b, d.h)?;
         let normed = be.rms_norm(be.src(&x_last), self.w.norm, b, d.h, d.eps)?;
         let logits = be.linear(be.src(&normed), self.w.head, b, d.h, d.vocab)?;
-        be.to_host(&logits, b * d.vocab)
+        be.to_host(logits, b * d.vocab)
     }
 }
 

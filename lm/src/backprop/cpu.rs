@@ -203,8 +203,9 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn to_host(&self, x: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
-        Ok(x[..n].to_vec())
+    fn to_host(&self, mut x: Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        x.truncate(n);
+        Ok(x)
     }
 
     fn attention_backward(

@@ -327,8 +327,8 @@ impl<T: Act> Backend for Cuda<T> {
         )?)
     }
 
-    fn to_host(&self, x: &CudaSlice<T>, n: usize) -> Result<Vec<f32>> {
-        let values = self.dev.clone_dtoh(x)?;
+    fn to_host(&self, x: CudaSlice<T>, n: usize) -> Result<Vec<f32>> {
+        let values = self.dev.clone_dtoh(&x)?;
         Ok(values[..n].iter().map(|&v| v.to_f32()).collect())
     }
 
