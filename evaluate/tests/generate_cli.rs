@@ -2,6 +2,7 @@
 
 mod common;
 use basin_lm::artifacts::{self, Generation, Scores, SetKind, Utility};
+use basin_lm::generate::DecoderKind;
 use basin_lm::testkit::write_manifest;
 use common::{evaluate, judge_check, labelled_set, prepared_row, tiny_model_dir, write_tiny_model};
 
@@ -42,6 +43,52 @@ fn generates_for_each_prompt_reproducibly() {
     assert_eq!(refused.status.code(), Some(2));
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("positive number or auto"), "{err}");
+    // Each decoder that runs an f32 model on the CPU gives the same replies.
+    for decoder in ["graph", "cpu", "pass"] {
+        let mut with = args.to_vec();
+        with.extend(["--decoder", decoder]);
+        let run = evaluate(&with);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{decoder}: {stderr}");
+        assert_eq!(
+            String::from_utf8_lossy(&run.stdout),
+            out,
+            "--decoder {decoder}"
+        );
+    }
+}
+
+/// A decoder that cannot run the model is refused before anything is generated, and an
+/// unknown one by the argument parser.
+#[test]
+fn a_decoder_that_cannot_run_the_model_is_refused() {
+    let dir = tiny_model_dir(11);
+    let model = dir.path().to_str().unwrap();
+    let base = ["generate", "--model", model, "--prompt", "x"];
+    for (extra, code, want) in [
+        (
+            &["--dtype", "bf16", "--decoder", "cpu"][..],
+            1,
+            "--decoder cpu decodes an f32 model on the CPU, not BF16",
+        ),
+        (
+            &["--dtype", "bf16", "--decoder", "pass"][..],
+            1,
+            "--decoder pass: the written-out pass runs f32 models on the CPU",
+        ),
+        (
+            &["--decoder", "fast"][..],
+            2,
+            "expected auto, graph, cpu or pass",
+        ),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let run = evaluate(&args);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(run.stdout.is_empty(), "{args:?}");
+    }
 }
 
 #[test]
@@ -197,6 +244,8 @@ fn safety_scores_prepared_sets() {
         String::from_utf8_lossy(&run.stderr)
     );
     let scores: Scores = artifacts::read(&out.path().join("scores.json")).unwrap();
+    // The decoder that wrote the replies: auto, resolved for an f32 model on the CPU.
+    assert_eq!(scores.decoding.decoder, Some(DecoderKind::Cpu));
     let (harm, x) = (&scores.sets["harm"], &scores.sets["x"]);
     assert_eq!(harm.n, 4, "--limit");
     assert_eq!(x.n, 3, "only the safe prompts");

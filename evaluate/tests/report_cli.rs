@@ -75,6 +75,7 @@ fn evaluated_on(dir: &Path, on: &[(&str, SetKind, &[String])]) {
         decoding: Decoding {
             greedy: true,
             max_new_tokens: 8,
+            decoder: None,
         },
         limit: None,
         prepared_sha256: Default::default(),

@@ -1,6 +1,7 @@
 // The row operations of the written-out training pass on the GPU (lm/src/backprop.rs with
 // its CUDA backend): RMSNorm, the head layout change with RoPE, silu(g)·u, the embedding
-// lookup and its gradient, and the sums and copies between them. The products are cuBLAS's;
+// lookup and its gradient, and the sums and copies between them; for decoding, the KV
+// cache's writes and greedy decoding's argmax. The products are cuBLAS's;
 // attention's softmax and the cross-entropy are fused.cu's.
 //
 // Values are `act` (bf16.cuh: f32, or bf16 in the module compiled with ACT_BF16); every sum
@@ -170,6 +171,49 @@ extern "C" __global__ void write_cache(const act* x, act* cache, u64 n, u32 t, u
     if (e >= n) return;
     const u64 block = (u64)t * width;
     cache[(e / block * cap + at) * width + e % block] = x[e];
+}
+
+// Greedy decoding's choice: idx[r] = where row r of x [rows, width] first holds its largest
+// value, NaNs passed over; 0 when x[r, 0] is NaN. That is the CPU's running maximum
+// (rows::argmax_rows: candle's argmax), which replaces its value only by a strictly larger
+// one, so ties go to the lowest index and a NaN first value is never replaced. Each thread
+// keeps the best (value, index) of its columns, then the block's best by the same order
+// (larger value, then lower index): a total order, so any reduction tree gives the same.
+// One block per row.
+#define NONE 0xffffffffu
+__device__ __forceinline__ void keep_best(float& best, u32& at, float v, u32 i) {
+    if (i != NONE && (at == NONE || v > best || (v == best && i < at))) {
+        best = v;
+        at = i;
+    }
+}
+
+extern "C" __global__ void argmax_rows(const act* x, u32* idx, u32 width) {
+    __shared__ float part_v[BLOCK / 32];
+    __shared__ u32 part_i[BLOCK / 32];
+    const act* xr = x + (u64)blockIdx.x * width;
+    float best = 0.f;
+    u32 at = NONE;
+    for (u32 j = threadIdx.x; j < width; j += BLOCK) {
+        const float v = ld(xr[j]);
+        if (v == v) keep_best(best, at, v, j);  // v != v: NaN
+    }
+    for (int o = 16; o > 0; o /= 2) {
+        const float v = __shfl_xor_sync(0xffffffffu, best, o);
+        const u32 i = __shfl_xor_sync(0xffffffffu, at, o);
+        keep_best(best, at, v, i);
+    }
+    const u32 warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        part_v[warp] = best;
+        part_i[warp] = at;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < BLOCK / 32; w++) keep_best(best, at, part_v[w], part_i[w]);
+        const float first = ld(xr[0]);
+        idx[blockIdx.x] = (at == NONE || first != first) ? 0u : at;
+    }
 }
 
 // out[r] = table[idx[r]], rows of `width`. One block per row.

@@ -95,6 +95,57 @@ fn gathers_scatters_and_column_sums() {
     }
 }
 
+/// Rows of `width` (at least 6) that make greedy decoding's choice hard: a plain row, the
+/// largest value twice, a NaN first, a NaN before the largest, all −∞, −0 and +0 as the
+/// largest, the largest last, NaNs around one finite value, +∞ twice.
+fn argmax_cases(width: usize) -> Vec<f32> {
+    let mut rows = Vec::new();
+    for case in 0..9 {
+        let mut r = values(width, 30 + case, 4.0);
+        match case {
+            1 => (r[1], r[width - 3]) = (100.0, 100.0),
+            2 => (r[0], r[4]) = (f32::NAN, 100.0),
+            3 => (r[2], r[width - 1]) = (f32::NAN, 100.0),
+            4 => r.fill(f32::NEG_INFINITY),
+            5 => {
+                r.iter_mut().for_each(|v| *v = -v.abs() - 1.0);
+                (r[1], r[3]) = (-0.0, 0.0);
+            }
+            6 => r[width - 1] = 100.0,
+            7 => {
+                r.fill(f32::NAN);
+                (r[0], r[width / 2]) = (-5.0, -1.0);
+            }
+            8 => (r[3], r[width - 2]) = (f32::INFINITY, f32::INFINITY),
+            _ => {}
+        }
+        rows.extend(r);
+    }
+    rows
+}
+
+/// Greedy decoding's choice on the host is candle's `argmax` (what the decoding loop calls
+/// on host logits): the same index in every row, ties and NaNs included.
+#[test]
+fn argmax_rows_is_candles_argmax() {
+    for width in [6, 7, 5000] {
+        let x = argmax_cases(width);
+        let got = rows::argmax_rows(&x, width);
+        let t = candle_core::Tensor::from_vec(x, (9, width), &candle_core::Device::Cpu).unwrap();
+        let want = t
+            .argmax(candle_core::D::Minus1)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(got, want, "width {width}");
+        assert_eq!(
+            got[..3],
+            [rows::argmax_rows(&values(width, 30, 4.0), width)[0], 1, 0]
+        );
+        assert_eq!(got[4..], [0, 1, width as u32 - 1, width as u32 / 2, 3]);
+    }
+}
+
 #[test]
 fn embedding_gradient_groups_lookups_by_id_in_row_order() {
     let ids = [5u32, 1, 5, 0, 7, 5, 1];
@@ -621,6 +672,16 @@ mod device {
         let (cp2, cy2) = attention::forward_over(&q2, &want, &want, &bias2, hd2, keys, cap);
         g.close_to("attention over a cache P", &g.down(&p2), &cp2, deep);
         g.close_to("attention over a cache y", &g.down(&y2), &cy2, deep);
+
+        // Greedy decoding's choice, a row shorter than a warp and one longer than a block.
+        for width in [7, 5000] {
+            let x = g.held(&super::argmax_cases(width));
+            let mut idx = d.alloc_zeros::<u32>(9).unwrap();
+            rows::cuda::argmax_rows(d, g.r(&g.up(&x)), DevMut::of(&mut idx, d), 9, width).unwrap();
+            let got = d.clone_dtoh(&idx).unwrap();
+            let what = format!("argmax_rows width {width} ({})", T::NAME);
+            assert_eq!(got, rows::argmax_rows(&x, width), "{what}");
+        }
 
         // The cross-entropy on device buffers, a row longer than a block.
         let (xr, vv) = (3, 5000);

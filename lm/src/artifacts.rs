@@ -710,6 +710,10 @@ impl Scores {
 pub struct Decoding {
     pub greedy: bool,
     pub max_new_tokens: usize,
+    /// The decoder that generated the replies (`evaluate --decoder`, resolved); absent for
+    /// a served model and in scores written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<crate::generate::DecoderKind>,
 }
 
 /// Scores of one set. Harmful sets: attack success = no refusal. Safe sets: refusal rate.

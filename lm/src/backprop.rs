@@ -362,6 +362,10 @@ pub(crate) trait Backend: Sized {
     /// A buffer's first `n` values on the host, as f32 (the buffer is used up: on the CPU
     /// it is the result).
     fn to_host(&self, x: Self::Buf, n: usize) -> Result<Vec<f32>>;
+    /// Greedy decoding's choice in each of `rows` rows of `width` values of `x`: where the row
+    /// first holds its largest value (`rows::argmax_rows`), chosen where `x` is, so only
+    /// the indices come to the host.
+    fn argmax_rows(&self, x: Self::Buf, rows: usize, width: usize) -> Result<Vec<u32>>;
     /// (dq, dk, dv).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(

@@ -256,13 +256,13 @@ impl<'a, B: Backend> PassDecoder<'a, B> {
         })
     }
 
-    /// [`Decoder::step`] on `B`.
-    fn step(
+    /// [`Decoder::step`] on `B`, the logits [b, vocab] left where `B` keeps them.
+    fn forward(
         &mut self,
         ids: &[u32],
         positions: &[u32],
         key_valid: &[Vec<bool>],
-    ) -> Result<Vec<f32>> {
+    ) -> Result<B::Buf> {
         let (be, b, len) = (self.be, self.b, self.len);
         let fill = (self.capacity, len);
         let (t, keys) = check_step(self.model, b, fill, ids, positions, key_valid)?;
@@ -291,35 +291,74 @@ impl<'a, B: Backend> PassDecoder<'a, B> {
         let last: Vec<u32> = (0..b).map(|r| ((r + 1) * t - 1) as u32).collect();
         let x_last = be.gather_rows(be.src(&x), &be.ids(&last)?, b, d.h)?;
         let normed = be.rms_norm(be.src(&x_last), self.w.norm, b, d.h, d.eps)?;
-        let logits = be.linear(be.src(&normed), self.w.head, b, d.h, d.vocab)?;
-        be.to_host(logits, b * d.vocab)
+        be.linear(be.src(&normed), self.w.head, b, d.h, d.vocab)
     }
 }
 
-/// A decoder's step: ids, positions, key_valid → the logits [b, vocab] after each row's
-/// last token, on the host ([`Decoder::step`]).
-pub type Step<'a> = &'a mut dyn FnMut(&[u32], &[u32], &[Vec<bool>]) -> Result<Vec<f32>>;
+/// A decoding step of a decoder on the model's device: the ids, positions and key_valid of
+/// [`Decoder::step`] in; out either the logits or, for greedy decoding, the tokens chosen
+/// where the logits are (on a GPU only `b` ids then cross to the host, not [b, vocab] f32).
+pub trait Step {
+    /// The logits [b, vocab] after each row's last token, on the host.
+    fn logits(
+        &mut self,
+        ids: &[u32],
+        positions: &[u32],
+        key_valid: &[Vec<bool>],
+    ) -> Result<Vec<f32>>;
+    /// Each row's greedy next token: where its logits first hold their largest value
+    /// (`rows::argmax_rows`, the same choice as candle's `argmax` of [`Step::logits`]).
+    fn greedy(
+        &mut self,
+        ids: &[u32],
+        positions: &[u32],
+        key_valid: &[Vec<bool>],
+    ) -> Result<Vec<u32>>;
+}
 
-/// Runs `run` with the step of a [`PassDecoder`] for `b` rows of up to `capacity` positions
-/// on the model's device (the pass's backend for it: f32 on the CPU, f32 or bf16 on a GPU):
-/// step(ids, positions, key_valid) → the logits [b, vocab] on the host, as
-/// [`Decoder::step`].
+impl<B: Backend> Step for PassDecoder<'_, B> {
+    fn logits(
+        &mut self,
+        ids: &[u32],
+        positions: &[u32],
+        key_valid: &[Vec<bool>],
+    ) -> Result<Vec<f32>> {
+        let logits = self.forward(ids, positions, key_valid)?;
+        self.be
+            .to_host(logits, self.b * self.model.config.vocab_size)
+    }
+
+    fn greedy(
+        &mut self,
+        ids: &[u32],
+        positions: &[u32],
+        key_valid: &[Vec<bool>],
+    ) -> Result<Vec<u32>> {
+        let logits = self.forward(ids, positions, key_valid)?;
+        self.be
+            .argmax_rows(logits, self.b, self.model.config.vocab_size)
+    }
+}
+
+/// Runs `run` with a [`PassDecoder`] for `b` rows of up to `capacity` positions on the
+/// model's device (the pass's backend for it: f32 on the CPU, f32 or bf16 on a GPU), as a
+/// [`Step`].
 pub fn with_pass_decoder<R>(
     model: &Llama,
     b: usize,
     capacity: usize,
-    run: impl FnOnce(Step) -> Result<R>,
+    run: impl FnOnce(&mut dyn Step) -> Result<R>,
 ) -> Result<R> {
     fn on<B: Backend, R>(
         be: &B,
         model: &Llama,
         b: usize,
         capacity: usize,
-        run: impl FnOnce(Step) -> Result<R>,
+        run: impl FnOnce(&mut dyn Step) -> Result<R>,
     ) -> Result<R> {
         let held = HeldModel::any(model)?;
         let mut dec = PassDecoder::new(be, model, &held, b, capacity)?;
-        run(&mut |ids, positions, key_valid| dec.step(ids, positions, key_valid))
+        run(&mut dec)
     }
     if let Some(why) = crate::backprop::unsupported(model) {
         bail!("decoding through the written-out pass: {why}");

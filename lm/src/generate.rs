@@ -36,17 +36,105 @@ pub struct Generated {
 /// the whole request (its index there): it samples with the seed `mix64(seed ^ rows[i])`,
 /// so a prompt's reply does not depend on what it is batched with.
 ///
-/// An f32 model on the CPU runs the written-out decoder ([`crate::decode`]); any other
-/// runs candle's graph ([`generate_with_candle`]).
+/// An f32 model on the CPU runs the written-out CPU decoder ([`crate::decode::Decoder`]);
+/// any other runs candle's graph ([`generate_with_candle`]): [`DecoderKind::Auto`].
 pub fn generate(
     model: &Llama,
     prompts: &[Vec<u32>],
     rows: &[usize],
     opts: &GenerateOptions,
 ) -> Result<Vec<Generated>> {
-    if !crate::decode::supports(model) {
-        return generate_with_candle(model, prompts, rows, opts);
+    generate_by(DecoderKind::Auto, model, prompts, rows, opts)
+}
+
+/// [`generate`] by the decoder `kind` names (resolved for the model: [`DecoderKind::resolve`]).
+pub fn generate_by(
+    kind: DecoderKind,
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    rows: &[usize],
+    opts: &GenerateOptions,
+) -> Result<Vec<Generated>> {
+    match kind.resolve(model)? {
+        DecoderKind::Cpu => generate_on_cpu(model, prompts, rows, opts),
+        DecoderKind::Pass => generate_written(model, prompts, rows, opts),
+        DecoderKind::Graph | DecoderKind::Auto => generate_with_candle(model, prompts, rows, opts),
     }
+}
+
+/// Which decoder generates a model's replies (`evaluate --decoder`). Each gives the same
+/// greedy replies up to the rounding of its sums (checked against one another in every
+/// family: lm/tests/model.rs, and on a GPU lm/tests/decode_device.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecoderKind {
+    /// `cpu` for an f32 model on the CPU, `graph` for any other: the decoders that have
+    /// been checked where they run.
+    Auto,
+    /// candle's graph of the model ([`generate_with_candle`]): any device and dtype.
+    Graph,
+    /// The written-out CPU decoder ([`crate::decode::Decoder`]): an f32 model on the CPU.
+    Cpu,
+    /// The training pass's layers on the model's device ([`generate_written`]): f32 or
+    /// bf16 on a GPU (a KV cache written in place, greedy tokens chosen on the device), f32
+    /// on the CPU.
+    Pass,
+}
+
+impl DecoderKind {
+    /// The decoder this choice means for `model` (`Auto` made `Cpu` or `Graph`), or why it
+    /// cannot decode it.
+    pub fn resolve(self, model: &Llama) -> Result<DecoderKind> {
+        Ok(match self {
+            DecoderKind::Auto if crate::decode::supports(model) => DecoderKind::Cpu,
+            DecoderKind::Auto => DecoderKind::Graph,
+            DecoderKind::Cpu if !crate::decode::supports(model) => {
+                let (dtype, device) = (model.dtype(), model.device());
+                bail!("--decoder cpu decodes an f32 model on the CPU, not {dtype:?} on {device:?}")
+            }
+            DecoderKind::Pass => {
+                if let Some(why) = crate::backprop::unsupported(model) {
+                    bail!("--decoder pass: {why}");
+                }
+                DecoderKind::Pass
+            }
+            kind => kind,
+        })
+    }
+}
+
+impl std::str::FromStr for DecoderKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => DecoderKind::Auto,
+            "graph" => DecoderKind::Graph,
+            "cpu" => DecoderKind::Cpu,
+            "pass" => DecoderKind::Pass,
+            _ => return Err(format!("expected auto, graph, cpu or pass, found '{s}'")),
+        })
+    }
+}
+
+impl std::fmt::Display for DecoderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DecoderKind::Auto => "auto",
+            DecoderKind::Graph => "graph",
+            DecoderKind::Cpu => "cpu",
+            DecoderKind::Pass => "pass",
+        })
+    }
+}
+
+/// [`generate`] by the written-out CPU decoder ([`DecoderKind::Cpu`]; resolved beforehand).
+fn generate_on_cpu(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    rows: &[usize],
+    opts: &GenerateOptions,
+) -> Result<Vec<Generated>> {
     let Some(width) = check(model, prompts, rows, opts)? else {
         return Ok(Vec::new());
     };
@@ -55,7 +143,10 @@ pub fn generate(
         crate::decode::Decoder::new(model, &held, prompts.len(), width + opts.max_new_tokens)?;
     let b = prompts.len();
     decode_loop(prompts, rows, opts, |ids, positions, key_valid| {
-        on_host(decoder.step(&ids, &positions, key_valid)?, b)
+        Ok(Next::Logits(on_host(
+            decoder.step(&ids, &positions, key_valid)?,
+            b,
+        )?))
     })
 }
 
@@ -90,16 +181,18 @@ pub fn generate_with_candle(
         let bias = attention_bias(key_valid, t, model.dtype(), &device)?;
         let hidden = model.hidden(&input, &pos, &bias, Some(&mut cache), Pass::Infer)?;
         let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
-        Ok(model.logits(&last, Pass::Infer)?.to_dtype(DType::F32)?)
+        let logits = model.logits(&last, Pass::Infer)?.to_dtype(DType::F32)?;
+        Ok(Next::Logits(logits))
     })
 }
 
 /// [`generate`] through the written-out training pass's layers on the model's device
 /// ([`crate::decode`]'s `PassDecoder`: f32 or bf16 on a GPU, f32 on the CPU, where it is the
 /// check of the GPU's path against the CPU decoder): a KV cache allocated once and written
-/// in place, a few launches a layer on a GPU. Not yet what [`generate`] picks on a GPU —
-/// until its device test (lm/tests/decode_device.rs) has run on a card, candle's graph
-/// decodes there.
+/// in place, a few launches a layer on a GPU; greedy decoding picks each token where the
+/// logits are ([`crate::decode::Step::greedy`]). [`DecoderKind::Pass`]; not yet what
+/// `Auto` picks on a GPU — until its device test (lm/tests/decode_device.rs) has run on a
+/// card, candle's graph decodes there.
 pub fn generate_written(
     model: &Llama,
     prompts: &[Vec<u32>],
@@ -111,9 +204,14 @@ pub fn generate_written(
     };
     let b = prompts.len();
     let capacity = width + opts.max_new_tokens;
+    let greedy = opts.sampling.is_none();
     crate::decode::with_pass_decoder(model, b, capacity, |step| {
         decode_loop(prompts, rows, opts, |ids, positions, key_valid| {
-            on_host(step(&ids, &positions, key_valid)?, b)
+            Ok(if greedy {
+                Next::Tokens(step.greedy(&ids, &positions, key_valid)?)
+            } else {
+                Next::Logits(on_host(step.logits(&ids, &positions, key_valid)?, b)?)
+            })
         })
     })
 }
@@ -146,14 +244,22 @@ fn check(
     Ok(Some(width))
 }
 
+/// What a decoding step hands [`decode_loop`]: the next-token logits [b, vocab] (f32)
+/// after each row's last token, or, when greedy decoding chose where the logits were, the
+/// tokens (the same choice as `argmax` of the logits).
+enum Next {
+    Logits(Tensor),
+    Tokens(Vec<u32>),
+}
+
 /// The decoding loop over a forward `step(ids, positions, key_valid)` that feeds [b, t]
-/// tokens (row-major) and returns the next-token logits [b, vocab] (f32) after each row's
-/// last: the prompts left-padded to one width, then one token a row per step.
+/// tokens (row-major) and returns what comes [`Next`]: the prompts left-padded to one
+/// width, then one token a row per step.
 fn decode_loop(
     prompts: &[Vec<u32>],
     rows: &[usize],
     opts: &GenerateOptions,
-    mut step: impl FnMut(Vec<u32>, Vec<u32>, &[Vec<bool>]) -> Result<Tensor>,
+    mut step: impl FnMut(Vec<u32>, Vec<u32>, &[Vec<bool>]) -> Result<Next>,
 ) -> Result<Vec<Generated>> {
     let b = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -180,17 +286,21 @@ fn decode_loop(
     ];
     let mut done = vec![false; b];
     for i in 0..opts.max_new_tokens {
-        let logits = step(ids, positions, &key_valid)?;
-        let next = match &opts.sampling {
-            None => logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
-            Some(s) => {
+        let next = match (step(ids, positions, &key_valid)?, &opts.sampling) {
+            (Next::Tokens(tokens), None) => tokens,
+            (Next::Logits(logits), None) => logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
+            (Next::Logits(logits), Some(s)) => {
                 let rows = logits.to_vec2::<f32>()?;
                 rows.iter()
                     .zip(rngs.iter_mut())
                     .map(|(r, rng)| sample(r, s, rng))
                     .collect()
             }
+            (Next::Tokens(_), Some(_)) => bail!("sampling needs the logits, not greedy tokens"),
         };
+        if next.len() != b {
+            bail!("a decoding step chose {} tokens for {b} rows", next.len());
+        }
         let mut feed = Vec::with_capacity(b);
         for (r, &tok) in next.iter().enumerate() {
             if !done[r] {

@@ -3,7 +3,7 @@
 
 use crate::architecture::ModelConfig;
 use crate::chat::{ChatTemplate, Conversation};
-use crate::generate::{generate, BatchSize, GenerateOptions, Generated};
+use crate::generate::{generate_by, BatchSize, DecoderKind, GenerateOptions, Generated};
 use crate::llama::Llama;
 use crate::source::ModelText;
 use anyhow::{anyhow, bail, Result};
@@ -20,6 +20,8 @@ pub struct Model {
     pub config: ModelConfig,
     pub varmap: VarMap,
     pub llama: Llama,
+    /// The decoder [`Self::replies`] generates with (`Auto` as opened).
+    pub decoder: DecoderKind,
 }
 
 impl Model {
@@ -40,7 +42,20 @@ impl Model {
             config,
             varmap,
             llama,
+            decoder: DecoderKind::Auto,
         })
+    }
+
+    /// The model, decoding with `decoder`: refused here when that decoder cannot run it.
+    pub fn with_decoder(mut self, decoder: DecoderKind) -> Result<Self> {
+        decoder.resolve(&self.llama)?;
+        self.decoder = decoder;
+        Ok(self)
+    }
+
+    /// The decoder [`Self::replies`] runs (`Auto` resolved for this model).
+    pub fn decoder_used(&self) -> Result<DecoderKind> {
+        self.decoder.resolve(&self.llama)
     }
 
     /// Options for decoding that stops at any of this model's end-of-turn tokens.
@@ -95,7 +110,7 @@ impl Model {
         for chunk in order.chunks(size) {
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
             // Each row samples with its index in the whole request: batching changes nothing.
-            let generated = generate(&self.llama, &batch, chunk, opts)?;
+            let generated = generate_by(self.decoder, &self.llama, &batch, chunk, opts)?;
             for (&i, g) in chunk.iter().zip(generated) {
                 done.new_tokens += g.tokens.len();
                 out[i] = Some((self.text.tokenizer.decode(&g.tokens, true)?, g));

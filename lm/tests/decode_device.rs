@@ -1,7 +1,8 @@
 //! Decoding through the training pass's layers on the GPU (`decode::with_pass_decoder`,
 //! issue 23) against the CPU: the logits of the same steps — a prefill of mixed-length,
 //! left-padded prompts, then one token a row at a time — in f32 against the CPU decoder to
-//! 1e-4 of the largest, the greedy replies identical; in bf16 against the f32 CPU decoder of
+//! 1e-4 of the largest, the greedy replies identical, each greedy token chosen on the device
+//! equal to candle's `argmax` of the same step's logits; in bf16 against the f32 CPU decoder of
 //! the same (bf16-valued) weights, no further from it than candle's graph in bf16 is. The
 //! tiny model, every family's tiny config and 4 layers of the SmolLM2 shape. Needs
 //! `--features cuda` and a GPU (scripts/device-pass.sh); elsewhere it says it was skipped.
@@ -39,7 +40,7 @@ fn gpu_decoding_matches_the_cpu() {
 
 #[cfg(feature = "cuda")]
 mod device {
-    use basin_lm::decode::{with_pass_decoder, Decoder, HeldModel, Step};
+    use basin_lm::decode::{with_pass_decoder, Decoder, HeldModel};
     use basin_lm::generate::{generate, generate_written, GenerateOptions};
     use basin_lm::llama::{attention_bias, random_weights, KvCache, Llama, ModelConfig, Pass};
     use candle_core::{DType, Device, Tensor, Var};
@@ -57,9 +58,12 @@ mod device {
         ]
     }
 
+    /// A decoder's step: ids, positions, key_valid → the logits [b, vocab] on the host.
+    type Logits<'a> = &'a mut dyn FnMut(&[u32], &[u32], &[Vec<bool>]) -> anyhow::Result<Vec<f32>>;
+
     /// Each step's logits [b, vocab] of `step` over the fixed schedule: the prompts
     /// left-padded to WIDTH, then STEPS single tokens a row.
-    fn schedule(vocab: usize, step: Step) -> Vec<Vec<f32>> {
+    fn schedule(vocab: usize, step: Logits) -> Vec<Vec<f32>> {
         let prompts = prompts(vocab);
         let b = prompts.len();
         let (mut ids, mut pos, mut valid) = (Vec::new(), Vec::new(), Vec::<Vec<bool>>::new());
@@ -101,9 +105,33 @@ mod device {
     /// The pass's decoder over the schedule, on the model's device.
     fn pass(m: &Llama) -> Vec<Vec<f32>> {
         with_pass_decoder(m, 3, WIDTH + STEPS, |step| {
-            Ok(schedule(m.config.vocab_size, step))
+            Ok(schedule(m.config.vocab_size, &mut |i, p, v| {
+                step.logits(i, p, v)
+            }))
         })
         .unwrap()
+    }
+
+    /// Greedy decoding's choice on the device ([`Step::greedy`]) is candle's `argmax` of the
+    /// same step's logits on the host: two decoders over the schedule, one asked for logits,
+    /// the other for tokens.
+    fn greedy_is_argmax(m: &Llama) {
+        let vocab = m.config.vocab_size;
+        let logits = pass(m);
+        let mut chosen = Vec::new();
+        with_pass_decoder(m, 3, WIDTH + STEPS, |step| {
+            schedule(vocab, &mut |i, p, v| {
+                chosen.push(step.greedy(i, p, v)?);
+                Ok(vec![0.0; 3 * vocab])
+            });
+            Ok(())
+        })
+        .unwrap();
+        for (s, (l, c)) in logits.iter().zip(&chosen).enumerate() {
+            let t = Tensor::from_slice(l, (3, vocab), &Device::Cpu).unwrap();
+            let want: Vec<u32> = t.argmax(candle_core::D::Minus1).unwrap().to_vec1().unwrap();
+            assert_eq!(c, &want, "step {s}: greedy tokens ({:?})", m.dtype());
+        }
     }
 
     /// The largest |a − b| of any step relative to that step's largest |b|.
@@ -162,6 +190,7 @@ mod device {
         let want = generate(&cpu_model, &prompts, &rows, &opts).unwrap();
         let got = generate_written(&m32, &prompts, &rows, &opts).unwrap();
         assert_eq!(got, want, "f32 greedy replies");
+        greedy_is_argmax(&m32);
         // bf16 on the GPU, beside candle's graph in bf16.
         let g16 = copy(&held, DType::BF16, gpu);
         let m16 = Llama::new(c, &g16).unwrap();
@@ -179,5 +208,6 @@ mod device {
         // Whole replies in bf16 (greedy; no stop token: each runs to the budget).
         let replies = generate_written(&m16, &prompts, &rows, &opts).unwrap();
         assert!(replies.iter().all(|g| g.tokens.len() == 12), "{replies:?}");
+        greedy_is_argmax(&m16);
     }
 }

@@ -3,9 +3,10 @@
 
 use basin_lm::backprop;
 use basin_lm::batch::{loss, Batch};
-use basin_lm::decode::{Decoder, HeldModel, Step};
+use basin_lm::decode::{Decoder, HeldModel};
 use basin_lm::generate::{
-    generate, generate_with_candle, generate_written, GenerateOptions, Sampling,
+    generate, generate_by, generate_with_candle, generate_written, DecoderKind, GenerateOptions,
+    Sampling,
 };
 use basin_lm::llama::{attention_bias, KvCache};
 use basin_lm::llama::{random_weights, Llama, ModelConfig, Pass};
@@ -403,7 +404,11 @@ fn decoder_vs_graph(config: &ModelConfig, seed: u64, steps: usize, written_pass:
     let (m, _) = model(config, seed, DType::F32);
     let (b, width) = (3, 6);
     if written_pass {
-        let run = |step: Step| Ok(steps_vs_graph(&m, steps, step));
+        let run = |step: &mut dyn basin_lm::decode::Step| {
+            Ok(steps_vs_graph(&m, steps, &mut |ids, pos, valid| {
+                step.logits(ids, pos, valid)
+            }))
+        };
         return basin_lm::decode::with_pass_decoder(&m, b, width + steps, run).unwrap();
     }
     let held = HeldModel::of(&m).unwrap();
@@ -413,8 +418,11 @@ fn decoder_vs_graph(config: &ModelConfig, seed: u64, steps: usize, written_pass:
     })
 }
 
+/// A decoder's step: ids, positions, key_valid → the logits [b, vocab] on the host.
+type Logits<'a> = &'a mut dyn FnMut(&[u32], &[u32], &[Vec<bool>]) -> anyhow::Result<Vec<f32>>;
+
 /// [`decoder_vs_graph`] with the decoder's `step`.
-fn steps_vs_graph(m: &Llama, steps: usize, step: Step) -> f32 {
+fn steps_vs_graph(m: &Llama, steps: usize, step: Logits) -> f32 {
     let dev = Device::Cpu;
     let prompts: Vec<Vec<u32>> = vec![vec![1, 80], vec![1, 81, 82, 83, 84, 85], vec![1, 90, 91]];
     let (b, width) = (prompts.len(), 6);
@@ -497,6 +505,42 @@ fn written_out_decoding_gives_the_graphs_replies() {
         ours,
         generate_written(&m, &prompts, &all, &greedy(16)).unwrap()
     );
+    // Each decoder by name (`evaluate --decoder`).
+    for kind in [DecoderKind::Graph, DecoderKind::Cpu, DecoderKind::Pass] {
+        let by = generate_by(kind, &m, &prompts, &all, &greedy(16)).unwrap();
+        assert_eq!(ours, by, "{kind}");
+    }
+}
+
+/// `--decoder`: auto is the CPU decoder for an f32 model on the CPU and candle's graph for
+/// any other; a decoder that cannot run the model says why; names round-trip.
+#[test]
+fn a_decoder_choice_resolves_for_the_model_or_says_why_not() {
+    let (f32_model, _) = model(&tiny_config(), 5, DType::F32);
+    let (bf16_model, _) = model(&tiny_config(), 5, DType::BF16);
+    let r = |k: DecoderKind, m: &Llama| k.resolve(m).map_err(|e| e.to_string());
+    assert_eq!(r(DecoderKind::Auto, &f32_model), Ok(DecoderKind::Cpu));
+    assert_eq!(r(DecoderKind::Pass, &f32_model), Ok(DecoderKind::Pass));
+    assert_eq!(r(DecoderKind::Graph, &f32_model), Ok(DecoderKind::Graph));
+    assert_eq!(r(DecoderKind::Auto, &bf16_model), Ok(DecoderKind::Graph));
+    let err = r(DecoderKind::Cpu, &bf16_model).unwrap_err();
+    assert!(
+        err.contains("an f32 model on the CPU, not BF16 on Cpu"),
+        "{err}"
+    );
+    let err = r(DecoderKind::Pass, &bf16_model).unwrap_err();
+    assert!(err.contains("runs f32 models on the CPU"), "{err}");
+    for kind in [
+        DecoderKind::Auto,
+        DecoderKind::Graph,
+        DecoderKind::Cpu,
+        DecoderKind::Pass,
+    ] {
+        assert_eq!(kind.to_string().parse::<DecoderKind>(), Ok(kind));
+        let json = serde_json::to_string(&kind).unwrap();
+        assert_eq!(json, format!("\"{kind}\""));
+    }
+    assert!("fast".parse::<DecoderKind>().is_err());
 }
 
 #[test]

@@ -67,7 +67,7 @@ pub fn run(args: &Args) -> Result<Summary> {
     }
     let (dtype, device) = args.model.dtype_device()?;
     let loaded = Instant::now();
-    let model = Model::open(&args.model.model, dtype, &device)?;
+    let model = Model::open(&args.model.model, dtype, &device)?.with_decoder(args.model.decoder)?;
     let choice: TemplateChoice = args.template.parse()?;
     let template = model.text.template(&choice, None)?;
     eprintln!(

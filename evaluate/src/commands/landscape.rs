@@ -244,6 +244,7 @@ pub fn run(args: &Args) -> Result<Summary> {
         asr_decoding: Decoding {
             greedy: true,
             max_new_tokens: args.max_new_tokens,
+            decoder: Some(model.decoder_used()?),
         },
         dtype: args.dtype.clone(),
         device: args.device.clone(),

@@ -35,6 +35,13 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The decoder that generates: auto (cpu for an f32 model on the CPU, graph
+    /// elsewhere), graph (candle's graph of the model: any device and dtype), cpu (the
+    /// written-out CPU decoder: f32 on the CPU) or pass (the training pass's layers with a
+    /// KV cache written in place and greedy tokens chosen on the device: f32 or bf16 on a
+    /// GPU, f32 on the CPU).
+    #[arg(long, default_value = "auto")]
+    pub decoder: basin_lm::generate::DecoderKind,
 }
 
 impl ModelArgs {

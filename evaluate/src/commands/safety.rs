@@ -93,6 +93,14 @@ impl Replier<'_> {
         }
     }
 
+    /// The decoder of a local model (none for a served one).
+    fn decoder(&self) -> Result<Option<basin_lm::generate::DecoderKind>> {
+        Ok(match self {
+            Self::Local(m) => Some(m.decoder_used()?),
+            Self::Served { .. } => None,
+        })
+    }
+
     /// The replies to `rows` (greedy, at most `max_new_tokens`) and how fast they came.
     fn replies(
         &self,
@@ -199,7 +207,7 @@ pub fn run(args: &Args) -> Result<Summary> {
         return Ok(Summary { evaluated });
     }
     for (model, out) in targets(&args.model.model, args.out.as_deref())? {
-        let model = Model::open(&model, dtype, &device)?;
+        let model = Model::open(&model, dtype, &device)?.with_decoder(args.model.decoder)?;
         let scores = evaluate(
             &Replier::Local(&model),
             &out,
@@ -325,6 +333,7 @@ fn evaluate(
         decoding: Decoding {
             greedy: true,
             max_new_tokens: args.max_new_tokens,
+            decoder: replier.decoder()?,
         },
         limit: args.limit,
         prepared_sha256: inputs,

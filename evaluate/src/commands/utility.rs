@@ -48,7 +48,8 @@ pub fn run(args: &Args) -> Result<Summary> {
     let (dtype, device) = args.model.dtype_device()?;
     let mut evaluated = Vec::new();
     for (model, out) in targets(&args.model.model, args.out.as_deref())? {
-        let utility = evaluate(&Model::open(&model, dtype, &device)?, args, &out)?;
+        let model = Model::open(&model, dtype, &device)?.with_decoder(args.model.decoder)?;
+        let utility = evaluate(&model, args, &out)?;
         evaluated.push((out, utility));
     }
     Ok(Summary { evaluated })

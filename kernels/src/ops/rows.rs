@@ -3,8 +3,9 @@
 //! of each position, the rows the loss reads) and scattered back, a residual added in, a
 //! bias added to every row, and a column sum (a bias's gradient) in a fixed order — partial
 //! sums over chunks of [`ROWS_PER_PART`] rows, then the chunks in order — so that it has the
-//! same bits on every run and on both backends; and a decoding step's new keys or values
-//! written into their places in the KV cache ([`write_cache`]).
+//! same bits on every run and on both backends; a decoding step's new keys or values
+//! written into their places in the KV cache ([`write_cache`]), and greedy decoding's
+//! choice of each row's largest logit ([`argmax_rows`]).
 
 use crate::CHUNK;
 use rayon::prelude::*;
@@ -51,6 +52,24 @@ pub fn write_cache(cache: &mut [f32], x: &[f32], t: usize, cap: usize, at: usize
         .par_chunks_mut(cap * width)
         .zip(x.par_chunks(block))
         .for_each(|(c, x)| c[at * width..][..block].copy_from_slice(x));
+}
+
+/// Greedy decoding's choice in each row of `width` values: the index of its largest value,
+/// the first on ties, NaNs passed over — 0 when the row starts with a NaN. A running maximum
+/// replaced only by a strictly larger value, as candle's `argmax` on the CPU (what the
+/// decoding loop calls on host logits), so either gives the same tokens.
+pub fn argmax_rows(x: &[f32], width: usize) -> Vec<u32> {
+    x.chunks(width)
+        .map(|row| {
+            let (mut at, mut best) = (0, row[0]);
+            for (j, &v) in row.iter().enumerate() {
+                if best < v {
+                    (at, best) = (j, v);
+                }
+            }
+            at as u32
+        })
+        .collect()
 }
 
 /// Σ over the rows of x [rows, cols]: each chunk of [`ROWS_PER_PART`] rows summed, then
@@ -159,6 +178,28 @@ pub mod cuda {
         );
         if n > 0 {
             launch_pass!(dev, T, "write_cache", (blocks_for(n)?, 1); x, c, n64, tt, cc, a, w);
+        }
+        Ok(())
+    }
+
+    /// [`super::argmax_rows`] of x [rows, width] into `idx` [rows].
+    pub fn argmax_rows<T: Act>(
+        dev: &CudaDevice,
+        x: Dev<T>,
+        idx: DevMut<u32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        if width == 0 {
+            candle_core::bail!("argmax: rows of no values")
+        }
+        let (x, i) = (
+            x.at_least(rows * width, "argmax: x")?,
+            idx.at_least(rows, "argmax: indices")?,
+        );
+        let w = u32_arg(width, "width")?;
+        if rows > 0 {
+            launch_pass!(dev, T, "argmax_rows", (u32_arg(rows, "rows")?, 1); x, i, w);
         }
         Ok(())
     }

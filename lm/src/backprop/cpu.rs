@@ -208,6 +208,10 @@ impl Backend for Cpu {
         Ok(x)
     }
 
+    fn argmax_rows(&self, x: Vec<f32>, rows: usize, width: usize) -> Result<Vec<u32>> {
+        Ok(rows::argmax_rows(&x[..rows * width], width))
+    }
+
     fn attention_backward(
         &self,
         dy: &[f32],

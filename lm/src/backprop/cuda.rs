@@ -332,6 +332,15 @@ impl<T: Act> Backend for Cuda<T> {
         Ok(values[..n].iter().map(|&v| v.to_f32()).collect())
     }
 
+    fn argmax_rows(&self, x: CudaSlice<T>, rows: usize, width: usize) -> Result<Vec<u32>> {
+        let mut idx = self.dev.alloc_zeros::<u32>(rows.max(1))?;
+        let out = DevMut::of(&mut idx, &self.dev);
+        rows::cuda::argmax_rows(&self.dev, Dev::of(&x, &self.dev), out, rows, width)?;
+        let mut got = self.dev.clone_dtoh(&idx)?;
+        got.truncate(rows);
+        Ok(got)
+    }
+
     fn attention_backward(
         &self,
         dy: Dev<'_, T>,
