@@ -673,6 +673,16 @@ mod device {
         g.close_to("attention over a cache P", &g.down(&p2), &cp2, deep);
         g.close_to("attention over a cache y", &g.down(&y2), &cy2, deep);
 
+        // A device copy keeps every bit (−0 and NaN included), and only the first n values.
+        let mut src = g.values(1000, 25, 3.0);
+        (src[1], src[2]) = (-0.0, f32::NAN);
+        let mut copied = g.up(&vec![7.0; 1001]);
+        rows::cuda::copy(d, g.w(&mut copied), g.r(&g.up(&src)), 1000).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let got = g.down(&copied);
+        assert_eq!(bits(&got[..1000]), bits(&src), "copy ({})", T::NAME);
+        assert_eq!(got[1000], 7.0, "copy: past n ({})", T::NAME);
+
         // Greedy decoding's choice, a row shorter than a warp and one longer than a block.
         for width in [7, 5000] {
             let x = g.held(&super::argmax_cases(width));

@@ -204,6 +204,24 @@ pub mod cuda {
         Ok(())
     }
 
+    /// out[..n] = x[..n]: a device-to-device copy on candle's stream (one copy, not a kernel
+    /// that adds into zeros; the CPU's is `to_vec`).
+    pub fn copy<T: Act>(dev: &CudaDevice, out: DevMut<T>, x: Dev<T>, n: usize) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::result::memcpy_dtod_async;
+        use candle_core::cuda_backend::WrapErr;
+        let (o, x) = (out.at_least(n, "copy: out")?, x.at_least(n, "copy: x")?);
+        if n > 0 {
+            let stream = dev.cuda_stream();
+            stream.context().bind_to_thread().w()?;
+            let bytes = n * std::mem::size_of::<T>();
+            // SAFETY: both spans hold at least n values (at_least above); the copy runs on
+            // candle's stream in order with the kernels that write x and read out, as a
+            // launch does (see `launch_pass`).
+            unsafe { memcpy_dtod_async(o, x, bytes, stream.cu_stream()) }.w()?;
+        }
+        Ok(())
+    }
+
     /// [`super::add_into`] over `n` values.
     pub fn add_into<T: Act>(dev: &CudaDevice, acc: DevMut<T>, x: Dev<T>, n: usize) -> Result<()> {
         let (a, x) = (acc.at_least(n, "add: acc")?, x.at_least(n, "add: x")?);
