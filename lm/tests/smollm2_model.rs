@@ -3,7 +3,7 @@
 //! setup`): SKIPPED without it, a failure in CI ([`basin_lm::testkit`]).
 
 use basin_lm::chat::Conversation;
-use basin_lm::generate::{generate, generate_with_candle, GenerateOptions};
+use basin_lm::generate::{generate, generate_with_candle, generate_written, GenerateOptions};
 use basin_lm::llama::{Llama, Pass};
 use basin_lm::source::{ModelText, TemplateChoice};
 use basin_lm::testkit::{real_asset, workspace_root};
@@ -176,8 +176,9 @@ fn answers_the_capital_of_france() {
 }
 
 /// The written-out decoder (what `generate` runs for an f32 model on the CPU) gives the
-/// replies candle's graph of the model gives, token for token: greedy, 48 new tokens, a
-/// batch of prompts of mixed lengths (left padding) on the real weights.
+/// replies candle's graph of the model gives, token for token, and so does the decoder
+/// through the training pass's layers: greedy, 48 new tokens, a batch of prompts of mixed
+/// lengths (left padding) on the real weights.
 #[test]
 fn written_out_decoding_gives_the_graphs_replies_on_the_real_model() {
     let Some(path) = gguf() else { return };
@@ -205,14 +206,19 @@ fn written_out_decoding_gives_the_graphs_replies_on_the_real_model() {
     };
     let ours = generate(&model, &prompts, &rows, &opts).unwrap();
     let graph = generate_with_candle(&model, &prompts, &rows, &opts).unwrap();
-    for (i, (a, b)) in ours.iter().zip(&graph).enumerate() {
-        assert_eq!(
-            a,
-            b,
-            "prompt {i}: {:?} vs {:?}",
-            text.tokenizer.decode(&a.tokens, true).unwrap(),
-            text.tokenizer.decode(&b.tokens, true).unwrap()
-        );
+    // And the training pass's layers (`--decoder pass`; the GPU's decoder, on the CPU
+    // backend here), its greedy tokens chosen by `argmax_rows`.
+    let pass = generate_written(&model, &prompts, &rows, &opts).unwrap();
+    for (which, other) in [("graph", &graph), ("pass", &pass)] {
+        for (i, (a, b)) in ours.iter().zip(other).enumerate() {
+            assert_eq!(
+                a,
+                b,
+                "prompt {i}, {which}: {:?} vs {:?}",
+                text.tokenizer.decode(&a.tokens, true).unwrap(),
+                text.tokenizer.decode(&b.tokens, true).unwrap()
+            );
+        }
     }
     let tokens: usize = ours.iter().map(|g| g.tokens.len()).sum();
     eprintln!("{} replies, {tokens} new tokens, identical", ours.len());
