@@ -190,9 +190,9 @@ pub fn generate_with_candle(
 /// ([`crate::decode`]'s `PassDecoder`: f32 or bf16 on a GPU, f32 on the CPU, where it is the
 /// check of the GPU's path against the CPU decoder): a KV cache allocated once and written
 /// in place, a few launches a layer on a GPU; greedy decoding picks each token where the
-/// logits are ([`crate::decode::Step::greedy`]). [`DecoderKind::Pass`]; not yet what
-/// `Auto` picks on a GPU — until its device test (lm/tests/decode_device.rs) has run on a
-/// card, candle's graph decodes there.
+/// logits are ([`crate::decode::Step::greedy`]). This is `--decoder pass`
+/// ([`DecoderKind::Pass`]); `auto` does not pick it on a GPU until its device test
+/// (lm/tests/decode_device.rs) has run on a card: candle's graph decodes there.
 pub fn generate_written(
     model: &Llama,
     prompts: &[Vec<u32>],
