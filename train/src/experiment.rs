@@ -86,11 +86,51 @@ pub struct Step {
     pub config: Option<Box<TrainConfig>>,
 }
 
+/// The arguments an `evaluate` step ran with, which the sweep keeps beside its first output
+/// once it has run (`<output's stem>.args.json`, e.g. eval/model/scores.args.json): the
+/// outputs count as done only while the sweep would run the step with the same arguments,
+/// so a changed `[evaluate]` (another --limit, set, judge or decoder) evaluates again
+/// instead of reporting scores made another way.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluatedWith {
+    pub args: Vec<String>,
+}
+
 impl Step {
-    /// The one skip-if-done rule.
+    /// The one skip-if-done rule: every output exists, no checkpoint is left to resume, and
+    /// an evaluation was made with the arguments it would run with now ([`EvaluatedWith`]:
+    /// outputs without that record are evaluated again).
     pub fn done(&self) -> bool {
         self.owes.iter().all(|p| p.exists())
             && !self.checkpoint.as_ref().is_some_and(|c| c.exists())
+            && self.record().is_none_or(|r| {
+                basin_lm::artifacts::read::<EvaluatedWith>(&r).is_ok_and(|w| w.args == self.args)
+            })
+    }
+
+    /// Where an evaluation's [`EvaluatedWith`] is kept (None for a training run, whose
+    /// config.toml says how it was made).
+    pub fn record(&self) -> Option<PathBuf> {
+        let first = self
+            .owes
+            .first()
+            .filter(|_| self.stage == Stage::Evaluate)?;
+        let stem = first.file_stem()?.to_string_lossy();
+        Some(first.with_file_name(format!("{stem}.args.json")))
+    }
+
+    /// Keeps the arguments a step that has just run was made with (an evaluation's).
+    fn recorded(&self) -> Result<()> {
+        match self.record() {
+            Some(r) => basin_lm::artifacts::write(
+                &r,
+                &EvaluatedWith {
+                    args: self.args.clone(),
+                },
+            ),
+            None => Ok(()),
+        }
     }
 
     /// The arguments to run it with: a training run with a checkpoint resumes.
@@ -418,12 +458,10 @@ impl Plan {
             if job.done() {
                 args.push(d.display().to_string());
             } else {
-                let why = failed
-                    .iter()
-                    .find(|(n, _)| *n == job.name)
-                    .map_or("not trained and evaluated yet".to_string(), |(_, e)| {
-                        format!("failed: {}", e.lines().next().unwrap_or(e))
-                    });
+                let why = failed.iter().find(|(n, _)| *n == job.name).map_or(
+                    "not trained and evaluated yet with these settings".to_string(),
+                    |(_, e)| format!("failed: {}", e.lines().next().unwrap_or(e)),
+                );
                 missing.push(format!("- **{}** is missing: {why}", job.name));
             }
         }
@@ -613,6 +651,7 @@ fn run_job(job: &Job, tag: &str, stop: &AtomicBool) -> Result<()> {
     for e in job.evaluate.iter().filter(|e| retrained || !e.done()) {
         eprintln!("{tag} {}", e.what);
         call(e.stage, &e.run_args(), &e.what, stop)?;
+        e.recorded()?;
     }
     Ok(())
 }
@@ -915,6 +954,10 @@ utility = ["--sets", "dolly"]
         ] {
             touch(&run.join(f));
         }
+        // Each evaluation as the sweep leaves it once it has run: with its arguments kept.
+        for e in &p.points[0].evaluate {
+            e.recorded().unwrap();
+        }
         // The EMA's scores are missing (an evaluation cut off between model/ and ema/).
         assert!(!p.points[0].done());
         let missing: Vec<&Step> = p.points[0].evaluate.iter().filter(|s| !s.done()).collect();
@@ -926,6 +969,40 @@ utility = ["--sets", "dolly"]
         touch(&run.join("checkpoint/progress.json"));
         let t = p.points[0].train.as_ref().unwrap();
         assert!(!t.done() && t.run_args().last().unwrap() == "--resume");
+    }
+
+    /// Scores made with other evaluation arguments than the sweep's now — or kept without
+    /// them — are not done: the sweep evaluates again rather than report them.
+    #[test]
+    fn an_evaluation_made_with_other_arguments_is_not_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = plan(dir.path(), None);
+        let run = dir.path().join("runs/s-a");
+        let safety = &p.points[0].evaluate[0];
+        for f in ["eval/model/scores.json", "eval/ema/scores.json"] {
+            touch(&run.join(f));
+        }
+        let record = safety.record().unwrap();
+        assert_eq!(record, run.join("eval/model/scores.args.json"));
+        // Outputs without the record of how they were made (an older sweep's, or copied in).
+        assert!(!safety.done());
+        safety.recorded().unwrap();
+        assert!(safety.done());
+        let kept: EvaluatedWith = basin_lm::artifacts::read(&record).unwrap();
+        assert_eq!(kept.args, safety.args);
+        assert!(kept.args.ends_with(&["--limit", "4"].map(String::from)));
+        // The same point evaluated with another --limit.
+        let mut other = safety.clone();
+        *other.args.last_mut().unwrap() = "8".into();
+        assert!(
+            !other.done(),
+            "scores made with --limit 4 are not --limit 8's"
+        );
+        // A record that is not one counts as missing.
+        std::fs::write(&record, "{\"args\": 3}").unwrap();
+        assert!(!safety.done());
+        // A training run keeps none (its config.toml says how it was made).
+        assert!(p.points[0].train.as_ref().unwrap().record().is_none());
     }
 
     #[test]
@@ -951,6 +1028,9 @@ utility = ["--sets", "dolly"]
             "eval/ema/utility.json",
         ] {
             touch(&run.join(f));
+        }
+        for e in &job.evaluate {
+            e.recorded().unwrap();
         }
         // Every output is there; no config.toml is read as "nothing to compare".
         assert!(job.done());

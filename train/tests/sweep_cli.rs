@@ -134,6 +134,31 @@ safety = ["--prepared", "prepared", "--sets", "advbench", "--max-new-tokens", "4
         !root.join("runs/s-good/lock").exists(),
         "no lock left behind"
     );
+    // Again as it was: the good point is done. With another [evaluate]: it is evaluated
+    // again (not trained again), and its scores say how they were made.
+    let again = |config: &str| {
+        std::fs::write(root.join("s.toml"), config).unwrap();
+        let out = Command::new(sweep_exe)
+            .args(["--config", "s.toml"])
+            .current_dir(root)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let config = std::fs::read_to_string(root.join("s.toml")).unwrap();
+    let err = again(&config);
+    assert!(err.contains("s-good: done already, skipped"), "{err}");
+    let err = again(&config.replace("\"--max-new-tokens\", \"4\"", "\"--max-new-tokens\", \"5\""));
+    assert!(
+        err.contains("s-good: evaluate safety") && !err.contains("s-good: train"),
+        "{err}"
+    );
+    let kept: basin_lm::artifacts::Scores =
+        basin_lm::artifacts::read(&root.join("runs/s-good/eval/model/scores.json")).unwrap();
+    assert_eq!(kept.decoding.max_new_tokens, 5);
+    let args =
+        std::fs::read_to_string(root.join("runs/s-good/eval/model/scores.args.json")).unwrap();
+    assert!(args.contains("\"5\""), "{args}");
 }
 
 /// The shipped sweeps resolve as the justfile runs them (from the repository root): every
