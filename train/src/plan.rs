@@ -232,7 +232,9 @@ fn pure_bf16(config: &TrainConfig) -> TrainConfig {
 }
 
 /// Settings that would make the run fit in `memory` bytes (each alone, or pure bf16 as
-/// one), as `--set` values.
+/// one), as `--set` values: only those `train` would take with the rest of the config (no
+/// `dtype=bf16` for a run with `recompute = true` on the CPU, where bf16 trains through
+/// candle's autograd).
 pub fn fitting_changes(
     config: &TrainConfig,
     model: &ModelConfig,
@@ -240,8 +242,11 @@ pub fn fitting_changes(
     memory: u64,
 ) -> Result<Vec<String>> {
     let mut out = Vec::new();
+    // A config that does not validate on its own says so elsewhere; its plan still lists
+    // what fits.
+    let checked = config.validate().is_ok();
     let fits = |c: &TrainConfig, t: usize| -> Result<bool> {
-        Ok(MemoryPlan::of(c, model, t)?.fits(memory))
+        Ok((!checked || c.validate().is_ok()) && MemoryPlan::of(c, model, t)?.fits(memory))
     };
     // The largest micro-batch that divides the batch and fits.
     if let Some(m) = (1..config.micro_batch)
@@ -446,6 +451,33 @@ mod tests {
         );
         let small = fitting_changes(&c, &m, t, 1 << 30).unwrap();
         assert!(small.is_empty(), "{small:?}");
+    }
+
+    /// A setting that fits but that `train` would refuse with the rest of the config is not
+    /// offered: bf16 on the CPU trains through candle's autograd, which has no recompute.
+    #[test]
+    fn only_settings_train_would_take_are_offered() {
+        let m = llama_2_7b();
+        let mut c = config("f32", false, 4, 16);
+        c.data = vec!["data/prepared/dolly.parquet".into()];
+        c.validate().unwrap();
+        let bf16 = MemoryPlan::of(&config("bf16", false, 4, 16), &m, 512)
+            .unwrap()
+            .total();
+        // As f32 without recompute: bf16 fits, and is offered.
+        let changes = fitting_changes(&c, &m, 512, bf16).unwrap();
+        assert!(changes.contains(&"dtype=bf16".to_string()), "{changes:?}");
+        // With recompute on the CPU, neither bf16 nor pure bf16 is.
+        c.recompute = true;
+        c.validate().unwrap();
+        let changes = fitting_changes(&c, &m, 512, bf16).unwrap();
+        assert!(
+            !changes.iter().any(|s| s.contains("dtype=bf16")),
+            "{changes:?}"
+        );
+        let mut taken = c.clone();
+        taken.dtype = "bf16".into();
+        assert!(taken.validate().is_err());
     }
 
     /// Issue 22's target: Qi et al.'s 7B run (micro-batch 4 x 512, the EMA on) fits a
