@@ -8,9 +8,12 @@
 //! - **tuned**: the lowest keyword ASR, then the lowest validation loss. Picking the lowest of
 //!   several rates favours it; the tests do not correct for that.
 //!
-//! A difference counts when its test says p < 0.05 (two-sided): the exact McNemar test on the
-//! prompts both models answered for two models ([`Paired`]), a 95% interval on the ratio of
-//! two rates (Katz's log method) for the ≥3x claim.
+//! A difference counts when its test says p < 0.05 (two-sided) after Holm's adjustment over
+//! the claims that a test decides (up to four: (a) to (d)), so that the section as a whole
+//! calls a chance difference a finding at most 5% of the time: the exact McNemar test on the
+//! prompts both models answered for two models ([`Paired`]); for the ≥3x claim, the test of
+//! the log ratio of two rates against log 3 (Katz's standard error), whose 95% interval the
+//! evidence gives.
 
 use crate::landscape::{Basins, LandscapeDoc};
 use crate::report::{paired_groups, Group, Paired, Row, Weights};
@@ -48,6 +51,9 @@ pub struct Claim {
     pub statement: &'static str,
     pub verdict: Verdict,
     pub evidence: String,
+    /// The two-sided p of the test that decides it, before [`holm`]'s adjustment (None:
+    /// no test decides it).
+    pub p: Option<f64>,
 }
 
 const SIGNIFICANT: f64 = 0.05;
@@ -92,14 +98,83 @@ fn pairs_text(p: &Paired, a: &str, b: &str) -> String {
 /// The ratio of two rates k1/n1 over k2/n2 and its 95% interval by Katz's log method (half
 /// a count added to each cell when either count is zero).
 pub fn rate_ratio(k1: usize, n1: usize, k2: usize, n2: usize) -> (f64, f64, f64) {
+    let (ratio, se) = log_ratio(k1, n1, k2, n2);
+    let z = 1.959_963_984_540_054;
+    (ratio, ratio * (-z * se).exp(), ratio * (z * se).exp())
+}
+
+/// The two-sided p of "the ratio of rates k1/n1 over k2/n2 is `against`": the log ratio's
+/// distance from log `against` in Katz's standard errors, under the normal. p < 0.05 exactly
+/// where [`rate_ratio`]'s 95% interval leaves out `against`.
+pub fn rate_ratio_p(k1: usize, n1: usize, k2: usize, n2: usize, against: f64) -> f64 {
+    let (ratio, se) = log_ratio(k1, n1, k2, n2);
+    if se == 0.0 {
+        return if ratio == against { 1.0 } else { 0.0 };
+    }
+    let z = (ratio.ln() - against.ln()).abs() / se;
+    erfc(z / std::f64::consts::SQRT_2)
+}
+
+/// The ratio of two rates and the standard error of its log (Katz), half a count added to
+/// each cell when either count is zero.
+fn log_ratio(k1: usize, n1: usize, k2: usize, n2: usize) -> (f64, f64) {
     let (mut k1, mut n1, mut k2, mut n2) = (k1 as f64, n1 as f64, k2 as f64, n2 as f64);
     if k1 == 0.0 || k2 == 0.0 {
         (k1, n1, k2, n2) = (k1 + 0.5, n1 + 1.0, k2 + 0.5, n2 + 1.0);
     }
-    let ratio = (k1 / n1) / (k2 / n2);
     let se = (1.0 / k1 - 1.0 / n1 + 1.0 / k2 - 1.0 / n2).max(0.0).sqrt();
-    let z = 1.959_963_984_540_054;
-    (ratio, ratio * (-z * se).exp(), ratio * (z * se).exp())
+    ((k1 / n1) / (k2 / n2), se)
+}
+
+/// The complementary error function, to a relative 1.2e-7 everywhere (the Chebyshev fit
+/// `erfcc` of Press et al., Numerical Recipes, §6.2).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let r = t * (-z * z + poly).exp();
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
+}
+
+/// Holm's step-down adjustment over the claims a test decides: the k-th smallest of their m
+/// p values is multiplied by m − k + 1 (at most 1) and kept at least as large as those
+/// before it. A claim whose adjusted p is not below [`SIGNIFICANT`] is inconclusive,
+/// whatever its own p; each tested claim's evidence gives its adjusted p when there are
+/// several.
+fn holm(claims: &mut [Claim]) {
+    let mut tested: Vec<usize> = (0..claims.len())
+        .filter(|&i| claims[i].p.is_some())
+        .collect();
+    let p = |c: &Claim| c.p.unwrap_or(1.0);
+    tested.sort_by(|&a, &b| p(&claims[a]).total_cmp(&p(&claims[b])));
+    let m = tested.len();
+    let mut adjusted = 0f64;
+    for (k, &i) in tested.iter().enumerate() {
+        let c = &mut claims[i];
+        adjusted = adjusted.max(((m - k) as f64 * p(c)).min(1.0));
+        if m > 1 {
+            c.evidence.push_str(&format!(
+                " Holm-adjusted over the {m} tested claims: p = {}.",
+                crate::report::format_p(adjusted)
+            ));
+        }
+        if adjusted >= SIGNIFICANT
+            && matches!(c.verdict, Verdict::Supported | Verdict::Contradicted)
+        {
+            c.verdict = Verdict::Inconclusive;
+        }
+    }
 }
 
 /// A group's setting in words: "lr 1e-4, batch 4, 12 steps".
@@ -197,6 +272,24 @@ fn claim(id: char, statement: &'static str, verdict: Verdict, evidence: String) 
         statement,
         verdict,
         evidence,
+        p: None,
+    }
+}
+
+/// [`claim`] decided by a test of two-sided p `p`.
+fn tested(claim: Claim, p: f64) -> Claim {
+    Claim {
+        p: Some(p),
+        ..claim
+    }
+}
+
+/// [`claim`] decided by the McNemar test of `pairs` (when there are any).
+fn paired(claim: Claim, pairs: &Paired) -> Claim {
+    if pairs.pairs == 0 {
+        claim
+    } else {
+        tested(claim, pairs.p())
     }
 }
 
@@ -225,7 +318,7 @@ pub fn claims(
                 setting(g),
                 pairs_text(&p, "aligned", "θ")
             );
-            claim('a', A, v, text)
+            paired(claim('a', A, v, text), &p)
         }
         _ => claim(
             'a',
@@ -241,6 +334,7 @@ pub fn claims(
         (Some(a), Some(t)) if !std::ptr::eq(a, t) => {
             let (ra, rt) = (a.asr_keyword.as_ref().unwrap(), t.asr_keyword.as_ref().unwrap());
             let (ratio, lo, hi) = rate_ratio(ra.k, ra.n, rt.k, rt.n);
+            let p = rate_ratio_p(ra.k, ra.n, rt.k, rt.n, 3.0);
             let v = if lo >= 3.0 {
                 Verdict::Supported
             } else if hi < 3.0 {
@@ -248,12 +342,12 @@ pub fn claims(
             } else {
                 Verdict::Inconclusive
             };
-            claim(
+            let c = claim(
                 'b',
                 B,
                 v,
                 format!(
-                    "The aggressive θ ({}) {:.1}% ({}/{}) against the tuned θ ({}) {:.1}% ({}/{}): {ratio:.1}x, 95% interval [{lo:.1}, {hi:.1}].",
+                    "The aggressive θ ({}) {:.1}% ({}/{}) against the tuned θ ({}) {:.1}% ({}/{}): {ratio:.1}x, 95% interval [{lo:.1}, {hi:.1}], p = {} against 3x.",
                     setting(a),
                     100.0 * ra.rate,
                     ra.k,
@@ -261,9 +355,11 @@ pub fn claims(
                     setting(t),
                     100.0 * rt.rate,
                     rt.k,
-                    rt.n
+                    rt.n,
+                    crate::report::format_p(p)
                 ),
-            )
+            );
+            tested(c, p)
         }
         _ => claim(
             'b',
@@ -304,7 +400,7 @@ pub fn claims(
                     ),
                     Some(e) => {
                         let p = paired_groups(t, e, harmful)?;
-                        claim(
+                        let c = claim(
                             'c',
                             C,
                             lower(&p),
@@ -315,7 +411,8 @@ pub fn claims(
                                 e.val_loss.unwrap_or(f64::NAN),
                                 pairs_text(&p, "tuned θ", "EMA")
                             ),
-                        )
+                        );
+                        paired(c, &p)
                     }
                 }
             }
@@ -341,7 +438,7 @@ pub fn claims(
             .filter_map(|(e, w, _)| Some((groups[*e].val_loss? - groups[*w].val_loss?).abs()))
             .collect();
         let max_gap = gap.iter().copied().fold(0.0, f64::max);
-        claim(
+        let c = claim(
             'd',
             D,
             higher(&total),
@@ -350,7 +447,8 @@ pub fn claims(
                 wise.len(),
                 pairs_text(&total, "EMA", "WiSE-FT")
             ),
-        )
+        );
+        paired(c, &total)
     });
 
     // (e) The utility basin is wider than the safety basin.
@@ -408,6 +506,7 @@ pub fn claims(
         };
         claim('e', E, v, format!("{}.", texts.join("; ")))
     });
+    holm(&mut out);
     Ok(out)
 }
 
@@ -554,6 +653,92 @@ mod tests {
         let ids: String = c.iter().map(|c| c.id).collect();
         assert_eq!(ids, "abcde");
         assert!(c.iter().all(|c| c.verdict == Verdict::NotMeasured), "{c:?}");
+    }
+
+    /// The ≥3x claim's p agrees with its interval: below 0.05 exactly where the interval
+    /// leaves out 3; and the normal tail it reads is right (erfc to 1.2e-7).
+    #[test]
+    fn the_rate_ratio_test_agrees_with_its_interval() {
+        assert!((erfc(0.0) - 1.0).abs() < 1e-7);
+        let z = 1.959_963_984_540_054;
+        assert!((erfc(z / std::f64::consts::SQRT_2) - 0.05).abs() < 1e-7);
+        assert!((erfc(-1.0) - (2.0 - erfc(1.0))).abs() < 1e-12);
+        for (k1, n1, k2, n2) in [
+            (40, 40, 2, 40),
+            (30, 100, 5, 100),
+            (20, 50, 6, 50),
+            (9, 20, 0, 20),
+        ] {
+            let (_, lo, hi) = rate_ratio(k1, n1, k2, n2);
+            let p = rate_ratio_p(k1, n1, k2, n2, 3.0);
+            assert_eq!(
+                p < 0.05,
+                !(lo..=hi).contains(&3.0),
+                "{k1}/{n1} vs {k2}/{n2}: p {p}"
+            );
+        }
+        // At the interval's edge, p is 0.05.
+        let (_, lo, _) = rate_ratio(40, 40, 2, 40);
+        assert!((rate_ratio_p(40, 40, 2, 40, lo) - 0.05).abs() < 1e-6);
+    }
+
+    /// Holm's adjustment: of p = 0.01, 0.03, 0.04 and 0.5 only the first stays below 0.05
+    /// (adjusted 0.04, then 0.09, 0.09 and 0.5), so the other two findings become
+    /// inconclusive; a claim no test decides keeps its verdict; one tested claim alone is its
+    /// own test.
+    #[test]
+    fn holm_keeps_what_survives_the_number_of_claims_tested() {
+        let c = |id, verdict, p: Option<f64>| Claim {
+            id,
+            statement: "",
+            verdict,
+            evidence: "e.".into(),
+            p,
+        };
+        let mut claims = vec![
+            c('a', Verdict::Supported, Some(0.03)),
+            c('b', Verdict::Contradicted, Some(0.01)),
+            c('c', Verdict::Supported, Some(0.04)),
+            c('d', Verdict::Inconclusive, Some(0.5)),
+            c('e', Verdict::Supported, None),
+        ];
+        holm(&mut claims);
+        let v: Vec<Verdict> = claims.iter().map(|c| c.verdict).collect();
+        use Verdict::*;
+        assert_eq!(
+            v,
+            [
+                Inconclusive,
+                Contradicted,
+                Inconclusive,
+                Inconclusive,
+                Supported
+            ]
+        );
+        assert!(
+            claims[1]
+                .evidence
+                .ends_with("Holm-adjusted over the 4 tested claims: p = 4.0e-2."),
+            "{}",
+            claims[1].evidence
+        );
+        assert!(
+            claims[0].evidence.ends_with("p = 9.0e-2."),
+            "{}",
+            claims[0].evidence
+        );
+        assert!(
+            claims[2].evidence.ends_with("p = 9.0e-2."),
+            "{}",
+            claims[2].evidence
+        );
+        assert_eq!(claims[4].evidence, "e.");
+        let mut one = vec![c('a', Verdict::Supported, Some(0.04))];
+        holm(&mut one);
+        assert_eq!(
+            (one[0].verdict, one[0].evidence.as_str()),
+            (Supported, "e.")
+        );
     }
 
     #[test]

@@ -764,8 +764,9 @@ pub fn summary_md(
              settings are picked by rule among the plain fine-tunes: *aggressive* is the highest \
              learning rate (then the most steps, the smallest batch), *tuned* the lowest keyword \
              ASR (then the lowest validation loss; picking the lowest of several favours it). A \
-             difference counts at p < 0.05: the exact McNemar test on the prompts two models both \
-             answered, or a 95% interval on a ratio of rates.\n\n| claim | verdict | evidence |\n| --- | --- | --- |\n",
+             difference counts at p < 0.05 after Holm's adjustment over the claims a test decides: \
+             the exact McNemar test on the prompts two models both answered, or the test of a ratio \
+             of rates against 3x (with its 95% interval).\n\n| claim | verdict | evidence |\n| --- | --- | --- |\n",
         );
         for c in &comparisons.claims {
             s.push_str(&format!(

@@ -567,6 +567,12 @@ fn the_report_states_each_claim_from_the_numbers() {
     // 10/40 against the tuned θ's 2/40, 8 discordant pairs all one way.
     assert_eq!(claim("c")[1], "**contradicted**");
     assert!(claim("c")[2].contains("(loss 2.1000)"), "{}", claim("c")[2]);
+    // Each verdict holds after Holm's adjustment over the four claims a test decides.
+    assert!(
+        claim("c")[2].contains("Holm-adjusted over the 4 tested claims: p = "),
+        "{}",
+        claim("c")[2]
+    );
     // (d) The EMA (10/40) against WiSE-FT α 0.5 (28/40).
     assert_eq!(claim("d")[1], "**supported**");
     let w = row(&md, "| dolly | 1e-4 | 4 | 12 | 2.1000 | 0.5 | 2.1500 |");
