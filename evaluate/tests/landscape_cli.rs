@@ -251,6 +251,10 @@ fn bad_arguments_are_clear_errors_and_write_nothing() {
             vec!["--from", from, "--alpha-min", "1", "--alpha-max", "0"],
             "is empty",
         ),
+        (
+            vec!["--from", from, "--dtype", "bf16", "--decoder", "cpu"],
+            "--decoder cpu decodes an f32 model on the CPU",
+        ),
     ] {
         let run = landscape(data.path(), &dest, &extra);
         assert_eq!(run.status.code(), Some(1), "{extra:?}");

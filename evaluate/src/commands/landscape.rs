@@ -82,6 +82,10 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The decoder of the ASR probe's replies: auto, graph, cpu or pass (as evaluate
+    /// safety's).
+    #[arg(long, default_value = "auto")]
+    pub decoder: basin_lm::generate::DecoderKind,
     /// Output directory (default: runs/landscape-<kind>).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -156,7 +160,7 @@ pub fn run(args: &Args) -> Result<Summary> {
     };
 
     let from = model_path(from);
-    let model = Model::open(&from, dtype, &device)?;
+    let model = Model::open(&from, dtype, &device)?.with_decoder(args.decoder)?;
     let params = Params::of(&model)?;
     let centre = params.snapshot()?;
     let (kind, slice, lo, hi, to) = match &args.to {
