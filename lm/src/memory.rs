@@ -1,12 +1,17 @@
 //! What a GPU has free, by `nvidia-smi` (the driver's figure, which candle's pool and other
-//! processes' memory are already out of): what `train --plan` checks a run against and what
-//! `evaluate` sizes its generation batches by.
+//! processes' memory are already out of), and what the host has available: what `train
+//! --plan` checks a run against and what `evaluate` sizes its generation batches by.
 
 use anyhow::{bail, Context, Result};
 
 /// The free memory of the run's device, in bytes, and where the figure comes from: a
-/// CUDA device's by `nvidia-smi`; None on the CPU (the host's memory is not counted).
+/// CUDA device's by `nvidia-smi`; the CPU's, the host's available memory
+/// ([`host_available`]); None for another device.
 pub fn device_memory(device: &str) -> Result<Option<(u64, String)>> {
+    if device == "cpu" {
+        let why = "available host memory, by /proc/meminfo".to_string();
+        return Ok(Some((host_available()?, why)));
+    }
     let Some(rest) = device.strip_prefix("cuda") else {
         return Ok(None);
     };
@@ -59,6 +64,22 @@ fn smi_id(ordinal: usize, visible: Option<&str>) -> String {
         .map_or_else(|| ordinal.to_string(), |id| id.trim().to_string())
 }
 
+/// The host memory available to a new process, in bytes: `MemAvailable` of /proc/meminfo
+/// (free memory and what the kernel can reclaim without swapping; Linux).
+pub fn host_available() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")
+        .context("cannot read /proc/meminfo for the host's available memory")?;
+    mem_available(&text).with_context(|| "/proc/meminfo has no 'MemAvailable: N kB' line")
+}
+
+/// `MemAvailable` of /proc/meminfo's text, in bytes.
+fn mem_available(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut fields = line["MemAvailable:".len()..].split_whitespace();
+    let kib: u64 = fields.next()?.parse().ok()?;
+    (fields.next() == Some("kB")).then_some(kib << 10)
+}
+
 /// `total, used` (MiB) of nvidia-smi's CSV line.
 fn parse_nvidia_smi(text: &str) -> Option<(u64, u64)> {
     let line = text.lines().next()?;
@@ -76,6 +97,18 @@ mod tests {
         assert_eq!(smi_id(0, Some("")), "0");
         assert_eq!(smi_id(1, Some("3,5")), "5");
         assert_eq!(smi_id(0, Some(" GPU-8f2c , 2")), "GPU-8f2c");
+    }
+
+    #[test]
+    fn the_hosts_available_memory_is_read_in_kib() {
+        let text = "MemTotal:       24570000 kB\nMemFree:  100 kB\nMemAvailable:   20480 kB\n";
+        assert_eq!(mem_available(text), Some(20480 << 10));
+        assert_eq!(mem_available("MemAvailable: 12 MB\n"), None);
+        assert_eq!(mem_available("MemFree: 12 kB\n"), None);
+        // This machine's own figure, when it has one, is a positive number of bytes.
+        if let Ok(bytes) = host_available() {
+            assert!(bytes > 0);
+        }
     }
 
     #[test]

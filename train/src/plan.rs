@@ -108,6 +108,10 @@ impl MemoryPlan {
         }
         parts.push(match st.theta0 {
             Theta0::Device => part("θ₀ (f32, the distance from the start)".into(), p * 4),
+            // On the CPU the host's memory is the run's own.
+            Theta0::Host if !config.device.starts_with("cuda") => {
+                part("θ₀ (f32, in host memory: the CPU's own)".into(), p * 4)
+            }
             Theta0::Host => part(
                 format!("θ₀ (f32 in host memory, {:.2} GiB there)", gib(p * 4)),
                 0,
@@ -345,10 +349,16 @@ pub fn plan(config: &TrainConfig, memory_gib: Option<f64>) -> Result<(String, Op
 }
 
 /// Refuses a run whose plan does not fit its device's memory (`memory_gib`, else the
-/// GPU's free memory; the CPU is not checked, nor a GPU whose memory cannot be read, nor
-/// a run that cannot be planned), before anything is loaded.
+/// GPU's free memory; nor a GPU whose memory cannot be read, nor a run that cannot be
+/// planned), before anything is loaded. On the CPU a plan past the host's available memory
+/// is a warning, not a refusal: the system may page, and the plan is an estimate.
 pub fn check_fits(config: &TrainConfig, memory_gib: Option<f64>) -> Result<()> {
     if memory_gib.is_none() && !config.device.starts_with("cuda") {
+        if let Ok((text, Some(false))) = plan(config, None) {
+            eprintln!(
+                "warning: the run may not fit the host's available memory (it may page or be killed):\n{text}"
+            );
+        }
         return Ok(());
     }
     match plan(config, memory_gib) {
@@ -487,8 +497,12 @@ mod tests {
     fn pure_bf16_fits_the_7b_run_on_141_gib_and_f32_state_does_not() {
         let m = llama_2_7b();
         let card = 141u64 << 30;
-        let f32 = config("f32", true, 4, 128);
-        let mixed = config("bf16", true, 4, 128);
+        let on_gpu = |c: TrainConfig| TrainConfig {
+            device: "cuda".into(),
+            ..c
+        };
+        let f32 = on_gpu(config("f32", true, 4, 128));
+        let mixed = on_gpu(config("bf16", true, 4, 128));
         let pure = pure_bf16(&mixed);
         let total = |c: &TrainConfig| MemoryPlan::of(c, &m, 512).unwrap().total();
         assert!(total(&f32) > card && total(&mixed) > card);
@@ -507,6 +521,13 @@ mod tests {
         assert_eq!(bytes("AdamW m (bf16)") + bytes("AdamW v (bf16)"), 4 * p);
         assert_eq!(bytes("EMA θ̄ (bf16 pair)"), 4 * p);
         assert_eq!(bytes("θ₀ (f32 in host memory"), 0);
+        // On the CPU the host's memory is the run's own: θ₀ there counts.
+        let on_cpu = TrainConfig {
+            device: "cpu".into(),
+            ..pure.clone()
+        };
+        let cpu_plan = MemoryPlan::of(&on_cpu, &m, 512).unwrap();
+        assert_eq!(cpu_plan.total(), plan.total() + 4 * p);
         assert!(plan.parts.iter().all(|x| !x.name.starts_with("master")));
         let changes = fitting_changes(&mixed, &m, 512, card).unwrap();
         assert!(changes.contains(&PURE_BF16.join(" --set ")), "{changes:?}");

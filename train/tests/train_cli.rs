@@ -970,4 +970,15 @@ fn the_plan_says_whether_a_run_fits_and_a_run_that_does_not_is_refused() {
     assert!(!s.path("runs/tight").exists());
     let out = s.train_with(&["--plan", "--memory-gib=-1"], "x", &[]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--memory-gib -1: expected a positive"));
+    // On the CPU the plan is held against the host's available memory (Linux).
+    if Path::new("/proc/meminfo").exists() {
+        let out = s.train_with(&["--plan"], "cpu-plan", &["max_seq_len=32"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains("GiB (available host memory, by /proc/meminfo)")
+                && text.contains("fits: yes ("),
+            "{text}"
+        );
+    }
 }
