@@ -164,9 +164,16 @@ fn holm(claims: &mut [Claim]) {
         let c = &mut claims[i];
         adjusted = adjusted.max(((m - k) as f64 * p(c)).min(1.0));
         if m > 1 {
+            // One more digit than the report's p values: an adjusted p near 0.05 decides.
+            let shown = if adjusted < 1e-4 {
+                "< 1e-4".to_string()
+            } else if adjusted < 0.1 {
+                format!("{adjusted:.2e}")
+            } else {
+                format!("{adjusted:.2}")
+            };
             c.evidence.push_str(&format!(
-                " Holm-adjusted over the {m} tested claims: p = {}.",
-                crate::report::format_p(adjusted)
+                " Holm-adjusted over the {m} tested claims: p = {shown}."
             ));
         }
         if adjusted >= SIGNIFICANT
@@ -718,17 +725,17 @@ mod tests {
         assert!(
             claims[1]
                 .evidence
-                .ends_with("Holm-adjusted over the 4 tested claims: p = 4.0e-2."),
+                .ends_with("Holm-adjusted over the 4 tested claims: p = 4.00e-2."),
             "{}",
             claims[1].evidence
         );
         assert!(
-            claims[0].evidence.ends_with("p = 9.0e-2."),
+            claims[0].evidence.ends_with("p = 9.00e-2."),
             "{}",
             claims[0].evidence
         );
         assert!(
-            claims[2].evidence.ends_with("p = 9.0e-2."),
+            claims[2].evidence.ends_with("p = 9.00e-2."),
             "{}",
             claims[2].evidence
         );
