@@ -165,15 +165,9 @@ fn holm(claims: &mut [Claim]) {
         adjusted = adjusted.max(((m - k) as f64 * p(c)).min(1.0));
         if m > 1 {
             // One more digit than the report's p values: an adjusted p near 0.05 decides.
-            let shown = if adjusted < 1e-4 {
-                "< 1e-4".to_string()
-            } else if adjusted < 0.1 {
-                format!("{adjusted:.2e}")
-            } else {
-                format!("{adjusted:.2}")
-            };
             c.evidence.push_str(&format!(
-                " Holm-adjusted over the {m} tested claims: p = {shown}."
+                " Holm-adjusted over the {m} tested claims: p = {}.",
+                crate::report::format_p_digits(adjusted, 3)
             ));
         }
         if adjusted >= SIGNIFICANT

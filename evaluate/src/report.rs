@@ -650,12 +650,18 @@ fn group_cells(g: &Group) -> String {
 
 /// A p-value to two significant digits (down to 1e-4, then "< 1e-4").
 pub(crate) fn format_p(p: f64) -> String {
+    format_p_digits(p, 2)
+}
+
+/// A p-value to `digits` significant digits below 0.1 (two decimals from 0.1 up; "< 1e-4"
+/// below 1e-4).
+pub(crate) fn format_p_digits(p: f64, digits: usize) -> String {
     if p < 1e-4 {
         "< 1e-4".into()
     } else if p >= 0.1 {
         format!("{p:.2}")
     } else {
-        format!("{p:.1e}")
+        format!("{p:.*e}", digits.max(1) - 1)
     }
 }
 

@@ -482,13 +482,18 @@ pub enum TrainingPass {
 }
 
 impl TrainConfig {
+    /// Whether the run's device is a GPU (`cuda` or `cuda:N`); anything else runs in host
+    /// memory.
+    pub fn on_gpu(&self) -> bool {
+        self.device.starts_with("cuda")
+    }
+
     /// Whether steps take the written-out pass (`pass` resolved for this dtype and device).
     pub fn written_pass(&self) -> bool {
         let f32_here = self.dtype == "f32";
-        let on_gpu = self.device.starts_with("cuda");
         match self.pass {
             TrainingPass::Auto => f32_here && self.device == "cpu",
-            TrainingPass::Written => f32_here || (self.dtype == "bf16" && on_gpu),
+            TrainingPass::Written => f32_here || (self.dtype == "bf16" && self.on_gpu()),
             TrainingPass::Autograd => false,
         }
     }

@@ -109,7 +109,7 @@ impl MemoryPlan {
         parts.push(match st.theta0 {
             Theta0::Device => part("θ₀ (f32, the distance from the start)".into(), p * 4),
             // On the CPU the host's memory is the run's own.
-            Theta0::Host if !config.device.starts_with("cuda") => {
+            Theta0::Host if !config.on_gpu() => {
                 part("θ₀ (f32, in host memory: the CPU's own)".into(), p * 4)
             }
             Theta0::Host => part(
@@ -353,7 +353,7 @@ pub fn plan(config: &TrainConfig, memory_gib: Option<f64>) -> Result<(String, Op
 /// planned), before anything is loaded. On the CPU a plan past the host's available memory
 /// is a warning, not a refusal: the system may page, and the plan is an estimate.
 pub fn check_fits(config: &TrainConfig, memory_gib: Option<f64>) -> Result<()> {
-    if memory_gib.is_none() && !config.device.starts_with("cuda") {
+    if memory_gib.is_none() && !config.on_gpu() {
         if let Ok((text, Some(false))) = plan(config, None) {
             eprintln!(
                 "warning: the run may not fit the host's available memory (it may page or be killed):\n{text}"
